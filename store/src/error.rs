@@ -1,0 +1,39 @@
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("the disk holding the store is full: nothing of this write was saved; free some space and try again")]
+    DiskFull,
+    #[error("the store is busy or locked by another process: is another chartmeshd using this data directory?")]
+    Locked,
+    #[error("the store file is corrupt or not a chartmesh store ({0}); restore it from a backup")]
+    Corrupt(String),
+    #[error("the store was written by a newer chartmesh (schema {found}, this one knows {known}); upgrade chartmesh")]
+    TooNew { found: u32, known: u32 },
+    #[error("no store at {0}: run `chartmesh init` first")]
+    Missing(PathBuf),
+    #[error("the store is open read-only")]
+    ReadOnly,
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("chart {0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Core(#[from] chartmesh_core::CoreError),
+    #[error("database error: {0}")]
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode::*;
+        match e.sqlite_error_code() {
+            Some(DiskFull) => StoreError::DiskFull,
+            Some(DatabaseBusy) | Some(DatabaseLocked) => StoreError::Locked,
+            Some(DatabaseCorrupt) | Some(NotADatabase) => StoreError::Corrupt(e.to_string()),
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! # chartmesh-store
+//!
+//! The practice's chart store: one SQLite database (WAL, `synchronous=FULL`) holding every
+//! chart as an automerge document (a full save plus incremental changes, compacted now and
+//! then), a search index over demographics, and the hash-chained audit log.
+//!
+//! Owns: the database file, its schema and migrations, the single writer thread.
+//! Must not touch: the network, the clock policy or the consent rules; callers pass time and
+//! decisions in. This is the only crate that imports rusqlite.
+//!
+//! Writes go through one writer thread that owns the write connection and commits whatever
+//! is queued in one transaction (group commit), so many small writes cost one fsync.
+//! A write is acknowledged only after its transaction is durable. Reads use their own
+//! connections and never wait for the writer.
+
+mod error;
+mod read;
+mod schema;
+mod write;
+
+pub use error::StoreError;
+pub use read::{ChartRecord, ChartSummary};
+pub use write::{EditFn, EditOutcome, InsertOutcome, NewChart};
+
+use chartmesh_core::audit::AuditEvent;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// Demographic fields kept in the search index.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IndexFields {
+    pub mrn: String,
+    pub family: String,
+    pub given: String,
+    pub birth_date: String,
+}
+
+impl IndexFields {
+    /// Extracts the indexed fields from a chart's JSON.
+    pub fn from_chart_json(v: &serde_json::Value) -> IndexFields {
+        let p = &v["patient"];
+        let s = |x: &serde_json::Value| x.as_str().unwrap_or_default().to_string();
+        IndexFields {
+            mrn: s(&p["mrn"]),
+            family: s(&p["name"]["family"]),
+            given: p["name"]["given"]
+                .as_array()
+                .map(|g| g.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default(),
+            birth_date: s(&p["birthDate"]),
+        }
+    }
+}
+
+/// A handle on the store; cheap to clone, shared by the daemon's tasks.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Option<write::WriterHandle>,
+    readers: read::ReaderPool,
+}
+
+/// Tunables; the defaults suit a practice PC.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Incremental changes kept per chart before they are folded into a new full save.
+    pub compact_after: u32,
+    /// The most write operations committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { compact_after: 32, max_batch: 256 }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        let conn = schema::open_write_connection(path)?;
+        let writer = write::WriterHandle::spawn(conn, options)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                writer: Some(writer),
+                readers: read::ReaderPool::new(path.to_path_buf()),
+            }),
+        })
+    }
+
+    /// Opens an existing database for reading only (another process may be writing).
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        let readers = read::ReaderPool::new(path.to_path_buf());
+        readers.check_schema()?;
+        Ok(Store { inner: Arc::new(Inner { path: path.to_path_buf(), writer: None, readers }) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn writer(&self) -> Result<&write::WriterHandle, StoreError> {
+        self.inner.writer.as_ref().ok_or(StoreError::ReadOnly)
+    }
+
+    /// Inserts new charts. Resolves once the transaction holding them is durable.
+    pub fn insert_charts(
+        &self,
+        charts: Vec<NewChart>,
+        actor: String,
+    ) -> Result<oneshot::Receiver<Result<Vec<InsertOutcome>, StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer()?.send(write::WriteOp::Insert { charts, actor, reply: tx })?;
+        Ok(rx)
+    }
+
+    /// Applies `edit` to the chart's document and persists the resulting change durably.
+    pub fn edit(
+        &self,
+        chart_id: String,
+        edit: EditFn,
+        audit: Vec<AuditEvent>,
+    ) -> Result<oneshot::Receiver<Result<EditOutcome, StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer()?.send(write::WriteOp::Edit { chart_id, edit, audit, reply: tx })?;
+        Ok(rx)
+    }
+
+    /// Appends audit events (e.g. reads, refusals) that go with no other write.
+    pub fn audit(&self, events: Vec<AuditEvent>) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer()?.send(write::WriteOp::Audit { events, reply: tx })?;
+        Ok(rx)
+    }
+
+    /// Stores a small key/value setting in the database.
+    pub fn put_meta(&self, key: &str, value: &str) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer()?.send(write::WriteOp::PutMeta { key: key.into(), value: value.into(), reply: tx })?;
+        Ok(rx)
+    }
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.readers.get_meta(key)
+    }
+
+    /// One chart's stored record (document loaded), or None.
+    pub fn get(&self, id: &str) -> Result<Option<ChartRecord>, StoreError> {
+        self.inner.readers.get(id)
+    }
+
+    pub fn count(&self) -> Result<u64, StoreError> {
+        self.inner.readers.count()
+    }
+
+    /// Charts whose MRN equals, whose birth date equals, or whose name starts with `query`.
+    pub fn search(&self, query: &str, limit: usize) -> Result<Vec<ChartSummary>, StoreError> {
+        self.inner.readers.search(query, limit)
+    }
+
+    /// Calls `f` for every chart (or the listed ones), in id order, one document in memory at a time.
+    pub fn for_each_chart(
+        &self,
+        ids: Option<&[String]>,
+        f: &mut dyn FnMut(ChartRecord) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.inner.readers.for_each_chart(ids, f)
+    }
+
+    pub fn audit_entries(
+        &self,
+        chart: Option<&str>,
+        since_ms: Option<i64>,
+        limit: Option<usize>,
+    ) -> Result<Vec<chartmesh_core::audit::AuditEntry>, StoreError> {
+        self.inner.readers.audit_entries(chart, since_ms, limit)
+    }
+
+    /// Recomputes the whole audit chain; the error says where it first breaks.
+    pub fn verify_audit(&self) -> Result<Result<usize, chartmesh_core::audit::ChainBreak>, StoreError> {
+        self.inner.readers.verify_audit()
+    }
+
+    /// Bytes of the database and its WAL on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        let mut total = 0;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = self.inner.path.clone().into_os_string();
+            p.push(suffix);
+            total += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        }
+        total
+    }
+
+    /// Stops the writer after the queued writes are committed. Later writes fail with `Closed`.
+    pub fn close(&self) {
+        if let Some(w) = &self.inner.writer {
+            w.close();
+        }
+    }
+}

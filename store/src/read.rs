@@ -1,0 +1,207 @@
+//! Reads: a small pool of read-only connections. In WAL mode readers see the last committed
+//! state and never block the writer.
+
+use chartmesh_core::audit::{verify_chain, AuditEntry, AuditEvent, ChainBreak};
+use chartmesh_core::ChartDoc;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use crate::StoreError;
+
+/// A chart as stored: its loaded document and bookkeeping.
+pub struct ChartRecord {
+    pub id: String,
+    pub doc: ChartDoc,
+    pub origin: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// A line of a search result.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ChartSummary {
+    pub id: String,
+    pub mrn: String,
+    pub family: String,
+    pub given: String,
+    pub birth_date: String,
+    pub origin: Option<String>,
+}
+
+pub(crate) struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+struct Lease<'a> {
+    pool: &'a ReaderPool,
+    conn: Option<Connection>,
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn.as_ref().expect("leased connection")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            let mut idle = self.pool.idle.lock().unwrap();
+            if idle.len() < 8 {
+                idle.push(c);
+            }
+        }
+    }
+}
+
+impl ReaderPool {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        ReaderPool { path, idle: Mutex::new(Vec::new()) }
+    }
+
+    fn lease(&self) -> Result<Lease<'_>, StoreError> {
+        let conn = self.idle.lock().unwrap().pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+                c.busy_timeout(std::time::Duration::from_secs(5))?;
+                c
+            }
+        };
+        Ok(Lease { pool: self, conn: Some(conn) })
+    }
+
+    pub(crate) fn check_schema(&self) -> Result<(), StoreError> {
+        crate::schema::check_version(&*self.lease()?)
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Result<Option<ChartRecord>, StoreError> {
+        let conn = self.lease()?;
+        let meta = conn
+            .prepare_cached("SELECT origin, created_ms, updated_ms FROM charts WHERE id = ?1")?
+            .query_row([id], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+            .optional()?;
+        let Some((origin, created_ms, updated_ms)) = meta else { return Ok(None) };
+        let Some((doc, _, _)) = crate::write::load_doc(&conn, id)? else { return Ok(None) };
+        Ok(Some(ChartRecord { id: id.to_string(), doc, origin, created_ms, updated_ms }))
+    }
+
+    pub(crate) fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.lease()?;
+        Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    }
+
+    pub(crate) fn count(&self) -> Result<u64, StoreError> {
+        let conn = self.lease()?;
+        Ok(conn.query_row("SELECT count(*) FROM charts", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    pub(crate) fn search(&self, query: &str, limit: usize) -> Result<Vec<ChartSummary>, StoreError> {
+        let conn = self.lease()?;
+        let q = query.trim();
+        let like = format!("{}%", q.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, mrn, family, given, birth_date, origin FROM charts
+             WHERE mrn = ?1 OR birth_date = ?1 OR id = ?1 OR name_key LIKE ?2 ESCAPE '\\'
+                OR lower(given) LIKE ?2 ESCAPE '\\'
+             ORDER BY family, given, id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(rusqlite::params![q, like, limit as i64], |r| {
+            Ok(ChartSummary {
+                id: r.get(0)?,
+                mrn: r.get(1)?,
+                family: r.get(2)?,
+                given: r.get(3)?,
+                birth_date: r.get(4)?,
+                origin: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub(crate) fn for_each_chart(
+        &self,
+        ids: Option<&[String]>,
+        f: &mut dyn FnMut(ChartRecord) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        match ids {
+            Some(ids) => {
+                for id in ids {
+                    match self.get(id)? {
+                        Some(rec) => f(rec)?,
+                        None => return Err(StoreError::NotFound(id.clone())),
+                    }
+                }
+                Ok(())
+            }
+            None => {
+                // Page through ids so no read transaction stays open for the whole export.
+                let mut after = String::new();
+                loop {
+                    let page: Vec<String> = {
+                        let conn = self.lease()?;
+                        let mut stmt = conn.prepare_cached("SELECT id FROM charts WHERE id > ?1 ORDER BY id LIMIT 512")?;
+                        let rows = stmt.query_map([&after], |r| r.get::<_, String>(0))?;
+                        rows.collect::<Result<_, _>>()?
+                    };
+                    let Some(last) = page.last() else { return Ok(()) };
+                    after = last.clone();
+                    for id in &page {
+                        if let Some(rec) = self.get(id)? {
+                            f(rec)?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn audit_entries(&self, chart: Option<&str>, since_ms: Option<i64>, limit: Option<usize>) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.lease()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit
+             WHERE (?1 IS NULL OR chart_id = ?1) AND (?2 IS NULL OR time_ms >= ?2)
+             ORDER BY seq LIMIT ?3",
+        )?;
+        let lim = limit.map(|l| l as i64).unwrap_or(-1);
+        let rows = stmt.query_map(rusqlite::params![chart, since_ms, lim], row_to_entry)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub(crate) fn verify_audit(&self) -> Result<Result<usize, ChainBreak>, StoreError> {
+        let conn = self.lease()?;
+        let mut stmt = conn.prepare(
+            "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit ORDER BY rowid",
+        )?;
+        let entries: Vec<AuditEntry> = stmt.query_map([], row_to_entry)?.collect::<Result<_, _>>()?;
+        let head = conn
+            .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| r.get::<_, String>(0))
+            .optional()?;
+        let head = head.and_then(|h| {
+            let (s, hash) = h.split_once(':')?;
+            Some((s.parse::<i64>().ok()?, hash.to_string()))
+        });
+        Ok(verify_chain(&entries, head.as_ref().map(|(s, h)| (*s, h.as_str()))))
+    }
+}
+
+fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    Ok(AuditEntry {
+        seq: r.get(0)?,
+        event: AuditEvent {
+            time_ms: r.get(1)?,
+            actor: r.get(2)?,
+            action: r.get(3)?,
+            chart_id: r.get(4)?,
+            peer: r.get(5)?,
+            detail: r.get(6)?,
+        },
+        prev_hash: r.get(7)?,
+        hash: r.get(8)?,
+    })
+}

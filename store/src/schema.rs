@@ -1,0 +1,98 @@
+//! The schema, as numbered migrations tracked by `PRAGMA user_version`. A released migration
+//! is never edited: a change to the schema is a new migration at the end of the list.
+
+use rusqlite::Connection;
+use std::path::Path;
+
+use crate::StoreError;
+
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: charts, their incremental changes, the search index, settings, the audit chain.
+    r#"
+    CREATE TABLE charts (
+        id          TEXT PRIMARY KEY,
+        doc         BLOB NOT NULL,
+        inc_seq     INTEGER NOT NULL DEFAULT 0,
+        inc_count   INTEGER NOT NULL DEFAULT 0,
+        origin      TEXT,
+        created_ms  INTEGER NOT NULL,
+        updated_ms  INTEGER NOT NULL,
+        mrn         TEXT NOT NULL,
+        family      TEXT NOT NULL,
+        given       TEXT NOT NULL,
+        birth_date  TEXT NOT NULL,
+        name_key    TEXT NOT NULL
+    );
+    CREATE INDEX charts_mrn ON charts(mrn);
+    CREATE INDEX charts_name ON charts(name_key);
+    CREATE INDEX charts_birth ON charts(birth_date);
+    CREATE TABLE chart_changes (
+        chart_id TEXT NOT NULL,
+        seq      INTEGER NOT NULL,
+        data     BLOB NOT NULL,
+        PRIMARY KEY (chart_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE audit (
+        seq       INTEGER PRIMARY KEY,
+        time_ms   INTEGER NOT NULL,
+        actor     TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        chart_id  TEXT,
+        peer      TEXT,
+        detail    TEXT,
+        prev_hash TEXT NOT NULL,
+        hash      TEXT NOT NULL
+    );
+    CREATE INDEX audit_chart ON audit(chart_id);
+    "#,
+];
+
+pub(crate) fn open_write_connection(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // WAL + synchronous=FULL: a committed transaction survives kill -9 and power loss.
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt(format!("could not switch the store to WAL mode (got {mode})")));
+    }
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA cache_size=-8000;")?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as u32;
+    if version > known {
+        return Err(StoreError::TooNew { found: version, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "store migrated");
+    }
+    Ok(())
+}
+
+pub(crate) fn check_version(conn: &Connection) -> Result<(), StoreError> {
+    let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as u32;
+    if version > known {
+        return Err(StoreError::TooNew { found: version, known });
+    }
+    if version == 0 {
+        return Err(StoreError::Corrupt("the database has no chartmesh schema".into()));
+    }
+    if version < known {
+        return Err(StoreError::Corrupt(format!(
+            "the store has schema {version} and this chartmesh expects {known}; start chartmeshd once to upgrade it"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,352 @@
+//! The writer thread: the only owner of the write connection. It takes every queued
+//! operation, runs each in its own savepoint inside one transaction, commits, and only then
+//! answers each caller. A failed operation rolls back alone; a failed commit fails them all.
+
+use chartmesh_core::audit::{entry_hash, AuditEvent, GENESIS};
+use chartmesh_core::{ChartDoc, CoreError};
+use crossbeam_channel::{Receiver, Sender};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use tokio::sync::oneshot;
+
+use crate::{IndexFields, StoreError, StoreOptions};
+
+/// A chart ready to insert: its saved document and index fields.
+#[derive(Debug, Clone)]
+pub struct NewChart {
+    pub id: String,
+    pub doc: Vec<u8>,
+    pub index: IndexFields,
+    /// None when created at this practice; the source practice id when received from a peer.
+    pub origin: Option<String>,
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InsertOutcome {
+    Inserted,
+    AlreadyExists,
+}
+
+/// The change an edit makes to a chart's document.
+pub type EditFn = Box<dyn FnOnce(&mut ChartDoc) -> Result<(), CoreError> + Send>;
+
+#[derive(Debug, Clone)]
+pub struct EditOutcome {
+    /// The chart after the edit.
+    pub chart: serde_json::Value,
+    /// Hex hashes of the document's heads after the edit.
+    pub heads: Vec<String>,
+}
+
+pub(crate) enum WriteOp {
+    Insert { charts: Vec<NewChart>, actor: String, reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>> },
+    Edit { chart_id: String, edit: EditFn, audit: Vec<AuditEvent>, reply: oneshot::Sender<Result<EditOutcome, StoreError>> },
+    Audit { events: Vec<AuditEvent>, reply: oneshot::Sender<Result<(), StoreError>> },
+    PutMeta { key: String, value: String, reply: oneshot::Sender<Result<(), StoreError>> },
+}
+
+pub(crate) struct WriterHandle {
+    tx: Mutex<Option<Sender<WriteOp>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WriterHandle {
+    pub(crate) fn spawn(conn: Connection, options: StoreOptions) -> Result<WriterHandle, StoreError> {
+        let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(1024);
+        let head = read_head(&conn)?;
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || Writer { conn, options, head }.run(rx))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the writer thread: {e}")))?;
+        Ok(WriterHandle { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+    }
+
+    pub(crate) fn send(&self, op: WriteOp) -> Result<(), StoreError> {
+        let tx = self.tx.lock().unwrap().clone().ok_or(StoreError::Closed)?;
+        tx.send(op).map_err(|_| StoreError::Closed)
+    }
+
+    /// Closes the queue and waits for the writer to commit what was queued.
+    pub(crate) fn close(&self) {
+        self.tx.lock().unwrap().take();
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The audit chain's head: last sequence number and hash.
+#[derive(Clone)]
+struct Head {
+    seq: i64,
+    hash: String,
+}
+
+fn read_head(conn: &Connection) -> Result<Head, StoreError> {
+    let h = conn
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok(Head { seq: r.get(0)?, hash: r.get(1)? }))
+        .optional()?;
+    Ok(h.unwrap_or(Head { seq: 0, hash: GENESIS.to_string() }))
+}
+
+struct Writer {
+    conn: Connection,
+    options: StoreOptions,
+    head: Head,
+}
+
+enum Reply {
+    Insert(oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>, Result<Vec<InsertOutcome>, StoreError>),
+    Edit(oneshot::Sender<Result<EditOutcome, StoreError>>, Result<EditOutcome, StoreError>),
+    Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+}
+
+impl Reply {
+    fn send(self, commit_error: Option<&StoreError>) {
+        let fail = |e: &StoreError| match e {
+            StoreError::DiskFull => StoreError::DiskFull,
+            StoreError::Locked => StoreError::Locked,
+            other => StoreError::Corrupt(format!("commit failed: {other}")),
+        };
+        match self {
+            Reply::Insert(tx, r) => {
+                let _ = tx.send(match commit_error { Some(e) => Err(fail(e)), None => r });
+            }
+            Reply::Edit(tx, r) => {
+                let _ = tx.send(match commit_error { Some(e) => Err(fail(e)), None => r });
+            }
+            Reply::Unit(tx, r) => {
+                let _ = tx.send(match commit_error { Some(e) => Err(fail(e)), None => r });
+            }
+        }
+    }
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<WriteOp>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.options.max_batch {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn commit_batch(&mut self, batch: Vec<WriteOp>) {
+        let head_before = self.head.clone();
+        let options = self.options.clone();
+        let mut head = self.head.clone();
+        let mut replies = Vec::with_capacity(batch.len());
+        let tx = match self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                let e = StoreError::from(e);
+                for op in batch {
+                    reply_error(op, &e);
+                }
+                return;
+            }
+        };
+        let mut tx = tx;
+        for op in batch {
+            let saved = head.clone();
+            let mut sp = match tx.savepoint() {
+                Ok(sp) => sp,
+                Err(e) => {
+                    reply_error(op, &StoreError::from(e));
+                    continue;
+                }
+            };
+            let reply = match op {
+                WriteOp::Insert { charts, actor, reply } => Reply::Insert(reply, insert(&sp, &mut head, charts, &actor)),
+                WriteOp::Edit { chart_id, edit, audit, reply } => {
+                    Reply::Edit(reply, apply_edit(&sp, &mut head, &options, &chart_id, edit, audit))
+                }
+                WriteOp::Audit { events, reply } => Reply::Unit(reply, append_audit(&sp, &mut head, events)),
+                WriteOp::PutMeta { key, value, reply } => Reply::Unit(
+                    reply,
+                    sp.execute("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", params![key, value])
+                        .map(|_| ())
+                        .map_err(StoreError::from),
+                ),
+            };
+            let failed = match &reply {
+                Reply::Insert(_, r) => r.is_err(),
+                Reply::Edit(_, r) => r.is_err(),
+                Reply::Unit(_, r) => r.is_err(),
+            };
+            if failed {
+                let _ = sp.rollback();
+                head = saved;
+            }
+            let _ = sp.commit();
+            replies.push(reply);
+        }
+        // The chain head is kept apart from the log, so a truncated tail is detected.
+        let result = if head.seq != head_before.seq {
+            tx.execute(
+                "INSERT INTO meta(key, value) VALUES ('audit_head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [format!("{}:{}", head.seq, head.hash)],
+            )
+            .map(|_| ())
+            .and_then(|_| tx.commit())
+        } else {
+            tx.commit()
+        };
+        match result {
+            Ok(()) => {
+                self.head = head;
+                for r in replies {
+                    r.send(None);
+                }
+            }
+            Err(e) => {
+                let e = StoreError::from(e);
+                tracing::error!(error = %e, "store commit failed; the batch was rolled back");
+                self.head = head_before;
+                for r in replies {
+                    r.send(Some(&e));
+                }
+            }
+        }
+    }
+}
+
+fn reply_error(op: WriteOp, e: &StoreError) {
+    let msg = || match e {
+        StoreError::DiskFull => StoreError::DiskFull,
+        StoreError::Locked => StoreError::Locked,
+        other => StoreError::Corrupt(other.to_string()),
+    };
+    match op {
+        WriteOp::Insert { reply, .. } => drop(reply.send(Err(msg()))),
+        WriteOp::Edit { reply, .. } => drop(reply.send(Err(msg()))),
+        WriteOp::Audit { reply, .. } => drop(reply.send(Err(msg()))),
+        WriteOp::PutMeta { reply, .. } => drop(reply.send(Err(msg()))),
+    }
+}
+
+fn push_audit(tx: &Connection, head: &mut Head, e: &AuditEvent) -> Result<(), StoreError> {
+    let seq = head.seq + 1;
+    let hash = entry_hash(&head.hash, seq, e);
+    tx.prepare_cached(
+        "INSERT INTO audit(seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+    )?
+    .execute(params![seq, e.time_ms, e.actor, e.action, e.chart_id, e.peer, e.detail, head.hash, hash])?;
+    head.seq = seq;
+    head.hash = hash;
+    Ok(())
+}
+
+fn append_audit(tx: &Connection, head: &mut Head, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+    for e in &events {
+        push_audit(tx, head, e)?;
+    }
+    Ok(())
+}
+
+fn name_key(ix: &IndexFields) -> String {
+    format!("{} {}", ix.family, ix.given).to_lowercase()
+}
+
+fn insert(tx: &Connection, head: &mut Head, charts: Vec<NewChart>, actor: &str) -> Result<Vec<InsertOutcome>, StoreError> {
+    let mut out = Vec::with_capacity(charts.len());
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key)
+         VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT(id) DO NOTHING",
+    )?;
+    for c in charts {
+        let n = stmt.execute(params![
+            c.id,
+            c.doc,
+            c.origin,
+            c.time_ms,
+            c.index.mrn,
+            c.index.family,
+            c.index.given,
+            c.index.birth_date,
+            name_key(&c.index)
+        ])?;
+        if n == 1 {
+            let mut ev = AuditEvent::new(c.time_ms, actor, "create").chart(&c.id);
+            if let Some(o) = &c.origin {
+                ev = ev.peer(o.clone());
+            }
+            push_audit(tx, head, &ev)?;
+            out.push(InsertOutcome::Inserted);
+        } else {
+            out.push(InsertOutcome::AlreadyExists);
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn load_doc(conn: &Connection, id: &str) -> Result<Option<(ChartDoc, i64, i64)>, StoreError> {
+    let row = conn
+        .prepare_cached("SELECT doc, inc_seq, inc_count FROM charts WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+        .optional()?;
+    let Some((base, inc_seq, inc_count)) = row else { return Ok(None) };
+    let mut incs: Vec<Vec<u8>> = Vec::new();
+    if inc_count > 0 {
+        let mut stmt = conn.prepare_cached("SELECT data FROM chart_changes WHERE chart_id = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map([id], |r| r.get::<_, Vec<u8>>(0))?;
+        for r in rows {
+            incs.push(r?);
+        }
+    }
+    let doc = ChartDoc::load(&base, incs.iter().map(|v| v.as_slice()))?;
+    Ok(Some((doc, inc_seq, inc_count)))
+}
+
+fn apply_edit(
+    tx: &Connection,
+    head: &mut Head,
+    options: &StoreOptions,
+    chart_id: &str,
+    edit: EditFn,
+    audit: Vec<AuditEvent>,
+) -> Result<EditOutcome, StoreError> {
+    let (mut doc, inc_seq, inc_count) = load_doc(tx, chart_id)?.ok_or_else(|| StoreError::NotFound(chart_id.to_string()))?;
+    // Mark what is stored, so save_incremental returns only this edit's changes.
+    let _ = doc.save_incremental();
+    edit(&mut doc)?;
+    let json = doc.to_json()?;
+    let ix = IndexFields::from_chart_json(&json);
+    let now = audit.first().map(|a| a.time_ms).unwrap_or(0);
+    if inc_count as u32 + 1 >= options.compact_after {
+        let full = doc.save();
+        tx.execute("DELETE FROM chart_changes WHERE chart_id = ?1", [chart_id])?;
+        tx.prepare_cached(
+            "UPDATE charts SET doc = ?2, inc_count = 0, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8 WHERE id = ?1",
+        )?
+        .execute(params![chart_id, full, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix)])?;
+    } else {
+        let inc = doc.save_incremental();
+        if !inc.is_empty() {
+            let seq = inc_seq + 1;
+            tx.prepare_cached("INSERT INTO chart_changes(chart_id, seq, data) VALUES (?1, ?2, ?3)")?.execute(params![chart_id, seq, inc])?;
+            tx.prepare_cached(
+                "UPDATE charts SET inc_seq = ?2, inc_count = inc_count + 1, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8 WHERE id = ?1",
+            )?
+            .execute(params![chart_id, seq, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix)])?;
+        }
+    }
+    append_audit(tx, head, audit)?;
+    let heads = doc.heads().iter().map(|h| h.to_string()).collect();
+    Ok(EditOutcome { chart: json, heads })
+}
