@@ -29,7 +29,14 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     pub fn new(time_ms: i64, actor: impl Into<String>, action: impl Into<String>) -> Self {
-        AuditEvent { time_ms, actor: actor.into(), action: action.into(), chart_id: None, peer: None, detail: None }
+        AuditEvent {
+            time_ms,
+            actor: actor.into(),
+            action: action.into(),
+            chart_id: None,
+            peer: None,
+            detail: None,
+        }
     }
     pub fn chart(mut self, id: impl Into<String>) -> Self {
         self.chart_id = Some(id.into());
@@ -96,18 +103,28 @@ pub fn verify_chain<'a>(
             return Err(ChainBreak {
                 seq: next_seq,
                 reason: if e.seq > next_seq {
-                    format!("entry {next_seq} is missing (the next stored entry is {})", e.seq)
+                    format!(
+                        "entry {next_seq} is missing (the next stored entry is {})",
+                        e.seq
+                    )
                 } else {
                     format!("entry {} is out of order (expected {next_seq})", e.seq)
                 },
             });
         }
         if e.prev_hash != prev {
-            return Err(ChainBreak { seq: e.seq, reason: "does not link to the entry before it (deleted, reordered or edited)".into() });
+            return Err(ChainBreak {
+                seq: e.seq,
+                reason: "does not link to the entry before it (deleted, reordered or edited)"
+                    .into(),
+            });
         }
         let h = entry_hash(&prev, e.seq, &e.event);
         if h != e.hash {
-            return Err(ChainBreak { seq: e.seq, reason: "content does not match its hash (edited)".into() });
+            return Err(ChainBreak {
+                seq: e.seq,
+                reason: "content does not match its hash (edited)".into(),
+            });
         }
         prev = h;
         next_seq += 1;
@@ -117,11 +134,17 @@ pub fn verify_chain<'a>(
         if head_seq >= next_seq {
             return Err(ChainBreak {
                 seq: next_seq,
-                reason: format!("log ends at entry {} but the recorded head is entry {head_seq} (truncated)", next_seq - 1),
+                reason: format!(
+                    "log ends at entry {} but the recorded head is entry {head_seq} (truncated)",
+                    next_seq - 1
+                ),
             });
         }
         if head_seq == next_seq - 1 && head_seq > 0 && head_hash != prev {
-            return Err(ChainBreak { seq: head_seq, reason: "last entry does not match the recorded head".into() });
+            return Err(ChainBreak {
+                seq: head_seq,
+                reason: "last entry does not match the recorded head".into(),
+            });
         }
     }
     Ok(n)
@@ -137,7 +160,12 @@ mod tests {
             .map(|seq| {
                 let event = AuditEvent::new(seq * 10, "nurse", "read").chart(format!("c{seq}"));
                 let hash = entry_hash(&prev, seq, &event);
-                let e = AuditEntry { seq, event, prev_hash: prev.clone(), hash: hash.clone() };
+                let e = AuditEntry {
+                    seq,
+                    event,
+                    prev_hash: prev.clone(),
+                    hash: hash.clone(),
+                };
                 prev = hash;
                 e
             })
@@ -163,6 +191,11 @@ mod tests {
         swapped.swap(1, 2);
         assert_eq!(verify_chain(&swapped, None).unwrap_err().seq, 2);
         let truncated = &c[..3];
-        assert_eq!(verify_chain(truncated, Some((5, &c[4].hash))).unwrap_err().seq, 4);
+        assert_eq!(
+            verify_chain(truncated, Some((5, &c[4].hash)))
+                .unwrap_err()
+                .seq,
+            4
+        );
     }
 }

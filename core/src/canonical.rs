@@ -170,7 +170,10 @@ mod tests {
     #[test]
     fn keys_sort_and_strings_escape() {
         let v = json!({"b": 1, "a": [true, null, "x\"\n\u{1}é"], "A": 2.50});
-        assert_eq!(to_canonical(&v), r#"{"A":2.5,"a":[true,null,"x\"\n\u0001é"],"b":1}"#);
+        assert_eq!(
+            to_canonical(&v),
+            r#"{"A":2.5,"a":[true,null,"x\"\n\u0001é"],"b":1}"#
+        );
     }
 
     #[test]

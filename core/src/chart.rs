@@ -8,9 +8,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Number;
 
+use crate::MAX_CHART_JSON_BYTES;
 use crate::error::ValidationError;
 use crate::ids::ChartId;
-use crate::MAX_CHART_JSON_BYTES;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -288,12 +288,18 @@ impl Chart {
     pub fn validate(&self) -> Result<(), ValidationError> {
         ChartId::parse(&self.id)?;
         if self.kind != "chart" {
-            return Err(ValidationError::new("type", format!("expected \"chart\", got {:?}", self.kind)));
+            return Err(ValidationError::new(
+                "type",
+                format!("expected \"chart\", got {:?}", self.kind),
+            ));
         }
         if self.schema_version != 1 {
             return Err(ValidationError::new(
                 "schemaVersion",
-                format!("version {} is not supported; this chartmesh reads schemaVersion 1", self.schema_version),
+                format!(
+                    "version {} is not supported; this chartmesh reads schemaVersion 1",
+                    self.schema_version
+                ),
             ));
         }
         let p = &self.patient;
@@ -336,10 +342,16 @@ impl Chart {
 
 fn describe_parse_error(bytes: &[u8], first: serde_json::Error) -> ValidationError {
     if std::str::from_utf8(bytes).is_err() {
-        return ValidationError::new("", "record is not valid UTF-8; save the file as UTF-8 and import it again");
+        return ValidationError::new(
+            "",
+            "record is not valid UTF-8; save the file as UTF-8 and import it again",
+        );
     }
     if first.is_eof() {
-        return ValidationError::new("", format!("record is truncated (JSON ends early: {first})"));
+        return ValidationError::new(
+            "",
+            format!("record is truncated (JSON ends early: {first})"),
+        );
     }
     if first.is_syntax() {
         return ValidationError::new("", format!("not valid JSON: {first}"));
@@ -370,7 +382,11 @@ fn validate_condition(c: &Condition, path: &str) -> Result<(), ValidationError> 
 fn validate_allergy(a: &Allergy, path: &str) -> Result<(), ValidationError> {
     non_empty(&format!("{path}.substance"), &a.substance)?;
     if let Some(s) = &a.severity {
-        one_of(&format!("{path}.severity"), s, &["mild", "moderate", "severe"])?;
+        one_of(
+            &format!("{path}.severity"),
+            s,
+            &["mild", "moderate", "severe"],
+        )?;
     }
     opt_date(&format!("{path}.recorded"), &a.recorded)?;
     Ok(())
@@ -413,7 +429,10 @@ fn one_of(field: &str, v: &str, allowed: &[&str]) -> Result<(), ValidationError>
     if allowed.contains(&v) {
         Ok(())
     } else {
-        Err(ValidationError::new(field, format!("{v:?} is not one of {}", allowed.join(", "))))
+        Err(ValidationError::new(
+            field,
+            format!("{v:?} is not one of {}", allowed.join(", ")),
+        ))
     }
 }
 
@@ -423,7 +442,10 @@ pub fn date(field: &str, v: &str) -> Result<(), ValidationError> {
     if v.len() == 10 && time::Date::parse(v, &fmt).is_ok() {
         Ok(())
     } else {
-        Err(ValidationError::new(field, format!("expected a date as YYYY-MM-DD, got {v:?}")))
+        Err(ValidationError::new(
+            field,
+            format!("expected a date as YYYY-MM-DD, got {v:?}"),
+        ))
     }
 }
 
@@ -483,7 +505,17 @@ mod tests {
         assert!(e.message.contains("unknown field"), "{e}");
         let mut bad = GOOD.as_bytes().to_vec();
         bad[30] = 0xff;
-        assert!(err(std::str::from_utf8(&bad).unwrap_or("\u{fffd}")).message.len() > 0);
-        assert!(Chart::from_json_slice(&bad).unwrap_err().message.contains("UTF-8"));
+        assert!(
+            err(std::str::from_utf8(&bad).unwrap_or("\u{fffd}"))
+                .message
+                .len()
+                > 0
+        );
+        assert!(
+            Chart::from_json_slice(&bad)
+                .unwrap_err()
+                .message
+                .contains("UTF-8")
+        );
     }
 }

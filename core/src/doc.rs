@@ -8,7 +8,7 @@
 
 use automerge::hydrate;
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, AutoCommit, ChangeHash, ObjType, ReadDoc, ScalarValue, ROOT};
+use automerge::{ActorId, AutoCommit, ChangeHash, ObjType, ROOT, ReadDoc, ScalarValue};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
@@ -84,16 +84,22 @@ impl ChartDoc {
 
     fn create_from_root(root: &hydrate::Map, meta: &ChangeMeta) -> ChartDoc {
         let mut doc = AutoCommit::new().with_actor(meta.actor());
-        doc.init_root_from_hydrate(root).expect("init of an empty document");
+        doc.init_root_from_hydrate(root)
+            .expect("init of an empty document");
         doc.commit_with(meta.commit_options());
         ChartDoc { doc }
     }
 
     /// Loads a saved document followed by incremental saves (in order).
-    pub fn load<'a>(base: &[u8], incrementals: impl IntoIterator<Item = &'a [u8]>) -> Result<ChartDoc, CoreError> {
-        let mut doc = AutoCommit::load(base).map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
+    pub fn load<'a>(
+        base: &[u8],
+        incrementals: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<ChartDoc, CoreError> {
+        let mut doc =
+            AutoCommit::load(base).map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
         for inc in incrementals {
-            doc.load_incremental(inc).map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
+            doc.load_incremental(inc)
+                .map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
         }
         Ok(ChartDoc { doc })
     }
@@ -120,15 +126,21 @@ impl ChartDoc {
 
     /// The chart as JSON, in the imported shape.
     pub fn to_json(&self) -> Result<Value, CoreError> {
-        let h = self.doc.hydrate(ROOT, None).map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
+        let h = self
+            .doc
+            .hydrate(ROOT, None)
+            .map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
         let mut v = hydrate_to_json(&h);
         if let Value::Object(m) = &mut v {
             for key in RECORD_SECTIONS {
                 if let Some(Value::Array(items)) = m.get_mut(*key) {
                     for item in items.iter_mut() {
                         if let Value::String(s) = item {
-                            *item = serde_json::from_str(s)
-                                .map_err(|e| CoreError::CorruptDocument(format!("an entry of `{key}` is not JSON: {e}")))?;
+                            *item = serde_json::from_str(s).map_err(|e| {
+                                CoreError::CorruptDocument(format!(
+                                    "an entry of `{key}` is not JSON: {e}"
+                                ))
+                            })?;
                         }
                     }
                 }
@@ -148,11 +160,20 @@ impl ChartDoc {
         let list = match self.doc.get(ROOT, key).map_err(shape)? {
             Some((automerge::Value::Object(ObjType::List), id)) => id,
             Some(_) => return Err(CoreError::Shape(format!("`{key}` is not a list"))),
-            None => self.doc.put_object(ROOT, key, ObjType::List).map_err(shape)?,
+            None => self
+                .doc
+                .put_object(ROOT, key, ObjType::List)
+                .map_err(shape)?,
         };
         let len = self.doc.length(&list);
         let value = entry.to_json();
-        self.doc.insert(&list, len, serde_json::to_string(&value).expect("entries serialize")).map_err(shape)?;
+        self.doc
+            .insert(
+                &list,
+                len,
+                serde_json::to_string(&value).expect("entries serialize"),
+            )
+            .map_err(shape)?;
         self.doc.commit_with(meta.commit_options());
         Ok(())
     }
@@ -168,7 +189,10 @@ impl ChartDoc {
             .get_changes_meta(&[])
             .into_iter()
             .map(|m| {
-                let msg: Option<Message> = m.message.as_deref().and_then(|s| serde_json::from_str(s).ok());
+                let msg: Option<Message> = m
+                    .message
+                    .as_deref()
+                    .and_then(|s| serde_json::from_str(s).ok());
                 HistoryEntry {
                     hash: m.hash.to_string(),
                     actor: m.actor.to_hex_string(),
@@ -196,21 +220,36 @@ fn shape(e: automerge::AutomergeError) -> CoreError {
 /// both survive. Measured, this cuts a chart's operations by about two thirds and with them
 /// the cost of building, loading and syncing it (docs/PERFORMANCE.md). Demographics stay
 /// maps, so concurrent edits of different patient fields both survive.
-pub const RECORD_SECTIONS: &[&str] = &["conditions", "allergies", "medications", "observations", "notes", "immunizations"];
+pub const RECORD_SECTIONS: &[&str] = &[
+    "conditions",
+    "allergies",
+    "medications",
+    "observations",
+    "notes",
+    "immunizations",
+];
 
 /// A chart's JSON → the hydrate map of its document root.
 pub fn chart_to_hydrate(chart: &Value) -> hydrate::Map {
-    let Value::Object(m) = chart else { return hydrate::Map::default() };
+    let Value::Object(m) = chart else {
+        return hydrate::Map::default();
+    };
     m.iter()
         .map(|(k, v)| {
             let hv = match v {
-                Value::Array(items) if RECORD_SECTIONS.contains(&k.as_str()) => hydrate::Value::List(
-                    items
-                        .iter()
-                        .map(|x| hydrate::Value::Scalar(ScalarValue::Str(serde_json::to_string(x).expect("serializes").into())))
-                        .collect::<Vec<_>>()
-                        .into(),
-                ),
+                Value::Array(items) if RECORD_SECTIONS.contains(&k.as_str()) => {
+                    hydrate::Value::List(
+                        items
+                            .iter()
+                            .map(|x| {
+                                hydrate::Value::Scalar(ScalarValue::Str(
+                                    serde_json::to_string(x).expect("serializes").into(),
+                                ))
+                            })
+                            .collect::<Vec<_>>()
+                            .into(),
+                    )
+                }
                 other => json_to_hydrate(other),
             };
             (k.clone(), hv)
@@ -237,7 +276,10 @@ pub fn typed_chart_to_hydrate(c: &Chart) -> hydrate::Map {
     }
     fn entries<T: Serialize>(v: &[T]) -> hydrate::Value {
         hydrate::Value::List(
-            v.iter().map(|x| s(&serde_json::to_string(x).expect("entries serialize"))).collect::<Vec<_>>().into(),
+            v.iter()
+                .map(|x| s(&serde_json::to_string(x).expect("entries serialize")))
+                .collect::<Vec<_>>()
+                .into(),
         )
     }
     fn map(m: HashMap<String, hydrate::Value>) -> hydrate::Value {
@@ -272,7 +314,10 @@ pub fn typed_chart_to_hydrate(c: &Chart) -> hydrate::Map {
     let mut root = HashMap::with_capacity(14);
     root.insert("id".to_string(), s(&c.id));
     root.insert("type".to_string(), s(&c.kind));
-    root.insert("schemaVersion".to_string(), hydrate::Value::Scalar(ScalarValue::Int(c.schema_version as i64)));
+    root.insert(
+        "schemaVersion".to_string(),
+        hydrate::Value::Scalar(ScalarValue::Int(c.schema_version as i64)),
+    );
     opt(&mut root, "practiceId", &c.practice_id);
     root.insert("patient".to_string(), map(patient));
     root.insert("conditions".to_string(), entries(&c.conditions));
@@ -307,7 +352,9 @@ pub fn json_to_hydrate(v: &Value) -> hydrate::Value {
             ScalarValue::F64(n.as_f64().unwrap_or(0.0))
         }),
         Value::String(s) => hydrate::Value::Scalar(ScalarValue::Str(s.as_str().into())),
-        Value::Array(a) => hydrate::Value::List(a.iter().map(json_to_hydrate).collect::<Vec<_>>().into()),
+        Value::Array(a) => {
+            hydrate::Value::List(a.iter().map(json_to_hydrate).collect::<Vec<_>>().into())
+        }
         Value::Object(m) => hydrate::Value::Map(
             m.iter()
                 .map(|(k, v)| (k.clone(), json_to_hydrate(v)))
@@ -325,7 +372,9 @@ pub fn hydrate_to_json(v: &hydrate::Value) -> Value {
             ScalarValue::Boolean(b) => Value::Bool(*b),
             ScalarValue::Int(i) => Value::Number((*i).into()),
             ScalarValue::Uint(u) => Value::Number((*u).into()),
-            ScalarValue::F64(f) => Number::from_f64(*f).map(Value::Number).unwrap_or(Value::Null),
+            ScalarValue::F64(f) => Number::from_f64(*f)
+                .map(Value::Number)
+                .unwrap_or(Value::Null),
             ScalarValue::Str(s) => Value::String(s.to_string()),
             ScalarValue::Counter(c) => Value::Number(i64::from(c).into()),
             ScalarValue::Timestamp(t) => Value::Number((*t).into()),
@@ -338,7 +387,9 @@ pub fn hydrate_to_json(v: &hydrate::Value) -> Value {
             }
             Value::Object(out)
         }
-        hydrate::Value::List(l) => Value::Array(l.iter().map(|lv| hydrate_to_json(&lv.value)).collect()),
+        hydrate::Value::List(l) => {
+            Value::Array(l.iter().map(|lv| hydrate_to_json(&lv.value)).collect())
+        }
         hydrate::Value::Text(t) => Value::String(t.to_string()),
     }
 }
@@ -382,10 +433,17 @@ mod tests {
         let base = a.save();
         let mut b = ChartDoc::load(&base, []).unwrap();
         let note = |id: &str, who: &str| {
-            Entry::Note(Note { id: id.into(), author: who.into(), date: "2025-01-01T00:00:00Z".into(), text: "t".into() })
+            Entry::Note(Note {
+                id: id.into(),
+                author: who.into(),
+                date: "2025-01-01T00:00:00Z".into(),
+                text: "t".into(),
+            })
         };
-        a.append(&note("n-a", "Dr A"), &meta(b"a", "Dr A", 10)).unwrap();
-        b.append(&note("n-b", "Dr B"), &meta(b"b", "Dr B", 11)).unwrap();
+        a.append(&note("n-a", "Dr A"), &meta(b"a", "Dr A", 10))
+            .unwrap();
+        b.append(&note("n-b", "Dr B"), &meta(b"b", "Dr B", 11))
+            .unwrap();
         let inc_b = b.save_incremental();
         let _ = a.save_incremental();
         a.automerge().load_incremental(&inc_b).unwrap();
@@ -398,6 +456,9 @@ mod tests {
         let authors: Vec<_> = h.iter().filter_map(|e| e.author.clone()).collect();
         assert!(authors.contains(&"Dr A".to_string()) && authors.contains(&"Dr B".to_string()));
         let pb = PracticeId::from_certificate_der(b"b").to_string();
-        assert!(h.iter().any(|e| e.practice.as_deref() == Some(pb.as_str()) && e.time_ms == 11));
+        assert!(
+            h.iter()
+                .any(|e| e.practice.as_deref() == Some(pb.as_str()) && e.time_ms == 11)
+        );
     }
 }

@@ -17,13 +17,16 @@ impl ChartId {
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
         let ok = !s.is_empty()
             && s.len() <= 128
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
         if ok {
             Ok(ChartId(s.to_string()))
         } else {
             Err(ValidationError::new(
                 "id",
-                format!("{s:?} is not a valid chart id (1-128 characters of letters, digits, '.', '_' or '-')"),
+                format!(
+                    "{s:?} is not a valid chart id (1-128 characters of letters, digits, '.', '_' or '-')"
+                ),
             ))
         }
     }
@@ -106,7 +109,11 @@ fn unbase32(s: &str) -> Option<Vec<u8>> {
 impl fmt::Display for PracticeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = base32(&self.0);
-        let groups: Vec<&str> = s.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap()).collect();
+        let groups: Vec<&str> = s
+            .as_bytes()
+            .chunks(4)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
         f.write_str(&groups.join("-"))
     }
 }
@@ -124,14 +131,19 @@ impl FromStr for PracticeId {
         let bad = || {
             ValidationError::new(
                 "practice id",
-                format!("{s:?} is not a practice id: expected 52 base32 characters (A-Z, 2-7), as `chartmesh id` prints"),
+                format!(
+                    "{s:?} is not a practice id: expected 52 base32 characters (A-Z, 2-7), as `chartmesh id` prints"
+                ),
             )
         };
         if clean.len() != 52 {
             return Err(bad());
         }
         let bytes = unbase32(&clean).ok_or_else(bad)?;
-        let arr: [u8; 32] = bytes.get(..32).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+        let arr: [u8; 32] = bytes
+            .get(..32)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(bad)?;
         Ok(PracticeId(arr))
     }
 }

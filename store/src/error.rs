@@ -4,13 +4,19 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("the disk holding the store is full: nothing of this write was saved; free some space and try again")]
+    #[error(
+        "the disk holding the store is full: nothing of this write was saved; free some space and try again"
+    )]
     DiskFull,
-    #[error("the store is busy or locked by another process: is another chartmeshd using this data directory?")]
+    #[error(
+        "the store is busy or locked by another process: is another chartmeshd using this data directory?"
+    )]
     Locked,
     #[error("the store file is corrupt or not a chartmesh store ({0}); restore it from a backup")]
     Corrupt(String),
-    #[error("the store was written by a newer chartmesh (schema {found}, this one knows {known}); upgrade chartmesh")]
+    #[error(
+        "the store was written by a newer chartmesh (schema {found}, this one knows {known}); upgrade chartmesh"
+    )]
     TooNew { found: u32, known: u32 },
     #[error("no store at {0}: run `chartmesh init` first")]
     Missing(PathBuf),

@@ -46,7 +46,12 @@ impl IndexFields {
             family: s(&p["name"]["family"]),
             given: p["name"]["given"]
                 .as_array()
-                .map(|g| g.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+                .map(|g| {
+                    g.iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
                 .unwrap_or_default(),
             birth_date: s(&p["birthDate"]),
         }
@@ -76,7 +81,10 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { compact_after: 32, max_batch: 256 }
+        StoreOptions {
+            compact_after: 32,
+            max_batch: 256,
+        }
     }
 }
 
@@ -101,7 +109,13 @@ impl Store {
         }
         let readers = read::ReaderPool::new(path.to_path_buf());
         readers.check_schema()?;
-        Ok(Store { inner: Arc::new(Inner { path: path.to_path_buf(), writer: None, readers }) })
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                writer: None,
+                readers,
+            }),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -119,7 +133,11 @@ impl Store {
         actor: String,
     ) -> Result<oneshot::Receiver<Result<Vec<InsertOutcome>, StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.writer()?.send(write::WriteOp::Insert { charts, actor, reply: tx })?;
+        self.writer()?.send(write::WriteOp::Insert {
+            charts,
+            actor,
+            reply: tx,
+        })?;
         Ok(rx)
     }
 
@@ -131,21 +149,38 @@ impl Store {
         audit: Vec<AuditEvent>,
     ) -> Result<oneshot::Receiver<Result<EditOutcome, StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.writer()?.send(write::WriteOp::Edit { chart_id, edit, audit, reply: tx })?;
+        self.writer()?.send(write::WriteOp::Edit {
+            chart_id,
+            edit,
+            audit,
+            reply: tx,
+        })?;
         Ok(rx)
     }
 
     /// Appends audit events (e.g. reads, refusals) that go with no other write.
-    pub fn audit(&self, events: Vec<AuditEvent>) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+    pub fn audit(
+        &self,
+        events: Vec<AuditEvent>,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.writer()?.send(write::WriteOp::Audit { events, reply: tx })?;
+        self.writer()?
+            .send(write::WriteOp::Audit { events, reply: tx })?;
         Ok(rx)
     }
 
     /// Stores a small key/value setting in the database.
-    pub fn put_meta(&self, key: &str, value: &str) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+    pub fn put_meta(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.writer()?.send(write::WriteOp::PutMeta { key: key.into(), value: value.into(), reply: tx })?;
+        self.writer()?.send(write::WriteOp::PutMeta {
+            key: key.into(),
+            value: value.into(),
+            reply: tx,
+        })?;
         Ok(rx)
     }
 
@@ -186,7 +221,9 @@ impl Store {
     }
 
     /// Recomputes the whole audit chain; the error says where it first breaks.
-    pub fn verify_audit(&self) -> Result<Result<usize, chartmesh_core::audit::ChainBreak>, StoreError> {
+    pub fn verify_audit(
+        &self,
+    ) -> Result<Result<usize, chartmesh_core::audit::ChainBreak>, StoreError> {
         self.inner.readers.verify_audit()
     }
 

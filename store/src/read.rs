@@ -1,8 +1,8 @@
 //! Reads: a small pool of read-only connections. In WAL mode readers see the last committed
 //! state and never block the writer.
 
-use chartmesh_core::audit::{verify_chain, AuditEntry, AuditEvent, ChainBreak};
 use chartmesh_core::ChartDoc;
+use chartmesh_core::audit::{AuditEntry, AuditEvent, ChainBreak, verify_chain};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -60,7 +60,10 @@ impl Drop for Lease<'_> {
 
 impl ReaderPool {
     pub(crate) fn new(path: PathBuf) -> Self {
-        ReaderPool { path, idle: Mutex::new(Vec::new()) }
+        ReaderPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+        }
     }
 
     fn lease(&self) -> Result<Lease<'_>, StoreError> {
@@ -68,12 +71,18 @@ impl ReaderPool {
         let conn = match conn {
             Some(c) => c,
             None => {
-                let c = Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
                 c.busy_timeout(std::time::Duration::from_secs(5))?;
                 c
             }
         };
-        Ok(Lease { pool: self, conn: Some(conn) })
+        Ok(Lease {
+            pool: self,
+            conn: Some(conn),
+        })
     }
 
     pub(crate) fn check_schema(&self) -> Result<(), StoreError> {
@@ -84,16 +93,34 @@ impl ReaderPool {
         let conn = self.lease()?;
         let meta = conn
             .prepare_cached("SELECT origin, created_ms, updated_ms FROM charts WHERE id = ?1")?
-            .query_row([id], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+            .query_row([id], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
             .optional()?;
-        let Some((origin, created_ms, updated_ms)) = meta else { return Ok(None) };
-        let Some((doc, _, _)) = crate::write::load_doc(&conn, id)? else { return Ok(None) };
-        Ok(Some(ChartRecord { id: id.to_string(), doc, origin, created_ms, updated_ms }))
+        let Some((origin, created_ms, updated_ms)) = meta else {
+            return Ok(None);
+        };
+        let Some((doc, _, _)) = crate::write::load_doc(&conn, id)? else {
+            return Ok(None);
+        };
+        Ok(Some(ChartRecord {
+            id: id.to_string(),
+            doc,
+            origin,
+            created_ms,
+            updated_ms,
+        }))
     }
 
     pub(crate) fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         let conn = self.lease()?;
-        Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+        Ok(conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
     }
 
     pub(crate) fn count(&self) -> Result<u64, StoreError> {
@@ -101,10 +128,20 @@ impl ReaderPool {
         Ok(conn.query_row("SELECT count(*) FROM charts", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
-    pub(crate) fn search(&self, query: &str, limit: usize) -> Result<Vec<ChartSummary>, StoreError> {
+    pub(crate) fn search(
+        &self,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<ChartSummary>, StoreError> {
         let conn = self.lease()?;
         let q = query.trim();
-        let like = format!("{}%", q.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let like = format!(
+            "{}%",
+            q.to_lowercase()
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
         let mut stmt = conn.prepare_cached(
             "SELECT id, mrn, family, given, birth_date, origin FROM charts
              WHERE mrn = ?1 OR birth_date = ?1 OR id = ?1 OR name_key LIKE ?2 ESCAPE '\\'
@@ -145,11 +182,15 @@ impl ReaderPool {
                 loop {
                     let page: Vec<String> = {
                         let conn = self.lease()?;
-                        let mut stmt = conn.prepare_cached("SELECT id FROM charts WHERE id > ?1 ORDER BY id LIMIT 512")?;
+                        let mut stmt = conn.prepare_cached(
+                            "SELECT id FROM charts WHERE id > ?1 ORDER BY id LIMIT 512",
+                        )?;
                         let rows = stmt.query_map([&after], |r| r.get::<_, String>(0))?;
                         rows.collect::<Result<_, _>>()?
                     };
-                    let Some(last) = page.last() else { return Ok(()) };
+                    let Some(last) = page.last() else {
+                        return Ok(());
+                    };
                     after = last.clone();
                     for id in &page {
                         if let Some(rec) = self.get(id)? {
@@ -161,7 +202,12 @@ impl ReaderPool {
         }
     }
 
-    pub(crate) fn audit_entries(&self, chart: Option<&str>, since_ms: Option<i64>, limit: Option<usize>) -> Result<Vec<AuditEntry>, StoreError> {
+    pub(crate) fn audit_entries(
+        &self,
+        chart: Option<&str>,
+        since_ms: Option<i64>,
+        limit: Option<usize>,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
         let conn = self.lease()?;
         let mut stmt = conn.prepare_cached(
             "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit
@@ -178,15 +224,22 @@ impl ReaderPool {
         let mut stmt = conn.prepare(
             "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit ORDER BY rowid",
         )?;
-        let entries: Vec<AuditEntry> = stmt.query_map([], row_to_entry)?.collect::<Result<_, _>>()?;
+        let entries: Vec<AuditEntry> = stmt
+            .query_map([], row_to_entry)?
+            .collect::<Result<_, _>>()?;
         let head = conn
-            .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| r.get::<_, String>(0))
+            .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| {
+                r.get::<_, String>(0)
+            })
             .optional()?;
         let head = head.and_then(|h| {
             let (s, hash) = h.split_once(':')?;
             Some((s.parse::<i64>().ok()?, hash.to_string()))
         });
-        Ok(verify_chain(&entries, head.as_ref().map(|(s, h)| (*s, h.as_str()))))
+        Ok(verify_chain(
+            &entries,
+            head.as_ref().map(|(s, h)| (*s, h.as_str())),
+        ))
     }
 }
 

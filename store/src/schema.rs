@@ -50,16 +50,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 
 pub(crate) fn open_write_connection(path: &Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
     }
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // WAL + synchronous=FULL: a committed transaction survives kill -9 and power loss.
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Corrupt(format!("could not switch the store to WAL mode (got {mode})")));
+        return Err(StoreError::Corrupt(format!(
+            "could not switch the store to WAL mode (got {mode})"
+        )));
     }
-    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA cache_size=-8000;")?;
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA cache_size=-8000;",
+    )?;
     migrate(&mut conn)?;
     Ok(conn)
 }
@@ -68,7 +73,10 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let known = MIGRATIONS.len() as u32;
     if version > known {
-        return Err(StoreError::TooNew { found: version, known });
+        return Err(StoreError::TooNew {
+            found: version,
+            known,
+        });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
@@ -84,10 +92,15 @@ pub(crate) fn check_version(conn: &Connection) -> Result<(), StoreError> {
     let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let known = MIGRATIONS.len() as u32;
     if version > known {
-        return Err(StoreError::TooNew { found: version, known });
+        return Err(StoreError::TooNew {
+            found: version,
+            known,
+        });
     }
     if version == 0 {
-        return Err(StoreError::Corrupt("the database has no chartmesh schema".into()));
+        return Err(StoreError::Corrupt(
+            "the database has no chartmesh schema".into(),
+        ));
     }
     if version < known {
         return Err(StoreError::Corrupt(format!(

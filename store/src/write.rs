@@ -2,10 +2,10 @@
 //! operation, runs each in its own savepoint inside one transaction, commits, and only then
 //! answers each caller. A failed operation rolls back alone; a failed commit fails them all.
 
-use chartmesh_core::audit::{entry_hash, AuditEvent, GENESIS};
+use chartmesh_core::audit::{AuditEvent, GENESIS, entry_hash};
 use chartmesh_core::{ChartDoc, CoreError};
 use crossbeam_channel::{Receiver, Sender};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use tokio::sync::oneshot;
@@ -42,10 +42,26 @@ pub struct EditOutcome {
 }
 
 pub(crate) enum WriteOp {
-    Insert { charts: Vec<NewChart>, actor: String, reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>> },
-    Edit { chart_id: String, edit: EditFn, audit: Vec<AuditEvent>, reply: oneshot::Sender<Result<EditOutcome, StoreError>> },
-    Audit { events: Vec<AuditEvent>, reply: oneshot::Sender<Result<(), StoreError>> },
-    PutMeta { key: String, value: String, reply: oneshot::Sender<Result<(), StoreError>> },
+    Insert {
+        charts: Vec<NewChart>,
+        actor: String,
+        reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
+    },
+    Edit {
+        chart_id: String,
+        edit: EditFn,
+        audit: Vec<AuditEvent>,
+        reply: oneshot::Sender<Result<EditOutcome, StoreError>>,
+    },
+    Audit {
+        events: Vec<AuditEvent>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    PutMeta {
+        key: String,
+        value: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 pub(crate) struct WriterHandle {
@@ -54,14 +70,27 @@ pub(crate) struct WriterHandle {
 }
 
 impl WriterHandle {
-    pub(crate) fn spawn(conn: Connection, options: StoreOptions) -> Result<WriterHandle, StoreError> {
+    pub(crate) fn spawn(
+        conn: Connection,
+        options: StoreOptions,
+    ) -> Result<WriterHandle, StoreError> {
         let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(1024);
         let head = read_head(&conn)?;
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || Writer { conn, options, head }.run(rx))
+            .spawn(move || {
+                Writer {
+                    conn,
+                    options,
+                    head,
+                }
+                .run(rx)
+            })
             .map_err(|e| StoreError::Corrupt(format!("cannot start the writer thread: {e}")))?;
-        Ok(WriterHandle { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+        Ok(WriterHandle {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     pub(crate) fn send(&self, op: WriteOp) -> Result<(), StoreError> {
@@ -93,9 +122,21 @@ struct Head {
 
 fn read_head(conn: &Connection) -> Result<Head, StoreError> {
     let h = conn
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok(Head { seq: r.get(0)?, hash: r.get(1)? }))
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| {
+                Ok(Head {
+                    seq: r.get(0)?,
+                    hash: r.get(1)?,
+                })
+            },
+        )
         .optional()?;
-    Ok(h.unwrap_or(Head { seq: 0, hash: GENESIS.to_string() }))
+    Ok(h.unwrap_or(Head {
+        seq: 0,
+        hash: GENESIS.to_string(),
+    }))
 }
 
 struct Writer {
@@ -105,9 +146,18 @@ struct Writer {
 }
 
 enum Reply {
-    Insert(oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>, Result<Vec<InsertOutcome>, StoreError>),
-    Edit(oneshot::Sender<Result<EditOutcome, StoreError>>, Result<EditOutcome, StoreError>),
-    Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+    Insert(
+        oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
+        Result<Vec<InsertOutcome>, StoreError>,
+    ),
+    Edit(
+        oneshot::Sender<Result<EditOutcome, StoreError>>,
+        Result<EditOutcome, StoreError>,
+    ),
+    Unit(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
 }
 
 impl Reply {
@@ -119,13 +169,22 @@ impl Reply {
         };
         match self {
             Reply::Insert(tx, r) => {
-                let _ = tx.send(match commit_error { Some(e) => Err(fail(e)), None => r });
+                let _ = tx.send(match commit_error {
+                    Some(e) => Err(fail(e)),
+                    None => r,
+                });
             }
             Reply::Edit(tx, r) => {
-                let _ = tx.send(match commit_error { Some(e) => Err(fail(e)), None => r });
+                let _ = tx.send(match commit_error {
+                    Some(e) => Err(fail(e)),
+                    None => r,
+                });
             }
             Reply::Unit(tx, r) => {
-                let _ = tx.send(match commit_error { Some(e) => Err(fail(e)), None => r });
+                let _ = tx.send(match commit_error {
+                    Some(e) => Err(fail(e)),
+                    None => r,
+                });
             }
         }
     }
@@ -151,7 +210,10 @@ impl Writer {
         let options = self.options.clone();
         let mut head = self.head.clone();
         let mut replies = Vec::with_capacity(batch.len());
-        let tx = match self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        let tx = match self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
             Ok(tx) => tx,
             Err(e) => {
                 let e = StoreError::from(e);
@@ -252,7 +314,11 @@ fn push_audit(tx: &Connection, head: &mut Head, e: &AuditEvent) -> Result<(), St
     Ok(())
 }
 
-fn append_audit(tx: &Connection, head: &mut Head, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+fn append_audit(
+    tx: &Connection,
+    head: &mut Head,
+    events: Vec<AuditEvent>,
+) -> Result<(), StoreError> {
     for e in &events {
         push_audit(tx, head, e)?;
     }
@@ -263,7 +329,12 @@ fn name_key(ix: &IndexFields) -> String {
     format!("{} {}", ix.family, ix.given).to_lowercase()
 }
 
-fn insert(tx: &Connection, head: &mut Head, charts: Vec<NewChart>, actor: &str) -> Result<Vec<InsertOutcome>, StoreError> {
+fn insert(
+    tx: &Connection,
+    head: &mut Head,
+    charts: Vec<NewChart>,
+    actor: &str,
+) -> Result<Vec<InsertOutcome>, StoreError> {
     let mut out = Vec::with_capacity(charts.len());
     let mut stmt = tx.prepare_cached(
         "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key)
@@ -295,15 +366,27 @@ fn insert(tx: &Connection, head: &mut Head, charts: Vec<NewChart>, actor: &str) 
     Ok(out)
 }
 
-pub(crate) fn load_doc(conn: &Connection, id: &str) -> Result<Option<(ChartDoc, i64, i64)>, StoreError> {
+pub(crate) fn load_doc(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<(ChartDoc, i64, i64)>, StoreError> {
     let row = conn
         .prepare_cached("SELECT doc, inc_seq, inc_count FROM charts WHERE id = ?1")?
-        .query_row([id], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+        .query_row([id], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
         .optional()?;
-    let Some((base, inc_seq, inc_count)) = row else { return Ok(None) };
+    let Some((base, inc_seq, inc_count)) = row else {
+        return Ok(None);
+    };
     let mut incs: Vec<Vec<u8>> = Vec::new();
     if inc_count > 0 {
-        let mut stmt = conn.prepare_cached("SELECT data FROM chart_changes WHERE chart_id = ?1 ORDER BY seq")?;
+        let mut stmt =
+            conn.prepare_cached("SELECT data FROM chart_changes WHERE chart_id = ?1 ORDER BY seq")?;
         let rows = stmt.query_map([id], |r| r.get::<_, Vec<u8>>(0))?;
         for r in rows {
             incs.push(r?);
@@ -321,7 +404,8 @@ fn apply_edit(
     edit: EditFn,
     audit: Vec<AuditEvent>,
 ) -> Result<EditOutcome, StoreError> {
-    let (mut doc, inc_seq, inc_count) = load_doc(tx, chart_id)?.ok_or_else(|| StoreError::NotFound(chart_id.to_string()))?;
+    let (mut doc, inc_seq, inc_count) =
+        load_doc(tx, chart_id)?.ok_or_else(|| StoreError::NotFound(chart_id.to_string()))?;
     // Mark what is stored, so save_incremental returns only this edit's changes.
     let _ = doc.save_incremental();
     edit(&mut doc)?;
@@ -339,7 +423,10 @@ fn apply_edit(
         let inc = doc.save_incremental();
         if !inc.is_empty() {
             let seq = inc_seq + 1;
-            tx.prepare_cached("INSERT INTO chart_changes(chart_id, seq, data) VALUES (?1, ?2, ?3)")?.execute(params![chart_id, seq, inc])?;
+            tx.prepare_cached(
+                "INSERT INTO chart_changes(chart_id, seq, data) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![chart_id, seq, inc])?;
             tx.prepare_cached(
                 "UPDATE charts SET inc_seq = ?2, inc_count = inc_count + 1, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8 WHERE id = ?1",
             )?

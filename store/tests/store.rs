@@ -13,32 +13,74 @@ fn chart(id: &str, family: &str, mrn: &str) -> Chart {
 }
 
 fn meta(author: &str) -> ChangeMeta {
-    ChangeMeta { practice: PracticeId::from_certificate_der(b"p"), author: author.into(), action: "test".into(), time_ms: 5 }
+    ChangeMeta {
+        practice: PracticeId::from_certificate_der(b"p"),
+        author: author.into(),
+        action: "test".into(),
+        time_ms: 5,
+    }
 }
 
 fn new_chart(c: &Chart) -> NewChart {
     let mut d = ChartDoc::create(c, &meta("import"));
-    NewChart { id: c.id.clone(), doc: d.save(), index: IndexFields::from_chart_json(&c.to_json_value()), origin: None, time_ms: 1 }
+    NewChart {
+        id: c.id.clone(),
+        doc: d.save(),
+        index: IndexFields::from_chart_json(&c.to_json_value()),
+        origin: None,
+        time_ms: 1,
+    }
 }
 
 fn note(id: &str) -> Entry {
-    Entry::Note(Note { id: id.into(), author: "Dr X".into(), date: "2025-01-01T00:00:00Z".into(), text: "text".into() })
+    Entry::Note(Note {
+        id: id.into(),
+        author: "Dr X".into(),
+        date: "2025-01-01T00:00:00Z".into(),
+        text: "text".into(),
+    })
 }
 
 #[test]
 fn charts_survive_reopen_and_edits_compact() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
-    let store = Store::open(&path, StoreOptions { compact_after: 3, max_batch: 64 }).unwrap();
+    let store = Store::open(
+        &path,
+        StoreOptions {
+            compact_after: 3,
+            max_batch: 64,
+        },
+    )
+    .unwrap();
     let a = chart("c1", "Holhol", "MRN1");
     let b = chart("c2", "Korvin", "MRN2");
-    let out = store.insert_charts(vec![new_chart(&a), new_chart(&b), new_chart(&a)], "import".into()).unwrap().blocking_recv().unwrap().unwrap();
-    assert_eq!(out, vec![InsertOutcome::Inserted, InsertOutcome::Inserted, InsertOutcome::AlreadyExists]);
+    let out = store
+        .insert_charts(
+            vec![new_chart(&a), new_chart(&b), new_chart(&a)],
+            "import".into(),
+        )
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            InsertOutcome::Inserted,
+            InsertOutcome::Inserted,
+            InsertOutcome::AlreadyExists
+        ]
+    );
     for i in 0..7 {
         let e = note(&format!("n{i}"));
         let m = meta("Dr X");
         store
-            .edit("c1".into(), Box::new(move |d| d.append(&e, &m)), vec![AuditEvent::new(9, "Dr X", "update").chart("c1")])
+            .edit(
+                "c1".into(),
+                Box::new(move |d| d.append(&e, &m)),
+                vec![AuditEvent::new(9, "Dr X", "update").chart("c1")],
+            )
             .unwrap()
             .blocking_recv()
             .unwrap()
@@ -55,8 +97,15 @@ fn charts_survive_reopen_and_edits_compact() {
     assert_eq!(ids, (0..7).map(|i| format!("n{i}")).collect::<Vec<_>>());
     assert_eq!(rec.doc.history().len(), 8);
     assert!(store.get("nope").unwrap().is_none());
-    let missing = store.edit("nope".into(), Box::new(|_| Ok(())), vec![]).unwrap().blocking_recv().unwrap();
-    assert!(matches!(missing, Err(chartmesh_store::StoreError::NotFound(_))));
+    let missing = store
+        .edit("nope".into(), Box::new(|_| Ok(())), vec![])
+        .unwrap()
+        .blocking_recv()
+        .unwrap();
+    assert!(matches!(
+        missing,
+        Err(chartmesh_store::StoreError::NotFound(_))
+    ));
 
     assert_eq!(store.search("MRN2", 10).unwrap()[0].id, "c2");
     assert_eq!(store.search("holh", 10).unwrap()[0].id, "c1");
@@ -70,7 +119,12 @@ fn read_only_open_sees_committed_data_and_refuses_missing_store() {
     let path = dir.path().join("store.db");
     assert!(Store::open_read_only(&path).is_err());
     let store = Store::open(&path, StoreOptions::default()).unwrap();
-    store.insert_charts(vec![new_chart(&chart("c1", "A", "M"))], "import".into()).unwrap().blocking_recv().unwrap().unwrap();
+    store
+        .insert_charts(vec![new_chart(&chart("c1", "A", "M"))], "import".into())
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
     let ro = Store::open_read_only(&path).unwrap();
     assert_eq!(ro.count().unwrap(), 1);
     assert!(ro.insert_charts(vec![], "x".into()).is_err());

@@ -1,1 +1,285 @@
+//! Shared fixtures for the end-to-end tests: real `chartmeshd` processes on 127.0.0.1 with
+//! their own data directories, the real `chartmesh` CLI, and the benchmark charts.
+//! Waiting is always on a condition with a deadline, never a bare sleep.
 
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>/` — where cargo put the binaries next to this test executable.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().expect("deps dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
+    dir.to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        p.display()
+    );
+    p
+}
+
+/// The shared benchmark data (`../shared/bench-data` beside the repository), or
+/// `$CHARTMESH_BENCH_DATA`.
+pub fn bench_data() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHARTMESH_BENCH_DATA") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench-data");
+    assert!(
+        p.join("charts-1000.jsonl").exists(),
+        "benchmark charts not found at {} (set CHARTMESH_BENCH_DATA)",
+        p.display()
+    );
+    p
+}
+
+pub fn manifest_checksum(n: usize) -> String {
+    let m: Value = serde_json::from_slice(
+        &std::fs::read(bench_data().join(format!("charts-{n}.manifest.json"))).unwrap(),
+    )
+    .unwrap();
+    m["checksum"].as_str().unwrap().to_string()
+}
+
+/// Waits for `cond` to hold, polling, up to `timeout`; panics with `what` if it never does.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// One practice: a data directory and, while started, its daemon process.
+pub struct Practice {
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    agent: ureq::Agent,
+}
+
+impl Practice {
+    /// A new practice in a fresh temporary directory, initialised through the CLI with
+    /// ephemeral loopback ports.
+    pub fn new(name: &str) -> Practice {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let mut p = Practice {
+            dir,
+            _tmp: Some(tmp),
+            child: None,
+            agent: agent(),
+        };
+        let out = p.cli(&[
+            "init",
+            "--name",
+            name,
+            "--api",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p.start();
+        p
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let _ = std::fs::remove_file(self.dir.join("api.addr"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(bin("chartmeshd"))
+            .args(["--data-dir", self.dir.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("chartmeshd starts");
+        self.child = Some(child);
+        let me = &*self;
+        wait_until(
+            "the daemon's API to answer",
+            Duration::from_secs(30),
+            || me.try_get("/status").is_ok(),
+        );
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(st)) = c.try_wait() {
+                    assert!(
+                        st.success(),
+                        "chartmeshd exited with {st} on SIGTERM; log: {}",
+                        self.log()
+                    );
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "chartmeshd did not stop on SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("chartmesh"))
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args)
+            .env("CHARTMESH_USER", "test-user")
+            .output()
+            .expect("chartmesh runs")
+    }
+
+    /// Runs the CLI and asserts success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "chartmesh {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.cli_ok(&a)).unwrap()
+    }
+
+    pub fn base(&self) -> String {
+        let addr = std::fs::read_to_string(self.dir.join("api.addr")).unwrap_or_default();
+        format!("http://{}/api/v1", addr.trim())
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("api-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    pub fn try_get(&self, path: &str) -> Result<(u16, Value), String> {
+        let mut r = self
+            .agent
+            .get(format!("{}{path}", self.base()))
+            .header("Authorization", format!("Bearer {}", self.token()))
+            .call()
+            .map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        let v = r
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_json()
+            .map_err(|e| e.to_string())?;
+        Ok((status, v))
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let (s, v) = self.try_get(path).unwrap();
+        assert_eq!(s, 200, "GET {path}: {v}");
+        v
+    }
+
+    pub fn post(&self, path: &str, body: &[u8], user: &str) -> Result<(u16, Value), String> {
+        let mut r = self
+            .agent
+            .post(format!("{}{path}", self.base()))
+            .header("Authorization", format!("Bearer {}", self.token()))
+            .header("X-Chartmesh-User", user)
+            .header("Content-Type", "application/json")
+            .send(body)
+            .map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        let v = r.body_mut().read_json().map_err(|e| e.to_string())?;
+        Ok((status, v))
+    }
+}
+
+impl Drop for Practice {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+/// `id → sha256(canonical JSON)` for every chart of a JSONL file or export.
+pub fn chart_hashes(jsonl: &[u8]) -> std::collections::HashMap<String, String> {
+    jsonl
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_slice(l).unwrap();
+            (
+                v["id"].as_str().unwrap().to_string(),
+                chartmesh_core::canonical::chart_hash(&v),
+            )
+        })
+        .collect()
+}
+
+/// The set checksum of a JSONL export, computed as the benchmark defines it.
+pub fn set_checksum(jsonl: &[u8]) -> (usize, String) {
+    let mut s = chartmesh_core::canonical::SetChecksum::default();
+    for (id, h) in chart_hashes(jsonl) {
+        s.add_hash(&id, &h);
+    }
+    (s.count(), s.finish())
+}

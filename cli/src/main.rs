@@ -1,0 +1,683 @@
+//! `chartmesh`: the command line for staff and admins. It talks to the running daemon
+//! through the local API; `init` and the `--offline` reads work on the data directory itself.
+//!
+//! Exit codes: 0 ok · 1 error · 2 usage · 3 daemon unreachable · 4 not found ·
+//! 5 refused by consent or policy · 6 verification failed.
+
+mod client;
+mod import;
+
+use anyhow::Result;
+use chartmesh_daemon::datadir::{self, InitOptions};
+use clap::{Args, Parser, Subcommand};
+use client::{CliError, Client};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "chartmesh",
+    version,
+    about = "chartmesh: patient charts that travel with the patient, offline-first"
+)]
+struct Cli {
+    /// Data directory of the practice (default: $CHARTMESH_DATA_DIR, else the platform's data directory).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Your name, recorded in the audit log and as the author of changes.
+    #[arg(long, global = true, env = "CHARTMESH_USER")]
+    user: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a data directory: the practice identity, API token and config. No daemon needed.
+    Init {
+        #[arg(long)]
+        name: String,
+        /// Address of the local API (loopback only), e.g. 127.0.0.1:7360.
+        #[arg(long)]
+        api: Option<std::net::SocketAddr>,
+        /// UDP address for peer sync, e.g. 127.0.0.1:7361.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Show the practice's id, for pairing with another practice.
+    Id,
+    /// The daemon's state: practice, charts, peers.
+    Status,
+    /// Import charts from JSONL files (one chart per line).
+    Import {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Author recorded for the imported charts (default: --user).
+        #[arg(long)]
+        author: Option<String>,
+    },
+    /// Export charts (all, or the listed ones).
+    Export {
+        chart_ids: Vec<String>,
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Read the data directory directly instead of asking the daemon.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Show, search or create charts.
+    #[command(subcommand)]
+    Chart(ChartCmd),
+    /// Add a clinical note.
+    #[command(subcommand)]
+    Note(NoteCmd),
+    /// Add a medication.
+    #[command(subcommand)]
+    Med(MedCmd),
+    /// Add an allergy.
+    #[command(subcommand)]
+    Allergy(AllergyCmd),
+    /// Add an observation (a vital sign or lab result).
+    #[command(subcommand)]
+    Obs(ObsCmd),
+    /// Who changed a chart, where and when.
+    History { chart: String },
+    /// The audit log, and its verification.
+    Audit(AuditArgs),
+    /// Print the address of the console page (with the token) to open in a browser.
+    Console,
+}
+
+#[derive(Subcommand)]
+enum ChartCmd {
+    /// Show one chart.
+    Show {
+        id: String,
+        /// Read the data directory directly instead of asking the daemon.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Find charts by MRN, name (prefix) or birth date (YYYY-MM-DD).
+    Search {
+        query: String,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Create a chart for a new patient.
+    Create {
+        #[arg(long)]
+        mrn: String,
+        #[arg(long)]
+        family: String,
+        #[arg(long)]
+        given: Vec<String>,
+        /// YYYY-MM-DD
+        #[arg(long)]
+        birth_date: String,
+        #[arg(long, value_parser = ["male", "female", "other", "unknown"])]
+        sex: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NoteCmd {
+    Add {
+        chart: String,
+        #[arg(long)]
+        author: Option<String>,
+        #[arg(long)]
+        text: String,
+        /// Note id (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        /// When the note was written, RFC 3339 (default: now).
+        #[arg(long)]
+        date: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MedCmd {
+    Add {
+        chart: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        dose: String,
+        #[arg(long)]
+        route: Option<String>,
+        #[arg(long)]
+        frequency: Option<String>,
+        /// RxNorm code.
+        #[arg(long)]
+        code: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AllergyCmd {
+    Add {
+        chart: String,
+        #[arg(long)]
+        substance: String,
+        #[arg(long)]
+        reaction: Option<String>,
+        #[arg(long, value_parser = ["mild", "moderate", "severe"])]
+        severity: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ObsCmd {
+    Add {
+        chart: String,
+        /// LOINC code, e.g. 8480-6.
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        value: String,
+        #[arg(long)]
+        unit: String,
+        #[arg(long)]
+        display: Option<String>,
+        #[arg(long, value_parser = ["vital-signs", "laboratory"])]
+        category: Option<String>,
+        /// When it was measured, RFC 3339 (default: now).
+        #[arg(long)]
+        date: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(subcommand)]
+    cmd: Option<AuditCmd>,
+    #[arg(long)]
+    chart: Option<String>,
+    /// RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Recompute the hash chain; exit 6 and name the first bad entry if it was tampered with.
+    Verify,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let json_out = cli.json;
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let (code, msg) = match e.downcast_ref::<CliError>() {
+                Some(c) => (c.exit_code(), c.to_string()),
+                None => (1, format!("{e:#}")),
+            };
+            if matches!(e.downcast_ref::<CliError>(), Some(CliError::Reported(_))) {
+                // Already reported.
+            } else if json_out {
+                println!("{}", json!({ "error": msg, "exitCode": code }));
+            } else {
+                eprintln!("chartmesh: {msg}");
+            }
+            code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(v).expect("json"));
+    } else {
+        human(v);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dir = datadir::resolve(cli.data_dir.clone());
+    let user = cli
+        .user
+        .clone()
+        .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "staff".into()));
+    let j = cli.json;
+    match cli.cmd {
+        Cmd::Init { name, api, listen } => {
+            let id = datadir::init(
+                &dir,
+                InitOptions {
+                    name: name.clone(),
+                    api,
+                    listen,
+                },
+            )?;
+            let v = json!({ "dataDir": dir.display().to_string(), "practice": { "id": id.id.to_string(), "name": name } });
+            print(j, &v, |_| {
+                println!("Created practice {name:?} in {}", dir.display());
+                println!("Practice ID: {}", id.id);
+                println!(
+                    "Start the daemon with: chartmeshd --data-dir {}",
+                    dir.display()
+                );
+            });
+        }
+        Cmd::Id => {
+            let id = chartmesh_daemon::identity::Identity::load(&dir)?;
+            let v = json!({ "id": id.id.to_string() });
+            print(j, &v, |_| println!("{}", id.id));
+        }
+        Cmd::Status => {
+            let v = Client::connect(&dir, &user)?.get("/status")?;
+            print(j, &v, |v| {
+                println!(
+                    "Practice:   {} ({})",
+                    v["practice"]["name"].as_str().unwrap_or(""),
+                    v["practice"]["id"].as_str().unwrap_or("")
+                );
+                println!("Charts:     {}", v["charts"]);
+                println!("Data dir:   {}", v["dataDir"].as_str().unwrap_or(""));
+                println!("API:        {}", v["api"].as_str().unwrap_or(""));
+                println!("Sync:       {}", v["sync"]["listen"].as_str().unwrap_or(""));
+                let peers = v["peers"].as_array().map(|a| a.len()).unwrap_or(0);
+                println!("Peers:      {peers}");
+            });
+        }
+        Cmd::Import { files, author } => {
+            let client = Client::connect(&dir, &user)?;
+            let author = author.unwrap_or_else(|| user.clone());
+            import::run(&client, &files, &author, j)?;
+        }
+        Cmd::Export {
+            chart_ids,
+            format,
+            output,
+            offline,
+        } => {
+            if format != "jsonl" {
+                return Err(CliError::Usage(format!(
+                    "unknown export format {format:?}: use jsonl"
+                ))
+                .into());
+            }
+            let mut out: Box<dyn Write> = match &output {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let n = if offline {
+                offline_export(&dir, &chart_ids, &mut out)?
+            } else {
+                Client::connect(&dir, &user)?.export(&chart_ids, &mut out)?
+            };
+            out.flush()?;
+            if output.is_some() {
+                eprintln!("exported {n} charts");
+            }
+        }
+        Cmd::Chart(ChartCmd::Show { id, offline }) => {
+            let v = if offline {
+                offline_chart(&dir, &id)?
+            } else {
+                Client::connect(&dir, &user)?.get(&format!("/charts/{}", enc(&id)))?
+            };
+            print(j, &v, |v| print_chart(v));
+        }
+        Cmd::Chart(ChartCmd::Search { query, limit }) => {
+            let v = Client::connect(&dir, &user)?
+                .get(&format!("/charts?q={}&limit={limit}", enc(&query)))?;
+            print(j, &v, |v| {
+                let charts = v["charts"].as_array().cloned().unwrap_or_default();
+                if charts.is_empty() {
+                    println!("No chart matches {query:?}.");
+                }
+                for c in charts {
+                    println!(
+                        "{:<16} {:<28} {}  {}",
+                        c["id"].as_str().unwrap_or(""),
+                        format!(
+                            "{}, {}",
+                            c["family"].as_str().unwrap_or(""),
+                            c["given"].as_str().unwrap_or("")
+                        ),
+                        c["birth_date"].as_str().unwrap_or(""),
+                        c["mrn"].as_str().unwrap_or("")
+                    );
+                }
+            });
+        }
+        Cmd::Chart(ChartCmd::Create {
+            mrn,
+            family,
+            given,
+            birth_date,
+            sex,
+            id,
+        }) => {
+            let mut patient = json!({ "mrn": mrn, "name": { "given": given, "family": family }, "birthDate": birth_date });
+            if let Some(s) = sex {
+                patient["sex"] = s.into();
+            }
+            let mut body = json!({ "patient": patient });
+            if let Some(id) = id {
+                body["id"] = id.into();
+            }
+            let v = Client::connect(&dir, &user)?.post_json("/charts", &body)?;
+            print(j, &v, |v| {
+                println!("Created chart {}", v["id"].as_str().unwrap_or(""))
+            });
+        }
+        Cmd::Note(NoteCmd::Add {
+            chart,
+            author,
+            text,
+            id,
+            date,
+        }) => {
+            let mut entry = json!({ "text": text });
+            if let Some(i) = id {
+                entry["id"] = i.into();
+            }
+            if let Some(d) = date {
+                entry["date"] = d.into();
+            }
+            if let Some(a) = &author {
+                entry["author"] = a.clone().into();
+            }
+            add(&dir, &user, j, &chart, "notes", entry, author)?;
+        }
+        Cmd::Med(MedCmd::Add {
+            chart,
+            name,
+            dose,
+            route,
+            frequency,
+            code,
+        }) => {
+            let mut entry = json!({ "name": name, "dose": dose });
+            if let Some(c) = code {
+                entry["code"] = c.into();
+                entry["system"] = "RxNorm".into();
+            }
+            if let Some(r) = route {
+                entry["route"] = r.into();
+            }
+            if let Some(f) = frequency {
+                entry["frequency"] = f.into();
+            }
+            add(&dir, &user, j, &chart, "medications", entry, None)?;
+        }
+        Cmd::Allergy(AllergyCmd::Add {
+            chart,
+            substance,
+            reaction,
+            severity,
+        }) => {
+            let mut entry = json!({ "substance": substance });
+            if let Some(r) = reaction {
+                entry["reaction"] = r.into();
+            }
+            if let Some(s) = severity {
+                entry["severity"] = s.into();
+            }
+            add(&dir, &user, j, &chart, "allergies", entry, None)?;
+        }
+        Cmd::Obs(ObsCmd::Add {
+            chart,
+            code,
+            value,
+            unit,
+            display,
+            category,
+            date,
+        }) => {
+            let value: serde_json::Number = value.parse().map_err(|_| {
+                CliError::Usage(format!(
+                    "--value {value:?} is not a number (e.g. 131 or 36.6)"
+                ))
+            })?;
+            let mut entry = json!({ "code": code, "value": value, "unit": unit });
+            if let Some(d) = display {
+                entry["display"] = d.into();
+            }
+            if let Some(c) = category {
+                entry["category"] = c.into();
+            }
+            if let Some(d) = date {
+                entry["date"] = d.into();
+            }
+            add(&dir, &user, j, &chart, "observations", entry, None)?;
+        }
+        Cmd::History { chart } => {
+            let v =
+                Client::connect(&dir, &user)?.get(&format!("/charts/{}/history", enc(&chart)))?;
+            print(j, &v, |v| {
+                for c in v["changes"].as_array().cloned().unwrap_or_default() {
+                    let t = chartmesh_daemon::rfc3339(c["time_ms"].as_i64().unwrap_or(0));
+                    let practice = c["practice"]
+                        .as_str()
+                        .map(|p| p.chars().take(9).collect::<String>())
+                        .unwrap_or_else(|| "?".into());
+                    println!(
+                        "{t}  {:<24} {:<22} practice {practice}",
+                        c["author"].as_str().unwrap_or("?"),
+                        c["action"].as_str().unwrap_or("?")
+                    );
+                }
+            });
+        }
+        Cmd::Audit(a) => {
+            let client = Client::connect(&dir, &user)?;
+            match a.cmd {
+                Some(AuditCmd::Verify) => {
+                    let v = client.get("/audit/verify")?;
+                    print(j, &v, |v| {
+                        if v["ok"].as_bool() == Some(true) {
+                            println!("audit log verified: {} entries, chain intact", v["entries"]);
+                        } else {
+                            println!(
+                                "audit log FAILED verification at entry {}: {}",
+                                v["firstBadSeq"],
+                                v["reason"].as_str().unwrap_or("")
+                            );
+                        }
+                    });
+                    if v["ok"].as_bool() != Some(true) {
+                        return Err(
+                            CliError::Verification("the audit log does not verify".into()).into(),
+                        );
+                    }
+                }
+                None => {
+                    let mut q = Vec::new();
+                    if let Some(c) = a.chart {
+                        q.push(format!("chart={}", enc(&c)));
+                    }
+                    if let Some(s) = a.since {
+                        q.push(format!("since={}", enc(&s)));
+                    }
+                    if let Some(l) = a.limit {
+                        q.push(format!("limit={l}"));
+                    }
+                    let v = client.get(&format!("/audit?{}", q.join("&")))?;
+                    print(j, &v, |v| {
+                        for e in v["entries"].as_array().cloned().unwrap_or_default() {
+                            println!(
+                                "{:>6} {}  {:<14} {:<20} {} {}",
+                                e["seq"],
+                                chartmesh_daemon::rfc3339(e["time_ms"].as_i64().unwrap_or(0)),
+                                e["action"].as_str().unwrap_or(""),
+                                e["actor"].as_str().unwrap_or(""),
+                                e["chart_id"].as_str().unwrap_or("-"),
+                                e["detail"].as_str().unwrap_or("")
+                            );
+                        }
+                    });
+                }
+            }
+        }
+        Cmd::Console => {
+            let addr = datadir::api_address(&dir).ok_or_else(|| {
+                CliError::Unreachable(format!("no daemon configured in {}", dir.display()))
+            })?;
+            let token = datadir::read_token(&dir).map_err(|e| {
+                anyhow::anyhow!("cannot read the API token in {}: {e}", dir.display())
+            })?;
+            println!("http://{addr}/#token={token}");
+        }
+    }
+    Ok(())
+}
+
+fn add(
+    dir: &std::path::Path,
+    user: &str,
+    j: bool,
+    chart: &str,
+    section: &str,
+    entry: Value,
+    author: Option<String>,
+) -> Result<()> {
+    let body = json!({ "author": author.unwrap_or_else(|| user.to_string()), "entry": entry });
+    let v = Client::connect(dir, user)?
+        .post_json(&format!("/charts/{}/{section}", enc(chart)), &body)?;
+    print(j, &v, |_| println!("Added to {chart} ({section})"));
+    Ok(())
+}
+
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn print_chart(v: &Value) {
+    let p = &v["patient"];
+    let given: Vec<&str> = p["name"]["given"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "{}  {}, {}",
+        v["id"].as_str().unwrap_or(""),
+        p["name"]["family"].as_str().unwrap_or(""),
+        given.join(" ")
+    );
+    println!(
+        "MRN {}  born {}  {}",
+        p["mrn"].as_str().unwrap_or(""),
+        p["birthDate"].as_str().unwrap_or(""),
+        p["sex"].as_str().unwrap_or("")
+    );
+    let section = |title: &str, key: &str, f: &dyn Fn(&Value) -> String| {
+        let items = v[key].as_array().cloned().unwrap_or_default();
+        println!("\n{title} ({})", items.len());
+        for i in items {
+            println!("  {}", f(&i));
+        }
+    };
+    let s = |x: &Value| x.as_str().unwrap_or("").to_string();
+    section("Problems", "conditions", &|c| {
+        format!(
+            "{} {} [{}]",
+            s(&c["code"]),
+            s(&c["display"]),
+            s(&c["status"])
+        )
+    });
+    section("Allergies", "allergies", &|a| {
+        format!(
+            "{} — {} ({})",
+            s(&a["substance"]),
+            s(&a["reaction"]),
+            s(&a["severity"])
+        )
+    });
+    section("Medications", "medications", &|m| {
+        format!(
+            "{} {} {} {} [{}]",
+            s(&m["name"]),
+            s(&m["dose"]),
+            s(&m["route"]),
+            s(&m["frequency"]),
+            s(&m["status"])
+        )
+    });
+    section("Observations", "observations", &|o| {
+        format!(
+            "{} {} {} {}",
+            s(&o["date"]),
+            s(&o["display"]),
+            o["value"],
+            s(&o["unit"])
+        )
+    });
+    section("Immunizations", "immunizations", &|i| {
+        format!("{} {}", s(&i["date"]), s(&i["vaccine"]))
+    });
+    section("Notes", "notes", &|n| {
+        format!("{} {}: {}", s(&n["date"]), s(&n["author"]), s(&n["text"]))
+    });
+}
+
+fn offline_store(dir: &std::path::Path) -> Result<chartmesh_store::Store> {
+    let path = datadir::store_path(dir);
+    chartmesh_store::Store::open_read_only(&path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn offline_chart(dir: &std::path::Path, id: &str) -> Result<Value> {
+    let store = offline_store(dir)?;
+    match store.get(id)? {
+        Some(rec) => Ok(rec.doc.to_json()?),
+        None => Err(CliError::NotFound(format!("chart {id} not found")).into()),
+    }
+}
+
+fn offline_export(dir: &std::path::Path, ids: &[String], out: &mut dyn Write) -> Result<usize> {
+    let store = offline_store(dir)?;
+    let mut n = 0;
+    let ids_opt = if ids.is_empty() { None } else { Some(ids) };
+    let mut write_err = None;
+    let r = store.for_each_chart(ids_opt, &mut |rec| {
+        let json = rec.doc.to_json()?;
+        let mut line = chartmesh_core::canonical::to_canonical(&json);
+        line.push('\n');
+        if let Err(e) = out.write_all(line.as_bytes()) {
+            write_err = Some(e);
+            return Err(chartmesh_store::StoreError::Closed);
+        }
+        n += 1;
+        Ok(())
+    });
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    match r {
+        Err(chartmesh_store::StoreError::NotFound(id)) => {
+            Err(CliError::NotFound(format!("chart {id} not found")).into())
+        }
+        other => {
+            other?;
+            Ok(n)
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The local JSON API and console page, on 127.0.0.1 only. Every `/api` route needs the
+//! bearer token kept in the data directory (`api-token`, mode 0600). The caller's user name
+//! (`X-Chartmesh-User`) is recorded as the actor in the audit log and as the author of edits.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+use crate::node::{Node, NodeError};
+use chartmesh_store::StoreError;
+
+/// The largest import request: a few thousand charts. The CLI sends smaller chunks.
+pub const MAX_IMPORT_BODY: usize = 64 * 1024 * 1024;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub node: Arc<Node>,
+    pub token_hash: [u8; 32],
+}
+
+pub fn router(node: Arc<Node>, token: &str) -> Router {
+    let state = ApiState {
+        node,
+        token_hash: Sha256::digest(token.as_bytes()).into(),
+    };
+    let api = Router::new()
+        .route("/status", get(status))
+        .route(
+            "/import",
+            post(import).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
+        )
+        .route("/export", get(export))
+        .route("/charts", get(search).post(create))
+        .route("/charts/{id}", get(show))
+        .route("/charts/{id}/history", get(history))
+        .route("/charts/{id}/{section}", post(append))
+        .route("/audit", get(audit_list))
+        .route("/audit/verify", get(audit_verify))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/", get(console))
+        .nest("/api/v1", api)
+        .with_state(state)
+}
+
+async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let h: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+    // Compare digests in constant time.
+    let diff = h
+        .iter()
+        .zip(st.token_hash.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if diff != 0 {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong API token: the token is in the data directory's api-token file",
+        );
+    }
+    next.run(req).await
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({ "error": { "kind": kind, "message": message } })),
+    )
+        .into_response()
+}
+
+impl IntoResponse for NodeError {
+    fn into_response(self) -> Response {
+        let msg = self.to_string();
+        match &self {
+            NodeError::NotFound(_) => error(StatusCode::NOT_FOUND, "not-found", &msg),
+            NodeError::Invalid(_) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &msg),
+            NodeError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", &msg),
+            NodeError::Store(StoreError::DiskFull) => {
+                error(StatusCode::INSUFFICIENT_STORAGE, "disk-full", &msg)
+            }
+            NodeError::Store(StoreError::Closed) => {
+                error(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", &msg)
+            }
+            NodeError::Store(StoreError::Locked) => {
+                error(StatusCode::SERVICE_UNAVAILABLE, "busy", &msg)
+            }
+            NodeError::Store(_) => {
+                tracing::error!(error = %msg, "store error");
+                error(StatusCode::INTERNAL_SERVER_ERROR, "store", &msg)
+            }
+        }
+    }
+}
+
+fn user(headers: &HeaderMap) -> String {
+    headers
+        .get("x-chartmesh-user")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.trim().is_empty() && s.len() <= 200)
+        .unwrap_or("api")
+        .to_string()
+}
+
+async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
+    let n = &st.node;
+    Ok(Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "practice": { "id": n.practice_id(), "name": n.config.practice.name },
+        "dataDir": n.data_dir.display().to_string(),
+        "charts": n.store.count()?,
+        "diskBytes": n.store.disk_bytes(),
+        "api": n.config.api.listen.to_string(),
+        "sync": { "listen": n.config.sync.listen.to_string() },
+        "peers": [],
+    })))
+}
+
+#[derive(Deserialize)]
+struct ImportQuery {
+    author: Option<String>,
+}
+
+async fn import(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<ImportQuery>,
+    body: Bytes,
+) -> Result<Json<Value>, NodeError> {
+    let author = q.author.unwrap_or_else(|| user(&headers));
+    let report = st.node.import_jsonl(body.to_vec(), &author).await?;
+    Ok(Json(
+        serde_json::to_value(report).expect("report serializes"),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    /// Comma-separated chart ids; all charts when absent.
+    ids: Option<String>,
+    format: Option<String>,
+}
+
+async fn export(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<ExportQuery>,
+) -> Response {
+    if let Some(f) = q.format.as_deref() {
+        if f != "jsonl" {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                &format!("unknown export format {f:?}: use jsonl"),
+            );
+        }
+    }
+    let ids: Option<Vec<String>> = q.ids.map(|s| {
+        s.split(',')
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .collect()
+    });
+    if let Some(ids) = &ids {
+        for id in ids {
+            if st.node.store.get(id).ok().flatten().is_none() {
+                return NodeError::NotFound(id.clone()).into_response();
+            }
+        }
+    }
+    let actor = user(&headers);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let node = st.node.clone();
+    tokio::task::spawn_blocking(move || {
+        let r = node.export_jsonl(ids.as_deref(), &actor, &mut |line| {
+            tx.blocking_send(Ok(Bytes::from(line))).is_ok()
+        });
+        if let Err(e) = r {
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .expect("response builds")
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    q: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn search(
+    State(st): State<ApiState>,
+    Query(q): Query<SearchQuery>,
+) -> Result<Json<Value>, NodeError> {
+    let res = st.node.search(
+        q.q.as_deref().unwrap_or(""),
+        q.limit.unwrap_or(50).min(1000),
+    )?;
+    Ok(Json(json!({ "charts": res })))
+}
+
+/// Parses a JSON request body, with an error that says what was wrong.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, NodeError> {
+    serde_json::from_slice(body).map_err(|e| {
+        NodeError::Invalid(format!(
+            "the request body is not valid JSON for this call: {e}"
+        ))
+    })
+}
+
+async fn create(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), NodeError> {
+    let c = st
+        .node
+        .create_chart(json_body(&body)?, &user(&headers))
+        .await?;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+async fn show(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, NodeError> {
+    Ok(Json(st.node.read_chart(&id, &user(&headers)).await?))
+}
+
+async fn history(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, NodeError> {
+    let h = st.node.history(&id, &user(&headers)).await?;
+    Ok(Json(json!({ "chart": id, "changes": h })))
+}
+
+#[derive(Deserialize)]
+struct AppendBody {
+    author: Option<String>,
+    entry: Value,
+}
+
+async fn append(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path((id, section)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), NodeError> {
+    let body: AppendBody = json_body(&body)?;
+    let author = body.author.unwrap_or_else(|| user(&headers));
+    let added = st.node.append(&id, &section, body.entry, &author).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "chart": id, "section": section, "entry": added })),
+    ))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    chart: Option<String>,
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn audit_list(
+    State(st): State<ApiState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, NodeError> {
+    let since = match q.since.as_deref() {
+        Some(s) => Some(
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| {
+                    NodeError::Invalid(format!(
+                        "since={s:?} is not an RFC 3339 time such as 2025-01-31T00:00:00Z"
+                    ))
+                })?
+                .unix_timestamp()
+                * 1000,
+        ),
+        None => None,
+    };
+    let entries = st
+        .node
+        .store
+        .audit_entries(q.chart.as_deref(), since, q.limit)
+        .map_err(NodeError::from)?;
+    Ok(Json(json!({ "entries": entries })))
+}
+
+async fn audit_verify(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
+    Ok(Json(match st.node.store.verify_audit()? {
+        Ok(n) => json!({ "ok": true, "entries": n }),
+        Err(b) => json!({ "ok": false, "firstBadSeq": b.seq, "reason": b.reason }),
+    }))
+}
+
+async fn console() -> Html<&'static str> {
+    Html(include_str!("console.html"))
+}

@@ -1,0 +1,218 @@
+//! `config.toml` in the data directory: defaults for everything, overridden by `CHARTMESH_*`
+//! environment variables, validated into one typed [`Config`].
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub practice: PracticeConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PracticeConfig {
+    /// The practice's name, shown to peers and in the console.
+    #[serde(default = "default_name")]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Where the local JSON API and console listen. Must be a loopback address.
+    #[serde(default = "default_api")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// The UDP address peers reach this practice on (QUIC).
+    #[serde(default = "default_sync")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `info`, `debug`, ... or a tracing filter such as `chartmesh=debug`.
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// `text` or `json`.
+    #[serde(default = "default_format")]
+    pub format: String,
+}
+
+fn default_name() -> String {
+    "My Practice".into()
+}
+fn default_api() -> SocketAddr {
+    "127.0.0.1:7360".parse().unwrap()
+}
+fn default_sync() -> SocketAddr {
+    "127.0.0.1:7361".parse().unwrap()
+}
+fn default_level() -> String {
+    "info".into()
+}
+fn default_format() -> String {
+    "text".into()
+}
+
+impl Default for PracticeConfig {
+    fn default() -> Self {
+        PracticeConfig {
+            name: default_name(),
+        }
+    }
+}
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: default_api(),
+        }
+    }
+}
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            listen: default_sync(),
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_level(),
+            format: default_format(),
+        }
+    }
+}
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            practice: Default::default(),
+            api: Default::default(),
+            sync: Default::default(),
+            log: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    /// Reads `config.toml`, then applies `CHARTMESH_*` environment overrides, then validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let mut c: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        c.apply_env(|k| std::env::var(k).ok())
+            .map_err(|m| ConfigError::Invalid {
+                path: "environment".into(),
+                message: m,
+            })?;
+        c.validate().map_err(|m| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message: m,
+        })?;
+        Ok(c)
+    }
+
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        if let Some(v) = get("CHARTMESH_API_LISTEN") {
+            self.api.listen = v.parse().map_err(|_| {
+                format!("CHARTMESH_API_LISTEN={v:?} is not an address like 127.0.0.1:7360")
+            })?;
+        }
+        if let Some(v) = get("CHARTMESH_SYNC_LISTEN") {
+            self.sync.listen = v.parse().map_err(|_| {
+                format!("CHARTMESH_SYNC_LISTEN={v:?} is not an address like 127.0.0.1:7361")
+            })?;
+        }
+        if let Some(v) = get("CHARTMESH_LOG") {
+            self.log.level = v;
+        }
+        if let Some(v) = get("CHARTMESH_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.api.listen.ip().is_loopback() {
+            return Err(format!(
+                "api.listen = {} is not a loopback address: the local API must only listen on 127.0.0.1 (or ::1)",
+                self.api.listen
+            ));
+        }
+        if self.practice.name.trim().is_empty() {
+            return Err("practice.name must not be empty".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(format!(
+                "log.format = {:?}: use \"text\" or \"json\"",
+                self.log.format
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string_pretty(self).expect("config serializes");
+        format!(
+            "# chartmesh configuration. Every setting has a default; see docs/OPERATIONS.md.\n\n{body}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_env_overrides() {
+        let c = Config::default();
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "CHARTMESH_API_LISTEN").then(|| "127.0.0.1:9999".to_string()))
+            .unwrap();
+        assert_eq!(c.api.listen.port(), 9999);
+        assert!(
+            c.apply_env(|k| (k == "CHARTMESH_API_LISTEN").then(|| "nonsense".to_string()))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_non_loopback_api_is_refused() {
+        let mut c = Config::default();
+        c.api.listen = "0.0.0.0:7360".parse().unwrap();
+        assert!(c.validate().unwrap_err().contains("loopback"));
+    }
+}

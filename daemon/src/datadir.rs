@@ -1,0 +1,152 @@
+//! The data directory: everything a practice's daemon keeps, in one place.
+//!
+//! ```text
+//! DIR/config.toml        settings (defaults filled in at init)
+//! DIR/identity/          cert.der, key.der (0600): the practice identity
+//! DIR/api-token          the local API's bearer token (0600)
+//! DIR/store.db           charts, indexes, audit log (SQLite, WAL)
+//! DIR/api.addr           the address the running daemon's API is bound to
+//! DIR/chartmeshd.lock    held while a daemon runs: one daemon per directory
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::identity::Identity;
+
+pub const CONFIG: &str = "config.toml";
+pub const TOKEN: &str = "api-token";
+pub const STORE: &str = "store.db";
+pub const API_ADDR: &str = "api.addr";
+pub const LOCK: &str = "chartmeshd.lock";
+
+/// `--data-dir`, else `CHARTMESH_DATA_DIR`, else the platform's data directory.
+pub fn resolve(flag: Option<PathBuf>) -> PathBuf {
+    if let Some(d) = flag {
+        return d;
+    }
+    if let Some(d) = std::env::var_os("CHARTMESH_DATA_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(d);
+    }
+    match directories::ProjectDirs::from("org", "chartmesh", "chartmesh") {
+        Some(p) => p.data_dir().to_path_buf(),
+        None => PathBuf::from(".chartmesh"),
+    }
+}
+
+pub fn is_initialized(dir: &Path) -> bool {
+    dir.join(CONFIG).exists() && dir.join("identity").join("cert.der").exists()
+}
+
+/// Writes a file readable by its owner only, atomically (temp file, fsync, rename).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        create_private_dir(parent)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(
+        "{0} is already a chartmesh data directory (practice {1}); use another --data-dir to make a new practice"
+    )]
+    Exists(String, String),
+    #[error("cannot create {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("invalid setting: {0}")]
+    Config(String),
+}
+
+pub struct InitOptions {
+    pub name: String,
+    pub api: Option<std::net::SocketAddr>,
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// Creates the directory, the identity, the token and the config. Works without a daemon.
+pub fn init(dir: &Path, opts: InitOptions) -> Result<Identity, InitError> {
+    if is_initialized(dir) {
+        let id = Identity::load(dir)
+            .map(|i| i.id.to_string())
+            .unwrap_or_default();
+        return Err(InitError::Exists(dir.display().to_string(), id));
+    }
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |e| InitError::Io {
+            path: p.clone(),
+            source: e,
+        }
+    };
+    create_private_dir(dir).map_err(io(dir))?;
+    let mut config = Config::default();
+    config.practice.name = opts.name.clone();
+    if let Some(a) = opts.api {
+        config.api.listen = a;
+    }
+    if let Some(l) = opts.listen {
+        config.sync.listen = l;
+    }
+    config.validate().map_err(InitError::Config)?;
+    let identity = Identity::generate(&opts.name)?;
+    identity.save(dir)?;
+    let token = new_token();
+    write_private(&dir.join(TOKEN), token.as_bytes()).map_err(io(&dir.join(TOKEN)))?;
+    // The config goes last: its presence marks a complete init.
+    write_private(&dir.join(CONFIG), config.to_toml().as_bytes()).map_err(io(&dir.join(CONFIG)))?;
+    Ok(identity)
+}
+
+fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    hex::encode(bytes)
+}
+
+pub fn read_token(dir: &Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(dir.join(TOKEN))?.trim().to_string())
+}
+
+/// The address of the running daemon's API: the one it wrote at start-up, else the config's.
+pub fn api_address(dir: &Path) -> Option<std::net::SocketAddr> {
+    if let Ok(s) = std::fs::read_to_string(dir.join(API_ADDR)) {
+        if let Ok(a) = s.trim().parse() {
+            return Some(a);
+        }
+    }
+    Config::load(&dir.join(CONFIG)).ok().map(|c| c.api.listen)
+}
+
+pub fn store_path(dir: &Path) -> PathBuf {
+    dir.join(STORE)
+}

@@ -1,0 +1,152 @@
+//! `chartmeshd`: runs a practice's daemon in the foreground. On first start with a new data
+//! directory it initialises one (identity, token, config) so one command gives a working node.
+
+use anyhow::{Context, Result, bail};
+use chartmesh_daemon::config::Config;
+use chartmesh_daemon::datadir::{self, InitOptions};
+use chartmesh_daemon::identity::Identity;
+use chartmesh_daemon::node::Node;
+use chartmesh_store::{Store, StoreOptions};
+use clap::Parser;
+use fs4::fs_std::FileExt;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "chartmeshd",
+    version,
+    about = "chartmesh daemon: a practice's charts, offline-first, synced peer-to-peer with consent"
+)]
+struct Args {
+    /// Data directory (default: $CHARTMESH_DATA_DIR, else the platform's data directory).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Practice name used when the data directory is created on first start.
+    #[arg(long, default_value = "My Practice")]
+    name: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chartmeshd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let dir = datadir::resolve(args.data_dir);
+    let created = if !datadir::is_initialized(&dir) {
+        let id = datadir::init(
+            &dir,
+            InitOptions {
+                name: args.name.clone(),
+                api: None,
+                listen: None,
+            },
+        )
+        .with_context(|| format!("creating data directory {}", dir.display()))?;
+        Some(id.id)
+    } else {
+        None
+    };
+    let config = Config::load(&dir.join(datadir::CONFIG))?;
+    init_logging(&config);
+    if let Some(id) = created {
+        tracing::info!(data_dir = %dir.display(), practice = %id, "created a new data directory");
+    }
+
+    let lock_path = dir.join(datadir::LOCK);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    if !lock.try_lock_exclusive().unwrap_or(false) {
+        bail!(
+            "another chartmeshd is already running on {}; stop it first (one daemon per data directory)",
+            dir.display()
+        );
+    }
+
+    let identity = Identity::load(&dir)?;
+    let store = Store::open(&datadir::store_path(&dir), StoreOptions::default())
+        .context("opening the chart store")?;
+    let token = datadir::read_token(&dir)
+        .context("reading the API token (api-token in the data directory)")?;
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the local API: is the port in use? change api.listen in config.toml", config.api.listen))?;
+    let api_addr = listener.local_addr()?;
+    std::fs::write(dir.join(datadir::API_ADDR), api_addr.to_string())?;
+
+    let practice = identity.id;
+    let mut config = config;
+    config.api.listen = api_addr;
+    let node = Node::new(store.clone(), identity, config.clone(), dir.clone());
+    let app = chartmesh_daemon::api::router(node.clone(), &token);
+
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        });
+    }
+    tracing::info!(practice = %practice, name = %config.practice.name, api = %api_addr, data_dir = %dir.display(), "chartmeshd ready");
+    let serve = axum::serve(listener, app).with_graceful_shutdown({
+        let s = shutdown.clone();
+        async move { s.cancelled().await }
+    });
+    let result = serve.await;
+    // Drain queued writes before exiting.
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .ok();
+    let _ = std::fs::remove_file(dir.join(datadir::API_ADDR));
+    drop(lock);
+    result.context("serving the local API")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,491 @@
+//! The node: one practice's running state (identity, config, store) and the operations users
+//! perform on it. The API calls these; they enforce validation and write the audit trail.
+//!
+//! CPU-heavy work (parsing charts, building automerge documents) runs on a small rayon pool
+//! sized to the machine, never on the async runtime's threads.
+
+use chartmesh_core::audit::AuditEvent;
+use chartmesh_core::chart::{
+    Allergy, Condition, Entry, Immunization, Medication, Note, Observation,
+};
+use chartmesh_core::{
+    ChangeMeta, Chart, ChartDoc, CoreError, HistoryEntry, ValidationError, canonical,
+};
+use chartmesh_store::{ChartSummary, IndexFields, InsertOutcome, NewChart, Store, StoreError};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::now_ms;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("chart {0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ValidationError> for NodeError {
+    fn from(e: ValidationError) -> Self {
+        NodeError::Invalid(e.to_string())
+    }
+}
+
+impl From<CoreError> for NodeError {
+    fn from(e: CoreError) -> Self {
+        NodeError::Invalid(e.to_string())
+    }
+}
+
+/// One record of an import that was not kept, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordError {
+    /// Position of the record in the request (0-based, counting non-blank lines).
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub field: String,
+    pub message: String,
+    /// For a duplicate id: the position of the earlier record with the same id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ImportReport {
+    pub imported: usize,
+    /// Already in the store with exactly the same content.
+    pub unchanged: usize,
+    pub failed: usize,
+    pub errors: Vec<RecordError>,
+}
+
+pub struct Node {
+    pub store: Store,
+    pub identity: Identity,
+    pub config: Config,
+    pub data_dir: PathBuf,
+    pool: rayon::ThreadPool,
+}
+
+impl Node {
+    pub fn new(store: Store, identity: Identity, config: Config, data_dir: PathBuf) -> Arc<Node> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("chart-cpu-{i}"))
+            .build()
+            .expect("cpu pool starts");
+        Arc::new(Node {
+            store,
+            identity,
+            config,
+            data_dir,
+            pool,
+        })
+    }
+
+    pub fn practice_id(&self) -> String {
+        self.identity.id.to_string()
+    }
+
+    fn meta(&self, author: &str, action: &str) -> ChangeMeta {
+        ChangeMeta {
+            practice: self.identity.id,
+            author: author.to_string(),
+            action: action.to_string(),
+            time_ms: now_ms(),
+        }
+    }
+
+    async fn on_pool<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pool.spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.await.expect("cpu pool task finished")
+    }
+
+    /// Imports newline-separated chart records. Every good record is kept; each bad one is
+    /// reported with its position and reason. Returns once the kept charts are durable.
+    pub async fn import_jsonl(
+        self: &Arc<Self>,
+        body: Vec<u8>,
+        author: &str,
+    ) -> Result<ImportReport, NodeError> {
+        let meta = self.meta(author, "import");
+        let body = Arc::new(body);
+        // Byte ranges of the non-blank records.
+        let spans: Arc<Vec<(usize, usize)>> = {
+            let mut v = Vec::new();
+            let mut start = 0;
+            for (i, b) in body.iter().enumerate() {
+                if *b == b'\n' {
+                    v.push((start, i));
+                    start = i + 1;
+                }
+            }
+            v.push((start, body.len()));
+            Arc::new(
+                v.into_iter()
+                    .filter(|(s, e)| !body[*s..*e].iter().all(|b| b.is_ascii_whitespace()))
+                    .collect(),
+            )
+        };
+        let built = {
+            let (body, spans) = (body.clone(), spans.clone());
+            let pool_meta = meta.clone();
+            self.on_pool(move || {
+                use rayon::prelude::*;
+                spans
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, (s, e))| {
+                        let rec = &body[*s..*e];
+                        let chart = Chart::from_json_slice(rec).map_err(|e| (i, peek_id(rec), e))?;
+                        let mut doc = ChartDoc::create(&chart, &pool_meta);
+                        let index = IndexFields {
+                            mrn: chart.patient.mrn.clone(),
+                            family: chart.patient.name.family.clone(),
+                            given: chart.patient.name.given.join(" "),
+                            birth_date: chart.patient.birth_date.clone(),
+                        };
+                        Ok((i, NewChart { id: chart.id, doc: doc.save(), index, origin: None, time_ms: pool_meta.time_ms }))
+                    })
+                    .collect::<Vec<Result<(usize, NewChart), (usize, Option<String>, ValidationError)>>>()
+            })
+            .await
+        };
+        let mut report = ImportReport::default();
+        let mut first_seen: HashMap<String, usize> = HashMap::new();
+        let mut to_insert = Vec::with_capacity(built.len());
+        let mut positions = Vec::with_capacity(built.len());
+        for r in built {
+            match r {
+                Ok((i, nc)) => {
+                    if let Some(first) = first_seen.get(&nc.id) {
+                        report.errors.push(RecordError {
+                            index: i,
+                            id: Some(nc.id.clone()),
+                            field: "id".into(),
+                            message: format!("duplicate id {:?}: an earlier record of this import has the same id", nc.id),
+                            duplicate_of: Some(*first),
+                        });
+                        continue;
+                    }
+                    first_seen.insert(nc.id.clone(), i);
+                    positions.push(i);
+                    to_insert.push(nc);
+                }
+                Err((i, id, e)) => report.errors.push(RecordError {
+                    index: i,
+                    id,
+                    field: e.field,
+                    message: e.message,
+                    duplicate_of: None,
+                }),
+            }
+        }
+        let ids: Vec<String> = to_insert.iter().map(|c| c.id.clone()).collect();
+        let outcomes = if to_insert.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .insert_charts(to_insert, author.to_string())?
+                .await
+                .map_err(|_| StoreError::Closed)??
+        };
+        let mut existing = Vec::new();
+        for ((id, outcome), i) in ids.into_iter().zip(outcomes).zip(positions) {
+            match outcome {
+                InsertOutcome::Inserted => report.imported += 1,
+                InsertOutcome::AlreadyExists => existing.push((i, id)),
+            }
+        }
+        if !existing.is_empty() {
+            // Already stored: unchanged if identical, otherwise refused (never overwritten).
+            let store = self.store.clone();
+            let compared = self
+                .on_pool(move || {
+                    use rayon::prelude::*;
+                    existing
+                        .into_par_iter()
+                        .map(|(i, id)| {
+                            let (s, e) = spans[i];
+                            let same = same_as_stored(&store, &id, &body[s..e]);
+                            (i, id, same)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await;
+            for (i, id, same) in compared {
+                match same? {
+                    true => report.unchanged += 1,
+                    false => report.errors.push(RecordError {
+                        index: i,
+                        id: Some(id.clone()),
+                        field: "id".into(),
+                        message: format!(
+                            "a chart with id {id:?} is already in the store with different content; it was left as it is (edit it with `chartmesh note add` etc., or use a new id)"
+                        ),
+                        duplicate_of: None,
+                    }),
+                }
+            }
+        }
+        report.failed = report.errors.len();
+        report.errors.sort_by_key(|e| e.index);
+        Ok(report)
+    }
+
+    /// Creates a chart from a (possibly partial) chart: missing id, type, schema version,
+    /// practice, lists and timestamps are filled in.
+    pub async fn create_chart(&self, mut partial: Value, author: &str) -> Result<Value, NodeError> {
+        let obj = partial
+            .as_object_mut()
+            .ok_or_else(|| NodeError::Invalid("a chart must be a JSON object".into()))?;
+        let now = crate::rfc3339(now_ms());
+        obj.entry("id").or_insert_with(|| {
+            Value::String(format!("chart-{}", hex::encode(rand::random::<[u8; 6]>())))
+        });
+        obj.entry("type").or_insert_with(|| "chart".into());
+        obj.entry("schemaVersion").or_insert_with(|| 1.into());
+        obj.entry("practiceId")
+            .or_insert_with(|| self.practice_id().into());
+        for list in [
+            "conditions",
+            "allergies",
+            "medications",
+            "observations",
+            "notes",
+            "immunizations",
+        ] {
+            obj.entry(list).or_insert_with(|| Value::Array(vec![]));
+        }
+        obj.entry("createdAt").or_insert_with(|| now.clone().into());
+        obj.entry("updatedAt").or_insert_with(|| now.into());
+        let chart = Chart::from_json_slice(&serde_json::to_vec(&partial).expect("json"))?;
+        let meta = self.meta(author, "create");
+        let mut doc = ChartDoc::create(&chart, &meta);
+        let json = chart.to_json_value();
+        let nc = NewChart {
+            id: chart.id.clone(),
+            doc: doc.save(),
+            index: IndexFields::from_chart_json(&json),
+            origin: None,
+            time_ms: meta.time_ms,
+        };
+        let out = self
+            .store
+            .insert_charts(vec![nc], author.to_string())?
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        if out.first() == Some(&InsertOutcome::AlreadyExists) {
+            return Err(NodeError::Conflict(format!(
+                "a chart with id {:?} already exists",
+                chart.id
+            )));
+        }
+        Ok(json)
+    }
+
+    /// Reads one chart (audited).
+    pub async fn read_chart(&self, id: &str, actor: &str) -> Result<Value, NodeError> {
+        let Some(rec) = self.store.get(id)? else {
+            return Err(NodeError::NotFound(id.to_string()));
+        };
+        let json = rec.doc.to_json()?;
+        self.audit(vec![AuditEvent::new(now_ms(), actor, "read").chart(id)])
+            .await?;
+        Ok(json)
+    }
+
+    pub async fn history(&self, id: &str, actor: &str) -> Result<Vec<HistoryEntry>, NodeError> {
+        let Some(mut rec) = self.store.get(id)? else {
+            return Err(NodeError::NotFound(id.to_string()));
+        };
+        let h = rec.doc.history();
+        self.audit(vec![
+            AuditEvent::new(now_ms(), actor, "read")
+                .chart(id)
+                .detail("history"),
+        ])
+        .await?;
+        Ok(h)
+    }
+
+    pub fn search(&self, q: &str, limit: usize) -> Result<Vec<ChartSummary>, NodeError> {
+        Ok(self.store.search(q, limit)?)
+    }
+
+    pub async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), NodeError> {
+        self.store
+            .audit(events)?
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        Ok(())
+    }
+
+    /// Appends an entry to a chart section. `entry` may leave out what can be defaulted
+    /// (a note's id, date and author; an observation's date; a medication's status).
+    pub async fn append(
+        &self,
+        id: &str,
+        section: &str,
+        mut entry: Value,
+        author: &str,
+    ) -> Result<Value, NodeError> {
+        let obj = entry
+            .as_object_mut()
+            .ok_or_else(|| NodeError::Invalid("the entry must be a JSON object".into()))?;
+        let now = now_ms();
+        let today = crate::rfc3339(now)[..10].to_string();
+        let parse = |section: &str, v: Value| -> Result<Entry, NodeError> {
+            let bad = |e: serde_json::Error| NodeError::Invalid(format!("{section}: {e}"));
+            Ok(match section {
+                "notes" => Entry::Note(serde_json::from_value::<Note>(v).map_err(bad)?),
+                "medications" => {
+                    Entry::Medication(serde_json::from_value::<Medication>(v).map_err(bad)?)
+                }
+                "allergies" => Entry::Allergy(serde_json::from_value::<Allergy>(v).map_err(bad)?),
+                "observations" => {
+                    Entry::Observation(serde_json::from_value::<Observation>(v).map_err(bad)?)
+                }
+                "conditions" => {
+                    Entry::Condition(serde_json::from_value::<Condition>(v).map_err(bad)?)
+                }
+                "immunizations" => {
+                    Entry::Immunization(serde_json::from_value::<Immunization>(v).map_err(bad)?)
+                }
+                other => {
+                    return Err(NodeError::Invalid(format!(
+                        "unknown section {other:?}: use notes, medications, allergies, observations, conditions or immunizations"
+                    )));
+                }
+            })
+        };
+        match section {
+            "notes" => {
+                obj.entry("id").or_insert_with(|| {
+                    format!("{id}-n{}", hex::encode(rand::random::<[u8; 4]>())).into()
+                });
+                obj.entry("author").or_insert_with(|| author.into());
+                obj.entry("date")
+                    .or_insert_with(|| crate::rfc3339(now).into());
+            }
+            "observations" => {
+                obj.entry("date")
+                    .or_insert_with(|| crate::rfc3339(now).into());
+                obj.entry("system").or_insert_with(|| "LOINC".into());
+            }
+            "medications" => {
+                obj.entry("status").or_insert_with(|| "active".into());
+                obj.entry("start").or_insert_with(|| today.clone().into());
+            }
+            "allergies" => {
+                obj.entry("recorded")
+                    .or_insert_with(|| today.clone().into());
+            }
+            _ => {}
+        }
+        let e = parse(section, entry)?;
+        e.validate(section)?;
+        let meta = self.meta(author, &format!("add {}", singular(section)));
+        let audit = vec![
+            AuditEvent::new(meta.time_ms, author, "update")
+                .chart(id)
+                .detail(format!("section={section}")),
+        ];
+        let added = e.to_json();
+        let out = self
+            .store
+            .edit(
+                id.to_string(),
+                Box::new(move |doc| doc.append(&e, &meta)),
+                audit,
+            )?
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        match out {
+            Ok(_) => Ok(added),
+            Err(StoreError::NotFound(id)) => Err(NodeError::NotFound(id)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Streams charts as JSONL lines into `sink` (one chart in memory at a time). Audited.
+    pub fn export_jsonl(
+        &self,
+        ids: Option<&[String]>,
+        actor: &str,
+        sink: &mut dyn FnMut(String) -> bool,
+    ) -> Result<usize, NodeError> {
+        let mut n = 0;
+        let mut events = Vec::new();
+        let t = now_ms();
+        let r = self.store.for_each_chart(ids, &mut |rec| {
+            let json = rec.doc.to_json()?;
+            let mut line = canonical::to_canonical(&json);
+            line.push('\n');
+            events.push(AuditEvent::new(t, actor, "export").chart(&rec.id));
+            n += 1;
+            if !sink(line) {
+                return Err(StoreError::Closed);
+            }
+            Ok(())
+        });
+        if !events.is_empty() {
+            let _ = self.store.audit(events);
+        }
+        match r {
+            Ok(()) => Ok(n),
+            Err(StoreError::NotFound(id)) => Err(NodeError::NotFound(id)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn singular(section: &str) -> &str {
+    match section {
+        "notes" => "note",
+        "medications" => "medication",
+        "allergies" => "allergy",
+        "observations" => "observation",
+        "conditions" => "condition",
+        "immunizations" => "immunization",
+        other => other,
+    }
+}
+
+fn same_as_stored(store: &Store, id: &str, rec: &[u8]) -> Result<bool, NodeError> {
+    let new = Chart::from_json_slice(rec)?.to_json_value();
+    let Some(stored) = store.get(id)? else {
+        return Ok(false);
+    };
+    Ok(canonical::to_canonical(&stored.doc.to_json()?) == canonical::to_canonical(&new))
+}
+
+/// Best effort: the `"id"` of a record that failed to parse, for the error report.
+fn peek_id(rec: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(rec).ok()?;
+    let at = s.find("\"id\"")?;
+    let rest = s[at + 4..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    let end = rest.find('"')?;
+    let id = &rest[..end];
+    (id.len() <= 128).then(|| id.to_string())
+}
