@@ -12,9 +12,9 @@ use std::sync::mpsc;
 use crate::client::{CliError, Client};
 use chartmesh_core::MAX_CHART_JSON_BYTES;
 
-const CHUNK_RECORDS: usize = 500;
+const CHUNK_RECORDS: usize = 250;
 const CHUNK_BYTES: usize = 4 * 1024 * 1024;
-const IN_FLIGHT: usize = 2;
+const IN_FLIGHT: usize = 3;
 
 struct Chunk {
     file: usize,

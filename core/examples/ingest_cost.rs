@@ -66,6 +66,23 @@ fn main() {
     let csize: usize = docs.iter_mut().map(|d| d.automerge().save().len()).sum();
     let csave = t.elapsed();
     let t = Instant::now();
+    let mut docs2: Vec<ChartDoc> = charts.iter().map(|c| ChartDoc::create(c, &meta)).collect();
+    let _ = t.elapsed();
+    let t = Instant::now();
+    let incs: Vec<Vec<u8>> = docs2.iter_mut().map(|d| d.save_incremental()).collect();
+    println!(
+        "save_incremental of fresh doc {:.1} us, {} bytes avg",
+        us(t.elapsed()),
+        incs.iter().map(|s| s.len()).sum::<usize>() as f64 / n
+    );
+    let t = Instant::now();
+    let l2: Vec<ChartDoc> = incs
+        .iter()
+        .map(|s| ChartDoc::load(s, []).unwrap())
+        .collect();
+    println!("load from change chunk {:.1} us", us(t.elapsed()));
+    drop(l2);
+    let t = Instant::now();
     let loaded: Vec<ChartDoc> = saves
         .iter()
         .map(|s| ChartDoc::load(s, []).unwrap())

@@ -312,23 +312,27 @@ impl Chart {
         if let Some(ins) = &p.insurance {
             opt_date("patient.insurance.validUntil", &ins.valid_until)?;
         }
+        // Paths are only formatted when an entry is at fault (this is the import hot path).
+        fn at(section: &'static str, i: usize) -> impl FnOnce(ValidationError) -> ValidationError {
+            move |e| e.within(&format!("{section}[{i}]"))
+        }
         for (i, c) in self.conditions.iter().enumerate() {
-            validate_condition(c, &format!("conditions[{i}]"))?;
+            validate_condition(c, "").map_err(at("conditions", i))?;
         }
         for (i, a) in self.allergies.iter().enumerate() {
-            validate_allergy(a, &format!("allergies[{i}]"))?;
+            validate_allergy(a, "").map_err(at("allergies", i))?;
         }
         for (i, m) in self.medications.iter().enumerate() {
-            validate_medication(m, &format!("medications[{i}]"))?;
+            validate_medication(m, "").map_err(at("medications", i))?;
         }
         for (i, o) in self.observations.iter().enumerate() {
-            validate_observation(o, &format!("observations[{i}]"))?;
+            validate_observation(o, "").map_err(at("observations", i))?;
         }
         for (i, n) in self.notes.iter().enumerate() {
-            validate_note(n, &format!("notes[{i}]"))?;
+            validate_note(n, "").map_err(at("notes", i))?;
         }
         for (i, im) in self.immunizations.iter().enumerate() {
-            validate_immunization(im, &format!("immunizations[{i}]"))?;
+            validate_immunization(im, "").map_err(at("immunizations", i))?;
         }
         if let Some(r) = &self.referral {
             non_empty("referral.to", &r.to)?;
@@ -373,47 +377,74 @@ fn describe_parse_error(bytes: &[u8], first: serde_json::Error) -> ValidationErr
     }
 }
 
+fn prefixed(path: &str, r: Result<(), ValidationError>) -> Result<(), ValidationError> {
+    match r {
+        Err(e) if !path.is_empty() => Err(e.within(path)),
+        other => other,
+    }
+}
+
 fn validate_condition(c: &Condition, path: &str) -> Result<(), ValidationError> {
-    non_empty(&format!("{path}.code"), &c.code)?;
-    opt_date(&format!("{path}.onset"), &c.onset)?;
-    Ok(())
+    prefixed(path, validate_condition_fields(c))
 }
 
 fn validate_allergy(a: &Allergy, path: &str) -> Result<(), ValidationError> {
-    non_empty(&format!("{path}.substance"), &a.substance)?;
-    if let Some(s) = &a.severity {
-        one_of(
-            &format!("{path}.severity"),
-            s,
-            &["mild", "moderate", "severe"],
-        )?;
-    }
-    opt_date(&format!("{path}.recorded"), &a.recorded)?;
-    Ok(())
+    prefixed(path, validate_allergy_fields(a))
 }
 
 fn validate_medication(m: &Medication, path: &str) -> Result<(), ValidationError> {
-    non_empty(&format!("{path}.name"), &m.name)?;
-    opt_date(&format!("{path}.start"), &m.start)?;
-    Ok(())
+    prefixed(path, validate_medication_fields(m))
 }
 
 fn validate_observation(o: &Observation, path: &str) -> Result<(), ValidationError> {
-    non_empty(&format!("{path}.code"), &o.code)?;
-    timestamp(&format!("{path}.date"), &o.date)?;
-    Ok(())
+    prefixed(path, validate_observation_fields(o))
 }
 
 fn validate_note(n: &Note, path: &str) -> Result<(), ValidationError> {
-    non_empty(&format!("{path}.id"), &n.id)?;
-    non_empty(&format!("{path}.author"), &n.author)?;
-    timestamp(&format!("{path}.date"), &n.date)?;
-    Ok(())
+    prefixed(path, validate_note_fields(n))
 }
 
 fn validate_immunization(i: &Immunization, path: &str) -> Result<(), ValidationError> {
-    non_empty(&format!("{path}.vaccine"), &i.vaccine)?;
-    date(&format!("{path}.date"), &i.date)?;
+    prefixed(path, validate_immunization_fields(i))
+}
+
+fn validate_condition_fields(c: &Condition) -> Result<(), ValidationError> {
+    non_empty("code", &c.code)?;
+    opt_date("onset", &c.onset)?;
+    Ok(())
+}
+
+fn validate_allergy_fields(a: &Allergy) -> Result<(), ValidationError> {
+    non_empty("substance", &a.substance)?;
+    if let Some(s) = &a.severity {
+        one_of("severity", s, &["mild", "moderate", "severe"])?;
+    }
+    opt_date("recorded", &a.recorded)?;
+    Ok(())
+}
+
+fn validate_medication_fields(m: &Medication) -> Result<(), ValidationError> {
+    non_empty("name", &m.name)?;
+    opt_date("start", &m.start)?;
+    Ok(())
+}
+
+fn validate_observation_fields(o: &Observation) -> Result<(), ValidationError> {
+    non_empty("code", &o.code)?;
+    timestamp("date", &o.date)?;
+    Ok(())
+}
+
+fn validate_note_fields(n: &Note) -> Result<(), ValidationError> {
+    non_empty("id", &n.id)?;
+    non_empty("author", &n.author)?;
+    timestamp("date", &n.date)?;
+    Ok(())
+}
+
+fn validate_immunization_fields(i: &Immunization) -> Result<(), ValidationError> {
+    non_empty("vaccine", &i.vaccine)?;
+    date("date", &i.date)?;
     Ok(())
 }
 

@@ -30,3 +30,15 @@ pub enum CoreError {
     #[error("chart document does not have the expected shape: {0}")]
     Shape(String),
 }
+
+impl ValidationError {
+    /// The same error, with its field placed under `path` (e.g. `notes[2]` + `date`).
+    pub fn within(mut self, path: &str) -> Self {
+        self.field = if self.field.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}.{}", self.field)
+        };
+        self
+    }
+}

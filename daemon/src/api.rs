@@ -141,7 +141,7 @@ async fn import(
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
     let author = q.author.unwrap_or_else(|| user(&headers));
-    let report = st.node.import_jsonl(body.to_vec(), &author).await?;
+    let report = st.node.import_jsonl(body, &author).await?;
     Ok(Json(
         serde_json::to_value(report).expect("report serializes"),
     ))

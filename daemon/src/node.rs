@@ -121,11 +121,10 @@ impl Node {
     /// reported with its position and reason. Returns once the kept charts are durable.
     pub async fn import_jsonl(
         self: &Arc<Self>,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         author: &str,
     ) -> Result<ImportReport, NodeError> {
         let meta = self.meta(author, "import");
-        let body = Arc::new(body);
         // Byte ranges of the non-blank records.
         let spans: Arc<Vec<(usize, usize)>> = {
             let mut v = Vec::new();
