@@ -1,0 +1,42 @@
+//! The benchmark runner at small N, so it cannot rot: real daemons, the real CLI, and the
+//! checksum checks that make a wrong result a failed run. (The real runs are release builds
+//! at N = 1,000 and 10,000, outside the test suite: see docs/PERFORMANCE.md.)
+
+#[test]
+fn bench_runs_at_small_n_and_checks_its_checksums() {
+    let (charts, expected) = chartmesh_bench::dataset(&chartmesh_tests::bench_data(), 50).unwrap();
+    let opts = chartmesh_bench::Options {
+        bin_dir: chartmesh_tests::bin_dir(),
+        charts,
+        expected_checksum: expected,
+        n: 50,
+        reps: 1,
+    };
+    let reps = chartmesh_bench::run(&opts).unwrap();
+    let r = &reps[0];
+    assert_eq!(r["load"]["checksumOk"], true);
+    assert!(r["load"]["docsPerSec"].as_f64().unwrap() > 0.0);
+    assert!(
+        r["load"]["maxRssKB"].as_u64().unwrap() > 1000,
+        "RSS is read from /proc: {r}"
+    );
+    assert!(
+        r["load"]["diskBytes"].as_u64().unwrap() > 50 * 1000,
+        "50 charts take space: {r}"
+    );
+    assert!(r["cold"]["processWallMs"].as_f64().unwrap() > 0.0);
+    let table = chartmesh_bench::table(&reps);
+    assert!(table.contains("load: charts/s"), "{table}");
+
+    // A wrong expected checksum is a failed run.
+    let (charts, _) = chartmesh_bench::dataset(&chartmesh_tests::bench_data(), 20).unwrap();
+    let bad = chartmesh_bench::Options {
+        bin_dir: chartmesh_tests::bin_dir(),
+        charts,
+        expected_checksum: "0".repeat(64),
+        n: 20,
+        reps: 1,
+    };
+    let err = chartmesh_bench::run(&bad).unwrap_err().to_string();
+    assert!(err.contains("checksum"), "{err}");
+}
