@@ -26,6 +26,16 @@ fn main() {
         .collect();
     let parse = t.elapsed();
     let t = Instant::now();
+    for c in &charts {
+        c.validate().unwrap();
+    }
+    println!("validate only {:.1} us", us(t.elapsed()));
+    let t = Instant::now();
+    for c in &charts {
+        std::hint::black_box(chartmesh_core::doc::typed_chart_to_hydrate(c));
+    }
+    println!("typed_chart_to_hydrate {:.1} us", us(t.elapsed()));
+    let t = Instant::now();
     let values: Vec<_> = charts.iter().map(|c| c.to_json_value()).collect();
     let tovalue = t.elapsed();
     let t = Instant::now();

@@ -262,15 +262,8 @@ impl Node {
         obj.entry("schemaVersion").or_insert_with(|| 1.into());
         obj.entry("practiceId")
             .or_insert_with(|| self.practice_id().into());
-        for list in [
-            "conditions",
-            "allergies",
-            "medications",
-            "observations",
-            "notes",
-            "immunizations",
-        ] {
-            obj.entry(list).or_insert_with(|| Value::Array(vec![]));
+        for list in chartmesh_core::doc::RECORD_SECTIONS {
+            obj.entry(*list).or_insert_with(|| Value::Array(vec![]));
         }
         obj.entry("createdAt").or_insert_with(|| now.clone().into());
         obj.entry("updatedAt").or_insert_with(|| now.into());

@@ -209,11 +209,11 @@ impl ReaderPool {
         limit: Option<usize>,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let conn = self.lease()?;
-        let mut stmt = conn.prepare_cached(
-            "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit
+        let mut stmt = conn.prepare_cached(&format!(
+            "{AUDIT_COLUMNS}
              WHERE (?1 IS NULL OR chart_id = ?1) AND (?2 IS NULL OR time_ms >= ?2)
-             ORDER BY seq LIMIT ?3",
-        )?;
+             ORDER BY seq LIMIT ?3"
+        ))?;
         let lim = limit.map(|l| l as i64).unwrap_or(-1);
         let rows = stmt.query_map(rusqlite::params![chart, since_ms, lim], row_to_entry)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -221,9 +221,7 @@ impl ReaderPool {
 
     pub(crate) fn verify_audit(&self) -> Result<Result<usize, ChainBreak>, StoreError> {
         let conn = self.lease()?;
-        let mut stmt = conn.prepare(
-            "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit ORDER BY rowid",
-        )?;
+        let mut stmt = conn.prepare(&format!("{AUDIT_COLUMNS} ORDER BY rowid"))?;
         let entries: Vec<AuditEntry> = stmt
             .query_map([], row_to_entry)?
             .collect::<Result<_, _>>()?;
@@ -242,6 +240,9 @@ impl ReaderPool {
         ))
     }
 }
+
+const AUDIT_COLUMNS: &str =
+    "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit";
 
 fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
     Ok(AuditEntry {

@@ -63,7 +63,8 @@ pub(crate) fn open_write_connection(path: &Path) -> Result<Connection, StoreErro
         )));
     }
     conn.execute_batch(
-        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA cache_size=-8000;",
+        // journal_size_limit: after a checkpoint the WAL file is cut back instead of keeping its peak size.
+        "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA cache_size=-8000; PRAGMA journal_size_limit=16777216;",
     )?;
     migrate(&mut conn)?;
     Ok(conn)

@@ -416,3 +416,36 @@ fn cli_edits_append_in_the_bench_shape_and_errors_name_the_problem() {
     let off = a.cli_json(&["chart", "show", "--offline", id]);
     assert_eq!(off, c);
 }
+
+#[test]
+fn one_daemon_per_data_directory_and_sigterm_shuts_down_cleanly() {
+    let mut a = Practice::new("Pine Clinic");
+    let second = std::process::Command::new(bin("chartmeshd"))
+        .arg("--data-dir")
+        .arg(&a.dir)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("already running"), "{err}");
+    // The first daemon is unaffected, stops cleanly on SIGTERM (exit 0) and starts again.
+    a.get("/status");
+    a.stop();
+    assert!(
+        !a.dir.join("api.addr").exists(),
+        "the API address file is removed on shutdown"
+    );
+    a.start();
+    a.get("/status");
+    // A token that is wrong gets 401 and no data.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let r = agent
+        .get(format!("{}/charts?q=a", a.base()))
+        .header("Authorization", "Bearer wrong")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+}
