@@ -240,6 +240,7 @@ impl Store {
 
     /// Stops the writer after the queued writes are committed. Later writes fail with `Closed`.
     pub fn close(&self) {
+        self.inner.readers.close_idle();
         if let Some(w) = &self.inner.writer {
             w.close();
         }

@@ -85,6 +85,11 @@ impl ReaderPool {
         })
     }
 
+    /// Closes the idle read connections (at shutdown, so the writer's close can checkpoint).
+    pub(crate) fn close_idle(&self) {
+        self.idle.lock().unwrap().clear();
+    }
+
     pub(crate) fn check_schema(&self) -> Result<(), StoreError> {
         crate::schema::check_version(&*self.lease()?)
     }

@@ -202,6 +202,10 @@ impl Writer {
             }
             self.commit_batch(batch);
         }
+        // Fold the WAL into the database so the next open does not have to replay it.
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+            tracing::warn!(error = %e, "checkpoint at shutdown failed; the WAL is replayed at the next start");
+        }
         tracing::debug!("store writer stopped");
     }
 
