@@ -1,0 +1,174 @@
+//! # chartmesh-net
+//!
+//! The transport between practices: QUIC (quinn) with rustls mutual TLS where each side
+//! accepts only certificates whose hash is a paired practice id (no CA, no trust on first
+//! use), ALPN `chartmesh/1`, TLS 1.3 only, 0-RTT off (it is replayable), and length-prefixed
+//! frames with a hard size limit.
+//!
+//! Owns: sockets, TLS configuration, certificate pinning, framing.
+//! Must not touch: charts, consent or the store. What a frame means is the sync layer's
+//! business; this crate only guarantees who is on the other end and how big a frame can be.
+//! It is the only crate that imports quinn and rustls.
+
+pub mod frame;
+pub mod tls;
+
+use chartmesh_core::PracticeId;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use frame::{FrameError, MAX_FRAME, read_frame, write_frame};
+pub use tls::{PinSet, Refusal};
+
+/// The ALPN protocol id of chartmesh's sync protocol, version 1.
+pub const ALPN: &[u8] = b"chartmesh/1";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    #[error(
+        "cannot listen on {addr} (UDP): {source}; is another daemon using it? change sync.listen in config.toml"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the practice key or certificate is unusable: {0}")]
+    Identity(String),
+    #[error("connecting to {addr}: {message}")]
+    Connect { addr: SocketAddr, message: String },
+    #[error("the peer did not present a paired certificate")]
+    Unpaired,
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+}
+
+/// This practice's certificate and private key (DER, PKCS#8).
+#[derive(Clone)]
+pub struct Credentials {
+    pub cert_der: Vec<u8>,
+    pub key_der: Vec<u8>,
+}
+
+/// A QUIC endpoint that both accepts and dials paired practices.
+pub struct Endpoint {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    pins: PinSet,
+}
+
+/// An established connection and the practice id proven by its TLS handshake.
+pub struct PeerConnection {
+    pub peer: PracticeId,
+    pub connection: quinn::Connection,
+}
+
+impl Endpoint {
+    /// Binds `addr` (UDP). `pins` is shared: adding or removing a peer takes effect for the
+    /// next handshake.
+    pub fn bind(addr: SocketAddr, creds: &Credentials, pins: PinSet) -> Result<Endpoint, NetError> {
+        let server = tls::server_config(creds, pins.clone())?;
+        let client = tls::client_config(creds, pins.clone())?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(server)
+                .map_err(|e| NetError::Identity(e.to_string()))?,
+        ));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(
+            std::time::Duration::from_secs(30)
+                .try_into()
+                .expect("idle timeout fits"),
+        ));
+        transport.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+        let transport = Arc::new(transport);
+        server.transport_config(transport.clone());
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client)
+                .map_err(|e| NetError::Identity(e.to_string()))?,
+        ));
+        client.transport_config(transport);
+        let endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|e| NetError::Bind { addr, source: e })?;
+        Ok(Endpoint {
+            endpoint,
+            client,
+            pins,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("bound endpoint has an address")
+    }
+
+    pub fn pins(&self) -> &PinSet {
+        &self.pins
+    }
+
+    /// Dials `addr` and completes the handshake only if the server's certificate is `peer`'s.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        peer: PracticeId,
+    ) -> Result<PeerConnection, NetError> {
+        // The server name is not used for trust (the certificate hash is); it only has to parse.
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, "chartmesh")
+            .map_err(|e| NetError::Connect {
+                addr,
+                message: e.to_string(),
+            })?;
+        let connection = connecting.await.map_err(|e| NetError::Connect {
+            addr,
+            message: e.to_string(),
+        })?;
+        let got = peer_id(&connection).ok_or(NetError::Unpaired)?;
+        if got != peer {
+            connection.close(quinn::VarInt::from_u32(1), b"unexpected practice");
+            return Err(NetError::Connect {
+                addr,
+                message: format!(
+                    "the practice at {addr} is {}, not {}",
+                    got.short(),
+                    peer.short()
+                ),
+            });
+        }
+        Ok(PeerConnection { peer, connection })
+    }
+
+    /// Waits for the next incoming connection whose handshake succeeds. Refused handshakes
+    /// (unpaired certificates) are reported through the pin set's refusal log.
+    pub async fn accept(&self) -> Option<PeerConnection> {
+        loop {
+            let incoming = self.endpoint.accept().await?;
+            match incoming.await {
+                Ok(connection) => match peer_id(&connection) {
+                    Some(peer) => return Some(PeerConnection { peer, connection }),
+                    None => connection.close(quinn::VarInt::from_u32(1), b"no certificate"),
+                },
+                Err(e) => tracing::debug!(error = %e, "incoming handshake failed"),
+            }
+        }
+    }
+
+    /// Closes every connection and stops accepting.
+    pub async fn shutdown(&self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"shutting down");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// The practice id proven by the connection's TLS handshake.
+pub fn peer_id(connection: &quinn::Connection) -> Option<PracticeId> {
+    let certs = connection
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs
+        .first()
+        .map(|c| PracticeId::from_certificate_der(c.as_ref()))
+}

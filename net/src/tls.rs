@@ -1,0 +1,220 @@
+//! rustls configuration with certificate pinning. A peer is trusted if and only if the SHA-256
+//! of its certificate is in the [`PinSet`] (a paired practice id). The handshake signature is
+//! still verified against that certificate's key, so presenting someone else's certificate
+//! without its key fails.
+
+use chartmesh_core::PracticeId;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::{ALPN, Credentials, NetError};
+
+/// A handshake refused because the certificate was not a paired practice's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The id the refused certificate would have.
+    pub practice: PracticeId,
+    /// `client` (someone dialled us) or `server` (we dialled someone).
+    pub role: &'static str,
+}
+
+/// The practice ids this practice is paired with, shared by the endpoint's verifiers, plus a
+/// record of refused handshakes for the audit log.
+#[derive(Clone, Default)]
+pub struct PinSet {
+    pins: Arc<RwLock<HashSet<PracticeId>>>,
+    refused: Arc<Mutex<Vec<Refusal>>>,
+}
+
+impl std::fmt::Debug for PinSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PinSet({} pins)", self.pins.read().unwrap().len())
+    }
+}
+
+impl PinSet {
+    pub fn new(ids: impl IntoIterator<Item = PracticeId>) -> PinSet {
+        let s = PinSet::default();
+        s.pins.write().unwrap().extend(ids);
+        s
+    }
+    pub fn add(&self, id: PracticeId) {
+        self.pins.write().unwrap().insert(id);
+    }
+    pub fn remove(&self, id: &PracticeId) {
+        self.pins.write().unwrap().remove(id);
+    }
+    pub fn contains(&self, id: &PracticeId) -> bool {
+        self.pins.read().unwrap().contains(id)
+    }
+    /// Takes the refusals recorded since the last call.
+    pub fn take_refusals(&self) -> Vec<Refusal> {
+        std::mem::take(&mut *self.refused.lock().unwrap())
+    }
+
+    fn check(&self, cert: &CertificateDer<'_>, role: &'static str) -> Result<(), rustls::Error> {
+        let id = PracticeId::from_certificate_der(cert.as_ref());
+        if self.contains(&id) {
+            Ok(())
+        } else {
+            tracing::warn!(practice = %id.short(), role, "refused a handshake from an unpaired practice");
+            let mut refused = self.refused.lock().unwrap();
+            if refused.len() < 1024 {
+                refused.push(Refusal { practice: id, role });
+            }
+            Err(rustls::Error::General(format!(
+                "practice {} is not paired",
+                id.short()
+            )))
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[derive(Debug)]
+struct Pinned {
+    pins: PinSet,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.pins
+            .check(end_entity, "server")
+            .map(|_| ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for Pinned {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.pins
+            .check(end_entity, "client")
+            .map(|_| ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn key(creds: &Credentials) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(creds.key_der.clone()))
+}
+
+fn bad(e: rustls::Error) -> NetError {
+    NetError::Identity(e.to_string())
+}
+
+pub(crate) fn server_config(
+    creds: &Credentials,
+    pins: PinSet,
+) -> Result<rustls::ServerConfig, NetError> {
+    let provider = provider();
+    let verifier = Arc::new(Pinned {
+        pins,
+        provider: provider.clone(),
+    });
+    let mut c = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(bad)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(creds.cert_der.clone())],
+            key(creds),
+        )
+        .map_err(bad)?;
+    c.alpn_protocols = vec![ALPN.to_vec()];
+    c.max_early_data_size = 0; // no 0-RTT: early data is replayable
+    Ok(c)
+}
+
+pub(crate) fn client_config(
+    creds: &Credentials,
+    pins: PinSet,
+) -> Result<rustls::ClientConfig, NetError> {
+    let provider = provider();
+    let verifier = Arc::new(Pinned {
+        pins,
+        provider: provider.clone(),
+    });
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(bad)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(
+            vec![CertificateDer::from(creds.cert_der.clone())],
+            key(creds),
+        )
+        .map_err(bad)?;
+    c.alpn_protocols = vec![ALPN.to_vec()];
+    c.enable_early_data = false;
+    Ok(c)
+}
