@@ -140,6 +140,17 @@ impl Client {
         self.finish(r)
     }
 
+    pub fn delete(&self, path: &str) -> Result<Value, CliError> {
+        let r = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("X-Chartmesh-User", &self.user)
+            .call()
+            .map_err(|e| self.unreachable(e))?;
+        self.finish(r)
+    }
+
     pub fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Value, CliError> {
         let r = self
             .agent

@@ -48,8 +48,37 @@ enum Cmd {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Show the practice's id, for pairing with another practice.
+    /// Show the practice's id (and a QR code), for pairing with another practice.
     Id,
+    /// Pair with, list or remove partner practices.
+    #[command(subcommand)]
+    Peer(PeerCmd),
+    /// Record consent: share charts (or --all) with a paired practice.
+    Share {
+        chart_ids: Vec<String>,
+        #[arg(long, conflicts_with = "chart_ids")]
+        all: bool,
+        /// The paired practice's id.
+        #[arg(long = "with", value_name = "PEER_ID")]
+        with: String,
+        #[arg(long, default_value = "read", value_parser = ["read", "read-write"])]
+        access: String,
+        #[arg(long, default_value = "continuity", value_parser = ["referral", "continuity", "emergency", "replica"])]
+        purpose: String,
+        /// When the consent ends, RFC 3339 (e.g. 2026-12-31T23:59:00Z).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Withdraw consent: stop sharing charts (or --all) with a practice.
+    Revoke {
+        chart_ids: Vec<String>,
+        #[arg(long, conflicts_with = "chart_ids")]
+        all: bool,
+        #[arg(long = "from", value_name = "PEER_ID")]
+        from: String,
+    },
+    /// List consent grants: what is shared with whom.
+    Shares,
     /// The daemon's state: practice, charts, peers.
     Status,
     /// Import charts from JSONL files (one chart per line).
@@ -92,6 +121,24 @@ enum Cmd {
     Audit(AuditArgs),
     /// Print the address of the console page (with the token) to open in a browser.
     Console,
+}
+
+#[derive(Subcommand)]
+enum PeerCmd {
+    /// Pair with a practice: only paired practices can connect (both sides must add each other).
+    Add {
+        peer_id: String,
+        /// Its sync address, HOST:PORT.
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    List,
+    /// Unpair: its connections are refused from now on and its grants are revoked.
+    Remove {
+        peer_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -276,7 +323,123 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Id => {
             let id = chartmesh_daemon::identity::Identity::load(&dir)?;
             let v = json!({ "id": id.id.to_string() });
-            print(j, &v, |_| println!("{}", id.id));
+            print(j, &v, |_| {
+                println!("{}", id.id);
+                if let Ok(code) = qrcode::QrCode::new(id.id.to_string().as_bytes()) {
+                    let art = code
+                        .render::<qrcode::render::unicode::Dense1x2>()
+                        .quiet_zone(true)
+                        .build();
+                    println!("\n{art}");
+                }
+                println!(
+                    "Read it aloud or scan it at the other practice: chartmesh peer add <this id> --addr HOST:PORT"
+                );
+            });
+        }
+        Cmd::Peer(PeerCmd::Add {
+            peer_id,
+            addr,
+            name,
+        }) => {
+            let mut body = json!({ "id": peer_id, "addr": addr });
+            if let Some(n) = name {
+                body["name"] = n.into();
+            }
+            let v = Client::connect(&dir, &user)?.post_json("/peers", &body)?;
+            print(j, &v, |v| {
+                println!(
+                    "Paired with {} ({}) at {}",
+                    v["name"].as_str().unwrap_or(""),
+                    v["id"].as_str().unwrap_or(""),
+                    v["addr"].as_str().unwrap_or("")
+                )
+            });
+        }
+        Cmd::Peer(PeerCmd::List) => {
+            let v = Client::connect(&dir, &user)?.get("/peers")?;
+            print(j, &v, |v| {
+                let peers = v["peers"].as_array().cloned().unwrap_or_default();
+                if peers.is_empty() {
+                    println!(
+                        "No paired practices. Pair with: chartmesh peer add PEER_ID --addr HOST:PORT"
+                    );
+                }
+                for p in peers {
+                    println!(
+                        "{:<20} {:<22} {}",
+                        p["name"].as_str().unwrap_or(""),
+                        p["addr"].as_str().unwrap_or(""),
+                        p["id"].as_str().unwrap_or("")
+                    );
+                }
+            });
+        }
+        Cmd::Peer(PeerCmd::Remove { peer_id }) => {
+            let v = Client::connect(&dir, &user)?.delete(&format!("/peers/{}", enc(&peer_id)))?;
+            print(j, &v, |_| {
+                println!("Unpaired {peer_id}; its grants are revoked")
+            });
+        }
+        Cmd::Share {
+            chart_ids,
+            all,
+            with,
+            access,
+            purpose,
+            expires,
+        } => {
+            let body = json!({ "charts": chart_ids, "all": all, "peer": with, "access": access, "purpose": purpose, "expires": expires });
+            let v = Client::connect(&dir, &user)?.post_json("/shares", &body)?;
+            print(j, &v, |v| {
+                let n = v["granted"].as_array().map(|a| a.len()).unwrap_or(0);
+                if all {
+                    println!("Shared all charts with {with} ({access}, {purpose})");
+                } else {
+                    println!("Shared {n} chart(s) with {with} ({access}, {purpose})");
+                }
+            });
+        }
+        Cmd::Revoke {
+            chart_ids,
+            all,
+            from,
+        } => {
+            let body = json!({ "charts": chart_ids, "all": all, "peer": from });
+            let v = Client::connect(&dir, &user)?.post_json("/revoke", &body)?;
+            print(j, &v, |v| {
+                println!("Revoked {} grant(s) of {from}", v["revoked"])
+            });
+        }
+        Cmd::Shares => {
+            let v = Client::connect(&dir, &user)?.get("/shares")?;
+            print(j, &v, |v| {
+                let shares = v["shares"].as_array().cloned().unwrap_or_default();
+                if shares.is_empty() {
+                    println!("Nothing is shared.");
+                }
+                for g in shares {
+                    let state = if g["active"].as_bool() == Some(true) {
+                        "active"
+                    } else if g["revokedMs"].is_number() {
+                        "revoked"
+                    } else {
+                        "expired"
+                    };
+                    println!(
+                        "{:<16} {:<11} {:<10} {:<8} {}  recorded by {}",
+                        g["chartId"].as_str().unwrap_or(""),
+                        g["access"].as_str().unwrap_or(""),
+                        g["purpose"].as_str().unwrap_or(""),
+                        state,
+                        g["peer"]
+                            .as_str()
+                            .map(|p| p.chars().take(9).collect::<String>())
+                            .unwrap_or_default(),
+                        g["recordedBy"].as_str().unwrap_or("")
+                    );
+                }
+            });
         }
         Cmd::Status => {
             let v = Client::connect(&dir, &user)?.get("/status")?;

@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod canonical;
 pub mod chart;
+pub mod consent;
 pub mod doc;
 pub mod error;
 pub mod ids;

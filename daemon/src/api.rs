@@ -42,6 +42,10 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/charts/{id}", get(show))
         .route("/charts/{id}/history", get(history))
         .route("/charts/{id}/{section}", post(append))
+        .route("/peers", get(peers).post(add_peer))
+        .route("/peers/{id}", axum::routing::delete(remove_peer))
+        .route("/shares", get(shares).post(share))
+        .route("/revoke", post(revoke))
         .route("/audit", get(audit_list))
         .route("/audit/verify", get(audit_verify))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -89,6 +93,7 @@ impl IntoResponse for NodeError {
             NodeError::NotFound(_) => error(StatusCode::NOT_FOUND, "not-found", &msg),
             NodeError::Invalid(_) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &msg),
             NodeError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", &msg),
+            NodeError::Refused(_) => error(StatusCode::FORBIDDEN, "refused", &msg),
             NodeError::Store(StoreError::DiskFull) => {
                 error(StatusCode::INSUFFICIENT_STORAGE, "disk-full", &msg)
             }
@@ -125,8 +130,83 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
         "diskBytes": n.store.disk_bytes(),
         "api": n.config.api.listen.to_string(),
         "sync": { "listen": n.config.sync.listen.to_string() },
-        "peers": [],
+        "peers": n.store.peers()?.iter().map(|p| json!({
+            "id": p.id.to_string(), "name": p.name, "addr": p.addr,
+            "connected": false, "lastSync": Value::Null,
+        })).collect::<Vec<_>>(),
+        "shares": n.store.grants(None)?.iter().filter(|g| g.is_active(crate::now_ms())).count(),
     })))
+}
+
+async fn peers(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
+    Ok(Json(json!({ "peers": st.node.store.peers()? })))
+}
+
+#[derive(Deserialize)]
+struct AddPeer {
+    id: String,
+    addr: String,
+    name: Option<String>,
+}
+
+async fn add_peer(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), NodeError> {
+    let b: AddPeer = json_body(&body)?;
+    let p = st
+        .node
+        .add_peer(&b.id, &b.addr, b.name, &user(&headers))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::to_value(p).expect("peer serializes")),
+    ))
+}
+
+async fn remove_peer(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, NodeError> {
+    st.node.remove_peer(&id, &user(&headers)).await?;
+    Ok(Json(json!({ "removed": id })))
+}
+
+async fn shares(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
+    let now = crate::now_ms();
+    let grants: Vec<Value> = st
+        .node
+        .store
+        .grants(None)?
+        .into_iter()
+        .map(|g| {
+            let active = g.is_active(now);
+            let mut v = serde_json::to_value(&g).expect("grant serializes");
+            v["active"] = active.into();
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "shares": grants })))
+}
+
+async fn share(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), NodeError> {
+    let g = st.node.share(json_body(&body)?, &user(&headers)).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "granted": g }))))
+}
+
+async fn revoke(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, NodeError> {
+    let n = st.node.revoke(json_body(&body)?, &user(&headers)).await?;
+    Ok(Json(json!({ "revoked": n })))
 }
 
 #[derive(Deserialize)]

@@ -4,14 +4,18 @@
 //! CPU-heavy work (parsing charts, building automerge documents) runs on a small rayon pool
 //! sized to the machine, never on the async runtime's threads.
 
+use chartmesh_core::PracticeId;
 use chartmesh_core::audit::AuditEvent;
 use chartmesh_core::chart::{
     Allergy, Condition, Entry, Immunization, Medication, Note, Observation,
 };
+use chartmesh_core::consent::{self, Access, Grant, Purpose};
 use chartmesh_core::{
     ChangeMeta, Chart, ChartDoc, CoreError, HistoryEntry, ValidationError, canonical,
 };
-use chartmesh_store::{ChartSummary, IndexFields, InsertOutcome, NewChart, Store, StoreError};
+use chartmesh_store::{
+    ChartSummary, IndexFields, InsertOutcome, NewChart, Peer, Store, StoreError,
+};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -30,6 +34,9 @@ pub enum NodeError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    /// Refused by consent or policy (exit code 5 in the CLI).
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -445,6 +452,173 @@ impl Node {
             Err(StoreError::NotFound(id)) => Err(NodeError::NotFound(id)),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// What to share or revoke: listed charts, or every chart.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShareRequest {
+    #[serde(default)]
+    pub charts: Vec<String>,
+    #[serde(default)]
+    pub all: bool,
+    pub peer: String,
+    pub access: Option<String>,
+    pub purpose: Option<String>,
+    /// RFC 3339.
+    pub expires: Option<String>,
+}
+
+fn parse_peer(s: &str) -> Result<PracticeId, NodeError> {
+    s.parse()
+        .map_err(|e: ValidationError| NodeError::Invalid(e.message))
+}
+
+impl Node {
+    pub async fn add_peer(
+        &self,
+        id: &str,
+        addr: &str,
+        name: Option<String>,
+        by: &str,
+    ) -> Result<Peer, NodeError> {
+        let id = parse_peer(id)?;
+        if id == self.identity.id {
+            return Err(NodeError::Invalid("that is this practice's own id: pair with the other practice's id (`chartmesh id` there)".into()));
+        }
+        let ok_addr = addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok_addr {
+            return Err(NodeError::Invalid(format!(
+                "--addr {addr:?} is not HOST:PORT (e.g. 192.0.2.10:7361)"
+            )));
+        }
+        let peer = Peer {
+            id,
+            name: name.unwrap_or_else(|| id.short()),
+            addr: addr.to_string(),
+            added_by: by.to_string(),
+            added_ms: now_ms(),
+        };
+        self.store
+            .put_peer(peer.clone())?
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        Ok(peer)
+    }
+
+    pub async fn remove_peer(&self, id: &str, by: &str) -> Result<(), NodeError> {
+        let id = parse_peer(id)?;
+        if self.store.peer(&id)?.is_none() {
+            return Err(NodeError::NotFound(format!("practice {id} is not paired")));
+        }
+        self.store
+            .remove_peer(id, by, now_ms())?
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        Ok(())
+    }
+
+    /// Records consent grants. Only paired peers, only existing charts of this practice.
+    pub async fn share(&self, req: ShareRequest, by: &str) -> Result<Vec<Grant>, NodeError> {
+        let peer = parse_peer(&req.peer)?;
+        if self.store.peer(&peer)?.is_none() {
+            return Err(NodeError::Invalid(format!(
+                "practice {} is not paired: pair first with `chartmesh peer add {peer} --addr HOST:PORT`",
+                peer.short()
+            )));
+        }
+        let access: Access = req.access.as_deref().unwrap_or("read").parse()?;
+        let purpose: Purpose = req.purpose.as_deref().unwrap_or("continuity").parse()?;
+        let now = now_ms();
+        let expires_ms = match req.expires.as_deref() {
+            None => None,
+            Some(s) => {
+                let t = time::OffsetDateTime::parse(
+                    s,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map_err(|_| {
+                    NodeError::Invalid(format!(
+                        "--expires {s:?} is not an RFC 3339 time such as 2026-12-31T23:59:00Z"
+                    ))
+                })?;
+                let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64;
+                if ms <= now {
+                    return Err(NodeError::Invalid(format!("--expires {s} is in the past")));
+                }
+                Some(ms)
+            }
+        };
+        let charts = match (req.all, req.charts.is_empty()) {
+            (true, true) => vec![consent::ALL_CHARTS.to_string()],
+            (false, false) => req.charts,
+            _ => {
+                return Err(NodeError::Invalid(
+                    "name the charts to share, or --all (not both)".into(),
+                ));
+            }
+        };
+        for id in &charts {
+            if id == consent::ALL_CHARTS {
+                continue;
+            }
+            match self.store.chart_origin(id)? {
+                None => return Err(NodeError::NotFound(id.clone())),
+                Some(origin) => {
+                    if consent::may_grant(origin.as_deref()).is_err() {
+                        self.audit(vec![
+                            AuditEvent::new(now, by, "refuse")
+                                .chart(id)
+                                .peer(peer.to_string())
+                                .detail("share of a received chart"),
+                        ])
+                        .await?;
+                        return Err(NodeError::Refused(format!(
+                            "chart {id} was received from another practice and cannot be shared onward; ask that practice to share it"
+                        )));
+                    }
+                }
+            }
+        }
+        let grants: Vec<Grant> = charts
+            .into_iter()
+            .map(|chart_id| Grant {
+                chart_id,
+                peer,
+                access,
+                purpose,
+                expires_ms,
+                recorded_by: by.to_string(),
+                recorded_ms: now,
+                revoked_ms: None,
+            })
+            .collect();
+        self.store
+            .grant(grants.clone())?
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        Ok(grants)
+    }
+
+    pub async fn revoke(&self, req: ShareRequest, by: &str) -> Result<u64, NodeError> {
+        let peer = parse_peer(&req.peer)?;
+        let charts = match (req.all, req.charts.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(req.charts),
+            _ => {
+                return Err(NodeError::Invalid(
+                    "name the charts to revoke, or --all (not both)".into(),
+                ));
+            }
+        };
+        Ok(self
+            .store
+            .revoke(peer, charts, by, now_ms())?
+            .await
+            .map_err(|_| StoreError::Closed)??)
     }
 }
 

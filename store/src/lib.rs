@@ -13,11 +13,13 @@
 //! A write is acknowledged only after its transaction is durable. Reads use their own
 //! connections and never wait for the writer.
 
+mod consent;
 mod error;
 mod read;
 mod schema;
 mod write;
 
+pub use consent::Peer;
 pub use error::StoreError;
 pub use read::{ChartRecord, ChartSummary};
 pub use write::{EditFn, EditOutcome, InsertOutcome, NewChart};
@@ -122,7 +124,14 @@ impl Store {
         &self.inner.path
     }
 
-    fn writer(&self) -> Result<&write::WriterHandle, StoreError> {
+    pub(crate) fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.inner.readers.with(f)
+    }
+
+    pub(crate) fn writer(&self) -> Result<&write::WriterHandle, StoreError> {
         self.inner.writer.as_ref().ok_or(StoreError::ReadOnly)
     }
 

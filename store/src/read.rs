@@ -85,6 +85,14 @@ impl ReaderPool {
         })
     }
 
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.lease()?;
+        f(&conn)
+    }
+
     /// Closes the idle read connections (at shutdown, so the writer's close can checkpoint).
     pub(crate) fn close_idle(&self) {
         self.idle.lock().unwrap().clear();

@@ -46,6 +46,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_chart ON audit(chart_id);
     "#,
+    // 2: paired practices and consent grants.
+    r#"
+    CREATE TABLE peers (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        addr        TEXT NOT NULL,
+        added_by    TEXT NOT NULL,
+        added_ms    INTEGER NOT NULL
+    );
+    CREATE TABLE grants (
+        chart_id    TEXT NOT NULL,
+        peer        TEXT NOT NULL,
+        access      TEXT NOT NULL,
+        purpose     TEXT NOT NULL,
+        expires_ms  INTEGER,
+        recorded_by TEXT NOT NULL,
+        recorded_ms INTEGER NOT NULL,
+        revoked_ms  INTEGER,
+        PRIMARY KEY (chart_id, peer)
+    );
+    CREATE INDEX grants_peer ON grants(peer);
+    "#,
 ];
 
 pub(crate) fn open_write_connection(path: &Path) -> Result<Connection, StoreError> {

@@ -62,7 +62,16 @@ pub(crate) enum WriteOp {
         value: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A write defined by another module of this crate, with its audit events.
+    Exec {
+        f: ExecFn,
+        audit: Vec<AuditEvent>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
 }
+
+/// A write run by the writer inside the batch transaction; returns a count for the caller.
+pub(crate) type ExecFn = Box<dyn FnOnce(&Connection) -> Result<u64, StoreError> + Send>;
 
 pub(crate) struct WriterHandle {
     tx: Mutex<Option<Sender<WriteOp>>>,
@@ -158,6 +167,10 @@ enum Reply {
         oneshot::Sender<Result<(), StoreError>>,
         Result<(), StoreError>,
     ),
+    Count(
+        oneshot::Sender<Result<u64, StoreError>>,
+        Result<u64, StoreError>,
+    ),
 }
 
 impl Reply {
@@ -181,6 +194,12 @@ impl Reply {
                 });
             }
             Reply::Unit(tx, r) => {
+                let _ = tx.send(match commit_error {
+                    Some(e) => Err(fail(e)),
+                    None => r,
+                });
+            }
+            Reply::Count(tx, r) => {
                 let _ = tx.send(match commit_error {
                     Some(e) => Err(fail(e)),
                     None => r,
@@ -249,11 +268,16 @@ impl Writer {
                         .map(|_| ())
                         .map_err(StoreError::from),
                 ),
+                WriteOp::Exec { f, audit, reply } => Reply::Count(
+                    reply,
+                    f(&sp).and_then(|n| append_audit(&sp, &mut head, audit).map(|_| n)),
+                ),
             };
             let failed = match &reply {
                 Reply::Insert(_, r) => r.is_err(),
                 Reply::Edit(_, r) => r.is_err(),
                 Reply::Unit(_, r) => r.is_err(),
+                Reply::Count(_, r) => r.is_err(),
             };
             if failed {
                 let _ = sp.rollback();
@@ -303,6 +327,7 @@ fn reply_error(op: WriteOp, e: &StoreError) {
         WriteOp::Edit { reply, .. } => drop(reply.send(Err(msg()))),
         WriteOp::Audit { reply, .. } => drop(reply.send(Err(msg()))),
         WriteOp::PutMeta { reply, .. } => drop(reply.send(Err(msg()))),
+        WriteOp::Exec { reply, .. } => drop(reply.send(Err(msg()))),
     }
 }
 

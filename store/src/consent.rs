@@ -1,0 +1,264 @@
+//! Paired practices and consent grants, as stored. The rules that decide what a grant allows
+//! are in `chartmesh_core::consent`; this module only keeps the records.
+
+use chartmesh_core::PracticeId;
+use chartmesh_core::audit::AuditEvent;
+use chartmesh_core::consent::{ALL_CHARTS, Access, Grant, Purpose};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::{Store, StoreError, write::WriteOp};
+
+/// A paired practice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    pub id: PracticeId,
+    pub name: String,
+    /// host:port of its QUIC endpoint.
+    pub addr: String,
+    pub added_by: String,
+    pub added_ms: i64,
+}
+
+fn access_str(a: Access) -> &'static str {
+    match a {
+        Access::Read => "read",
+        Access::ReadWrite => "read-write",
+    }
+}
+
+fn purpose_str(p: Purpose) -> &'static str {
+    match p {
+        Purpose::Referral => "referral",
+        Purpose::Continuity => "continuity",
+        Purpose::Emergency => "emergency",
+        Purpose::Replica => "replica",
+    }
+}
+
+fn row_to_grant(r: &rusqlite::Row<'_>) -> rusqlite::Result<Grant> {
+    let bad = |i: usize, e: chartmesh_core::ValidationError| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    };
+    Ok(Grant {
+        chart_id: r.get(0)?,
+        peer: r.get::<_, String>(1)?.parse().map_err(|e| bad(1, e))?,
+        access: r.get::<_, String>(2)?.parse().map_err(|e| bad(2, e))?,
+        purpose: r.get::<_, String>(3)?.parse().map_err(|e| bad(3, e))?,
+        expires_ms: r.get(4)?,
+        recorded_by: r.get(5)?,
+        recorded_ms: r.get(6)?,
+        revoked_ms: r.get(7)?,
+    })
+}
+
+const GRANT_COLUMNS: &str = "SELECT chart_id, peer, access, purpose, expires_ms, recorded_by, recorded_ms, revoked_ms FROM grants";
+
+impl Store {
+    fn exec(
+        &self,
+        f: crate::write::ExecFn,
+        audit: Vec<AuditEvent>,
+    ) -> Result<oneshot::Receiver<Result<u64, StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer()?.send(WriteOp::Exec {
+            f,
+            audit,
+            reply: tx,
+        })?;
+        Ok(rx)
+    }
+
+    /// Adds (or updates the name and address of) a paired practice.
+    pub fn put_peer(
+        &self,
+        peer: Peer,
+    ) -> Result<oneshot::Receiver<Result<u64, StoreError>>, StoreError> {
+        let audit = vec![
+            AuditEvent::new(peer.added_ms, &peer.added_by, "pair")
+                .peer(peer.id.to_string())
+                .detail(format!("addr={}", peer.addr)),
+        ];
+        self.exec(
+            Box::new(move |c: &Connection| {
+                Ok(c.execute(
+                    "INSERT INTO peers(id, name, addr, added_by, added_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(id) DO UPDATE SET name = excluded.name, addr = excluded.addr",
+                    params![peer.id.to_string(), peer.name, peer.addr, peer.added_by, peer.added_ms],
+                )? as u64)
+            }),
+            audit,
+        )
+    }
+
+    /// Removes a paired practice and revokes every grant it held.
+    pub fn remove_peer(
+        &self,
+        id: PracticeId,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<oneshot::Receiver<Result<u64, StoreError>>, StoreError> {
+        let audit = vec![AuditEvent::new(now_ms, by, "unpair").peer(id.to_string())];
+        self.exec(
+            Box::new(move |c: &Connection| {
+                let n = c.execute("DELETE FROM peers WHERE id = ?1", [id.to_string()])?;
+                c.execute(
+                    "UPDATE grants SET revoked_ms = ?2 WHERE peer = ?1 AND revoked_ms IS NULL",
+                    params![id.to_string(), now_ms],
+                )?;
+                Ok(n as u64)
+            }),
+            audit,
+        )
+    }
+
+    pub fn peers(&self) -> Result<Vec<Peer>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, name, addr, added_by, added_ms FROM peers ORDER BY name, id",
+            )?;
+            let rows = st.query_map([], |r| {
+                let id: String = r.get(0)?;
+                Ok((id, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, name, addr, added_by, added_ms): (String, String, String, String, i64) =
+                    row?;
+                if let Ok(id) = id.parse() {
+                    out.push(Peer {
+                        id,
+                        name,
+                        addr,
+                        added_by,
+                        added_ms,
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn peer(&self, id: &PracticeId) -> Result<Option<Peer>, StoreError> {
+        Ok(self.peers()?.into_iter().find(|p| &p.id == id))
+    }
+
+    /// Records grants (replacing an earlier grant of the same chart to the same peer). Each is
+    /// audited as a share.
+    pub fn grant(
+        &self,
+        grants: Vec<Grant>,
+    ) -> Result<oneshot::Receiver<Result<u64, StoreError>>, StoreError> {
+        let audit = grants
+            .iter()
+            .map(|g| {
+                AuditEvent::new(g.recorded_ms, &g.recorded_by, "share")
+                    .chart(&g.chart_id)
+                    .peer(g.peer.to_string())
+                    .detail(format!(
+                        "access={} purpose={}",
+                        access_str(g.access),
+                        purpose_str(g.purpose)
+                    ))
+            })
+            .collect();
+        self.exec(
+            Box::new(move |c: &Connection| {
+                let mut st = c.prepare_cached(
+                    "INSERT INTO grants(chart_id, peer, access, purpose, expires_ms, recorded_by, recorded_ms, revoked_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)
+                     ON CONFLICT(chart_id, peer) DO UPDATE SET access = excluded.access, purpose = excluded.purpose,
+                        expires_ms = excluded.expires_ms, recorded_by = excluded.recorded_by,
+                        recorded_ms = excluded.recorded_ms, revoked_ms = NULL",
+                )?;
+                for g in &grants {
+                    st.execute(params![
+                        g.chart_id,
+                        g.peer.to_string(),
+                        access_str(g.access),
+                        purpose_str(g.purpose),
+                        g.expires_ms,
+                        g.recorded_by,
+                        g.recorded_ms
+                    ])?;
+                }
+                Ok(grants.len() as u64)
+            }),
+            audit,
+        )
+    }
+
+    /// Revokes the peer's grants of the listed charts, or all its grants. Returns how many
+    /// active grants were revoked.
+    pub fn revoke(
+        &self,
+        peer: PracticeId,
+        charts: Option<Vec<String>>,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<oneshot::Receiver<Result<u64, StoreError>>, StoreError> {
+        let audit = match &charts {
+            Some(ids) => ids
+                .iter()
+                .map(|id| {
+                    AuditEvent::new(now_ms, by, "revoke")
+                        .chart(id)
+                        .peer(peer.to_string())
+                })
+                .collect(),
+            None => vec![
+                AuditEvent::new(now_ms, by, "revoke")
+                    .chart(ALL_CHARTS)
+                    .peer(peer.to_string())
+                    .detail("all"),
+            ],
+        };
+        self.exec(
+            Box::new(move |c: &Connection| {
+                let p = peer.to_string();
+                let n = match charts {
+                    None => c.execute("UPDATE grants SET revoked_ms = ?2 WHERE peer = ?1 AND revoked_ms IS NULL", params![p, now_ms])?,
+                    Some(ids) => {
+                        let mut st = c.prepare_cached(
+                            "UPDATE grants SET revoked_ms = ?3 WHERE peer = ?1 AND chart_id = ?2 AND revoked_ms IS NULL",
+                        )?;
+                        let mut n = 0;
+                        for id in ids {
+                            n += st.execute(params![p, id, now_ms])?;
+                        }
+                        n
+                    }
+                };
+                Ok(n as u64)
+            }),
+            audit,
+        )
+    }
+
+    /// Grants, optionally of one peer, revoked ones included (they say when).
+    pub fn grants(&self, peer: Option<&PracticeId>) -> Result<Vec<Grant>, StoreError> {
+        let p = peer.map(|p| p.to_string());
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "{GRANT_COLUMNS} WHERE (?1 IS NULL OR peer = ?1) ORDER BY peer, chart_id"
+            ))?;
+            let rows = st.query_map([&p], row_to_grant)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Where a chart came from: `Some(None)` for this practice's own chart, `Some(Some(peer))`
+    /// for one received from a peer, `None` if there is no such chart.
+    pub fn chart_origin(&self, id: &str) -> Result<Option<Option<String>>, StoreError> {
+        self.with_reader(|c| {
+            Ok(
+                c.query_row("SELECT origin FROM charts WHERE id = ?1", [id], |r| {
+                    r.get::<_, Option<String>>(0)
+                })
+                .optional()?,
+            )
+        })
+    }
+}
