@@ -118,12 +118,15 @@ impl Client {
         })
     }
 
+    /// Adds the token and the user's name to a request.
+    fn auth<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        r.header("Authorization", format!("Bearer {}", self.token))
+            .header("X-Chartmesh-User", &self.user)
+    }
+
     pub fn get(&self, path: &str) -> Result<Value, CliError> {
         let r = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("X-Chartmesh-User", &self.user)
+            .auth(self.agent.get(format!("{}{path}", self.base)))
             .call()
             .map_err(|e| self.unreachable(e))?;
         self.finish(r)
@@ -131,10 +134,7 @@ impl Client {
 
     pub fn post_json(&self, path: &str, body: &Value) -> Result<Value, CliError> {
         let r = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("X-Chartmesh-User", &self.user)
+            .auth(self.agent.post(format!("{}{path}", self.base)))
             .send_json(body)
             .map_err(|e| self.unreachable(e))?;
         self.finish(r)
@@ -142,10 +142,7 @@ impl Client {
 
     pub fn delete(&self, path: &str) -> Result<Value, CliError> {
         let r = self
-            .agent
-            .delete(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("X-Chartmesh-User", &self.user)
+            .auth(self.agent.delete(format!("{}{path}", self.base)))
             .call()
             .map_err(|e| self.unreachable(e))?;
         self.finish(r)
@@ -153,10 +150,7 @@ impl Client {
 
     pub fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Value, CliError> {
         let r = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("X-Chartmesh-User", &self.user)
+            .auth(self.agent.post(format!("{}{path}", self.base)))
             .header("Content-Type", "application/x-ndjson")
             .send(body)
             .map_err(|e| self.unreachable(e))?;
@@ -170,10 +164,7 @@ impl Client {
             url.push_str(&format!("&ids={}", ids.join(",")));
         }
         let resp = self
-            .agent
-            .get(url)
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("X-Chartmesh-User", &self.user)
+            .auth(self.agent.get(url))
             .call()
             .map_err(|e| self.unreachable(e))?;
         if resp.status().as_u16() != 200 {

@@ -497,7 +497,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 Client::connect(&dir, &user)?.get(&format!("/charts/{}", enc(&id)))?
             };
-            print(j, &v, |v| print_chart(v));
+            print(j, &v, print_chart);
         }
         Cmd::Chart(ChartCmd::Search { query, limit }) => {
             let v = Client::connect(&dir, &user)?

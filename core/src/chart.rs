@@ -537,10 +537,9 @@ mod tests {
         let mut bad = GOOD.as_bytes().to_vec();
         bad[30] = 0xff;
         assert!(
-            err(std::str::from_utf8(&bad).unwrap_or("\u{fffd}"))
+            !err(std::str::from_utf8(&bad).unwrap_or("\u{fffd}"))
                 .message
-                .len()
-                > 0
+                .is_empty()
         );
         assert!(
             Chart::from_json_slice(&bad)

@@ -239,14 +239,14 @@ async fn export(
     headers: HeaderMap,
     Query(q): Query<ExportQuery>,
 ) -> Response {
-    if let Some(f) = q.format.as_deref() {
-        if f != "jsonl" {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid",
-                &format!("unknown export format {f:?}: use jsonl"),
-            );
-        }
+    if let Some(f) = q.format.as_deref()
+        && f != "jsonl"
+    {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            &format!("unknown export format {f:?}: use jsonl"),
+        );
     }
     let ids: Option<Vec<String>> = q.ids.map(|s| {
         s.split(',')

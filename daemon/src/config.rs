@@ -7,6 +7,7 @@ use std::path::Path;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[derive(Default)]
 pub struct Config {
     #[serde(default)]
     pub practice: PracticeConfig,
@@ -95,16 +96,6 @@ impl Default for LogConfig {
         LogConfig {
             level: default_level(),
             format: default_format(),
-        }
-    }
-}
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            practice: Default::default(),
-            api: Default::default(),
-            sync: Default::default(),
-            log: Default::default(),
         }
     }
 }

@@ -139,10 +139,10 @@ pub fn read_token(dir: &Path) -> std::io::Result<String> {
 
 /// The address of the running daemon's API: the one it wrote at start-up, else the config's.
 pub fn api_address(dir: &Path) -> Option<std::net::SocketAddr> {
-    if let Ok(s) = std::fs::read_to_string(dir.join(API_ADDR)) {
-        if let Ok(a) = s.trim().parse() {
-            return Some(a);
-        }
+    if let Ok(s) = std::fs::read_to_string(dir.join(API_ADDR))
+        && let Ok(a) = s.trim().parse()
+    {
+        return Some(a);
     }
     Config::load(&dir.join(CONFIG)).ok().map(|c| c.api.listen)
 }

@@ -29,14 +29,14 @@ fn import_then_export_reproduces_the_manifest_checksum_before_and_after_restart(
             .arg(bench_data().join("checksum.py"))
             .arg(&out)
             .output();
-        if let Ok(py) = py {
-            if py.status.success() {
-                let s = String::from_utf8_lossy(&py.stdout);
-                assert!(
-                    s.contains(&manifest_checksum(10000)),
-                    "checksum.py says {s}"
-                );
-            }
+        if let Ok(py) = py
+            && py.status.success()
+        {
+            let s = String::from_utf8_lossy(&py.stdout);
+            assert!(
+                s.contains(&manifest_checksum(10000)),
+                "checksum.py says {s}"
+            );
         }
     };
     export_and_check(&a);
