@@ -104,9 +104,10 @@ impl Store {
         self.exec(
             Box::new(move |c: &Connection| {
                 let n = c.execute("DELETE FROM peers WHERE id = ?1", [id.to_string()])?;
+                let seq = crate::schema::take_seq(c, 1)?;
                 c.execute(
-                    "UPDATE grants SET revoked_ms = ?2 WHERE peer = ?1 AND revoked_ms IS NULL",
-                    params![id.to_string(), now_ms],
+                    "UPDATE grants SET revoked_ms = ?2, seq = ?3 WHERE peer = ?1 AND revoked_ms IS NULL",
+                    params![id.to_string(), now_ms, seq],
                 )?;
                 Ok(n as u64)
             }),
@@ -166,12 +167,13 @@ impl Store {
             .collect();
         self.exec(
             Box::new(move |c: &Connection| {
+                let seq = crate::schema::take_seq(c, 1)?;
                 let mut st = c.prepare_cached(
-                    "INSERT INTO grants(chart_id, peer, access, purpose, expires_ms, recorded_by, recorded_ms, revoked_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)
+                    "INSERT INTO grants(chart_id, peer, access, purpose, expires_ms, recorded_by, recorded_ms, revoked_ms, seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8)
                      ON CONFLICT(chart_id, peer) DO UPDATE SET access = excluded.access, purpose = excluded.purpose,
                         expires_ms = excluded.expires_ms, recorded_by = excluded.recorded_by,
-                        recorded_ms = excluded.recorded_ms, revoked_ms = NULL",
+                        recorded_ms = excluded.recorded_ms, revoked_ms = NULL, seq = excluded.seq",
                 )?;
                 for g in &grants {
                     st.execute(params![
@@ -181,7 +183,8 @@ impl Store {
                         purpose_str(g.purpose),
                         g.expires_ms,
                         g.recorded_by,
-                        g.recorded_ms
+                        g.recorded_ms,
+                        seq
                     ])?;
                 }
                 Ok(grants.len() as u64)
@@ -218,15 +221,19 @@ impl Store {
         self.exec(
             Box::new(move |c: &Connection| {
                 let p = peer.to_string();
+                let seq = crate::schema::take_seq(c, 1)?;
                 let n = match charts {
-                    None => c.execute("UPDATE grants SET revoked_ms = ?2 WHERE peer = ?1 AND revoked_ms IS NULL", params![p, now_ms])?,
+                    None => c.execute(
+                        "UPDATE grants SET revoked_ms = ?2, seq = ?3 WHERE peer = ?1 AND revoked_ms IS NULL",
+                        params![p, now_ms, seq],
+                    )?,
                     Some(ids) => {
                         let mut st = c.prepare_cached(
-                            "UPDATE grants SET revoked_ms = ?3 WHERE peer = ?1 AND chart_id = ?2 AND revoked_ms IS NULL",
+                            "UPDATE grants SET revoked_ms = ?3, seq = ?4 WHERE peer = ?1 AND chart_id = ?2 AND revoked_ms IS NULL",
                         )?;
                         let mut n = 0;
                         for id in ids {
-                            n += st.execute(params![p, id, now_ms])?;
+                            n += st.execute(params![p, id, now_ms, seq])?;
                         }
                         n
                     }
@@ -245,6 +252,25 @@ impl Store {
                 "{GRANT_COLUMNS} WHERE (?1 IS NULL OR peer = ?1) ORDER BY peer, chart_id"
             ))?;
             let rows = st.query_map([&p], row_to_grant)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// The last number taken from the change sequence.
+    pub fn seq(&self) -> Result<i64, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get(0))?)
+        })
+    }
+
+    /// Charts changed after `since` (id and sequence), oldest first, at most `limit`.
+    pub fn charts_since(&self, since: i64, limit: usize) -> Result<Vec<(String, i64)>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, seq FROM charts WHERE seq > ?1 ORDER BY seq, id LIMIT ?2",
+            )?;
+            let rows =
+                st.query_map(params![since, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }

@@ -68,7 +68,25 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX grants_peer ON grants(peer);
     "#,
+    // 3: the change sequence: every chart or grant write takes the next number, so a peer's
+    // checkpoint says exactly what it has seen (docs/PROTOCOL.md).
+    r#"
+    CREATE TABLE sequence (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
+    INSERT INTO sequence(id, n) VALUES (1, 0);
+    ALTER TABLE charts ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE grants ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX charts_seq ON charts(seq);
+    CREATE INDEX grants_seq ON grants(seq);
+    "#,
 ];
+
+/// Takes `count` numbers of the change sequence; returns the first.
+pub(crate) fn take_seq(conn: &Connection, count: i64) -> Result<i64, StoreError> {
+    let last: i64 = conn
+        .prepare_cached("UPDATE sequence SET n = n + ?1 WHERE id = 1 RETURNING n")?
+        .query_row([count], |r| r.get(0))?;
+    Ok(last - count + 1)
+}
 
 pub(crate) fn open_write_connection(path: &Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent() {

@@ -365,9 +365,10 @@ fn insert(
     actor: &str,
 ) -> Result<Vec<InsertOutcome>, StoreError> {
     let mut out = Vec::with_capacity(charts.len());
+    let mut seq = crate::schema::take_seq(tx, charts.len() as i64)?;
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key)
-         VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT(id) DO NOTHING",
+        "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq)
+         VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(id) DO NOTHING",
     )?;
     for c in charts {
         let n = stmt.execute(params![
@@ -379,8 +380,10 @@ fn insert(
             c.index.family,
             c.index.given,
             c.index.birth_date,
-            name_key(&c.index)
+            name_key(&c.index),
+            seq
         ])?;
+        seq += 1;
         if n == 1 {
             let mut ev = AuditEvent::new(c.time_ms, actor, "create").chart(&c.id);
             if let Some(o) = &c.origin {
@@ -441,13 +444,14 @@ fn apply_edit(
     let json = doc.to_json()?;
     let ix = IndexFields::from_chart_json(&json);
     let now = audit.first().map(|a| a.time_ms).unwrap_or(0);
+    let change_seq = crate::schema::take_seq(tx, 1)?;
     if inc_count as u32 + 1 >= options.compact_after {
         let full = doc.save();
         tx.execute("DELETE FROM chart_changes WHERE chart_id = ?1", [chart_id])?;
         tx.prepare_cached(
-            "UPDATE charts SET doc = ?2, inc_count = 0, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8 WHERE id = ?1",
+            "UPDATE charts SET doc = ?2, inc_count = 0, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9 WHERE id = ?1",
         )?
-        .execute(params![chart_id, full, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix)])?;
+        .execute(params![chart_id, full, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix), change_seq])?;
     } else {
         let inc = doc.save_incremental();
         if !inc.is_empty() {
@@ -457,9 +461,9 @@ fn apply_edit(
             )?
             .execute(params![chart_id, seq, inc])?;
             tx.prepare_cached(
-                "UPDATE charts SET inc_seq = ?2, inc_count = inc_count + 1, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8 WHERE id = ?1",
+                "UPDATE charts SET inc_seq = ?2, inc_count = inc_count + 1, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9 WHERE id = ?1",
             )?
-            .execute(params![chart_id, seq, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix)])?;
+            .execute(params![chart_id, seq, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix), change_seq])?;
         }
     }
     append_audit(tx, head, audit)?;

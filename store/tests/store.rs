@@ -129,3 +129,55 @@ fn read_only_open_sees_committed_data_and_refuses_missing_store() {
     assert_eq!(ro.count().unwrap(), 1);
     assert!(ro.insert_charts(vec![], "x".into()).is_err());
 }
+
+#[test]
+fn every_chart_write_takes_the_next_sequence_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db"), StoreOptions::default()).unwrap();
+    assert_eq!(store.seq().unwrap(), 0);
+    let charts = vec![
+        new_chart(&chart("c1", "A", "M1")),
+        new_chart(&chart("c2", "B", "M2")),
+        new_chart(&chart("c3", "C", "M3")),
+    ];
+    store
+        .insert_charts(charts, "import".into())
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.seq().unwrap(), 3);
+    let m = meta("Dr X");
+    let e = note("n1");
+    store
+        .edit("c1".into(), Box::new(move |d| d.append(&e, &m)), vec![])
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    // c1 changed last: it now sorts after the others, and a checkpoint at 3 sees only it.
+    assert_eq!(
+        store.charts_since(0, 10).unwrap(),
+        vec![
+            ("c2".to_string(), 2),
+            ("c3".to_string(), 3),
+            ("c1".to_string(), 4)
+        ]
+    );
+    assert_eq!(
+        store.charts_since(3, 10).unwrap(),
+        vec![("c1".to_string(), 4)]
+    );
+    assert!(
+        store.charts_since(4, 10).unwrap().is_empty(),
+        "nothing changed since the last checkpoint"
+    );
+    // A failed write takes no number (its savepoint is rolled back).
+    let r = store
+        .edit("nope".into(), Box::new(|_| Ok(())), vec![])
+        .unwrap()
+        .blocking_recv()
+        .unwrap();
+    assert!(r.is_err());
+    assert_eq!(store.seq().unwrap(), 4);
+}
