@@ -256,7 +256,7 @@ async fn export(
     });
     if let Some(ids) = &ids {
         for id in ids {
-            if st.node.store.get(id).ok().flatten().is_none() {
+            if !matches!(st.node.store.chart_origin(id), Ok(Some(_))) {
                 return NodeError::NotFound(id.clone()).into_response();
             }
         }
@@ -289,12 +289,17 @@ struct SearchQuery {
 
 async fn search(
     State(st): State<ApiState>,
+    headers: HeaderMap,
     Query(q): Query<SearchQuery>,
 ) -> Result<Json<Value>, NodeError> {
-    let res = st.node.search(
-        q.q.as_deref().unwrap_or(""),
-        q.limit.unwrap_or(50).min(1000),
-    )?;
+    let res = st
+        .node
+        .search(
+            q.q.as_deref().unwrap_or(""),
+            q.limit.unwrap_or(50).min(1000),
+            &user(&headers),
+        )
+        .await?;
     Ok(Json(json!({ "charts": res })))
 }
 

@@ -324,8 +324,20 @@ impl Node {
         Ok(h)
     }
 
-    pub fn search(&self, q: &str, limit: usize) -> Result<Vec<ChartSummary>, NodeError> {
-        Ok(self.store.search(q, limit)?)
+    /// Searches the index. Audited with the number of results (not the query, which may
+    /// itself be a patient's name).
+    pub async fn search(
+        &self,
+        q: &str,
+        limit: usize,
+        actor: &str,
+    ) -> Result<Vec<ChartSummary>, NodeError> {
+        let res = self.store.search(q, limit)?;
+        self.audit(vec![
+            AuditEvent::new(now_ms(), actor, "search").detail(format!("results={}", res.len())),
+        ])
+        .await?;
+        Ok(res)
     }
 
     pub async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), NodeError> {
@@ -445,7 +457,15 @@ impl Node {
             Ok(())
         });
         if !events.is_empty() {
-            let _ = self.store.audit(events);
+            // Runs on a blocking thread: wait until the export is durably audited.
+            match self.store.audit(events) {
+                Ok(rx) => {
+                    if let Ok(Err(e)) = rx.blocking_recv() {
+                        return Err(e.into());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         match r {
             Ok(()) => Ok(n),

@@ -409,6 +409,14 @@ fn cli_edits_append_in_the_bench_shape_and_errors_name_the_problem() {
         actions.contains(&"create") && actions.contains(&"update") && actions.contains(&"read"),
         "{actions:?}"
     );
+    let all = a.cli_json(&["audit"]);
+    let searches = all["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "search")
+        .count();
+    assert_eq!(searches, 3, "each search is audited");
     a.cli_ok(&["audit", "verify"]);
     // The offline read (no daemon) sees the same chart.
     let mut a = a;
