@@ -455,6 +455,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("Sync:       {}", v["sync"]["listen"].as_str().unwrap_or(""));
                 let peers = v["peers"].as_array().map(|a| a.len()).unwrap_or(0);
                 println!("Peers:      {peers}");
+                println!("Shares:     {} active consent grant(s)", v["shares"]);
             });
         }
         Cmd::Import { files, author } => {
