@@ -154,58 +154,36 @@ struct Writer {
     head: Head,
 }
 
-enum Reply {
-    Insert(
-        oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
-        Result<Vec<InsertOutcome>, StoreError>,
-    ),
-    Edit(
-        oneshot::Sender<Result<EditOutcome, StoreError>>,
-        Result<EditOutcome, StoreError>,
-    ),
-    Unit(
-        oneshot::Sender<Result<(), StoreError>>,
-        Result<(), StoreError>,
-    ),
-    Count(
-        oneshot::Sender<Result<u64, StoreError>>,
-        Result<u64, StoreError>,
-    ),
+/// A caller's answer, held until the batch's commit says whether it stands.
+struct Reply {
+    failed: bool,
+    send: SendReply,
 }
 
-impl Reply {
-    fn send(self, commit_error: Option<&StoreError>) {
-        let fail = |e: &StoreError| match e {
-            StoreError::DiskFull => StoreError::DiskFull,
-            StoreError::Locked => StoreError::Locked,
-            other => StoreError::Corrupt(format!("commit failed: {other}")),
-        };
-        match self {
-            Reply::Insert(tx, r) => {
-                let _ = tx.send(match commit_error {
-                    Some(e) => Err(fail(e)),
-                    None => r,
-                });
-            }
-            Reply::Edit(tx, r) => {
-                let _ = tx.send(match commit_error {
-                    Some(e) => Err(fail(e)),
-                    None => r,
-                });
-            }
-            Reply::Unit(tx, r) => {
-                let _ = tx.send(match commit_error {
-                    Some(e) => Err(fail(e)),
-                    None => r,
-                });
-            }
-            Reply::Count(tx, r) => {
-                let _ = tx.send(match commit_error {
-                    Some(e) => Err(fail(e)),
-                    None => r,
-                });
-            }
-        }
+/// Sends the held answer, or the commit's error if the transaction failed.
+type SendReply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+fn held<T: Send + 'static>(
+    tx: oneshot::Sender<Result<T, StoreError>>,
+    r: Result<T, StoreError>,
+) -> Reply {
+    Reply {
+        failed: r.is_err(),
+        send: Box::new(move |commit_error| {
+            let _ = tx.send(match commit_error {
+                Some(e) => Err(carried(e)),
+                None => r,
+            });
+        }),
+    }
+}
+
+/// The error a caller gets when the transaction holding its write failed: nothing was written.
+fn carried(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::DiskFull => StoreError::DiskFull,
+        StoreError::Locked => StoreError::Locked,
+        other => StoreError::Corrupt(format!("the write failed and was rolled back: {other}")),
     }
 }
 
@@ -257,29 +235,23 @@ impl Writer {
                 }
             };
             let reply = match op {
-                WriteOp::Insert { charts, actor, reply } => Reply::Insert(reply, insert(&sp, &mut head, charts, &actor)),
+                WriteOp::Insert { charts, actor, reply } => held(reply, insert(&sp, &mut head, charts, &actor)),
                 WriteOp::Edit { chart_id, edit, audit, reply } => {
-                    Reply::Edit(reply, apply_edit(&sp, &mut head, &options, &chart_id, edit, audit))
+                    held(reply, apply_edit(&sp, &mut head, &options, &chart_id, edit, audit))
                 }
-                WriteOp::Audit { events, reply } => Reply::Unit(reply, append_audit(&sp, &mut head, events)),
-                WriteOp::PutMeta { key, value, reply } => Reply::Unit(
+                WriteOp::Audit { events, reply } => held(reply, append_audit(&sp, &mut head, events)),
+                WriteOp::PutMeta { key, value, reply } => held(
                     reply,
                     sp.execute("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", params![key, value])
                         .map(|_| ())
                         .map_err(StoreError::from),
                 ),
-                WriteOp::Exec { f, audit, reply } => Reply::Count(
+                WriteOp::Exec { f, audit, reply } => held(
                     reply,
                     f(&sp).and_then(|n| append_audit(&sp, &mut head, audit).map(|_| n)),
                 ),
             };
-            let failed = match &reply {
-                Reply::Insert(_, r) => r.is_err(),
-                Reply::Edit(_, r) => r.is_err(),
-                Reply::Unit(_, r) => r.is_err(),
-                Reply::Count(_, r) => r.is_err(),
-            };
-            if failed {
+            if reply.failed {
                 let _ = sp.rollback();
                 head = saved;
             }
@@ -301,7 +273,7 @@ impl Writer {
             Ok(()) => {
                 self.head = head;
                 for r in replies {
-                    r.send(None);
+                    (r.send)(None);
                 }
             }
             Err(e) => {
@@ -309,7 +281,7 @@ impl Writer {
                 tracing::error!(error = %e, "store commit failed; the batch was rolled back");
                 self.head = head_before;
                 for r in replies {
-                    r.send(Some(&e));
+                    (r.send)(Some(&e));
                 }
             }
         }
@@ -317,11 +289,7 @@ impl Writer {
 }
 
 fn reply_error(op: WriteOp, e: &StoreError) {
-    let msg = || match e {
-        StoreError::DiskFull => StoreError::DiskFull,
-        StoreError::Locked => StoreError::Locked,
-        other => StoreError::Corrupt(other.to_string()),
-    };
+    let msg = || carried(e);
     match op {
         WriteOp::Insert { reply, .. } => drop(reply.send(Err(msg()))),
         WriteOp::Edit { reply, .. } => drop(reply.send(Err(msg()))),
@@ -365,12 +333,12 @@ fn insert(
     actor: &str,
 ) -> Result<Vec<InsertOutcome>, StoreError> {
     let mut out = Vec::with_capacity(charts.len());
-    let mut seq = crate::schema::take_seq(tx, charts.len() as i64)?;
+    let first_seq = crate::schema::take_seq(tx, charts.len() as i64)?;
     let mut stmt = tx.prepare_cached(
         "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq)
          VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(id) DO NOTHING",
     )?;
-    for c in charts {
+    for (seq, c) in (first_seq..).zip(charts) {
         let n = stmt.execute(params![
             c.id,
             c.doc,
@@ -383,7 +351,6 @@ fn insert(
             name_key(&c.index),
             seq
         ])?;
-        seq += 1;
         if n == 1 {
             let mut ev = AuditEvent::new(c.time_ms, actor, "create").chart(&c.id);
             if let Some(o) = &c.origin {
