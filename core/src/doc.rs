@@ -71,6 +71,17 @@ pub struct ChartDoc {
     doc: AutoCommit,
 }
 
+/// What merging a peer's changes added to a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// Changes new to this document.
+    pub added: usize,
+    /// The actors (16 bytes each) that wrote them.
+    pub actors: Vec<[u8; 16]>,
+    /// Dependencies still missing: changes that cannot be applied yet (held in memory only).
+    pub missing_deps: usize,
+}
+
 impl ChartDoc {
     /// Builds the document for a new chart in one batch (one change).
     pub fn create(chart: &Chart, meta: &ChangeMeta) -> ChartDoc {
@@ -181,6 +192,53 @@ impl ChartDoc {
     /// Sets a top-level scalar field (e.g. `updatedAt`) as part of the next change.
     pub fn put_root_str(&mut self, key: &str, value: &str) -> Result<(), CoreError> {
         self.doc.put(ROOT, key, value).map_err(shape)
+    }
+
+    /// The heads as raw 32-byte hashes, sorted.
+    pub fn head_bytes(&mut self) -> Vec<[u8; 32]> {
+        self.doc.get_heads().iter().map(|h| h.0).collect()
+    }
+
+    /// The changes this document has that a peer with heads `have` lacks, as concatenated
+    /// change chunks (loadable with [`ChartDoc::merge`]). Hashes this document does not know
+    /// (the peer's own newer changes) are ignored; with no known hash this is every change.
+    pub fn changes_after(&mut self, have: &[[u8; 32]]) -> Vec<u8> {
+        let known: Vec<ChangeHash> = have
+            .iter()
+            .map(|h| ChangeHash(*h))
+            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .collect();
+        self.doc.save_after(&known)
+    }
+
+    /// Merges changes received from a peer. Returns what the merge added; on an error the
+    /// document must be discarded (it may hold part of the input).
+    pub fn merge(&mut self, data: &[u8]) -> Result<Merged, CoreError> {
+        let before = self.doc.get_heads();
+        self.doc
+            .load_incremental(data)
+            .map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
+        let missing = self.doc.get_missing_deps(&[]);
+        let added = self.doc.get_changes(&before);
+        let mut actors: Vec<[u8; 16]> = Vec::new();
+        for c in &added {
+            let a = c.actor_id().to_bytes();
+            let mut b = [0u8; 16];
+            let n = a.len().min(16);
+            b[..n].copy_from_slice(&a[..n]);
+            if a.len() != 16 {
+                // An actor that is not 16 bytes is not one of ours; make it match no practice.
+                b = [0xff; 16];
+            }
+            if !actors.contains(&b) {
+                actors.push(b);
+            }
+        }
+        Ok(Merged {
+            added: added.len(),
+            actors,
+            missing_deps: missing.len(),
+        })
     }
 
     /// Every change of the document, oldest first (in causal order).

@@ -15,9 +15,10 @@ pub mod consent;
 pub mod doc;
 pub mod error;
 pub mod ids;
+pub mod sync;
 
 pub use chart::Chart;
-pub use doc::{ChangeMeta, ChartDoc, HistoryEntry};
+pub use doc::{ChangeMeta, ChartDoc, HistoryEntry, Merged};
 pub use error::{CoreError, ValidationError};
 pub use ids::{ChartId, PracticeId};
 
