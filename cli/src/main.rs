@@ -121,6 +121,22 @@ enum Cmd {
     Audit(AuditArgs),
     /// Print the address of the console page (with the token) to open in a browser.
     Console,
+    /// Sync with paired practices.
+    #[command(subcommand)]
+    Sync(SyncCmd),
+}
+
+#[derive(Subcommand)]
+enum SyncCmd {
+    /// Wait until every connected peer (or each --peer, which must be connected) is in sync
+    /// both ways. Exit 0 when in sync, 1 on timeout.
+    Wait {
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// A peer that must be connected and in sync (repeatable).
+        #[arg(long = "peer", value_name = "PEER_ID")]
+        peers: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -453,8 +469,31 @@ fn run(cli: Cli) -> Result<()> {
                 println!("Data dir:   {}", v["dataDir"].as_str().unwrap_or(""));
                 println!("API:        {}", v["api"].as_str().unwrap_or(""));
                 println!("Sync:       {}", v["sync"]["listen"].as_str().unwrap_or(""));
-                let peers = v["peers"].as_array().map(|a| a.len()).unwrap_or(0);
-                println!("Peers:      {peers}");
+                let peers = v["peers"].as_array().cloned().unwrap_or_default();
+                println!("Peers:      {}", peers.len());
+                for p in &peers {
+                    let state = if p["inSync"].as_bool() == Some(true) {
+                        "in sync"
+                    } else if p["connected"].as_bool() == Some(true) {
+                        "syncing"
+                    } else {
+                        "offline"
+                    };
+                    let last = p["lastSyncMs"]
+                        .as_i64()
+                        .map(chartmesh_daemon::rfc3339)
+                        .unwrap_or_else(|| "never".into());
+                    println!(
+                        "  {} ({}) at {}: {state}; last sync {last}; shared to it {}, from it {}; pending {}{}",
+                        p["name"].as_str().unwrap_or(""),
+                        &p["id"].as_str().unwrap_or("")[..9.min(p["id"].as_str().unwrap_or("").len())],
+                        p["addr"].as_str().unwrap_or(""),
+                        p["sharedTo"],
+                        p["sharedFrom"],
+                        p["pendingChanges"],
+                        p["lastError"].as_str().map(|e| format!("; last error: {e}")).unwrap_or_default(),
+                    );
+                }
                 println!("Shares:     {} active consent grant(s)", v["shares"]);
             });
         }
@@ -642,6 +681,50 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             });
+        }
+        Cmd::Sync(SyncCmd::Wait { timeout, peers }) => {
+            let client = Client::connect(&dir, &user)?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(timeout);
+            loop {
+                let v = client.get("/sync")?;
+                let list = v["peers"].as_array().cloned().unwrap_or_default();
+                let find = |id: &str| {
+                    list.iter()
+                        .find(|p| p["id"].as_str().is_some_and(|x| x == id || x.replace('-', "") == id.replace('-', "")))
+                };
+                let ok = if peers.is_empty() {
+                    v["inSync"].as_bool() == Some(true)
+                } else {
+                    peers.iter().all(|id| {
+                        find(id).is_some_and(|p| {
+                            p["connected"].as_bool() == Some(true) && p["inSync"].as_bool() == Some(true)
+                        })
+                    })
+                };
+                if ok {
+                    print(j, &v, |_| println!("in sync"));
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    let behind: Vec<String> = list
+                        .iter()
+                        .filter(|p| p["inSync"].as_bool() != Some(true))
+                        .map(|p| {
+                            format!(
+                                "{} ({})",
+                                p["name"].as_str().unwrap_or(""),
+                                if p["connected"].as_bool() == Some(true) { "connected, syncing" } else { "not connected" }
+                            )
+                        })
+                        .collect();
+                    return Err(CliError::Failed(format!(
+                        "not in sync after {timeout}s: {}",
+                        behind.join(", ")
+                    ))
+                    .into());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
         Cmd::Audit(a) => {
             let client = Client::connect(&dir, &user)?;

@@ -41,8 +41,10 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/charts", get(search).post(create))
         .route("/charts/{id}", get(show))
         .route("/charts/{id}/history", get(history))
+        .route("/charts/{id}/custody", get(custody))
         .route("/charts/{id}/{section}", post(append))
         .route("/peers", get(peers).post(add_peer))
+        .route("/sync", get(sync_status))
         .route("/peers/{id}", axum::routing::delete(remove_peer))
         .route("/shares", get(shares).post(share))
         .route("/revoke", post(revoke))
@@ -121,6 +123,13 @@ fn user(headers: &HeaderMap) -> String {
 }
 
 async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
+    let n = st.node.clone();
+    let (sync_addr, peers) = tokio::task::spawn_blocking(move || match n.sync.get() {
+        Some(s) => (Some(s.local_addr().to_string()), serde_json::to_value(s.status()).unwrap_or_default()),
+        None => (None, Value::Array(vec![])),
+    })
+    .await
+    .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?;
     let n = &st.node;
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -129,13 +138,20 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
         "charts": n.store.count()?,
         "diskBytes": n.store.disk_bytes(),
         "api": n.config.api.listen.to_string(),
-        "sync": { "listen": n.config.sync.listen.to_string() },
-        "peers": n.store.peers()?.iter().map(|p| json!({
-            "id": p.id.to_string(), "name": p.name, "addr": p.addr,
-            "connected": false, "lastSync": Value::Null,
-        })).collect::<Vec<_>>(),
+        "sync": { "listen": sync_addr.unwrap_or_else(|| n.config.sync.listen.to_string()) },
+        "peers": peers,
         "shares": n.store.grants(None)?.iter().filter(|g| g.is_active(crate::now_ms())).count(),
     })))
+}
+
+/// Per-peer sync state, and whether every connected peer is in sync (`chartmesh sync wait`).
+async fn sync_status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
+    let n = st.node.clone();
+    let peers = tokio::task::spawn_blocking(move || n.sync.get().map(|s| s.status()).unwrap_or_default())
+        .await
+        .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?;
+    let all = peers.iter().filter(|p| p.connected).all(|p| p.in_sync);
+    Ok(Json(json!({ "inSync": all, "peers": peers })))
 }
 
 async fn peers(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
@@ -330,6 +346,14 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, NodeError> {
     Ok(Json(st.node.read_chart(&id, &user(&headers)).await?))
+}
+
+async fn custody(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, NodeError> {
+    let n = st.node.clone();
+    tokio::task::spawn_blocking(move || n.custody(&id))
+        .await
+        .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?
+        .map(Json)
 }
 
 async fn history(

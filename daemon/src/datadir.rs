@@ -19,6 +19,8 @@ pub const CONFIG: &str = "config.toml";
 pub const TOKEN: &str = "api-token";
 pub const STORE: &str = "store.db";
 pub const API_ADDR: &str = "api.addr";
+/// The sync endpoint's actual UDP address, written at start (useful when the port is 0).
+pub const SYNC_ADDR: &str = "sync.addr";
 pub const LOCK: &str = "chartmeshd.lock";
 
 /// `--data-dir`, else `CHARTMESH_DATA_DIR`, else the platform's data directory.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod datadir;
 pub mod identity;
 pub mod node;
+pub mod sync;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

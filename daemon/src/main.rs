@@ -118,17 +118,23 @@ async fn run(args: Args) -> Result<()> {
             shutdown.cancel();
         });
     }
-    tracing::info!(practice = %practice, name = %config.practice.name, api = %api_addr, data_dir = %dir.display(), "chartmeshd ready");
+    let sync = chartmesh_daemon::sync::SyncService::start(node.clone(), config.sync.listen, shutdown.clone())
+        .with_context(|| format!("starting sync on {} (UDP)", config.sync.listen))?;
+    let _ = node.sync.set(sync.clone());
+    std::fs::write(dir.join(datadir::SYNC_ADDR), sync.local_addr().to_string())?;
+    tracing::info!(practice = %practice, name = %config.practice.name, api = %api_addr, sync = %sync.local_addr(), data_dir = %dir.display(), "chartmeshd ready");
     let serve = axum::serve(listener, app).with_graceful_shutdown({
         let s = shutdown.clone();
         async move { s.cancelled().await }
     });
     let result = serve.await;
+    sync.close().await;
     // Drain queued writes before exiting.
     tokio::task::spawn_blocking(move || store.close())
         .await
         .ok();
     let _ = std::fs::remove_file(dir.join(datadir::API_ADDR));
+    let _ = std::fs::remove_file(dir.join(datadir::SYNC_ADDR));
     drop(lock);
     result.context("serving the local API")?;
     tracing::info!("stopped");

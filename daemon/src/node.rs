@@ -82,6 +82,10 @@ pub struct Node {
     pub config: Config,
     pub data_dir: PathBuf,
     pool: rayon::ThreadPool,
+    /// Signalled when peers are paired or unpaired (the sync service re-reads them).
+    pub peers_changed: tokio::sync::Notify,
+    /// The running sync service, once started.
+    pub sync: std::sync::OnceLock<Arc<crate::sync::SyncService>>,
 }
 
 impl Node {
@@ -100,6 +104,8 @@ impl Node {
             config,
             data_dir,
             pool,
+            peers_changed: tokio::sync::Notify::new(),
+            sync: std::sync::OnceLock::new(),
         })
     }
 
@@ -114,6 +120,11 @@ impl Node {
             action: action.to_string(),
             time_ms: now_ms(),
         }
+    }
+
+    /// Runs CPU-heavy work on the node's pool.
+    pub async fn on_cpu<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.on_pool(f).await
     }
 
     async fn on_pool<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -167,7 +178,7 @@ impl Node {
                             given: chart.patient.name.given.join(" "),
                             birth_date: chart.patient.birth_date.clone(),
                         };
-                        Ok((i, NewChart { id: chart.id, doc: doc.save(), index, origin: None, time_ms: pool_meta.time_ms }))
+                        Ok((i, NewChart { id: chart.id, doc: doc.save(), index, origin: None, time_ms: pool_meta.time_ms, heads: doc.head_bytes() }))
                     })
                     .collect::<Vec<Result<(usize, NewChart), (usize, Option<String>, ValidationError)>>>()
             })
@@ -284,6 +295,7 @@ impl Node {
             index: IndexFields::from_chart_json(&json),
             origin: None,
             time_ms: meta.time_ms,
+            heads: doc.head_bytes(),
         };
         let out = self
             .store
@@ -308,6 +320,29 @@ impl Node {
         self.audit(vec![AuditEvent::new(now_ms(), actor, "read").chart(id)])
             .await?;
         Ok(json)
+    }
+
+    /// Where a chart came from and under what grant it is held (no chart content).
+    pub fn custody(&self, id: &str) -> Result<Value, NodeError> {
+        let held = self.store.sync_charts(&[id])?;
+        let Some(c) = held.get(id) else {
+            return Err(NodeError::NotFound(id.to_string()));
+        };
+        let now = now_ms();
+        let status = match (&c.origin, c.revoked_ms, c.expires_ms) {
+            (None, _, _) => "own",
+            (Some(_), Some(_), _) => "revoked",
+            (Some(_), None, Some(e)) if e <= now => "expired",
+            (Some(_), None, _) => "shared-with-us",
+        };
+        Ok(serde_json::json!({
+            "chart": id,
+            "custodian": c.origin,
+            "status": status,
+            "access": c.access,
+            "expiresMs": c.expires_ms,
+            "revokedMs": c.revoked_ms,
+        }))
     }
 
     pub async fn history(&self, id: &str, actor: &str) -> Result<Vec<HistoryEntry>, NodeError> {
@@ -412,6 +447,7 @@ impl Node {
         }
         let e = parse(section, entry)?;
         e.validate(section)?;
+        self.check_writable(id, author).await?;
         let meta = self.meta(author, &format!("add {}", singular(section)));
         let audit = vec![
             AuditEvent::new(meta.time_ms, author, "update")
@@ -432,6 +468,47 @@ impl Node {
             Ok(_) => Ok(added),
             Err(StoreError::NotFound(id)) => Err(NodeError::NotFound(id)),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A chart received from another practice may be changed here only under a read-write
+    /// grant that is still active; the refusal is audited.
+    async fn check_writable(&self, id: &str, author: &str) -> Result<(), NodeError> {
+        let store = self.store.clone();
+        let key = id.to_string();
+        let held = tokio::task::spawn_blocking(move || store.sync_charts(&[key.as_str()]))
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        let Some(c) = held.get(id) else {
+            return Err(NodeError::NotFound(id.to_string()));
+        };
+        let Some(origin) = &c.origin else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let why = if c.revoked_ms.is_some() {
+            Some("its custodian stopped sharing it; the copy here is read-only")
+        } else if c.expires_ms.is_some_and(|e| e <= now) {
+            Some("the grant it was shared under has expired; the copy here is read-only")
+        } else if c.access != Some(Access::ReadWrite) {
+            Some("it was shared with this practice for reading only")
+        } else {
+            None
+        };
+        match why {
+            None => Ok(()),
+            Some(why) => {
+                self.audit(vec![
+                    AuditEvent::new(now, author, "refuse")
+                        .chart(id)
+                        .peer(origin.clone())
+                        .detail(format!("change refused: {why}")),
+                ])
+                .await?;
+                Err(NodeError::Refused(format!(
+                    "chart {id} cannot be changed here: {why} (custodian: practice {origin})"
+                )))
+            }
         }
     }
 
@@ -526,6 +603,7 @@ impl Node {
             .put_peer(peer.clone())?
             .await
             .map_err(|_| StoreError::Closed)??;
+        self.peers_changed.notify_one();
         Ok(peer)
     }
 
@@ -538,6 +616,7 @@ impl Node {
             .remove_peer(id, by, now_ms())?
             .await
             .map_err(|_| StoreError::Closed)??;
+        self.peers_changed.notify_one();
         Ok(())
     }
 

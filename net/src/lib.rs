@@ -12,6 +12,7 @@
 
 pub mod frame;
 pub mod tls;
+pub mod wire;
 
 use chartmesh_core::PracticeId;
 use std::net::SocketAddr;
@@ -19,6 +20,8 @@ use std::sync::Arc;
 
 pub use frame::{FrameError, MAX_FRAME, read_frame, write_frame};
 pub use tls::{PinSet, Refusal};
+pub use wire::{FrameReader, FrameWriter, WireError};
+pub use quinn;
 
 /// The ALPN protocol id of chartmesh's sync protocol, version 1.
 pub const ALPN: &[u8] = b"chartmesh/1";

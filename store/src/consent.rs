@@ -56,6 +56,13 @@ fn row_to_grant(r: &rusqlite::Row<'_>) -> rusqlite::Result<Grant> {
 
 const GRANT_COLUMNS: &str = "SELECT chart_id, peer, access, purpose, expires_ms, recorded_by, recorded_ms, revoked_ms FROM grants";
 
+/// A peer's grants as stored now (inside the caller's transaction).
+pub(crate) fn grants_of(c: &Connection, peer: &str) -> Result<Vec<Grant>, StoreError> {
+    let mut st = c.prepare_cached(&format!("{GRANT_COLUMNS} WHERE peer = ?1 ORDER BY chart_id"))?;
+    let rows = st.query_map([peer], row_to_grant)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
 impl Store {
     fn exec(
         &self,

@@ -17,11 +17,13 @@ mod consent;
 mod error;
 mod read;
 mod schema;
+mod sync;
 mod write;
 
 pub use consent::Peer;
 pub use error::StoreError;
 pub use read::{ChartRecord, ChartSummary};
+pub use sync::{ChangeCheck, SyncChart, SyncItem, SyncOutcome, SyncPeerState};
 pub use write::{EditFn, EditOutcome, InsertOutcome, NewChart};
 
 use chartmesh_core::audit::AuditEvent;
@@ -176,6 +178,12 @@ impl Store {
         self.writer()?
             .send(write::WriteOp::Audit { events, reply: tx })?;
         Ok(rx)
+    }
+
+    /// The change sequence after each commit: wakes whoever waits for local changes (the
+    /// sync layer nudges peers). None for a read-only store.
+    pub fn subscribe_changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        self.inner.writer.as_ref().map(|w| w.changes.clone())
     }
 
     /// Stores a small key/value setting in the database.

@@ -17,6 +17,11 @@ pub struct ChartRecord {
     pub origin: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// For a received chart: the access its custodian granted (`read` or `read-write`).
+    pub access: Option<String>,
+    pub expires_ms: Option<i64>,
+    /// For a received chart: when its custodian stopped sharing it (kept read-only).
+    pub revoked_ms: Option<i64>,
 }
 
 /// A line of a search result.
@@ -105,16 +110,19 @@ impl ReaderPool {
     pub(crate) fn get(&self, id: &str) -> Result<Option<ChartRecord>, StoreError> {
         let conn = self.lease()?;
         let meta = conn
-            .prepare_cached("SELECT origin, created_ms, updated_ms FROM charts WHERE id = ?1")?
+            .prepare_cached("SELECT origin, created_ms, updated_ms, access, expires_ms, revoked_ms FROM charts WHERE id = ?1")?
             .query_row([id], |r| {
                 Ok((
                     r.get::<_, Option<String>>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
                 ))
             })
             .optional()?;
-        let Some((origin, created_ms, updated_ms)) = meta else {
+        let Some((origin, created_ms, updated_ms, access, expires_ms, revoked_ms)) = meta else {
             return Ok(None);
         };
         let Some((doc, _, _)) = crate::write::load_doc(&conn, id)? else {
@@ -126,6 +134,9 @@ impl ReaderPool {
             origin,
             created_ms,
             updated_ms,
+            access,
+            expires_ms,
+            revoked_ms,
         }))
     }
 
@@ -157,8 +168,8 @@ impl ReaderPool {
         );
         let mut stmt = conn.prepare_cached(
             "SELECT id, mrn, family, given, birth_date, origin FROM charts
-             WHERE mrn = ?1 OR birth_date = ?1 OR id = ?1 OR name_key LIKE ?2 ESCAPE '\\'
-                OR lower(given) LIKE ?2 ESCAPE '\\'
+             WHERE (mrn = ?1 OR birth_date = ?1 OR id = ?1 OR name_key LIKE ?2 ESCAPE '\\'
+                OR lower(given) LIKE ?2 ESCAPE '\\') AND revoked_ms IS NULL
              ORDER BY family, given, id LIMIT ?3",
         )?;
         let rows = stmt.query_map(rusqlite::params![q, like, limit as i64], |r| {

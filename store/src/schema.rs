@@ -78,6 +78,25 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX charts_seq ON charts(seq);
     CREATE INDEX grants_seq ON grants(seq);
     "#,
+    // 4: sync. Per chart: its heads (so offers need no document load), and for a chart
+    // received from a peer the grant it came under and whether it was revoked; the peer whose
+    // sync wrote the latest version when that peer has all of it (so it is not offered back).
+    // Per peer: the checkpoint of its sequence applied here, and what it acknowledged of ours.
+    r#"
+    ALTER TABLE charts ADD COLUMN heads BLOB;
+    ALTER TABLE charts ADD COLUMN access TEXT;
+    ALTER TABLE charts ADD COLUMN expires_ms INTEGER;
+    ALTER TABLE charts ADD COLUMN revoked_ms INTEGER;
+    ALTER TABLE charts ADD COLUMN from_peer TEXT;
+    CREATE INDEX charts_origin ON charts(origin);
+    CREATE TABLE sync_peers (
+        peer            TEXT PRIMARY KEY,
+        checkpoint      INTEGER NOT NULL DEFAULT 0,
+        last_pull_ms    INTEGER,
+        served_upto     INTEGER NOT NULL DEFAULT 0,
+        last_served_ms  INTEGER
+    );
+    "#,
 ];
 
 /// Takes `count` numbers of the change sequence; returns the first.

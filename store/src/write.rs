@@ -21,6 +21,8 @@ pub struct NewChart {
     /// None when created at this practice; the source practice id when received from a peer.
     pub origin: Option<String>,
     pub time_ms: i64,
+    /// The document's heads (raw hashes).
+    pub heads: Vec<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -62,6 +64,8 @@ pub(crate) enum WriteOp {
         value: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A write defined by another module of this crate that audits as it goes.
+    Task(TaskFn),
     /// A write defined by another module of this crate, with its audit events.
     Exec {
         f: ExecFn,
@@ -70,10 +74,36 @@ pub(crate) enum WriteOp {
     },
 }
 
+/// A write run by the writer inside its savepoint; it answers its caller through the
+/// returned held reply (see [`task`]).
+pub(crate) type TaskFn = Box<dyn FnOnce(&mut TaskCtx<'_>) -> Reply + Send>;
+
+/// What a task may use: the transaction, the audit chain, the store's options.
+pub(crate) struct TaskCtx<'a> {
+    pub conn: &'a Connection,
+    head: &'a mut Head,
+    pub options: &'a StoreOptions,
+}
+
+impl TaskCtx<'_> {
+    pub fn audit(&mut self, e: &AuditEvent) -> Result<(), StoreError> {
+        push_audit(self.conn, self.head, e)
+    }
+}
+
+/// Wraps a task's work so its result reaches `reply` once the batch commits.
+pub(crate) fn task<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    work: impl FnOnce(&mut TaskCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+) -> WriteOp {
+    WriteOp::Task(Box::new(move |ctx| held(reply, work(ctx))))
+}
+
 /// A write run by the writer inside the batch transaction; returns a count for the caller.
 pub(crate) type ExecFn = Box<dyn FnOnce(&Connection) -> Result<u64, StoreError> + Send>;
 
 pub(crate) struct WriterHandle {
+    pub(crate) changes: tokio::sync::watch::Receiver<i64>,
     tx: Mutex<Option<Sender<WriteOp>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -85,6 +115,8 @@ impl WriterHandle {
     ) -> Result<WriterHandle, StoreError> {
         let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(1024);
         let head = read_head(&conn)?;
+        let seq: i64 = conn.query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get(0))?;
+        let (changed, changes) = tokio::sync::watch::channel(seq);
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
@@ -92,11 +124,13 @@ impl WriterHandle {
                     conn,
                     options,
                     head,
+                    changed,
                 }
                 .run(rx)
             })
             .map_err(|e| StoreError::Corrupt(format!("cannot start the writer thread: {e}")))?;
         Ok(WriterHandle {
+            changes,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
         })
@@ -124,7 +158,7 @@ impl Drop for WriterHandle {
 
 /// The audit chain's head: last sequence number and hash.
 #[derive(Clone)]
-struct Head {
+pub(crate) struct Head {
     seq: i64,
     hash: String,
 }
@@ -152,10 +186,12 @@ struct Writer {
     conn: Connection,
     options: StoreOptions,
     head: Head,
+    /// The change sequence after the last commit, for those waiting on local changes.
+    changed: tokio::sync::watch::Sender<i64>,
 }
 
 /// A caller's answer, held until the batch's commit says whether it stands.
-struct Reply {
+pub(crate) struct Reply {
     failed: bool,
     send: SendReply,
 }
@@ -246,6 +282,7 @@ impl Writer {
                         .map(|_| ())
                         .map_err(StoreError::from),
                 ),
+                WriteOp::Task(f) => f(&mut TaskCtx { conn: &sp, head: &mut head, options: &options }),
                 WriteOp::Exec { f, audit, reply } => held(
                     reply,
                     f(&sp).and_then(|n| append_audit(&sp, &mut head, audit).map(|_| n)),
@@ -275,6 +312,16 @@ impl Writer {
                 for r in replies {
                     (r.send)(None);
                 }
+                if let Ok(n) = self
+                    .conn
+                    .query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get::<_, i64>(0))
+                {
+                    self.changed.send_if_modified(|v| {
+                        let changed = *v != n;
+                        *v = n;
+                        changed
+                    });
+                }
             }
             Err(e) => {
                 let e = StoreError::from(e);
@@ -296,6 +343,8 @@ fn reply_error(op: WriteOp, e: &StoreError) {
         WriteOp::Audit { reply, .. } => drop(reply.send(Err(msg()))),
         WriteOp::PutMeta { reply, .. } => drop(reply.send(Err(msg()))),
         WriteOp::Exec { reply, .. } => drop(reply.send(Err(msg()))),
+        // Dropping the task drops its reply sender: the caller sees the write did not happen.
+        WriteOp::Task(f) => drop(f),
     }
 }
 
@@ -322,7 +371,18 @@ fn append_audit(
     Ok(())
 }
 
-fn name_key(ix: &IndexFields) -> String {
+/// Heads as stored: the raw 32-byte hashes, concatenated.
+pub(crate) fn heads_blob(heads: &[[u8; 32]]) -> Vec<u8> {
+    heads.concat()
+}
+
+pub(crate) fn heads_from_blob(b: &[u8]) -> Vec<[u8; 32]> {
+    b.chunks_exact(32)
+        .map(|c| c.try_into().expect("32 bytes"))
+        .collect()
+}
+
+pub(crate) fn name_key(ix: &IndexFields) -> String {
     format!("{} {}", ix.family, ix.given).to_lowercase()
 }
 
@@ -335,8 +395,8 @@ fn insert(
     let mut out = Vec::with_capacity(charts.len());
     let first_seq = crate::schema::take_seq(tx, charts.len() as i64)?;
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq)
-         VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(id) DO NOTHING",
+        "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq, heads)
+         VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT(id) DO NOTHING",
     )?;
     for (seq, c) in (first_seq..).zip(charts) {
         let n = stmt.execute(params![
@@ -349,7 +409,8 @@ fn insert(
             c.index.given,
             c.index.birth_date,
             name_key(&c.index),
-            seq
+            seq,
+            heads_blob(&c.heads)
         ])?;
         if n == 1 {
             let mut ev = AuditEvent::new(c.time_ms, actor, "create").chart(&c.id);
@@ -363,6 +424,57 @@ fn insert(
         }
     }
     Ok(out)
+}
+
+/// Where a loaded document stands in the store.
+pub(crate) struct Stored<'a> {
+    pub chart_id: &'a str,
+    pub inc_seq: i64,
+    pub inc_count: i64,
+}
+
+/// Persists the changes made to a loaded document since its last `save_incremental` (as an
+/// incremental row, or a new full save when enough have piled up), with its index fields,
+/// heads and a new change sequence number. `from_peer`: the peer whose sync wrote this
+/// version and holds all of it (so it is not offered back), or None.
+pub(crate) fn persist_doc(
+    tx: &Connection,
+    options: &StoreOptions,
+    at: &Stored<'_>,
+    doc: &mut ChartDoc,
+    json: &serde_json::Value,
+    now: i64,
+    from_peer: Option<&str>,
+) -> Result<(), StoreError> {
+    let ix = IndexFields::from_chart_json(json);
+    let change_seq = crate::schema::take_seq(tx, 1)?;
+    let heads = heads_blob(&doc.head_bytes());
+    let chart_id = at.chart_id;
+    if at.inc_count as u32 + 1 >= options.compact_after {
+        let full = doc.save();
+        tx.execute("DELETE FROM chart_changes WHERE chart_id = ?1", [chart_id])?;
+        tx.prepare_cached(
+            "UPDATE charts SET doc = ?2, inc_count = 0, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9, heads = ?10, from_peer = ?11 WHERE id = ?1",
+        )?
+        .execute(params![chart_id, full, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix), change_seq, heads, from_peer])?;
+    } else {
+        let inc = doc.save_incremental();
+        let seq = at.inc_seq + 1;
+        if !inc.is_empty() {
+            tx.prepare_cached("INSERT INTO chart_changes(chart_id, seq, data) VALUES (?1, ?2, ?3)")?
+                .execute(params![chart_id, seq, inc])?;
+        }
+        let (inc_seq, inc_count) = if inc.is_empty() {
+            (at.inc_seq, at.inc_count)
+        } else {
+            (seq, at.inc_count + 1)
+        };
+        tx.prepare_cached(
+            "UPDATE charts SET inc_seq = ?2, inc_count = ?12, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9, heads = ?10, from_peer = ?11 WHERE id = ?1",
+        )?
+        .execute(params![chart_id, inc_seq, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix), change_seq, heads, from_peer, inc_count])?;
+    }
+    Ok(())
 }
 
 pub(crate) fn load_doc(
@@ -409,30 +521,20 @@ fn apply_edit(
     let _ = doc.save_incremental();
     edit(&mut doc)?;
     let json = doc.to_json()?;
-    let ix = IndexFields::from_chart_json(&json);
     let now = audit.first().map(|a| a.time_ms).unwrap_or(0);
-    let change_seq = crate::schema::take_seq(tx, 1)?;
-    if inc_count as u32 + 1 >= options.compact_after {
-        let full = doc.save();
-        tx.execute("DELETE FROM chart_changes WHERE chart_id = ?1", [chart_id])?;
-        tx.prepare_cached(
-            "UPDATE charts SET doc = ?2, inc_count = 0, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9 WHERE id = ?1",
-        )?
-        .execute(params![chart_id, full, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix), change_seq])?;
-    } else {
-        let inc = doc.save_incremental();
-        if !inc.is_empty() {
-            let seq = inc_seq + 1;
-            tx.prepare_cached(
-                "INSERT INTO chart_changes(chart_id, seq, data) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![chart_id, seq, inc])?;
-            tx.prepare_cached(
-                "UPDATE charts SET inc_seq = ?2, inc_count = inc_count + 1, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9 WHERE id = ?1",
-            )?
-            .execute(params![chart_id, seq, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix), change_seq])?;
-        }
-    }
+    persist_doc(
+        tx,
+        options,
+        &Stored {
+            chart_id,
+            inc_seq,
+            inc_count,
+        },
+        &mut doc,
+        &json,
+        now,
+        None,
+    )?;
     append_audit(tx, head, audit)?;
     let heads = doc.heads().iter().map(|h| h.to_string()).collect();
     Ok(EditOutcome { chart: json, heads })

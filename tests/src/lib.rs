@@ -64,6 +64,23 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+/// A UDP port on 127.0.0.1 that is free right now.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Pairs two practices both ways (each adds the other with its sync address).
+pub fn pair(a: &Practice, b: &Practice) {
+    for (x, y) in [(a, b), (b, a)] {
+        let name = y.get("/status")["practice"]["name"].as_str().unwrap().to_string();
+        x.cli_ok(&["peer", "add", &y.id(), "--addr", &y.sync_addr(), "--name", &name]);
+    }
+}
+
 /// One practice: a data directory and, while started, its daemon process.
 pub struct Practice {
     pub dir: PathBuf,
@@ -84,15 +101,9 @@ impl Practice {
             child: None,
             agent: agent(),
         };
-        let out = p.cli(&[
-            "init",
-            "--name",
-            name,
-            "--api",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-        ]);
+        // A fixed sync port (picked free now), so peers can reach it again after a restart.
+        let listen = format!("127.0.0.1:{}", free_udp_port());
+        let out = p.cli(&["init", "--name", name, "--api", "127.0.0.1:0", "--listen", &listen]);
         assert!(
             out.status.success(),
             "init failed: {}",
@@ -100,6 +111,37 @@ impl Practice {
         );
         p.start();
         p
+    }
+
+    /// The practice id.
+    pub fn id(&self) -> String {
+        self.cli_json(&["id"])["id"].as_str().unwrap().to_string()
+    }
+
+    /// The sync address from the config (stable across restarts).
+    pub fn sync_addr(&self) -> String {
+        let cfg = std::fs::read_to_string(self.dir.join("config.toml")).unwrap();
+        let v: toml::Value = toml::from_str(&cfg).unwrap();
+        v["sync"]["listen"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until `peer` is connected and in sync both ways.
+    pub fn sync_wait(&self, peer: &Practice, timeout_s: u32) {
+        let out = self.cli(&["sync", "wait", "--peer", &peer.id(), "--timeout", &timeout_s.to_string()]);
+        assert!(
+            out.status.success(),
+            "sync wait failed: {}{}\n--- log ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log().lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    /// Exports every chart (through the daemon) as JSONL bytes.
+    pub fn export_all(&self) -> Vec<u8> {
+        let out = self.cli(&["export"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
     }
 
     pub fn start(&mut self) {
