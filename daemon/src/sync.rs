@@ -187,9 +187,15 @@ impl SyncService {
     }
 
     async fn accept_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
+                // Refused handshakes never reach accept: audit them as they are recorded.
+                _ = tick.tick() => {
+                    self.audit_handshake_refusals().await;
+                    continue;
+                }
                 a = self.endpoint.accept() => a,
             };
             self.audit_handshake_refusals().await;
@@ -347,10 +353,16 @@ impl SyncService {
                 },
             };
             let svc = self.clone();
+            let c = conn.clone();
             tokio::spawn(
                 async move {
                     if let Err(e) = svc.respond(peer, send, recv).await {
                         tracing::info!(error = %e, "pull from the peer ended early");
+                        // A broken request on a live connection (garbage, an oversized or
+                        // truncated frame, a message out of order) is a refusal: audit it.
+                        if c.close_reason().is_none() && !matches!(e, SessionError::Connection(_)) {
+                            svc.refuse_audit(&peer, None, &format!("protocol: {e}")).await;
+                        }
                     }
                 }
                 .instrument(tracing::info_span!("respond")),
@@ -549,18 +561,13 @@ impl SyncService {
                 return Ok(());
             }
             Ok(other) => {
-                self.refuse_audit(&peer, None, &format!("protocol: {} before Pull", other.name()))
-                    .await;
                 return Err(chartmesh_core::sync::ProtocolError::Unexpected {
                     got: other.name(),
                     state: "waiting for Pull",
                 }
                 .into());
             }
-            Err(e) => {
-                self.refuse_audit(&peer, None, &format!("protocol: {e}")).await;
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         };
         let store = self.node.store.clone();
         let key = peer.to_string();
@@ -599,18 +606,13 @@ impl SyncService {
                     return Ok(());
                 }
                 Ok(other) => {
-                    self.refuse_audit(&peer, None, &format!("protocol: unexpected {}", other.name()))
-                        .await;
                     return Err(chartmesh_core::sync::ProtocolError::Unexpected {
                         got: other.name(),
                         state: "answering a pull",
                     }
                     .into());
                 }
-                Err(e) => {
-                    self.refuse_audit(&peer, None, &format!("protocol: {e}")).await;
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -29,6 +29,7 @@ fn new_chart(c: &Chart) -> NewChart {
         index: IndexFields::from_chart_json(&c.to_json_value()),
         origin: None,
         time_ms: 1,
+        heads: d.head_bytes(),
     }
 }
 
