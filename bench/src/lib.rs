@@ -3,7 +3,11 @@
 //! each phase from outside the processes (wall time, peak RSS from /proc, bytes on disk).
 //! A run whose checksum does not match is a failed run, not a slow one.
 //!
-//! Phases implemented: `load` and `cold` (see ../shared/bench-data/README.md).
+//! Phases (../shared/bench-data/README.md): load, cold open, initial sync, reconnect no-op
+//! (twice), incremental, restart, verify, and peak RSS of both daemons. Between the two
+//! daemons sits a counting UDP relay (`relay`), so wire bytes are measured outside them.
+
+pub mod relay;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -11,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[derive(Clone)]
 pub struct Options {
+    /// `incremental-N.json`: targets and notes per round.
+    pub incremental: PathBuf,
     /// Directory holding `chartmeshd` and `chartmesh`.
     pub bin_dir: PathBuf,
     /// The charts to load (JSONL) and their expected set checksum.
@@ -19,6 +26,8 @@ pub struct Options {
     pub expected_checksum: String,
     pub n: usize,
     pub reps: usize,
+    /// Which repetition this is (0-based): picks the incremental round.
+    pub rep: usize,
 }
 
 struct Daemon {
@@ -65,7 +74,9 @@ impl Daemon {
             .unwrap_or(0)
     }
 
-    fn stop(mut self) -> Result<()> {
+    /// Stops the daemon and returns its peak RSS (KiB).
+    fn stop_keep_rss(mut self) -> Result<u64> {
+        let rss = self.peak_rss_kb();
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -73,7 +84,7 @@ impl Daemon {
         if !st.success() {
             bail!("chartmeshd in {} exited with {st}", self.dir.display());
         }
-        Ok(())
+        Ok(rss)
     }
 }
 
@@ -170,8 +181,8 @@ pub fn run_once(o: &Options) -> Result<Value> {
             o.expected_checksum
         );
     }
-    let a_max = da.peak_rss_kb();
-    da.stop()?;
+    let mut a_max = da.peak_rss_kb();
+    a_max = a_max.max(da.stop_keep_rss()?);
     let disk = dir_bytes(&a);
 
     // 2. cold open: a fresh process opens A's store and reads one chart.
@@ -194,15 +205,146 @@ pub fn run_once(o: &Options) -> Result<Value> {
         bail!("cold open read the wrong chart");
     }
 
+    // Sync phases: A (restarted on its store) and B (fresh), each reaching the other
+    // through its own counting relay.
+    let da = Daemon::start(&o.bin_dir, &a)?;
+    let b = tmp.path().join("b");
+    let b_listen = format!("127.0.0.1:{}", free_udp_port()?);
+    cli_ok(&o.bin_dir, &b, &["init", "--name", "Bench B", "--api", "127.0.0.1:0", "--listen", &b_listen])?;
+    let mut db = Daemon::start(&o.bin_dir, &b)?;
+    let id_a = practice_id(&o.bin_dir, &a)?;
+    let id_b = practice_id(&o.bin_dir, &b)?;
+    let relay_to_a = relay::Relay::start(sync_addr(&a)?)?;
+    let relay_to_b = relay::Relay::start(b_listen.parse()?)?;
+    let wire = || relay_to_a.bytes() + relay_to_b.bytes();
+    cli_ok(&o.bin_dir, &a, &["peer", "add", &id_b, "--addr", &relay_to_b.addr.to_string(), "--name", "Bench B"])?;
+    cli_ok(&o.bin_dir, &b, &["peer", "add", &id_a, "--addr", &relay_to_a.addr.to_string(), "--name", "Bench A"])?;
+    sync_wait(&o.bin_dir, &b, &id_a)?;
+
+    // 3. initial sync: from the grant until all N are durable in B (B's pull complete).
+    let w0 = wire();
+    let t = Instant::now();
+    cli_ok(&o.bin_dir, &a, &["share", "--all", "--with", &id_b, "--purpose", "replica"])?;
+    sync_wait(&o.bin_dir, &b, &id_a)?;
+    let initial_ms = t.elapsed().as_secs_f64() * 1e3;
+    let initial_wire = wire() - w0;
+    let (count, sum) = checksum_of(&cli_ok(&o.bin_dir, &b, &["export"])?)?;
+    let initial_ok = count == o.n && sum == o.expected_checksum;
+    if !initial_ok {
+        bail!("checksum after initial sync: {count} charts, {sum}; expected {} and {}", o.n, o.expected_checksum);
+    }
+    sync_wait(&o.bin_dir, &a, &id_b)?;
+
+    // 4. reconnect no-op, twice: B drops the connection and reconnects, nothing changed.
+    let mut reconnects = Vec::new();
+    for _ in 0..2 {
+        cli_ok(&o.bin_dir, &b, &["sync", "pause", "--peer", &id_a])?;
+        let w0 = wire();
+        let t = Instant::now();
+        cli_ok(&o.bin_dir, &b, &["sync", "resume", "--peer", &id_a])?;
+        sync_wait(&o.bin_dir, &b, &id_a)?;
+        sync_wait(&o.bin_dir, &a, &id_b)?;
+        reconnects.push(json!({ "ms": t.elapsed().as_secs_f64() * 1e3, "wireBytes": wire() - w0 }));
+    }
+
+    // 5. incremental: while B is offline, A appends the round's note to the 10 targets.
+    let incremental;
+    {
+        let inc_path = &o.incremental;
+        let inc: Value = serde_json::from_slice(&std::fs::read(inc_path)?)?;
+        let rounds = inc["rounds"].as_object().map(|r| r.len()).unwrap_or(0).max(1);
+        let round = (o.rep % rounds) + 1;
+        let r = &inc["rounds"][round.to_string()];
+        cli_ok(&o.bin_dir, &b, &["sync", "pause", "--peer", &id_a])?;
+        for target in inc["incrementalTargets"].as_array().into_iter().flatten() {
+            let id = target.as_str().unwrap_or_default();
+            let note = &r["notes"][id];
+            cli_ok(&o.bin_dir, &a, &[
+                "note", "add", id,
+                "--id", note["id"].as_str().unwrap_or_default(),
+                "--author", note["author"].as_str().unwrap_or_default(),
+                "--date", note["date"].as_str().unwrap_or_default(),
+                "--text", note["text"].as_str().unwrap_or_default(),
+            ])?;
+        }
+        let w0 = wire();
+        let t = Instant::now();
+        cli_ok(&o.bin_dir, &b, &["sync", "resume", "--peer", &id_a])?;
+        sync_wait(&o.bin_dir, &b, &id_a)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let bytes = wire() - w0;
+        let expected = r["checksumAfter"].as_str().unwrap_or_default();
+        let (count, sum) = checksum_of(&cli_ok(&o.bin_dir, &b, &["export"])?)?;
+        let ok = count == o.n && sum == expected;
+        if !ok {
+            bail!("checksum after the incremental phase (round {round}): {count} charts, {sum}; expected {expected}");
+        }
+        sync_wait(&o.bin_dir, &a, &id_b)?;
+        incremental = json!({ "ms": ms, "wireBytes": bytes, "checksumOk": ok, "round": round });
+    }
+
+    // 6. restart: B's process restarts on its store; from spawn until in sync again.
+    let mut b_max = db.peak_rss_kb().max(db.stop_keep_rss()?);
+    let w0 = wire();
+    let t = Instant::now();
+    db = Daemon::start(&o.bin_dir, &b)?;
+    sync_wait(&o.bin_dir, &b, &id_a)?;
+    let restart_ms = t.elapsed().as_secs_f64() * 1e3;
+    let restart_wire = wire() - w0;
+    sync_wait(&o.bin_dir, &a, &id_b)?;
+    b_max = b_max.max(db.stop_keep_rss()?);
+    a_max = a_max.max(da.stop_keep_rss()?);
+
+    // 7. verify: a fresh process opens B's store.
+    let (vcount, vsum) = checksum_of(&cli_ok(&o.bin_dir, &b, &["export", "--offline"])?)?;
+    let expected_final = {
+        let inc: Value = serde_json::from_slice(&std::fs::read(&o.incremental)?)?;
+        inc["rounds"][incremental["round"].to_string()]["checksumAfter"].as_str().unwrap_or_default().to_string()
+    };
+    let verify_ok = vcount == o.n && vsum == expected_final;
+    if !verify_ok {
+        bail!("verify: B's store holds {vcount} charts, {vsum}; expected {} and {expected_final}", o.n);
+    }
+
     Ok(json!({
         "load": { "ms": load_ms, "docsPerSec": o.n as f64 / (load_ms / 1e3), "maxRssKB": load_rss, "diskBytes": disk, "checksumOk": load_ok },
         "cold": { "processWallMs": cold_ms },
-        "rss": { "aMaxKB": a_max },
+        "initial": { "ms": initial_ms, "wireBytes": initial_wire, "checksumOk": initial_ok },
+        "reconnect1": reconnects[0],
+        "reconnect2": reconnects[1],
+        "incremental": incremental,
+        "restart": { "ms": restart_ms, "wireBytes": restart_wire },
+        "verify": { "count": vcount, "checksumOk": verify_ok },
+        "rss": { "aMaxKB": a_max, "bMaxKB": b_max },
     }))
 }
 
+fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn practice_id(bin_dir: &Path, dir: &Path) -> Result<String> {
+    let v: Value = serde_json::from_slice(&cli_ok(bin_dir, dir, &["--json", "id"])?)?;
+    Ok(v["id"].as_str().context("practice id")?.to_string())
+}
+
+fn sync_addr(dir: &Path) -> Result<std::net::SocketAddr> {
+    Ok(std::fs::read_to_string(dir.join("sync.addr"))?.trim().parse()?)
+}
+
+fn sync_wait(bin_dir: &Path, dir: &Path, peer: &str) -> Result<()> {
+    cli_ok(bin_dir, dir, &["sync", "wait", "--peer", peer, "--timeout", "300"]).map(|_| ())
+}
+
 pub fn run(o: &Options) -> Result<Vec<Value>> {
-    (0..o.reps).map(|_| run_once(o)).collect()
+    (0..o.reps)
+        .map(|rep| {
+            run_once(&Options {
+                rep,
+                ..o.clone()
+            })
+        })
+        .collect()
 }
 
 /// A markdown table: median (min–max) over reps for each figure.
@@ -213,7 +355,19 @@ pub fn table(reps: &[Value]) -> String {
         ("load: peak RSS (KB)", "/load/maxRssKB", 0),
         ("load: bytes on disk", "/load/diskBytes", 0),
         ("cold open + read one chart (ms)", "/cold/processWallMs", 1),
+        ("initial sync (ms)", "/initial/ms", 0),
+        ("initial sync: wire bytes", "/initial/wireBytes", 0),
+        ("reconnect no-op 1 (ms)", "/reconnect1/ms", 1),
+        ("reconnect no-op 1: wire bytes", "/reconnect1/wireBytes", 0),
+        ("reconnect no-op 2 (ms)", "/reconnect2/ms", 1),
+        ("reconnect no-op 2: wire bytes", "/reconnect2/wireBytes", 0),
+        ("incremental, 10 notes (ms)", "/incremental/ms", 1),
+        ("incremental: wire bytes", "/incremental/wireBytes", 0),
+        ("restart B + reconnect (ms)", "/restart/ms", 1),
+        ("restart: wire bytes", "/restart/wireBytes", 0),
+        ("verify: charts in B", "/verify/count", 0),
         ("peak RSS A (KB)", "/rss/aMaxKB", 0),
+        ("peak RSS B (KB)", "/rss/bMaxKB", 0),
     ];
     let mut s = String::from("| figure | median (min–max) |\n|---|---:|\n");
     for (name, ptr, digits) in rows {
@@ -236,15 +390,27 @@ pub fn table(reps: &[Value]) -> String {
     s
 }
 
-/// The JSONL file for N charts and its expected checksum: the bench-data set for 1000 or
-/// 10000, or the first N charts of the 1000 set (checksum computed here) for a smoke run.
-pub fn dataset(data: &Path, n: usize) -> Result<(PathBuf, String)> {
+/// The charts of a run, their expected checksum, and the incremental phase's file.
+pub struct Dataset {
+    pub charts: PathBuf,
+    pub checksum: String,
+    pub incremental: PathBuf,
+}
+
+/// The dataset for N charts: the bench-data set for 1000 or 10000, or for a smoke run the
+/// first N charts of the 1000 set with an incremental file made here in the same format
+/// (10 targets, one note per round, `checksumAfter` computed by our own checksum code).
+pub fn dataset(data: &Path, n: usize) -> Result<Dataset> {
     let full = data.join(format!("charts-{n}.jsonl"));
     if full.exists() {
         let m: Value = serde_json::from_slice(&std::fs::read(
             data.join(format!("charts-{n}.manifest.json")),
         )?)?;
-        return Ok((full, m["checksum"].as_str().unwrap_or_default().to_string()));
+        return Ok(Dataset {
+            charts: full,
+            checksum: m["checksum"].as_str().unwrap_or_default().to_string(),
+            incremental: data.join(format!("incremental-{n}.json")),
+        });
     }
     let src = std::fs::read(data.join("charts-1000.jsonl"))
         .with_context(|| format!("reading {}", data.display()))?;
@@ -258,8 +424,47 @@ pub fn dataset(data: &Path, n: usize) -> Result<(PathBuf, String)> {
     }
     let mut body = lines.join(&b'\n');
     body.push(b'\n');
-    let path =
-        std::env::temp_dir().join(format!("chartmesh-bench-{n}-{}.jsonl", std::process::id()));
+    let tag = format!("{n}-{}", std::process::id());
+    let path = std::env::temp_dir().join(format!("chartmesh-bench-{tag}.jsonl"));
     std::fs::write(&path, &body)?;
-    Ok((path, checksum_of(&body)?.1))
+    let charts: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_slice(l))
+        .collect::<Result<_, _>>()?;
+    let step = (n / 10).max(1);
+    let targets: Vec<String> = charts
+        .iter()
+        .step_by(step)
+        .take(10)
+        .map(|c| c["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let mut rounds = serde_json::Map::new();
+    for round in 1..=3 {
+        let mut notes = serde_json::Map::new();
+        let mut sum = chartmesh_core::canonical::SetChecksum::default();
+        for c in &charts {
+            let id = c["id"].as_str().unwrap_or_default();
+            let mut c = c.clone();
+            if targets.iter().any(|t| t == id) {
+                let note = json!({
+                    "id": format!("{id}-inc-{round}"), "author": "Nurse Bench",
+                    "date": "2025-11-20T10:15:00Z", "text": format!("Round {round} follow-up for {id}."),
+                });
+                c["notes"].as_array_mut().context("notes")?.push(note.clone());
+                notes.insert(id.to_string(), note);
+            }
+            sum.add(id, &c);
+        }
+        rounds.insert(round.to_string(), json!({ "checksumAfter": sum.finish(), "notes": notes }));
+    }
+    let incremental = std::env::temp_dir().join(format!("chartmesh-bench-{tag}.incremental.json"));
+    std::fs::write(
+        &incremental,
+        serde_json::to_vec(&json!({ "n": n, "incrementalTargets": targets, "rounds": rounds }))?,
+    )?;
+    Ok(Dataset {
+        charts: path,
+        checksum: checksum_of(&body)?.1,
+        incremental,
+    })
 }

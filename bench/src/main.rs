@@ -49,11 +49,13 @@ fn main() -> Result<()> {
             "building chartmeshd and chartmesh failed"
         );
     }
-    let (charts, expected) = chartmesh_bench::dataset(&args.data, args.n)?;
+    let ds = chartmesh_bench::dataset(&args.data, args.n)?;
     let opts = chartmesh_bench::Options {
+        incremental: ds.incremental,
+        rep: 0,
         bin_dir,
-        charts,
-        expected_checksum: expected,
+        charts: ds.charts,
+        expected_checksum: ds.checksum,
         n: args.n,
         reps: args.reps,
     };

@@ -137,6 +137,16 @@ enum SyncCmd {
         #[arg(long = "peer", value_name = "PEER_ID")]
         peers: Vec<String>,
     },
+    /// Stop syncing with a peer (work offline from it) until `sync resume`.
+    Pause {
+        #[arg(long = "peer", value_name = "PEER_ID")]
+        peer: String,
+    },
+    /// Resume syncing with a paused peer; connects at once.
+    Resume {
+        #[arg(long = "peer", value_name = "PEER_ID")]
+        peer: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -682,6 +692,21 @@ fn run(cli: Cli) -> Result<()> {
                 }
             });
         }
+        Cmd::Sync(cmd @ (SyncCmd::Pause { .. } | SyncCmd::Resume { .. })) => {
+            let (path, peer) = match cmd {
+                SyncCmd::Pause { peer } => ("/sync/pause", peer),
+                SyncCmd::Resume { peer } => ("/sync/resume", peer),
+                SyncCmd::Wait { .. } => unreachable!(),
+            };
+            let v = Client::connect(&dir, &user)?.post_json(path, &serde_json::json!({ "peer": peer }))?;
+            print(j, &v, |v| {
+                println!(
+                    "sync with {} {}",
+                    v["peer"].as_str().unwrap_or(""),
+                    if v["paused"].as_bool() == Some(true) { "paused" } else { "resumed" }
+                )
+            });
+        }
         Cmd::Sync(SyncCmd::Wait { timeout, peers }) => {
             let client = Client::connect(&dir, &user)?;
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(timeout);
@@ -723,7 +748,7 @@ fn run(cli: Cli) -> Result<()> {
                     ))
                     .into());
                 }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(std::time::Duration::from_millis(2));
             }
         }
         Cmd::Audit(a) => {

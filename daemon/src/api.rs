@@ -45,6 +45,8 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/charts/{id}/{section}", post(append))
         .route("/peers", get(peers).post(add_peer))
         .route("/sync", get(sync_status))
+        .route("/sync/pause", post(sync_pause))
+        .route("/sync/resume", post(sync_resume))
         .route("/peers/{id}", axum::routing::delete(remove_peer))
         .route("/shares", get(shares).post(share))
         .route("/revoke", post(revoke))
@@ -152,6 +154,38 @@ async fn sync_status(State(st): State<ApiState>) -> Result<Json<Value>, NodeErro
         .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?;
     let all = peers.iter().filter(|p| p.connected).all(|p| p.in_sync);
     Ok(Json(json!({ "inSync": all, "peers": peers })))
+}
+
+#[derive(Deserialize)]
+struct PeerRef {
+    peer: String,
+}
+
+async fn set_paused(st: &ApiState, headers: &HeaderMap, body: &Bytes, paused: bool) -> Result<Json<Value>, NodeError> {
+    let b: PeerRef = json_body(body)?;
+    let id: chartmesh_core::PracticeId = b
+        .peer
+        .parse()
+        .map_err(|e: chartmesh_core::ValidationError| NodeError::Invalid(e.message))?;
+    let known = st.node.sync.get().is_some_and(|s| s.set_paused(&id, paused));
+    if !known {
+        return Err(NodeError::NotFound(format!("practice {id} is not paired")));
+    }
+    st.node
+        .audit(vec![
+            chartmesh_core::audit::AuditEvent::new(crate::now_ms(), user(headers), if paused { "sync-pause" } else { "sync-resume" })
+                .peer(id.to_string()),
+        ])
+        .await?;
+    Ok(Json(json!({ "peer": id.to_string(), "paused": paused })))
+}
+
+async fn sync_pause(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, NodeError> {
+    set_paused(&st, &headers, &body, true).await
+}
+
+async fn sync_resume(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, NodeError> {
+    set_paused(&st, &headers, &body, false).await
 }
 
 async fn peers(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {

@@ -35,6 +35,7 @@ use crate::now_ms;
 const CLOSE_DUPLICATE: u32 = 2;
 const CLOSE_UNPAIRED: u32 = 3;
 const CLOSE_SHUTDOWN: u32 = 0;
+const CLOSE_PAUSED: u32 = 4;
 
 /// Apply batches in flight per pull: beyond this the puller stops reading, and QUIC flow
 /// control holds the sender back.
@@ -51,6 +52,7 @@ pub struct PeerStatus {
     pub name: String,
     pub addr: String,
     pub connected: bool,
+    pub paused: bool,
     /// Both directions are complete and nothing is pending.
     pub in_sync: bool,
     pub last_sync_ms: Option<i64>,
@@ -79,6 +81,11 @@ struct Link {
     kick: Arc<Notify>,
     /// Wakes the puller.
     pull: Arc<Notify>,
+    /// Sync with this peer paused by an administrator: no dialling, connections refused.
+    paused: bool,
+    /// The last connection was closed deliberately by the peer (it shut down or paused):
+    /// it dials us when it is back, so we only retry at the slow pace.
+    peer_closed: bool,
     dialer: Option<CancellationToken>,
 }
 
@@ -227,22 +234,31 @@ impl SyncService {
     async fn dial_loop(self: Arc<Self>, peer: PracticeId, token: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let kick = {
+            let (kick, idle, peer_closed) = {
                 let links = self.links.lock().unwrap();
                 let Some(link) = links.get(&peer) else { return };
-                if link.conn.is_some() {
-                    Some(link.kick.clone())
-                } else {
-                    None
-                }
+                (link.kick.clone(), link.conn.is_some() || link.paused, link.peer_closed)
             };
-            if let Some(kick) = kick {
-                // Connected: wait until the connection is lost or the peer changes.
+            if idle {
+                // Connected or paused: wait until that changes.
                 tokio::select! {
                     _ = token.cancelled() => return,
                     _ = kick.notified() => {}
                 }
                 backoff = BACKOFF_MIN;
+                continue;
+            }
+            if peer_closed {
+                // The peer left on purpose and dials us when it is back; retry slowly
+                // meanwhile (it may have come back at a new address).
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                let mut links = self.links.lock().unwrap();
+                if let Some(l) = links.get_mut(&peer) {
+                    l.peer_closed = false;
+                }
                 continue;
             }
             let addr = match self.node.store.peer(&peer) {
@@ -307,6 +323,10 @@ impl SyncService {
             conn.close(quinn::VarInt::from_u32(CLOSE_UNPAIRED), b"unpaired");
             return;
         };
+        if link.paused {
+            conn.close(quinn::VarInt::from_u32(CLOSE_PAUSED), b"paused");
+            return;
+        }
         if let Some(existing) = &link.conn {
             if existing.close_reason().is_none() {
                 if is_preferred(dialed) && !is_preferred(link.dialed) {
@@ -319,6 +339,7 @@ impl SyncService {
         }
         tracing::info!(peer = %peer.short(), dialed, "connected");
         link.conn = Some(conn.clone());
+        link.peer_closed = false;
         link.dialed = dialed;
         link.pulled = false;
         link.last_error = None;
@@ -377,8 +398,26 @@ impl SyncService {
             tracing::info!(reason = ?reason, "disconnected");
             link.conn = None;
             link.pulled = false;
+            link.peer_closed = matches!(reason, Some(quinn::ConnectionError::ApplicationClosed(_)));
             link.kick.notify_one();
         }
+    }
+
+    /// Pauses sync with a peer (closes the connection, stops dialling, refuses its
+    /// connections) or resumes it (dials at once). Returns false for an unknown peer.
+    pub fn set_paused(&self, peer: &PracticeId, paused: bool) -> bool {
+        let mut links = self.links.lock().unwrap();
+        let Some(link) = links.get_mut(peer) else {
+            return false;
+        };
+        link.paused = paused;
+        link.peer_closed = false;
+        if paused && let Some(c) = link.conn.take() {
+            c.close(quinn::VarInt::from_u32(CLOSE_PAUSED), b"paused");
+            link.pulled = false;
+        }
+        link.kick.notify_one();
+        true
     }
 
     fn request_pull(&self, peer: &PracticeId) {
@@ -494,6 +533,7 @@ impl SyncService {
                     name: p.name,
                     addr: p.addr,
                     connected,
+                    paused: link.is_some_and(|l| l.paused),
                     in_sync,
                     last_sync_ms: state.last_pull_ms,
                     shared_to,

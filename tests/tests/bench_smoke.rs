@@ -4,13 +4,15 @@
 
 #[test]
 fn bench_runs_at_small_n_and_checks_its_checksums() {
-    let (charts, expected) = chartmesh_bench::dataset(&chartmesh_tests::bench_data(), 50).unwrap();
+    let ds = chartmesh_bench::dataset(&chartmesh_tests::bench_data(), 50).unwrap();
     let opts = chartmesh_bench::Options {
         bin_dir: chartmesh_tests::bin_dir(),
-        charts,
-        expected_checksum: expected,
+        charts: ds.charts,
+        expected_checksum: ds.checksum,
+        incremental: ds.incremental,
         n: 50,
         reps: 1,
+        rep: 0,
     };
     let reps = chartmesh_bench::run(&opts).unwrap();
     let r = &reps[0];
@@ -25,17 +27,31 @@ fn bench_runs_at_small_n_and_checks_its_checksums() {
         "50 charts take space: {r}"
     );
     assert!(r["cold"]["processWallMs"].as_f64().unwrap() > 0.0);
+    // Every sync phase ran and was checked; bytes were counted by the relay.
+    assert_eq!(r["initial"]["checksumOk"], true, "{r}");
+    assert!(r["initial"]["wireBytes"].as_u64().unwrap() > 50 * 500, "{r}");
+    for phase in ["reconnect1", "reconnect2", "restart"] {
+        let b = r[phase]["wireBytes"].as_u64().unwrap();
+        assert!(b > 0 && b < 100_000, "{phase}: {b} bytes: {r}");
+    }
+    assert_eq!(r["incremental"]["checksumOk"], true, "{r}");
+    assert!(r["incremental"]["wireBytes"].as_u64().unwrap() > 10 * 100, "{r}");
+    assert_eq!(r["verify"]["count"], 50);
+    assert_eq!(r["verify"]["checksumOk"], true);
+    assert!(r["rss"]["bMaxKB"].as_u64().unwrap() > 1000);
     let table = chartmesh_bench::table(&reps);
     assert!(table.contains("load: charts/s"), "{table}");
 
     // A wrong expected checksum is a failed run.
-    let (charts, _) = chartmesh_bench::dataset(&chartmesh_tests::bench_data(), 20).unwrap();
+    let ds = chartmesh_bench::dataset(&chartmesh_tests::bench_data(), 20).unwrap();
     let bad = chartmesh_bench::Options {
         bin_dir: chartmesh_tests::bin_dir(),
-        charts,
+        charts: ds.charts,
         expected_checksum: "0".repeat(64),
+        incremental: ds.incremental,
         n: 20,
         reps: 1,
+        rep: 0,
     };
     let err = chartmesh_bench::run(&bad).unwrap_err().to_string();
     assert!(err.contains("checksum"), "{err}");
