@@ -38,12 +38,24 @@ struct Daemon {
 impl Daemon {
     fn start(bin_dir: &Path, dir: &Path) -> Result<Daemon> {
         let _ = std::fs::remove_file(dir.join("api.addr"));
+        // CHARTMESH_BENCH_LOG=info keeps each daemon's log next to its data directory.
+        let (level, stderr) = match std::env::var("CHARTMESH_BENCH_LOG") {
+            Ok(level) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.with_extension("log"))?;
+                eprintln!("log: {}", dir.with_extension("log").display());
+                (level, Stdio::from(f))
+            }
+            Err(_) => ("warn".to_string(), Stdio::null()),
+        };
         let child = Command::new(bin_dir.join("chartmeshd"))
             .arg("--data-dir")
             .arg(dir)
-            .env("CHARTMESH_LOG", "warn")
+            .env("CHARTMESH_LOG", level)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .context("starting chartmeshd")?;
         let d = Daemon {
@@ -52,13 +64,13 @@ impl Daemon {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if cli(bin_dir, dir, &["status"])
-                .map(|o| o.status.success())
-                .unwrap_or(false)
+            // The daemon writes api.addr once it listens; then its API must answer.
+            if dir.join("api.addr").exists()
+                && Api::of(dir).and_then(|a| a.get("/status")).is_ok()
             {
                 return Ok(d);
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
         bail!("chartmeshd did not answer within 30 s")
     }
@@ -137,8 +149,16 @@ fn checksum_of(jsonl: &[u8]) -> Result<(usize, String)> {
 
 /// One repetition: every phase, on fresh data directories.
 pub fn run_once(o: &Options) -> Result<Value> {
-    let tmp = tempfile::tempdir()?;
-    let a = tmp.path().join("a");
+    let guard = tempfile::tempdir()?;
+    let root = guard.path().to_path_buf();
+    let _guard = if std::env::var("CHARTMESH_BENCH_LOG").is_ok() {
+        // Keep the data directories and logs for inspection.
+        eprintln!("data directories kept in {}", guard.keep().display());
+        None
+    } else {
+        Some(guard)
+    };
+    let a = root.join("a");
     cli_ok(
         &o.bin_dir,
         &a,
@@ -208,7 +228,7 @@ pub fn run_once(o: &Options) -> Result<Value> {
     // Sync phases: A (restarted on its store) and B (fresh), each reaching the other
     // through its own counting relay.
     let da = Daemon::start(&o.bin_dir, &a)?;
-    let b = tmp.path().join("b");
+    let b = root.join("b");
     let b_listen = format!("127.0.0.1:{}", free_udp_port()?);
     cli_ok(&o.bin_dir, &b, &["init", "--name", "Bench B", "--api", "127.0.0.1:0", "--listen", &b_listen])?;
     let mut db = Daemon::start(&o.bin_dir, &b)?;
@@ -222,10 +242,12 @@ pub fn run_once(o: &Options) -> Result<Value> {
     sync_wait(&o.bin_dir, &b, &id_a)?;
 
     // 3. initial sync: from the grant until all N are durable in B (B's pull complete).
+    let (api_a, api_b) = (Api::of(&a)?, Api::of(&b)?);
     let w0 = wire();
     let t = Instant::now();
-    cli_ok(&o.bin_dir, &a, &["share", "--all", "--with", &id_b, "--purpose", "replica"])?;
-    sync_wait(&o.bin_dir, &b, &id_a)?;
+    api_a.post("/shares", &json!({ "peer": id_b, "all": true, "purpose": "replica" }))?;
+    // A's view: B confirmed it holds everything shared with it, durably.
+    api_a.wait_in_sync(&id_b)?;
     let initial_ms = t.elapsed().as_secs_f64() * 1e3;
     let initial_wire = wire() - w0;
     let (count, sum) = checksum_of(&cli_ok(&o.bin_dir, &b, &["export"])?)?;
@@ -241,9 +263,9 @@ pub fn run_once(o: &Options) -> Result<Value> {
         cli_ok(&o.bin_dir, &b, &["sync", "pause", "--peer", &id_a])?;
         let w0 = wire();
         let t = Instant::now();
-        cli_ok(&o.bin_dir, &b, &["sync", "resume", "--peer", &id_a])?;
-        sync_wait(&o.bin_dir, &b, &id_a)?;
-        sync_wait(&o.bin_dir, &a, &id_b)?;
+        api_b.post("/sync/resume", &json!({ "peer": id_a }))?;
+        api_b.wait_in_sync(&id_a)?;
+        api_a.wait_in_sync(&id_b)?;
         reconnects.push(json!({ "ms": t.elapsed().as_secs_f64() * 1e3, "wireBytes": wire() - w0 }));
     }
 
@@ -269,8 +291,9 @@ pub fn run_once(o: &Options) -> Result<Value> {
         }
         let w0 = wire();
         let t = Instant::now();
-        cli_ok(&o.bin_dir, &b, &["sync", "resume", "--peer", &id_a])?;
-        sync_wait(&o.bin_dir, &b, &id_a)?;
+        api_b.post("/sync/resume", &json!({ "peer": id_a }))?;
+        api_b.wait_in_sync(&id_a)?;
+        api_a.wait_in_sync(&id_b)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let bytes = wire() - w0;
         let expected = r["checksumAfter"].as_str().unwrap_or_default();
@@ -288,7 +311,8 @@ pub fn run_once(o: &Options) -> Result<Value> {
     let w0 = wire();
     let t = Instant::now();
     db = Daemon::start(&o.bin_dir, &b)?;
-    sync_wait(&o.bin_dir, &b, &id_a)?;
+    Api::of(&b)?.wait_in_sync(&id_a)?;
+    api_a.wait_in_sync(&id_b)?;
     let restart_ms = t.elapsed().as_secs_f64() * 1e3;
     let restart_wire = wire() - w0;
     sync_wait(&o.bin_dir, &a, &id_b)?;
@@ -317,6 +341,64 @@ pub fn run_once(o: &Options) -> Result<Value> {
         "verify": { "count": vcount, "checksumOk": verify_ok },
         "rss": { "aMaxKB": a_max, "bMaxKB": b_max },
     }))
+}
+
+/// The daemon's local API, for the timed parts of the sync phases (a CLI process per poll
+/// would measure process start-up, not sync).
+struct Api {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn of(dir: &Path) -> Result<Api> {
+        let addr = std::fs::read_to_string(dir.join("api.addr"))?;
+        Ok(Api {
+            base: format!("http://{}/api/v1", addr.trim()),
+            token: std::fs::read_to_string(dir.join("api-token"))?.trim().to_string(),
+            agent: ureq::Agent::new_with_defaults(),
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        Ok(self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call()?
+            .body_mut()
+            .read_json()?)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        Ok(self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .header("X-Chartmesh-User", "bench")
+            .send_json(body)?
+            .body_mut()
+            .read_json()?)
+    }
+
+    /// Waits until `peer` is connected and in sync both ways, as this daemon sees it.
+    fn wait_in_sync(&self, peer: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let v = self.get("/sync")?;
+            let ok = v["peers"].as_array().into_iter().flatten().any(|p| {
+                p["id"] == peer && p["connected"] == true && p["inSync"] == true
+            });
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not in sync with {peer} after 300 s: {v}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 fn free_udp_port() -> Result<u16> {

@@ -127,7 +127,7 @@ fn user(headers: &HeaderMap) -> String {
 async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     let n = st.node.clone();
     let (sync_addr, peers) = tokio::task::spawn_blocking(move || match n.sync.get() {
-        Some(s) => (Some(s.local_addr().to_string()), serde_json::to_value(s.status()).unwrap_or_default()),
+        Some(s) => (Some(s.local_addr().to_string()), serde_json::to_value(s.status(true)).unwrap_or_default()),
         None => (None, Value::Array(vec![])),
     })
     .await
@@ -149,7 +149,7 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
 /// Per-peer sync state, and whether every connected peer is in sync (`chartmesh sync wait`).
 async fn sync_status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     let n = st.node.clone();
-    let peers = tokio::task::spawn_blocking(move || n.sync.get().map(|s| s.status()).unwrap_or_default())
+    let peers = tokio::task::spawn_blocking(move || n.sync.get().map(|s| s.status(false)).unwrap_or_default())
         .await
         .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?;
     let all = peers.iter().filter(|p| p.connected).all(|p| p.in_sync);

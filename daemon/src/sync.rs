@@ -76,7 +76,11 @@ struct Link {
     /// The last pull over the live connection completed.
     pulled: bool,
     served_upto: i64,
+    /// The served sequence last written to the store (written only when it moves).
+    served_persisted: i64,
     last_error: Option<String>,
+    /// When the last pull completed (also kept in the store when the checkpoint moves).
+    last_pull_ms: Option<i64>,
     /// Wakes the dialler (peer changed, connection lost).
     kick: Arc<Notify>,
     /// Wakes the puller.
@@ -254,6 +258,7 @@ impl SyncService {
                 tokio::select! {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = kick.notified() => {}
                 }
                 let mut links = self.links.lock().unwrap();
                 if let Some(l) = links.get_mut(&peer) {
@@ -398,7 +403,9 @@ impl SyncService {
             tracing::info!(reason = ?reason, "disconnected");
             link.conn = None;
             link.pulled = false;
-            link.peer_closed = matches!(reason, Some(quinn::ConnectionError::ApplicationClosed(_)));
+            // Closed on purpose by the peer (shut down or paused): it dials us when back.
+            link.peer_closed = matches!(&reason, Some(quinn::ConnectionError::ApplicationClosed(c))
+                if c.error_code == quinn::VarInt::from_u32(CLOSE_SHUTDOWN) || c.error_code == quinn::VarInt::from_u32(CLOSE_PAUSED));
             link.kick.notify_one();
         }
     }
@@ -418,6 +425,13 @@ impl SyncService {
         }
         link.kick.notify_one();
         true
+    }
+
+    fn note_pulled(&self, peer: &PracticeId) {
+        let mut links = self.links.lock().unwrap();
+        if let Some(l) = links.get_mut(peer) {
+            l.last_pull_ms = Some(now_ms());
+        }
     }
 
     fn request_pull(&self, peer: &PracticeId) {
@@ -505,8 +519,9 @@ impl SyncService {
         }
     }
 
-    /// Status of every paired peer.
-    pub fn status(&self) -> Vec<PeerStatus> {
+    /// Status of every paired peer. `counts`: also count the charts shared each way (a scan
+    /// of the chart index; `sync wait` polls without them).
+    pub fn status(&self, counts: bool) -> Vec<PeerStatus> {
         let store = &self.node.store;
         let peers = store.peers().unwrap_or_default();
         let seq = store.seq().unwrap_or(0);
@@ -516,8 +531,12 @@ impl SyncService {
             .map(|p| {
                 let key = p.id.to_string();
                 let state = store.sync_peer_state(&key).unwrap_or_default();
-                let grants = store.grants(Some(&p.id)).unwrap_or_default();
-                let shared_to = shared_count(store, &grants, now);
+                let shared_to = if counts {
+                    let grants = store.grants(Some(&p.id)).unwrap_or_default();
+                    shared_count(store, &grants, now)
+                } else {
+                    0
+                };
                 let links = self.links.lock().unwrap();
                 let link = links.get(&p.id);
                 let connected = link.is_some_and(|l| l.conn.is_some());
@@ -525,9 +544,11 @@ impl SyncService {
                     .map(|l| l.served_upto)
                     .unwrap_or(0)
                     .max(state.served_upto);
+                // In sync: our last pull is complete and nothing it could need changed here
+                // since its last complete pull (our own writes of its changes do not count).
                 let in_sync = link.is_some_and(|l| {
                     l.conn.is_some() && l.pulled && !l.pulling && !l.pull_again
-                }) && served >= seq;
+                }) && (served >= seq || !store.sync_pending(&key, served).unwrap_or(true));
                 PeerStatus {
                     id: key,
                     name: p.name,
@@ -535,9 +556,13 @@ impl SyncService {
                     connected,
                     paused: link.is_some_and(|l| l.paused),
                     in_sync,
-                    last_sync_ms: state.last_pull_ms,
+                    last_sync_ms: link.and_then(|l| l.last_pull_ms).max(state.last_pull_ms),
                     shared_to,
-                    shared_from: store.received_count(&p.id.to_string()).unwrap_or(0),
+                    shared_from: if counts {
+                        store.received_count(&p.id.to_string()).unwrap_or(0)
+                    } else {
+                        0
+                    },
                     pending_changes: (seq - served).max(0),
                     last_error: link.and_then(|l| l.last_error.clone()),
                 }
@@ -549,7 +574,7 @@ impl SyncService {
 fn shared_count(store: &Store, grants: &[Grant], now: i64) -> usize {
     let active: Vec<&Grant> = grants.iter().filter(|g| g.is_active(now)).collect();
     if active.iter().any(|g| g.chart_id == consent::ALL_CHARTS) {
-        return store.sync_own_charts(None).map(|v| v.len()).unwrap_or(0);
+        return store.own_count().unwrap_or(0) as usize;
     }
     active.len()
 }
@@ -615,6 +640,7 @@ impl SyncService {
             let key = key.clone();
             blocking(move || offer(&store, &key, since as i64, now_ms())).await?
         };
+        tracing::debug!(items = items.len(), since, upto, "offer ready");
         for chunk in items.chunks(OFFER_CHUNK) {
             out.send(&Msg::Offer { items: chunk.to_vec() }.encode()).await?;
         }
@@ -626,7 +652,9 @@ impl SyncService {
             };
             match Msg::decode(&bytes) {
                 Ok(Msg::Want { items }) => {
+                    let n = items.len();
                     let msgs = self.answer_want(&peer, items).await?;
+                    tracing::debug!(charts = n, "want answered");
                     for m in msgs {
                         out.send(&m.encode()).await?;
                     }
@@ -639,10 +667,19 @@ impl SyncService {
                             l.served_upto = l.served_upto.max(done);
                         }
                     }
-                    if let Ok(rx) = self.node.store.set_served(&key, done, now_ms()) {
+                    let changed = {
+                        let mut links = self.links.lock().unwrap();
+                        links.get_mut(&peer).is_some_and(|l| {
+                            let c = l.served_persisted < done;
+                            l.served_persisted = l.served_persisted.max(done);
+                            c
+                        })
+                    };
+                    if changed && let Ok(rx) = self.node.store.set_served(&key, done, now_ms()) {
                         let _ = rx.await;
                     }
-                    out.finish().await?;
+                    // The puller may already have closed its side; nothing more is owed.
+                    let _ = out.finish().await;
                     return Ok(());
                 }
                 Ok(other) => {
@@ -715,10 +752,12 @@ impl SyncService {
             Ok((deliveries, events))
         })
         .await?;
+        let t = std::time::Instant::now();
         self.node
             .audit(events)
             .await
             .map_err(|_| SessionError::Closed)?;
+        tracing::debug!(audit_us = t.elapsed().as_micros() as u64, "sends audited");
         let mut msgs = Vec::new();
         let mut batch = Vec::new();
         let mut size = 0;
@@ -775,6 +814,7 @@ impl SyncService {
                 let actions = tokio::select! {
                     m = msg_rx.recv(), if permits.available_permits() > 0 => {
                         let msg = m.ok_or(SessionError::Ended)??;
+                        tracing::debug!(msg = msg.name(), "received");
                         let local = if let Msg::Offer { items } = &msg {
                             let ids: Vec<String> = items.iter().map(|i| i.chart.clone()).collect();
                             let store = self.node.store.clone();
@@ -790,6 +830,7 @@ impl SyncService {
                     }
                     a = applied_rx.recv() => {
                         let n = a.expect("sender held")?;
+                        tracing::debug!(items = n, "applied");
                         puller.applied(n)
                     }
                 };
@@ -809,9 +850,14 @@ impl SyncService {
                             });
                         }
                         Action::Complete { upto } => {
-                            let store = self.node.store.clone();
-                            let rx = store.set_checkpoint(&key, upto as i64, now_ms())?;
-                            rx.await.map_err(|_| SessionError::Closed)??;
+                            // The checkpoint moves only once everything is durable; a pull
+                            // that brought nothing new needs no write.
+                            if upto as i64 != checkpoint {
+                                let store = self.node.store.clone();
+                                let rx = store.set_checkpoint(&key, upto as i64, now_ms())?;
+                                rx.await.map_err(|_| SessionError::Closed)??;
+                            }
+                            self.note_pulled(&peer);
                             out.send(&Msg::Done { upto }.encode()).await?;
                             let stats = puller.stats().clone();
                             tracing::debug!(offered = stats.offered, wanted = stats.wanted, delivered = stats.delivered, upto, "pull complete");
@@ -867,12 +913,14 @@ impl SyncService {
             let _ = me;
             consent::may_apply_change(consent::applicable(grants, chart), &peer_id, actors, now_ms())
         });
+        let t = std::time::Instant::now();
         let outcomes = self
             .node
             .store
             .apply_sync(peer.to_string(), prepared, check, now)?
             .await
             .map_err(|_| SessionError::Closed)??;
+        tracing::debug!(write_us = t.elapsed().as_micros() as u64, "batch written");
         let refused = outcomes
             .iter()
             .filter(|o| matches!(o, SyncOutcome::Refused(_)))

@@ -83,6 +83,11 @@ impl Endpoint {
                 .expect("idle timeout fits"),
         ));
         transport.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+        // Path MTU discovery sends padded probes from both ends of every connection: with
+        // quinn's defaults most of the bytes of a no-op reconnect, and even a single probe
+        // each way costs ~3 KB, while larger packets did not measurably speed up a bulk sync
+        // (docs/PERFORMANCE.md). Packets stay at QUIC's safe 1200 bytes.
+        transport.mtu_discovery_config(None);
         let transport = Arc::new(transport);
         server.transport_config(transport.clone());
         let mut client = quinn::ClientConfig::new(Arc::new(

@@ -89,6 +89,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE charts ADD COLUMN revoked_ms INTEGER;
     ALTER TABLE charts ADD COLUMN from_peer TEXT;
     CREATE INDEX charts_origin ON charts(origin);
+    ALTER TABLE chart_changes ADD COLUMN heads_before BLOB;
     CREATE TABLE sync_peers (
         peer            TEXT PRIMARY KEY,
         checkpoint      INTEGER NOT NULL DEFAULT 0,

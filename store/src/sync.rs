@@ -204,7 +204,53 @@ impl Store {
         id: &str,
         have: &[[u8; 32]],
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        self.with_reader(|c| Ok(load_doc(c, id)?.map(|(mut d, _, _)| d.changes_after(have))))
+        self.with_reader(|c| {
+            // Fast path: the peer is at the start of one of our stored chunks.
+            let mut want = have.to_vec();
+            want.sort_unstable();
+            let mut st = c.prepare_cached(
+                "SELECT heads_before, data FROM chart_changes WHERE chart_id = ?1 ORDER BY seq",
+            )?;
+            let rows = st.query_map([id], |r| {
+                Ok((r.get::<_, Option<Vec<u8>>>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?;
+            let mut out: Option<Vec<u8>> = None;
+            for row in rows {
+                let (before, data) = row?;
+                match &mut out {
+                    Some(bytes) => bytes.extend(data),
+                    None => {
+                        if let Some(b) = before {
+                            let mut hb = heads_from_blob(&b);
+                            hb.sort_unstable();
+                            if !want.is_empty() && hb == want {
+                                out = Some(data);
+                            }
+                        }
+                    }
+                }
+            }
+            if out.is_some() {
+                return Ok(out);
+            }
+            Ok(load_doc(c, id)?.map(|(mut d, _, _)| d.changes_after(have)))
+        })
+    }
+
+    /// Whether anything changed after `since` that `peer` may need (cheap: existence only).
+    pub fn sync_pending(&self, peer: &str, since: i64) -> Result<bool, StoreError> {
+        self.with_reader(|c| {
+            let charts: bool = c
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM charts WHERE seq > ?2 AND (from_peer IS NULL OR from_peer != ?1)
+                     AND (origin IS NULL OR (origin = ?1 AND access = 'read-write' AND revoked_ms IS NULL)))",
+                )?
+                .query_row(params![peer, since], |r| r.get(0))?;
+            let grants: bool = c
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM grants WHERE peer = ?1 AND seq > ?2)")?
+                .query_row(params![peer, since], |r| r.get(0))?;
+            Ok(charts || grants)
+        })
     }
 
     /// Grants of `peer` recorded, changed, revoked after `since` (with their sequence).
@@ -249,6 +295,15 @@ impl Store {
                 [peer],
                 |r| r.get::<_, i64>(0),
             )? as u64)
+        })
+    }
+
+    /// How many charts this practice holds as its own (not received).
+    pub fn own_count(&self) -> Result<u64, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row("SELECT count(*) FROM charts WHERE origin IS NULL", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
         })
     }
 
@@ -304,11 +359,14 @@ impl Store {
     ) -> Result<oneshot::Receiver<Result<Vec<SyncOutcome>, StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.writer()?.send(task(tx, move |ctx| {
+            let t = std::time::Instant::now();
             let grants = crate::consent::grants_of(ctx.conn, &peer)?;
             let mut out = Vec::with_capacity(items.len());
+            let n = items.len();
             for item in items {
                 out.push(apply_one(ctx, &peer, item, &check, &grants, now_ms)?);
             }
+            tracing::debug!(items = n, apply_us = t.elapsed().as_micros() as u64, "sync batch applied in the writer");
             Ok(out)
         }))?;
         Ok(rx)
@@ -455,9 +513,11 @@ fn merge(
     now: i64,
 ) -> Result<SyncOutcome, StoreError> {
     let audit = || AuditEvent::new(now, "sync", "refuse").chart(chart).peer(peer);
+    let t0 = std::time::Instant::now();
     let Some((mut doc, inc_seq, inc_count)) = load_doc(ctx.conn, chart)? else {
         return Ok(SyncOutcome::Ignored);
     };
+    let t_load = t0.elapsed();
     let _ = doc.save_incremental();
     let merged = match doc.merge(data) {
         Ok(m) => m,
@@ -488,6 +548,7 @@ fn merge(
     if let Err(e) = Chart::from_json_slice(&serde_json::to_vec(&json).expect("json")) {
         return refuse(ctx, audit(), &format!("the merged chart is invalid: {e}"));
     }
+    let t_check = t0.elapsed();
     let from = (heads_digest(&doc.head_bytes()) == digest).then_some(peer);
     persist_doc(
         ctx.conn,
@@ -508,5 +569,6 @@ fn merge(
             .peer(peer)
             .detail(format!("{} changes", merged.added)),
     )?;
+    tracing::trace!(load_us = t_load.as_micros() as u64, checked_us = t_check.as_micros() as u64, total_us = t0.elapsed().as_micros() as u64, "merged");
     Ok(SyncOutcome::Applied { changed: true })
 }

@@ -461,8 +461,17 @@ pub(crate) fn persist_doc(
         let inc = doc.save_incremental();
         let seq = at.inc_seq + 1;
         if !inc.is_empty() {
-            tx.prepare_cached("INSERT INTO chart_changes(chart_id, seq, data) VALUES (?1, ?2, ?3)")?
-                .execute(params![chart_id, seq, inc])?;
+            // The heads this chunk starts from: a peer at exactly those heads needs only this
+            // chunk and the later ones, without loading the document.
+            let before: Option<Vec<u8>> = tx
+                .prepare_cached("SELECT heads FROM charts WHERE id = ?1")?
+                .query_row([chart_id], |r| r.get(0))
+                .optional()?
+                .flatten();
+            tx.prepare_cached(
+                "INSERT INTO chart_changes(chart_id, seq, data, heads_before) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![chart_id, seq, inc, before])?;
         }
         let (inc_seq, inc_count) = if inc.is_empty() {
             (at.inc_seq, at.inc_count)
