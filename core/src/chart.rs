@@ -277,6 +277,14 @@ impl Chart {
         Ok(chart)
     }
 
+    /// Validates a chart already in JSON form (e.g. read back from a received document).
+    pub fn from_json_value(v: serde_json::Value) -> Result<Chart, ValidationError> {
+        let chart: Chart = serde_json::from_value(v)
+            .map_err(|e| ValidationError::new("", format!("not a valid chart: {e}")))?;
+        chart.validate()?;
+        Ok(chart)
+    }
+
     pub fn chart_id(&self) -> ChartId {
         ChartId::parse(&self.id).expect("validated chart has a valid id")
     }

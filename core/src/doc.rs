@@ -71,6 +71,16 @@ pub struct ChartDoc {
     doc: AutoCommit,
 }
 
+/// A chart's id and search-index fields, read from its document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChartHeader {
+    pub id: String,
+    pub mrn: String,
+    pub family: String,
+    pub given: String,
+    pub birth_date: String,
+}
+
 /// What merging a peer's changes added to a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Merged {
@@ -192,6 +202,66 @@ impl ChartDoc {
     /// Sets a top-level scalar field (e.g. `updatedAt`) as part of the next change.
     pub fn put_root_str(&mut self, key: &str, value: &str) -> Result<(), CoreError> {
         self.doc.put(ROOT, key, value).map_err(shape)
+    }
+
+    /// The few fields needed to file a received chart (its id and the search index), read
+    /// straight from the document without converting all of it. Errors name what is missing.
+    pub fn header(&self) -> Result<ChartHeader, CoreError> {
+        let d = &self.doc;
+        let missing = |f: &str| CoreError::Shape(format!("the document has no valid `{f}`"));
+        let scalar_str = |obj: &automerge::ObjId, key: &str| -> Option<String> {
+            match d.get(obj, key).ok()?? {
+                (automerge::Value::Scalar(s), _) => match s.as_ref() {
+                    ScalarValue::Str(t) => Some(t.to_string()),
+                    _ => None,
+                },
+                _ => None,
+            }
+        };
+        let map = |obj: &automerge::ObjId, key: &str| -> Option<automerge::ObjId> {
+            match d.get(obj, key).ok()?? {
+                (automerge::Value::Object(ObjType::Map), id) => Some(id),
+                _ => None,
+            }
+        };
+        let id = scalar_str(&ROOT, "id").ok_or_else(|| missing("id"))?;
+        if scalar_str(&ROOT, "type").as_deref() != Some("chart") {
+            return Err(missing("type"));
+        }
+        let version = match d.get(ROOT, "schemaVersion").ok().flatten() {
+            Some((automerge::Value::Scalar(s), _)) => match s.as_ref() {
+                ScalarValue::Int(i) => *i,
+                ScalarValue::Uint(u) => *u as i64,
+                _ => -1,
+            },
+            _ => -1,
+        };
+        if version != 1 {
+            return Err(missing("schemaVersion"));
+        }
+        let patient = map(&ROOT, "patient").ok_or_else(|| missing("patient"))?;
+        let name = map(&patient, "name").ok_or_else(|| missing("patient.name"))?;
+        let given = match d.get(&name, "given").ok().flatten() {
+            Some((automerge::Value::Object(ObjType::List), list)) => (0..d.length(&list))
+                .filter_map(|i| match d.get(&list, i).ok()?? {
+                    (automerge::Value::Scalar(s), _) => match s.as_ref() {
+                        ScalarValue::Str(t) => Some(t.to_string()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => return Err(missing("patient.name.given")),
+        };
+        Ok(ChartHeader {
+            mrn: scalar_str(&patient, "mrn").ok_or_else(|| missing("patient.mrn"))?,
+            family: scalar_str(&name, "family").ok_or_else(|| missing("patient.name.family"))?,
+            birth_date: scalar_str(&patient, "birthDate")
+                .ok_or_else(|| missing("patient.birthDate"))?,
+            given,
+            id,
+        })
     }
 
     /// The heads as raw 32-byte hashes, sorted.

@@ -18,7 +18,7 @@ pub mod ids;
 pub mod sync;
 
 pub use chart::Chart;
-pub use doc::{ChangeMeta, ChartDoc, HistoryEntry, Merged};
+pub use doc::{ChangeMeta, ChartDoc, ChartHeader, HistoryEntry, Merged};
 pub use error::{CoreError, ValidationError};
 pub use ids::{ChartId, PracticeId};
 

@@ -442,11 +442,10 @@ pub(crate) fn persist_doc(
     options: &StoreOptions,
     at: &Stored<'_>,
     doc: &mut ChartDoc,
-    json: &serde_json::Value,
+    ix: &IndexFields,
     now: i64,
     from_peer: Option<&str>,
 ) -> Result<(), StoreError> {
-    let ix = IndexFields::from_chart_json(json);
     let change_seq = crate::schema::take_seq(tx, 1)?;
     let heads = heads_blob(&doc.head_bytes());
     let chart_id = at.chart_id;
@@ -540,7 +539,7 @@ fn apply_edit(
             inc_count,
         },
         &mut doc,
-        &json,
+        &IndexFields::from_chart_json(&json),
         now,
         None,
     )?;
