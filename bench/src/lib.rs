@@ -430,29 +430,39 @@ pub fn run(o: &Options) -> Result<Vec<Value>> {
 }
 
 /// A markdown table: median (min–max) over reps for each figure.
-pub fn table(reps: &[Value]) -> String {
-    let rows = [
-        ("load: charts/s", "/load/docsPerSec", 0),
-        ("load: ms", "/load/ms", 0),
-        ("load: peak RSS (KB)", "/load/maxRssKB", 0),
-        ("load: bytes on disk", "/load/diskBytes", 0),
-        ("cold open + read one chart (ms)", "/cold/processWallMs", 1),
-        ("initial sync (ms)", "/initial/ms", 0),
-        ("initial sync: wire bytes", "/initial/wireBytes", 0),
-        ("reconnect no-op 1 (ms)", "/reconnect1/ms", 1),
-        ("reconnect no-op 1: wire bytes", "/reconnect1/wireBytes", 0),
-        ("reconnect no-op 2 (ms)", "/reconnect2/ms", 1),
-        ("reconnect no-op 2: wire bytes", "/reconnect2/wireBytes", 0),
-        ("incremental, 10 notes (ms)", "/incremental/ms", 1),
-        ("incremental: wire bytes", "/incremental/wireBytes", 0),
-        ("restart B + reconnect (ms)", "/restart/ms", 1),
-        ("restart: wire bytes", "/restart/wireBytes", 0),
-        ("verify: charts in B", "/verify/count", 0),
-        ("peak RSS A (KB)", "/rss/aMaxKB", 0),
-        ("peak RSS B (KB)", "/rss/bMaxKB", 0),
-    ];
-    let mut s = String::from("| figure | median (min–max) |\n|---|---:|\n");
-    for (name, ptr, digits) in rows {
+/// (figure, JSON pointer, decimals, PouchDB at N=1,000, PouchDB at N=10,000): the reference
+/// figures of `../shared/bench-data/reference.md` (median of 3 at 1,000; one run at 10,000).
+const ROWS: &[(&str, &str, usize, &str, &str)] = &[
+    ("load: charts/s", "/load/docsPerSec", 0, "5,938", "8,479"),
+    ("load: ms", "/load/ms", 0, "", ""),
+    ("load: peak RSS (KB)", "/load/maxRssKB", 0, "120 MB", "252 MB"),
+    ("load: bytes on disk", "/load/diskBytes", 0, "5.4 MB", "33 MB"),
+    ("cold open + read one chart (ms)", "/cold/processWallMs", 1, "215", "213"),
+    ("initial sync (ms)", "/initial/ms", 0, "676", "5,000"),
+    ("initial sync: wire bytes", "/initial/wireBytes", 0, "740 KB", "7.4 MB"),
+    ("reconnect no-op 1 (ms)", "/reconnect1/ms", 1, "276", "2,700"),
+    ("reconnect no-op 1: wire bytes", "/reconnect1/wireBytes", 0, "110 KB", "1.2 MB"),
+    ("reconnect no-op 2 (ms)", "/reconnect2/ms", 1, "16", "13"),
+    ("reconnect no-op 2: wire bytes", "/reconnect2/wireBytes", 0, "5.1 KB", "5.1 KB"),
+    ("incremental, 10 notes (ms)", "/incremental/ms", 1, "30", "38"),
+    ("incremental: wire bytes", "/incremental/wireBytes", 0, "19 KB", "19 KB"),
+    ("restart B + reconnect (ms)", "/restart/ms", 1, "57", "89"),
+    ("restart: wire bytes", "/restart/wireBytes", 0, "7.9 KB", "7.9 KB"),
+    ("verify: charts in B", "/verify/count", 0, "", ""),
+    ("peak RSS A (KB)", "/rss/aMaxKB", 0, "123 MB", "199 MB"),
+    ("peak RSS B (KB)", "/rss/bMaxKB", 0, "138 MB", "215 MB"),
+];
+
+/// A markdown table: median (min–max) over reps for each figure, beside PouchDB's figure at
+/// the same N (when N is 1,000 or 10,000).
+pub fn table(reps: &[Value], n: usize) -> String {
+    let mut s = String::from("| figure | median (min–max) | PouchDB (reference) |\n|---|---:|---:|\n");
+    for &(name, ptr, digits, at_1k, at_10k) in ROWS {
+        let reference = match n {
+            1000 => at_1k,
+            10000 => at_10k,
+            _ => "",
+        };
         let mut v: Vec<f64> = reps
             .iter()
             .filter_map(|r| r.pointer(ptr).and_then(|x| x.as_f64()))
@@ -463,7 +473,7 @@ pub fn table(reps: &[Value]) -> String {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let f = |x: f64| format!("{x:.digits$}");
         s.push_str(&format!(
-            "| {name} | {} ({}–{}) |\n",
+            "| {name} | {} ({}–{}) | {reference} |\n",
             f(v[v.len() / 2]),
             f(v[0]),
             f(v[v.len() - 1])

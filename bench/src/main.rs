@@ -67,7 +67,7 @@ fn main() -> Result<()> {
         "N = {}, {} rep(s)\n\n{}",
         args.n,
         args.reps,
-        chartmesh_bench::table(&reps)
+        chartmesh_bench::table(&reps, args.n)
     );
     Ok(())
 }

@@ -316,17 +316,7 @@ impl Store {
         upto: i64,
         now_ms: i64,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        let peer = peer.to_string();
-        self.writer()?.send(task(tx, move |ctx| {
-            ctx.conn.execute(
-                "INSERT INTO sync_peers(peer, checkpoint, last_pull_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(peer) DO UPDATE SET checkpoint = max(checkpoint, excluded.checkpoint), last_pull_ms = excluded.last_pull_ms",
-                params![peer, upto, now_ms],
-            )?;
-            Ok(())
-        }))?;
-        Ok(rx)
+        self.raise_sync_mark(peer, "checkpoint", "last_pull_ms", upto, now_ms)
     }
 
     /// Records that `peer` confirmed holding everything of ours up to `upto`.
@@ -336,12 +326,26 @@ impl Store {
         upto: i64,
         now_ms: i64,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        self.raise_sync_mark(peer, "served_upto", "last_served_ms", upto, now_ms)
+    }
+
+    /// Raises one of a peer's sync marks (never lowers it) and stamps when.
+    fn raise_sync_mark(
+        &self,
+        peer: &str,
+        mark: &'static str,
+        stamp: &'static str,
+        upto: i64,
+        now_ms: i64,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
         let peer = peer.to_string();
         self.writer()?.send(task(tx, move |ctx| {
             ctx.conn.execute(
-                "INSERT INTO sync_peers(peer, served_upto, last_served_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(peer) DO UPDATE SET served_upto = max(served_upto, excluded.served_upto), last_served_ms = excluded.last_served_ms",
+                &format!(
+                    "INSERT INTO sync_peers(peer, {mark}, {stamp}) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(peer) DO UPDATE SET {mark} = max({mark}, excluded.{mark}), {stamp} = excluded.{stamp}"
+                ),
                 params![peer, upto, now_ms],
             )?;
             Ok(())

@@ -39,7 +39,7 @@ fn bench_runs_at_small_n_and_checks_its_checksums() {
     assert_eq!(r["verify"]["count"], 50);
     assert_eq!(r["verify"]["checksumOk"], true);
     assert!(r["rss"]["bMaxKB"].as_u64().unwrap() > 1000);
-    let table = chartmesh_bench::table(&reps);
+    let table = chartmesh_bench::table(&reps, 50);
     assert!(table.contains("load: charts/s"), "{table}");
 
     // A wrong expected checksum is a failed run.
