@@ -159,7 +159,21 @@ impl Client {
 
     /// Streams an export into `out`; returns the number of charts.
     pub fn export(&self, ids: &[String], out: &mut dyn Write) -> anyhow::Result<usize> {
-        let mut url = format!("{}/export?format=jsonl", self.base);
+        self.export_lines(ids, "jsonl", &mut |line| {
+            out.write_all(line)?;
+            out.write_all(b"\n")?;
+            Ok(())
+        })
+    }
+
+    /// Streams an export line by line (one chart per line) into `each`.
+    pub fn export_lines(
+        &self,
+        ids: &[String],
+        format: &str,
+        each: &mut dyn FnMut(&[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<usize> {
+        let mut url = format!("{}/export?format={format}", self.base);
         if !ids.is_empty() {
             url.push_str(&format!("&ids={}", ids.join(",")));
         }
@@ -175,8 +189,7 @@ impl Client {
         for line in reader.split(b'\n') {
             let line =
                 line.map_err(|e| CliError::Failed(format!("the export stopped early: {e}")))?;
-            out.write_all(&line)?;
-            out.write_all(b"\n")?;
+            each(&line)?;
             n += 1;
         }
         Ok(n)

@@ -5,6 +5,7 @@
 //! 5 refused by consent or policy · 6 verification failed.
 
 mod client;
+mod fhir;
 mod import;
 
 use anyhow::Result;
@@ -81,19 +82,26 @@ enum Cmd {
     Shares,
     /// The daemon's state: practice, charts, peers.
     Status,
-    /// Import charts from JSONL files (one chart per line).
+    /// Import charts: JSONL files (one chart per line) or FHIR R4 JSON (a Bundle or a single
+    /// resource). The kind is told by the extension (.jsonl / .json) or the content.
     Import {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// auto (default), jsonl or fhir.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "jsonl", "fhir"])]
+        format: String,
         /// Author recorded for the imported charts (default: --user).
         #[arg(long)]
         author: Option<String>,
     },
-    /// Export charts (all, or the listed ones).
+    /// Export charts (all, or the listed ones): JSONL, or FHIR R4 (one Bundle file per chart
+    /// in the -o directory).
     Export {
         chart_ids: Vec<String>,
-        #[arg(long, default_value = "jsonl")]
+        /// jsonl (default) or fhir.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "fhir"])]
         format: String,
+        /// The output file (jsonl; default stdout) or directory (fhir, required).
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Read the data directory directly instead of asking the daemon.
@@ -119,6 +127,12 @@ enum Cmd {
     History { chart: String },
     /// The audit log, and its verification.
     Audit(AuditArgs),
+    /// Write a consistent copy of the store to FILE (online, while the daemon runs). The copy
+    /// stays encrypted with the store key: keep a copy of store.key apart from your backups.
+    Backup { file: PathBuf },
+    /// Replace the store with a backup (stop the daemon first). The backup is verified first
+    /// and the replaced store is kept beside it.
+    Restore { file: PathBuf },
     /// Print the address of the console page (with the token) to open in a browser.
     Console,
     /// Sync with paired practices.
@@ -280,12 +294,19 @@ struct AuditArgs {
     since: Option<String>,
     #[arg(long)]
     limit: Option<usize>,
+    /// Print the entries as a FHIR R4 Bundle of AuditEvent resources.
+    #[arg(long)]
+    fhir: bool,
 }
 
 #[derive(Subcommand)]
 enum AuditCmd {
     /// Recompute the hash chain; exit 6 and name the first bad entry if it was tampered with.
-    Verify,
+    Verify {
+        /// Read the data directory directly (the daemon may be stopped).
+        #[arg(long)]
+        offline: bool,
+    },
 }
 
 fn main() {
@@ -344,6 +365,41 @@ fn run(cli: Cli) -> Result<()> {
                     "Start the daemon with: chartmeshd --data-dir {}",
                     dir.display()
                 );
+            });
+        }
+        Cmd::Backup { file } => {
+            let file = std::path::absolute(&file)?;
+            let v = if datadir::daemon_running(&dir) {
+                Client::connect(&dir, &user)?
+                    .post_json("/backup", &json!({ "path": file.display().to_string() }))?
+            } else {
+                let bytes = offline_store(&dir)?.backup_to(&file)?;
+                json!({ "path": file.display().to_string(), "bytes": bytes })
+            };
+            print(j, &v, |v| {
+                println!(
+                    "Backup written to {} ({} bytes), encrypted with this practice's store key.",
+                    v["path"].as_str().unwrap_or(""),
+                    v["bytes"]
+                );
+                println!("Keep a copy of {} somewhere safe, apart from the backups.", dir.join(datadir::STORE_KEY).display());
+            });
+        }
+        Cmd::Restore { file } => {
+            let r = datadir::restore(&dir, &file).map_err(|e| match e {
+                datadir::RestoreError::BadBackup { .. } => CliError::Verification(e.to_string()),
+                datadir::RestoreError::Running(_) => CliError::Refused(e.to_string()),
+                other => CliError::Failed(other.to_string()),
+            })?;
+            let v = serde_json::to_value(&r)?;
+            print(j, &v, |_| {
+                println!(
+                    "Restored {} charts; audit log verified ({} entries).",
+                    r.charts, r.audit_entries
+                );
+                if let Some(p) = &r.previous {
+                    println!("The store it replaced is kept as {p}.");
+                }
             });
         }
         Cmd::Id => {
@@ -507,10 +563,30 @@ fn run(cli: Cli) -> Result<()> {
                 println!("Shares:     {} active consent grant(s)", v["shares"]);
             });
         }
-        Cmd::Import { files, author } => {
+        Cmd::Import {
+            files,
+            format,
+            author,
+        } => {
             let client = Client::connect(&dir, &user)?;
             let author = author.unwrap_or_else(|| user.clone());
-            import::run(&client, &files, &author, j)?;
+            let (fhir_files, jsonl): (Vec<PathBuf>, Vec<PathBuf>) =
+                files.into_iter().partition(|f| match format.as_str() {
+                    "fhir" => true,
+                    "jsonl" => false,
+                    _ => fhir::is_fhir_file(f),
+                });
+            if !fhir_files.is_empty() && !jsonl.is_empty() {
+                return Err(CliError::Usage(
+                    "import FHIR files and JSONL files in separate commands".into(),
+                )
+                .into());
+            }
+            if !fhir_files.is_empty() {
+                fhir::import(&client, &fhir_files, &author, j)?;
+            } else {
+                import::run(&client, &jsonl, &author, j)?;
+            }
         }
         Cmd::Export {
             chart_ids,
@@ -518,11 +594,23 @@ fn run(cli: Cli) -> Result<()> {
             output,
             offline,
         } => {
-            if format != "jsonl" {
-                return Err(CliError::Usage(format!(
-                    "unknown export format {format:?}: use jsonl"
-                ))
-                .into());
+            if format == "fhir" {
+                let Some(out_dir) = output else {
+                    return Err(CliError::Usage(
+                        "--format fhir writes one Bundle file per chart: give the directory with -o DIR".into(),
+                    )
+                    .into());
+                };
+                if offline {
+                    return Err(CliError::Usage("--format fhir needs the running daemon (drop --offline)".into()).into());
+                }
+                let client = Client::connect(&dir, &user)?;
+                let n = fhir::export(&client, &chart_ids, &out_dir)?;
+                let v = json!({ "exported": n, "dir": out_dir.display().to_string() });
+                print(j, &v, |_| {
+                    println!("exported {n} chart(s) as FHIR R4 Bundles into {}", out_dir.display())
+                });
+                return Ok(());
             }
             let mut out: Box<dyn Write> = match &output {
                 Some(p) => Box::new(std::io::BufWriter::new(
@@ -752,10 +840,16 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Audit(a) => {
-            let client = Client::connect(&dir, &user)?;
             match a.cmd {
-                Some(AuditCmd::Verify) => {
-                    let v = client.get("/audit/verify")?;
+                Some(AuditCmd::Verify { offline }) => {
+                    let v = if offline {
+                        match offline_store(&dir)?.verify_audit()? {
+                            Ok(n) => json!({ "ok": true, "entries": n }),
+                            Err(b) => json!({ "ok": false, "firstBadSeq": b.seq, "reason": b.reason }),
+                        }
+                    } else {
+                        Client::connect(&dir, &user)?.get("/audit/verify")?
+                    };
                     print(j, &v, |v| {
                         if v["ok"].as_bool() == Some(true) {
                             println!("audit log verified: {} entries, chain intact", v["entries"]);
@@ -774,6 +868,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 None => {
+                    let client = Client::connect(&dir, &user)?;
                     let mut q = Vec::new();
                     if let Some(c) = a.chart {
                         q.push(format!("chart={}", enc(&c)));
@@ -783,6 +878,12 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     if let Some(l) = a.limit {
                         q.push(format!("limit={l}"));
+                    }
+                    if a.fhir {
+                        q.push("format=fhir".into());
+                        let v = client.get(&format!("/audit?{}", q.join("&")))?;
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        return Ok(());
                     }
                     let v = client.get(&format!("/audit?{}", q.join("&")))?;
                     print(j, &v, |v| {
@@ -913,7 +1014,8 @@ fn print_chart(v: &Value) {
 
 fn offline_store(dir: &std::path::Path) -> Result<chartmesh_store::Store> {
     let path = datadir::store_path(dir);
-    chartmesh_store::Store::open_read_only(&path).map_err(|e| anyhow::anyhow!("{e}"))
+    let key = datadir::store_key(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    chartmesh_store::Store::open_read_only(&path, &key).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn offline_chart(dir: &std::path::Path, id: &str) -> Result<Value> {

@@ -14,6 +14,7 @@ pub mod chart;
 pub mod consent;
 pub mod doc;
 pub mod error;
+pub mod fhir;
 pub mod ids;
 pub mod sync;
 

@@ -37,6 +37,10 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
             "/import",
             post(import).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
         )
+        .route(
+            "/import/fhir",
+            post(import_fhir).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
+        )
         .route("/export", get(export))
         .route("/charts", get(search).post(create))
         .route("/charts/{id}", get(show))
@@ -52,6 +56,7 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/revoke", post(revoke))
         .route("/audit", get(audit_list))
         .route("/audit/verify", get(audit_verify))
+        .route("/backup", post(backup))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(console))
@@ -264,6 +269,19 @@ struct ImportQuery {
     author: Option<String>,
 }
 
+async fn import_fhir(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<ImportQuery>,
+    body: Bytes,
+) -> Result<Json<Value>, NodeError> {
+    let author = q.author.unwrap_or_else(|| user(&headers));
+    let report = st.node.import_fhir(body, &author).await?;
+    Ok(Json(
+        serde_json::to_value(report).expect("report serializes"),
+    ))
+}
+
 async fn import(
     State(st): State<ApiState>,
     headers: HeaderMap,
@@ -289,15 +307,17 @@ async fn export(
     headers: HeaderMap,
     Query(q): Query<ExportQuery>,
 ) -> Response {
-    if let Some(f) = q.format.as_deref()
-        && f != "jsonl"
-    {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            &format!("unknown export format {f:?}: use jsonl"),
-        );
-    }
+    let fhir = match q.format.as_deref() {
+        None | Some("jsonl") => false,
+        Some("fhir") => true,
+        Some(f) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                &format!("unknown export format {f:?}: use jsonl or fhir"),
+            );
+        }
+    };
     let ids: Option<Vec<String>> = q.ids.map(|s| {
         s.split(',')
             .filter(|x| !x.is_empty())
@@ -315,7 +335,7 @@ async fn export(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let node = st.node.clone();
     tokio::task::spawn_blocking(move || {
-        let r = node.export_jsonl(ids.as_deref(), &actor, &mut |line| {
+        let r = node.export_jsonl(ids.as_deref(), &actor, fhir, &mut |line| {
             tx.blocking_send(Ok(Bytes::from(line))).is_ok()
         });
         if let Err(e) = r {
@@ -425,6 +445,8 @@ struct AuditQuery {
     chart: Option<String>,
     since: Option<String>,
     limit: Option<usize>,
+    /// `fhir`: a Bundle of FHIR R4 AuditEvent resources.
+    format: Option<String>,
 }
 
 async fn audit_list(
@@ -449,7 +471,32 @@ async fn audit_list(
         .store
         .audit_entries(q.chart.as_deref(), since, q.limit)
         .map_err(NodeError::from)?;
-    Ok(Json(json!({ "entries": entries })))
+    match q.format.as_deref() {
+        None | Some("json") => Ok(Json(json!({ "entries": entries }))),
+        Some("fhir") => Ok(Json(chartmesh_core::fhir::audit_bundle(
+            &entries,
+            &st.node.practice_id(),
+        ))),
+        Some(f) => Err(NodeError::Invalid(format!(
+            "unknown audit format {f:?}: use json or fhir"
+        ))),
+    }
+}
+
+#[derive(Deserialize)]
+struct BackupRequest {
+    path: std::path::PathBuf,
+}
+
+async fn backup(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, NodeError> {
+    let req: BackupRequest = json_body(&body)?;
+    let path = req.path.display().to_string();
+    let bytes = st.node.backup(req.path, &user(&headers)).await?;
+    Ok(Json(json!({ "path": path, "bytes": bytes })))
 }
 
 async fn audit_verify(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {

@@ -4,7 +4,8 @@
 //! DIR/config.toml        settings (defaults filled in at init)
 //! DIR/identity/          cert.der, key.der (0600): the practice identity
 //! DIR/api-token          the local API's bearer token (0600)
-//! DIR/store.db           charts, indexes, audit log (SQLite, WAL)
+//! DIR/store.db           charts, indexes, audit log (SQLCipher: encrypted SQLite, WAL)
+//! DIR/store.key          the store's 256-bit encryption key (0600); back it up apart from the data
 //! DIR/api.addr           the address the running daemon's API is bound to
 //! DIR/chartmeshd.lock    held while a daemon runs: one daemon per directory
 //! ```
@@ -18,6 +19,7 @@ use crate::identity::Identity;
 pub const CONFIG: &str = "config.toml";
 pub const TOKEN: &str = "api-token";
 pub const STORE: &str = "store.db";
+pub const STORE_KEY: &str = "store.key";
 pub const API_ADDR: &str = "api.addr";
 /// The sync endpoint's actual UDP address, written at start (useful when the port is 0).
 pub const SYNC_ADDR: &str = "sync.addr";
@@ -125,6 +127,11 @@ pub fn init(dir: &Path, opts: InitOptions) -> Result<Identity, InitError> {
     identity.save(dir)?;
     let token = new_token();
     write_private(&dir.join(TOKEN), token.as_bytes()).map_err(io(&dir.join(TOKEN)))?;
+    if !dir.join(STORE_KEY).exists() {
+        let key = chartmesh_store::StoreKey::from_bytes(rand::random());
+        write_private(&dir.join(STORE_KEY), key.to_hex().as_bytes())
+            .map_err(io(&dir.join(STORE_KEY)))?;
+    }
     // The config goes last: its presence marks a complete init.
     write_private(&dir.join(CONFIG), config.to_toml().as_bytes()).map_err(io(&dir.join(CONFIG)))?;
     Ok(identity)
@@ -151,4 +158,132 @@ pub fn api_address(dir: &Path) -> Option<std::net::SocketAddr> {
 
 pub fn store_path(dir: &Path) -> PathBuf {
     dir.join(STORE)
+}
+
+/// The store's encryption key. When neither the key nor the store exists yet (a directory
+/// initialised before encryption), a new key is made; a store without its key is an error,
+/// never a reason to start over.
+pub fn store_key(dir: &Path) -> Result<chartmesh_store::StoreKey, chartmesh_store::StoreError> {
+    let path = dir.join(STORE_KEY);
+    if !path.exists() && !store_path(dir).exists() {
+        let key = chartmesh_store::StoreKey::from_bytes(rand::random());
+        write_private(&path, key.to_hex().as_bytes()).map_err(|e| {
+            chartmesh_store::StoreError::BadKey(format!("cannot create {}: {e}", path.display()))
+        })?;
+        return Ok(key);
+    }
+    if !path.exists() {
+        return Err(chartmesh_store::StoreError::BadKey(format!(
+            "{} exists but its key {} is missing; put back the store.key from your key backup",
+            store_path(dir).display(),
+            path.display()
+        )));
+    }
+    chartmesh_store::StoreKey::read(&path)
+}
+
+/// Whether a daemon holds this directory's lock right now.
+pub fn daemon_running(dir: &Path) -> bool {
+    use fs4::fs_std::FileExt;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join(LOCK))
+    else {
+        return false;
+    };
+    match f.try_lock_exclusive() {
+        Ok(true) => {
+            let _ = FileExt::unlock(&f);
+            false
+        }
+        _ => true,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("a chartmeshd is running on {0}; stop it first (restore replaces the store it has open)")]
+    Running(String),
+    #[error("{file} is not a usable backup of this practice: {reason}")]
+    BadBackup { file: String, reason: String },
+    #[error("restoring into {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// What a restore did.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Restored {
+    pub charts: u64,
+    pub audit_entries: usize,
+    /// Where the store that was replaced was kept (nothing is deleted).
+    pub previous: Option<String>,
+}
+
+/// Replaces the store with a backup, with the daemon stopped. The backup is checked first
+/// (it opens with this practice's key, has a known schema and its audit chain verifies);
+/// the store it replaces is kept beside it, with its WAL, under a `.before-restore-<time>`
+/// name, so a restore never loses data.
+pub fn restore(dir: &Path, backup: &Path) -> Result<Restored, RestoreError> {
+    if daemon_running(dir) {
+        return Err(RestoreError::Running(dir.display().to_string()));
+    }
+    let bad = |reason: String| RestoreError::BadBackup {
+        file: backup.display().to_string(),
+        reason,
+    };
+    let key = store_key(dir).map_err(|e| bad(e.to_string()))?;
+    let (charts, audit_entries) = {
+        let copy = chartmesh_store::Store::open_read_only(backup, &key).map_err(|e| bad(e.to_string()))?;
+        let charts = copy.count().map_err(|e| bad(e.to_string()))?;
+        let n = match copy.verify_audit().map_err(|e| bad(e.to_string()))? {
+            Ok(n) => n,
+            Err(b) => {
+                return Err(bad(format!(
+                    "its audit log fails verification at entry {}: {}",
+                    b.seq, b.reason
+                )));
+            }
+        };
+        copy.close();
+        (charts, n)
+    };
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |e| RestoreError::Io {
+            path: p.clone(),
+            source: e,
+        }
+    };
+    let store = store_path(dir);
+    let incoming = dir.join("store.db.restoring");
+    std::fs::copy(backup, &incoming).map_err(io(&incoming))?;
+    std::fs::File::open(&incoming)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&incoming))?;
+    let mut previous = None;
+    if store.exists() {
+        let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+        let kept = dir.join(format!("store.db.before-restore-{stamp}"));
+        for suffix in ["-wal", "-shm"] {
+            let from = PathBuf::from(format!("{}{suffix}", store.display()));
+            if from.exists() {
+                let to = PathBuf::from(format!("{}{suffix}", kept.display()));
+                std::fs::rename(&from, &to).map_err(io(&from))?;
+            }
+        }
+        std::fs::rename(&store, &kept).map_err(io(&store))?;
+        previous = Some(kept.display().to_string());
+    }
+    std::fs::rename(&incoming, &store).map_err(io(&store))?;
+    let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
+    Ok(Restored {
+        charts,
+        audit_entries,
+        previous,
+    })
 }

@@ -93,7 +93,8 @@ async fn run(args: Args) -> Result<()> {
     }
 
     let identity = Identity::load(&dir)?;
-    let store = Store::open(&datadir::store_path(&dir), StoreOptions::default())
+    let key = datadir::store_key(&dir).context("loading the store key")?;
+    let store = Store::open(&datadir::store_path(&dir), &key, StoreOptions::default())
         .context("opening the chart store")?;
     let token = datadir::read_token(&dir)
         .context("reading the API token (api-token in the data directory)")?;

@@ -375,6 +375,29 @@ impl Node {
         Ok(res)
     }
 
+    /// Writes a consistent, still encrypted copy of the store to `path` while the daemon runs.
+    pub async fn backup(&self, path: std::path::PathBuf, actor: &str) -> Result<u64, NodeError> {
+        if !path.is_absolute() {
+            return Err(NodeError::Invalid(format!(
+                "backup path {} must be absolute (the daemon may run in another directory)",
+                path.display()
+            )));
+        }
+        if path.is_dir() {
+            return Err(NodeError::Invalid(format!(
+                "{} is a directory; give a file name for the backup",
+                path.display()
+            )));
+        }
+        // Recorded before the copy is taken, so the backup's own log shows it.
+        self.audit(vec![AuditEvent::new(now_ms(), actor, "backup")]).await?;
+        let store = self.store.clone();
+        let bytes = tokio::task::spawn_blocking(move || store.backup_to(&path))
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        Ok(bytes)
+    }
+
     pub async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), NodeError> {
         self.store
             .audit(events)?
@@ -513,20 +536,36 @@ impl Node {
     }
 
     /// Streams charts as JSONL lines into `sink` (one chart in memory at a time). Audited.
+    /// With `fhir`, each line is `{"chartId": ..., "bundle": <FHIR R4 Bundle>}`.
     pub fn export_jsonl(
         &self,
         ids: Option<&[String]>,
         actor: &str,
+        fhir: bool,
         sink: &mut dyn FnMut(String) -> bool,
     ) -> Result<usize, NodeError> {
         let mut n = 0;
         let mut events = Vec::new();
         let t = now_ms();
-        let r = self.store.for_each_chart(ids, &mut |rec| {
+        let r = self.store.for_each_chart(ids, &mut |mut rec| {
             let json = rec.doc.to_json()?;
-            let mut line = canonical::to_canonical(&json);
+            let mut line = if fhir {
+                let chart = Chart::from_json_value(json).map_err(|e| {
+                    StoreError::Corrupt(format!("chart {} does not read as a chart: {e}", rec.id))
+                })?;
+                let history = rec.doc.history();
+                let bundle = chartmesh_core::fhir::chart_to_bundle(&chart, &history);
+                serde_json::to_string(&serde_json::json!({ "chartId": rec.id, "bundle": bundle }))
+                    .expect("bundles serialize")
+            } else {
+                canonical::to_canonical(&json)
+            };
             line.push('\n');
-            events.push(AuditEvent::new(t, actor, "export").chart(&rec.id));
+            events.push(
+                AuditEvent::new(t, actor, "export")
+                    .chart(&rec.id)
+                    .detail(if fhir { "format=fhir" } else { "format=jsonl" }),
+            );
             n += 1;
             if !sink(line) {
                 return Err(StoreError::Closed);
@@ -550,6 +589,163 @@ impl Node {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The account of a FHIR import: what became of every chart and every resource.
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FhirImportReport {
+    /// New charts created.
+    pub created: usize,
+    /// Stored charts that gained entries from this input.
+    pub updated: usize,
+    /// Stored charts that already held everything in this input.
+    pub unchanged: usize,
+    /// Charts that could not be stored, with the reason.
+    pub chart_errors: Vec<Value>,
+    /// Per resource type: mapped, skipped, errors.
+    pub summary: std::collections::BTreeMap<String, chartmesh_core::fhir::TypeCounts>,
+    /// Every resource that was skipped or in error, with its place in the input and the reason.
+    pub resources: Vec<chartmesh_core::fhir::ResourceReport>,
+    /// Set when the input as a whole could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fatal: Option<String>,
+}
+
+impl Node {
+    /// Imports a FHIR R4 Bundle or single resource. Patients become charts, matched to stored
+    /// charts by identifier (the chartmesh chart id, else the MRN): a matched chart gains only
+    /// the entries it does not already hold, so importing the same input twice changes nothing.
+    pub async fn import_fhir(
+        self: &Arc<Self>,
+        body: bytes::Bytes,
+        author: &str,
+    ) -> Result<FhirImportReport, NodeError> {
+        let now = crate::rfc3339(now_ms());
+        let parsed = self
+            .on_pool(move || chartmesh_core::fhir::import(&body, &now))
+            .await;
+        let mut report = FhirImportReport {
+            summary: parsed.summary(),
+            resources: parsed
+                .resources
+                .iter()
+                .filter(|r| r.outcome != chartmesh_core::fhir::Outcome::Mapped)
+                .cloned()
+                .collect(),
+            fatal: parsed.fatal.clone(),
+            ..Default::default()
+        };
+        let meta = self.meta(author, "import");
+        let mut to_insert = Vec::new();
+        for chart in parsed.charts {
+            if let Err(e) = chart.validate() {
+                report.chart_errors.push(serde_json::json!({ "chart": chart.id, "error": e.to_string() }));
+                continue;
+            }
+            // Match: the same chart id, else one chart of this practice with the same MRN.
+            let mut target = self.store.get(&chart.id)?.map(|r| (chart.id.clone(), r));
+            if target.is_none() {
+                let hits: Vec<_> = self
+                    .store
+                    .search(&chart.patient.mrn, 2)?
+                    .into_iter()
+                    .filter(|h| h.mrn == chart.patient.mrn)
+                    .collect();
+                if hits.len() == 1 {
+                    target = self.store.get(&hits[0].id)?.map(|r| (hits[0].id.clone(), r));
+                }
+            }
+            match target {
+                None => {
+                    let mut doc = ChartDoc::create(&chart, &meta);
+                    to_insert.push(NewChart {
+                        id: chart.id.clone(),
+                        doc: doc.save(),
+                        index: IndexFields {
+                            mrn: chart.patient.mrn.clone(),
+                            family: chart.patient.name.family.clone(),
+                            given: chart.patient.name.given.join(" "),
+                            birth_date: chart.patient.birth_date.clone(),
+                        },
+                        origin: None,
+                        time_ms: meta.time_ms,
+                        heads: doc.head_bytes(),
+                    });
+                }
+                Some((id, rec)) => {
+                    let stored = rec.doc.to_chart()?;
+                    let missing = missing_entries(&stored, &chart);
+                    if missing.is_empty() {
+                        report.unchanged += 1;
+                        continue;
+                    }
+                    if let Err(e) = self.check_writable(&id, author).await {
+                        report.chart_errors.push(serde_json::json!({ "chart": id, "error": e.to_string() }));
+                        continue;
+                    }
+                    let n = missing.len();
+                    let m = meta.clone();
+                    let audit = vec![
+                        AuditEvent::new(meta.time_ms, author, "update")
+                            .chart(&id)
+                            .detail(format!("fhir-import entries={n}")),
+                    ];
+                    self.store
+                        .edit(
+                            id.clone(),
+                            Box::new(move |doc| {
+                                for e in &missing {
+                                    doc.append(e, &m)?;
+                                }
+                                Ok(())
+                            }),
+                            audit,
+                        )?
+                        .await
+                        .map_err(|_| StoreError::Closed)??;
+                    report.updated += 1;
+                }
+            }
+        }
+        if !to_insert.is_empty() {
+            let ids: Vec<String> = to_insert.iter().map(|c| c.id.clone()).collect();
+            let outcomes = self
+                .store
+                .insert_charts(to_insert, author.to_string())?
+                .await
+                .map_err(|_| StoreError::Closed)??;
+            for (id, o) in ids.into_iter().zip(outcomes) {
+                match o {
+                    InsertOutcome::Inserted => report.created += 1,
+                    InsertOutcome::AlreadyExists => report.chart_errors.push(serde_json::json!({
+                        "chart": id,
+                        "error": "a chart with this id appeared during the import; import the file again to add to it"
+                    })),
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Entries of `incoming` that `stored` does not hold yet, section by section.
+fn missing_entries(stored: &Chart, incoming: &Chart) -> Vec<Entry> {
+    fn add<T: PartialEq + Clone>(have: &[T], new: &[T], wrap: fn(T) -> Entry, out: &mut Vec<Entry>) {
+        for x in new {
+            if !have.contains(x) {
+                out.push(wrap(x.clone()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    add(&stored.conditions, &incoming.conditions, Entry::Condition, &mut out);
+    add(&stored.allergies, &incoming.allergies, Entry::Allergy, &mut out);
+    add(&stored.medications, &incoming.medications, Entry::Medication, &mut out);
+    add(&stored.observations, &incoming.observations, Entry::Observation, &mut out);
+    add(&stored.notes, &incoming.notes, Entry::Note, &mut out);
+    add(&stored.immunizations, &incoming.immunizations, Entry::Immunization, &mut out);
+    out
 }
 
 /// What to share or revoke: listed charts, or every chart.

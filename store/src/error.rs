@@ -20,6 +20,14 @@ pub enum StoreError {
     TooNew { found: u32, known: u32 },
     #[error("no store at {0}: run `chartmesh init` first")]
     Missing(PathBuf),
+    #[error(
+        "the store key does not open {0}: the key file belongs to another store or was changed; restore the key file that goes with this store from your key backup"
+    )]
+    WrongKey(PathBuf),
+    #[error("{0}")]
+    Io(String),
+    #[error("bad store key: {0}")]
+    BadKey(String),
     #[error("the store is open read-only")]
     ReadOnly,
     #[error("the store is shutting down")]

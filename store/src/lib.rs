@@ -15,6 +15,7 @@
 
 mod consent;
 mod error;
+mod key;
 mod read;
 mod schema;
 mod sync;
@@ -22,6 +23,7 @@ mod write;
 
 pub use consent::Peer;
 pub use error::StoreError;
+pub use key::StoreKey;
 pub use read::{ChartRecord, ChartSummary};
 pub use sync::{ChangeCheck, SyncChart, SyncItem, SyncOutcome, SyncPeerState};
 pub use write::{EditFn, EditOutcome, InsertOutcome, NewChart};
@@ -94,24 +96,24 @@ impl Default for StoreOptions {
 
 impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
-    pub fn open(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
-        let conn = schema::open_write_connection(path)?;
+    pub fn open(path: &Path, key: &StoreKey, options: StoreOptions) -> Result<Store, StoreError> {
+        let conn = schema::open_write_connection(path, key)?;
         let writer = write::WriterHandle::spawn(conn, options)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 writer: Some(writer),
-                readers: read::ReaderPool::new(path.to_path_buf()),
+                readers: read::ReaderPool::new(path.to_path_buf(), key.clone()),
             }),
         })
     }
 
     /// Opens an existing database for reading only (another process may be writing).
-    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+    pub fn open_read_only(path: &Path, key: &StoreKey) -> Result<Store, StoreError> {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
-        let readers = read::ReaderPool::new(path.to_path_buf());
+        let readers = read::ReaderPool::new(path.to_path_buf(), key.clone());
         readers.check_schema()?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -242,6 +244,48 @@ impl Store {
         &self,
     ) -> Result<Result<usize, chartmesh_core::audit::ChainBreak>, StoreError> {
         self.inner.readers.verify_audit()
+    }
+
+    /// Writes a consistent copy of the store to `dest` while the store stays in use: one
+    /// read snapshot copied page by page (still encrypted with the same key), written to a
+    /// temporary file, synced, then renamed into place. Returns the bytes written.
+    pub fn backup_to(&self, dest: &Path) -> Result<u64, StoreError> {
+        let key = self.inner.readers.key().clone();
+        let mut tmp = dest.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let result = self.with_reader(|src| {
+            let mut out = rusqlite::Connection::open(&tmp)?;
+            key.apply(&out, &tmp)?;
+            {
+                let b = rusqlite::backup::Backup::new(src, &mut out)?;
+                // All pages in one step: one read snapshot, so the copy is consistent while
+                // the writer carries on (WAL readers never block it).
+                match b.step(-1)? {
+                    rusqlite::backup::StepResult::Done => {}
+                    other => {
+                        return Err(StoreError::Corrupt(format!(
+                            "backup did not complete ({other:?}); try again"
+                        )));
+                    }
+                }
+            }
+            out.execute_batch("PRAGMA journal_mode=DELETE;")?;
+            drop(out);
+            Ok(())
+        });
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let io = |e: std::io::Error| StoreError::Io(format!("writing {}: {e}", dest.display()));
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::rename(&tmp, dest).map_err(io)?;
+        if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
+        }
+        Ok(std::fs::metadata(dest).map_err(io)?.len())
     }
 
     /// Bytes of the database and its WAL on disk.

@@ -37,6 +37,7 @@ pub struct ChartSummary {
 
 pub(crate) struct ReaderPool {
     path: PathBuf,
+    key: crate::StoreKey,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -64,9 +65,10 @@ impl Drop for Lease<'_> {
 }
 
 impl ReaderPool {
-    pub(crate) fn new(path: PathBuf) -> Self {
+    pub(crate) fn new(path: PathBuf, key: crate::StoreKey) -> Self {
         ReaderPool {
             path,
+            key,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -81,6 +83,7 @@ impl ReaderPool {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 c.busy_timeout(std::time::Duration::from_secs(5))?;
+                self.key.apply(&c, &self.path)?;
                 c
             }
         };
@@ -96,6 +99,10 @@ impl ReaderPool {
     ) -> Result<T, StoreError> {
         let conn = self.lease()?;
         f(&conn)
+    }
+
+    pub(crate) fn key(&self) -> &crate::StoreKey {
+        &self.key
     }
 
     /// Closes the idle read connections (at shutdown, so the writer's close can checkpoint).

@@ -108,13 +108,17 @@ pub(crate) fn take_seq(conn: &Connection, count: i64) -> Result<i64, StoreError>
     Ok(last - count + 1)
 }
 
-pub(crate) fn open_write_connection(path: &Path) -> Result<Connection, StoreError> {
+pub(crate) fn open_write_connection(
+    path: &Path,
+    key: &crate::StoreKey,
+) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
     }
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    key.apply(&conn, path)?;
     // WAL + synchronous=FULL: a committed transaction survives kill -9 and power loss.
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {

@@ -48,6 +48,7 @@ fn charts_survive_reopen_and_edits_compact() {
     let path = dir.path().join("store.db");
     let store = Store::open(
         &path,
+        &key(),
         StoreOptions {
             compact_after: 3,
             max_batch: 64,
@@ -90,7 +91,7 @@ fn charts_survive_reopen_and_edits_compact() {
     store.close();
     drop(store);
 
-    let store = Store::open(&path, StoreOptions::default()).unwrap();
+    let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
     assert_eq!(store.count().unwrap(), 2);
     let mut rec = store.get("c1").unwrap().unwrap();
     let c = rec.doc.to_chart().unwrap();
@@ -118,15 +119,15 @@ fn charts_survive_reopen_and_edits_compact() {
 fn read_only_open_sees_committed_data_and_refuses_missing_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
-    assert!(Store::open_read_only(&path).is_err());
-    let store = Store::open(&path, StoreOptions::default()).unwrap();
+    assert!(Store::open_read_only(&path, &key()).is_err());
+    let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
     store
         .insert_charts(vec![new_chart(&chart("c1", "A", "M"))], "import".into())
         .unwrap()
         .blocking_recv()
         .unwrap()
         .unwrap();
-    let ro = Store::open_read_only(&path).unwrap();
+    let ro = Store::open_read_only(&path, &key()).unwrap();
     assert_eq!(ro.count().unwrap(), 1);
     assert!(ro.insert_charts(vec![], "x".into()).is_err());
 }
@@ -134,7 +135,7 @@ fn read_only_open_sees_committed_data_and_refuses_missing_store() {
 #[test]
 fn every_chart_write_takes_the_next_sequence_number() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("s.db"), StoreOptions::default()).unwrap();
+    let store = Store::open(&dir.path().join("s.db"), &key(), StoreOptions::default()).unwrap();
     assert_eq!(store.seq().unwrap(), 0);
     let charts = vec![
         new_chart(&chart("c1", "A", "M1")),
@@ -181,4 +182,97 @@ fn every_chart_write_takes_the_next_sequence_number() {
         .unwrap();
     assert!(r.is_err());
     assert_eq!(store.seq().unwrap(), 4);
+}
+
+fn key() -> chartmesh_store::StoreKey {
+    chartmesh_store::StoreKey::from_bytes([7; 32])
+}
+
+/// Every file the store leaves on disk, read raw.
+fn files_under(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+        .collect()
+}
+
+#[test]
+fn the_store_is_encrypted_and_refuses_a_wrong_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
+    store
+        .insert_charts(
+            vec![new_chart(&chart("c1", "Zanzibarova", "MRN-PLAIN-77"))],
+            "import".into(),
+        )
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    // While open (WAL and shared memory present) and after close, no file holds the name.
+    for (name, bytes) in files_under(dir.path()) {
+        for needle in ["Zanzibarova", "MRN-PLAIN-77"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{needle} found in plaintext in {name}"
+            );
+        }
+    }
+    store.close();
+    drop(store);
+    let wrong = chartmesh_store::StoreKey::from_bytes([8; 32]);
+    match Store::open(&path, &wrong, StoreOptions::default()) {
+        Err(chartmesh_store::StoreError::WrongKey(_)) => {}
+        Err(other) => panic!("expected WrongKey, got {other}"),
+        Ok(_) => panic!("a wrong key opened the store"),
+    }
+    assert!(matches!(
+        Store::open_read_only(&path, &wrong),
+        Err(chartmesh_store::StoreError::WrongKey(_))
+    ));
+    assert_eq!(
+        Store::open_read_only(&path, &key()).unwrap().count().unwrap(),
+        1
+    );
+}
+
+#[test]
+fn an_online_backup_is_a_consistent_store_that_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
+    let charts: Vec<NewChart> = (0..50)
+        .map(|i| new_chart(&chart(&format!("c{i}"), "Fam", &format!("M{i}"))))
+        .collect();
+    store
+        .insert_charts(charts, "import".into())
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    // Writes keep arriving while the backup runs; the copy holds a prefix of them.
+    let pending: Vec<_> = (50..80)
+        .map(|i| {
+            store
+                .insert_charts(
+                    vec![new_chart(&chart(&format!("c{i}"), "Fam", &format!("M{i}")))],
+                    "import".into(),
+                )
+                .unwrap()
+        })
+        .collect();
+    let dest = dir.path().join("backup.db");
+    let bytes = store.backup_to(&dest).unwrap();
+    assert!(bytes > 0);
+    for p in pending {
+        p.blocking_recv().unwrap().unwrap();
+    }
+    let copy = Store::open_read_only(&dest, &key()).unwrap();
+    let n = copy.count().unwrap();
+    assert!((50..=80).contains(&n), "backup holds {n} charts");
+    assert!(copy.verify_audit().unwrap().is_ok());
+    assert!(!dir.path().join("backup.db.partial").exists());
 }

@@ -1,0 +1,77 @@
+//! The store's encryption key: 32 random bytes handed to SQLCipher as a raw key, so opening
+//! the store costs no password derivation. Every page of the database, its WAL and its
+//! temporary files are encrypted with it (AES-256, with a per-page HMAC).
+//!
+//! Owns: the key's form (64 hex characters in a file) and how a connection is keyed.
+//! Must not touch: where the key file lives or how it is created; the daemon decides that.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::StoreError;
+
+/// A raw 256-bit store key. Its `Debug` never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreKey([u8; 32]);
+
+impl std::fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreKey(…)")
+    }
+}
+
+impl StoreKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> StoreKey {
+        StoreKey(bytes)
+    }
+
+    /// Parses the key file's content: 64 hex characters (surrounding whitespace ignored).
+    pub fn from_hex(s: &str) -> Result<StoreKey, StoreError> {
+        let s = s.trim();
+        let mut out = [0u8; 32];
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::BadKey(
+                "a store key is 64 hexadecimal characters".into(),
+            ));
+        }
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("checked hex");
+        }
+        Ok(StoreKey(out))
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Reads a key file.
+    pub fn read(path: &Path) -> Result<StoreKey, StoreError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            StoreError::BadKey(format!(
+                "cannot read the store key {}: {e}; restore it from your key backup",
+                path.display()
+            ))
+        })?;
+        StoreKey::from_hex(&text).map_err(|e| match e {
+            StoreError::BadKey(m) => StoreError::BadKey(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Keys a freshly opened connection and proves the key opens the file.
+    pub(crate) fn apply(&self, conn: &Connection, path: &Path) -> Result<(), StoreError> {
+        conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", self.to_hex()))?;
+        // Plaintext temporary tables and sort files never reach the disk.
+        conn.execute_batch("PRAGMA temp_store = MEMORY;")?;
+        match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        }) {
+            Ok(_) => Ok(()),
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) => {
+                Err(StoreError::WrongKey(path.to_path_buf()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
