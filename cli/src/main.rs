@@ -862,6 +862,10 @@ fn run(cli: Cli) -> Result<()> {
                         }
                     });
                     if v["ok"].as_bool() != Some(true) {
+                        if j {
+                            // The JSON report above is the whole output.
+                            return Err(CliError::Reported(6).into());
+                        }
                         return Err(
                             CliError::Verification("the audit log does not verify".into()).into(),
                         );

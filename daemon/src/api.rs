@@ -130,25 +130,30 @@ fn user(headers: &HeaderMap) -> String {
 }
 
 async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
+    // Store reads run off the async workers, so a slow disk never stalls the QUIC endpoint.
     let n = st.node.clone();
-    let (sync_addr, peers) = tokio::task::spawn_blocking(move || match n.sync.get() {
-        Some(s) => (Some(s.local_addr().to_string()), serde_json::to_value(s.status(true)).unwrap_or_default()),
-        None => (None, Value::Array(vec![])),
+    tokio::task::spawn_blocking(move || {
+        let (sync_addr, peers) = match n.sync.get() {
+            Some(s) => (
+                Some(s.local_addr().to_string()),
+                serde_json::to_value(s.status(true)).unwrap_or_default(),
+            ),
+            None => (None, Value::Array(vec![])),
+        };
+        Ok(Json(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "practice": { "id": n.practice_id(), "name": n.config.practice.name },
+            "dataDir": n.data_dir.display().to_string(),
+            "charts": n.store.count()?,
+            "diskBytes": n.store.disk_bytes(),
+            "api": n.config.api.listen.to_string(),
+            "sync": { "listen": sync_addr.unwrap_or_else(|| n.config.sync.listen.to_string()) },
+            "peers": peers,
+            "shares": n.store.grants(None)?.iter().filter(|g| g.is_active(crate::now_ms())).count(),
+        })))
     })
     .await
-    .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?;
-    let n = &st.node;
-    Ok(Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "practice": { "id": n.practice_id(), "name": n.config.practice.name },
-        "dataDir": n.data_dir.display().to_string(),
-        "charts": n.store.count()?,
-        "diskBytes": n.store.disk_bytes(),
-        "api": n.config.api.listen.to_string(),
-        "sync": { "listen": sync_addr.unwrap_or_else(|| n.config.sync.listen.to_string()) },
-        "peers": peers,
-        "shares": n.store.grants(None)?.iter().filter(|g| g.is_active(crate::now_ms())).count(),
-    })))
+    .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?
 }
 
 /// Per-peer sync state, and whether every connected peer is in sync (`chartmesh sync wait`).

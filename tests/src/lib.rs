@@ -325,3 +325,97 @@ pub fn set_checksum(jsonl: &[u8]) -> (usize, String) {
     }
     (s.count(), s.finish())
 }
+
+/// The shared FHIR samples (`../shared/fhir-samples`), or `$CHARTMESH_FHIR_SAMPLES`.
+pub fn fhir_samples() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHARTMESH_FHIR_SAMPLES") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fhir-samples");
+    assert!(
+        p.is_dir(),
+        "FHIR samples not found at {} (set CHARTMESH_FHIR_SAMPLES)",
+        p.display()
+    );
+    p
+}
+
+/// The pinned independent FHIR validator (fhir.resources 6.4.0: FHIR R4 4.0.1, on pydantic 1).
+pub const FHIR_VALIDATOR_PACKAGES: &[&str] = &["fhir.resources==6.4.0", "pydantic>=1.10,<2"];
+
+/// A Python with the independent FHIR R4 validator: `$CHARTMESH_FHIR_PYTHON`, else a venv
+/// under `target/fhir-venv`, created (from PyPI) on first use. Serialised across test
+/// processes by a lock file so two tests never build it at once.
+pub fn fhir_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHARTMESH_FHIR_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fhir-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(".ready");
+    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(venv.with_extension("lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    if !ready.exists() {
+        let run = |cmd: &mut Command, what: &str| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(
+                out.status.success(),
+                "{what} failed (the FHIR validator comes from PyPI; set CHARTMESH_FHIR_PYTHON to a python with fhir.resources 6.4.0 to use another):\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+            "creating the validator venv",
+        );
+        run(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "-q"])
+                .args(FHIR_VALIDATOR_PACKAGES),
+            "installing fhir.resources",
+        );
+        std::fs::write(&ready, "").unwrap();
+    }
+    let _ = lock.unlock();
+    python
+}
+
+/// Runs the independent validator over files or directories; returns (ok, its report).
+pub fn validate_fhir(paths: &[&Path]) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fhir/validate.py");
+    let out = Command::new(fhir_python())
+        .arg(script)
+        .args(paths)
+        .output()
+        .expect("the validator runs");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), report)
+}
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
