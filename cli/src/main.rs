@@ -133,6 +133,9 @@ enum Cmd {
     /// Replace the store with a backup (stop the daemon first). The backup is verified first
     /// and the replaced store is kept beside it.
     Restore { file: PathBuf },
+    /// The store's encryption key.
+    #[command(subcommand)]
+    Key(KeyCmd),
     /// Print the address of the console page (with the token) to open in a browser.
     Console,
     /// Sync with paired practices.
@@ -300,6 +303,13 @@ struct AuditArgs {
 }
 
 #[derive(Subcommand)]
+enum KeyCmd {
+    /// Re-encrypt the store under a new random key (stop the daemon first). The old store and
+    /// key are kept in rotated-<time>/ in the data directory until you delete them.
+    Rotate,
+}
+
+#[derive(Subcommand)]
 enum AuditCmd {
     /// Recompute the hash chain; exit 6 and name the first bad entry if it was tampered with.
     Verify {
@@ -400,6 +410,23 @@ fn run(cli: Cli) -> Result<()> {
                 if let Some(p) = &r.previous {
                     println!("The store it replaced is kept as {p}.");
                 }
+            });
+        }
+        Cmd::Key(KeyCmd::Rotate) => {
+            let r = datadir::rotate_key(&dir).map_err(|e| match e {
+                datadir::RestoreError::Running(_) => CliError::Refused(e.to_string()),
+                other => CliError::Failed(other.to_string()),
+            })?;
+            let v = serde_json::to_value(&r)?;
+            print(j, &v, |_| {
+                println!(
+                    "The store ({} charts, audit log verified: {} entries) is now encrypted with a new key in {}.",
+                    r.charts,
+                    r.audit_entries,
+                    dir.join(datadir::STORE_KEY).display()
+                );
+                println!("Back up the new key now. The old store and key are in {}: delete that directory once", r.previous);
+                println!("you have a backup made under the new key (backups made before stay readable with the old key only).");
             });
         }
         Cmd::Id => {

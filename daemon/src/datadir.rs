@@ -207,6 +207,8 @@ pub enum RestoreError {
     Running(String),
     #[error("{file} is not a usable backup of this practice: {reason}")]
     BadBackup { file: String, reason: String },
+    #[error("key rotation stopped before anything was changed: {0}")]
+    Rotate(String),
     #[error("restoring into {path}: {source}")]
     Io {
         path: String,
@@ -285,5 +287,72 @@ pub fn restore(dir: &Path, backup: &Path) -> Result<Restored, RestoreError> {
         charts,
         audit_entries,
         previous,
+    })
+}
+
+/// What a key rotation did.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rotated {
+    pub charts: u64,
+    pub audit_entries: usize,
+    /// Where the old store and its key were moved (delete it once backups under the new key exist).
+    pub previous: String,
+}
+
+/// Re-encrypts the store under a new random key, with the daemon stopped. The re-keyed copy
+/// is made and verified first; then the old store and key move, together, into
+/// `rotated-<unix time>/` (never deleted here), and the new pair takes their place.
+pub fn rotate_key(dir: &Path) -> Result<Rotated, RestoreError> {
+    if daemon_running(dir) {
+        return Err(RestoreError::Running(dir.display().to_string()));
+    }
+    let fail = RestoreError::Rotate;
+    let old = store_key(dir).map_err(|e| fail(e.to_string()))?;
+    let store = store_path(dir);
+    if !store.exists() {
+        return Err(fail("there is no store yet: start chartmeshd once".into()));
+    }
+    // A clean state first: the WAL folded into the file, so the copy misses nothing.
+    {
+        let s = chartmesh_store::Store::open(&store, &old, chartmesh_store::StoreOptions::default())
+            .map_err(|e| fail(e.to_string()))?;
+        s.close();
+    }
+    let new = chartmesh_store::StoreKey::from_bytes(rand::random());
+    let staged = dir.join("store.db.rekeyed");
+    chartmesh_store::rekey_copy(&store, &old, &staged, &new).map_err(|e| fail(e.to_string()))?;
+    let (charts, audit_entries) = {
+        let copy = chartmesh_store::Store::open_read_only(&staged, &new).map_err(|e| fail(e.to_string()))?;
+        let n = copy.count().map_err(|e| fail(e.to_string()))?;
+        let verified = copy
+            .verify_audit()
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|b| fail(format!("the re-keyed copy fails audit verification at {}: {}", b.seq, b.reason)))?;
+        copy.close();
+        (n, verified)
+    };
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |e| RestoreError::Io { path: p.clone(), source: e }
+    };
+    let new_key_file = dir.join("store.key.new");
+    write_private(&new_key_file, new.to_hex().as_bytes()).map_err(io(&new_key_file))?;
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let kept = dir.join(format!("rotated-{stamp}"));
+    create_private_dir(&kept).map_err(io(&kept))?;
+    for name in [STORE, "store.db-wal", "store.db-shm", STORE_KEY] {
+        let from = dir.join(name);
+        if from.exists() {
+            std::fs::rename(&from, kept.join(name)).map_err(io(&from))?;
+        }
+    }
+    std::fs::rename(&new_key_file, dir.join(STORE_KEY)).map_err(io(&new_key_file))?;
+    std::fs::rename(&staged, &store).map_err(io(&staged))?;
+    let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
+    Ok(Rotated {
+        charts,
+        audit_entries,
+        previous: kept.display().to_string(),
     })
 }

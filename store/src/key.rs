@@ -75,3 +75,41 @@ impl StoreKey {
         }
     }
 }
+
+/// Writes a copy of the store at `src` (opened with `old`) to `dest`, encrypted with `new`:
+/// SQLCipher's export into an attached database keyed with the new key, then the schema
+/// version. The copy is checked to open with the new key before this returns.
+pub fn rekey_copy(
+    src: &Path,
+    old: &StoreKey,
+    dest: &Path,
+    new: &StoreKey,
+) -> Result<(), StoreError> {
+    let _ = std::fs::remove_file(dest);
+    let conn = Connection::open(src)?;
+    old.apply(&conn, src)?;
+    let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let dest_str = dest.to_str().ok_or_else(|| {
+        StoreError::Io(format!("{} is not a UTF-8 path", dest.display()))
+    })?;
+    conn.execute(
+        &format!("ATTACH DATABASE ?1 AS rekeyed KEY \"x'{}'\"", new.to_hex()),
+        [dest_str],
+    )?;
+    conn.query_row("SELECT sqlcipher_export('rekeyed')", [], |_| Ok(()))?;
+    conn.execute_batch(&format!("PRAGMA rekeyed.user_version = {version}; DETACH DATABASE rekeyed;"))?;
+    drop(conn);
+    let check = Connection::open(dest)?;
+    new.apply(&check, dest)?;
+    let v2: u32 = check.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if v2 != version {
+        return Err(StoreError::Corrupt(format!(
+            "the re-keyed copy has schema {v2}, expected {version}"
+        )));
+    }
+    drop(check);
+    std::fs::File::open(dest)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StoreError::Io(format!("syncing {}: {e}", dest.display())))?;
+    Ok(())
+}

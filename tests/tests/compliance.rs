@@ -195,3 +195,32 @@ fn a_backup_taken_during_an_import_restores_to_a_store_that_verifies() {
     a.start();
     assert_eq!(a.get("/status")["charts"].as_u64().unwrap(), restored);
 }
+
+#[test]
+fn key_rotation_re_encrypts_the_store_and_keeps_the_old_pair_aside() {
+    let mut a = Practice::new("Rotate Clinic");
+    let file = bench_data().join("charts-1000.jsonl");
+    let head: Vec<u8> = std::fs::read(&file).unwrap().split(|b| *b == b'\n').take(20).flat_map(|l| l.iter().copied().chain([b'\n'])).collect();
+    let small = a.dir.parent().unwrap().join("twenty.jsonl");
+    std::fs::write(&small, head).unwrap();
+    a.cli_ok(&["import", small.to_str().unwrap()]);
+    let before = a.export_all();
+    // Refused while the daemon runs.
+    assert_eq!(a.cli(&["key", "rotate"]).status.code(), Some(5));
+    a.stop();
+    let old_key = store_key(&a.dir);
+    let r = a.cli_json(&["key", "rotate"]);
+    assert_eq!(r["charts"], 20);
+    let new_key = store_key(&a.dir);
+    assert_ne!(old_key, new_key);
+    let kept = Path::new(r["previous"].as_str().unwrap());
+    assert!(kept.join("store.db").exists() && kept.join("store.key").exists());
+    // The old key no longer opens the store; the new one does, with everything in it.
+    let c = rusqlite::Connection::open(a.dir.join("store.db")).unwrap();
+    c.execute_batch(&format!("PRAGMA key = \"x'{old_key}'\";")).unwrap();
+    assert!(c.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).is_err());
+    drop(c);
+    a.start();
+    a.cli_ok(&["audit", "verify"]);
+    assert_eq!(a.export_all(), before);
+}
