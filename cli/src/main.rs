@@ -396,11 +396,7 @@ fn run(cli: Cli) -> Result<()> {
             });
         }
         Cmd::Restore { file } => {
-            let r = datadir::restore(&dir, &file).map_err(|e| match e {
-                datadir::RestoreError::BadBackup { .. } => CliError::Verification(e.to_string()),
-                datadir::RestoreError::Running(_) => CliError::Refused(e.to_string()),
-                other => CliError::Failed(other.to_string()),
-            })?;
+            let r = datadir::restore(&dir, &file).map_err(store_file_error)?;
             let v = serde_json::to_value(&r)?;
             print(j, &v, |_| {
                 println!(
@@ -413,10 +409,7 @@ fn run(cli: Cli) -> Result<()> {
             });
         }
         Cmd::Key(KeyCmd::Rotate) => {
-            let r = datadir::rotate_key(&dir).map_err(|e| match e {
-                datadir::RestoreError::Running(_) => CliError::Refused(e.to_string()),
-                other => CliError::Failed(other.to_string()),
-            })?;
+            let r = datadir::rotate_key(&dir).map_err(store_file_error)?;
             let v = serde_json::to_value(&r)?;
             print(j, &v, |_| {
                 println!(
@@ -1041,6 +1034,15 @@ fn print_chart(v: &Value) {
     section("Notes", "notes", &|n| {
         format!("{} {}: {}", s(&n["date"]), s(&n["author"]), s(&n["text"]))
     });
+}
+
+/// Exit codes for restore and key rotation: 6 a backup that does not verify, 5 a running daemon.
+fn store_file_error(e: datadir::RestoreError) -> CliError {
+    match e {
+        datadir::RestoreError::BadBackup { .. } => CliError::Verification(e.to_string()),
+        datadir::RestoreError::Running(_) => CliError::Refused(e.to_string()),
+        other => CliError::Failed(other.to_string()),
+    }
 }
 
 fn offline_store(dir: &std::path::Path) -> Result<chartmesh_store::Store> {

@@ -274,17 +274,19 @@ struct ImportQuery {
     author: Option<String>,
 }
 
+/// The author recorded for imported charts: `?author=`, else the calling user.
+fn import_author(q: ImportQuery, headers: &HeaderMap) -> String {
+    q.author.unwrap_or_else(|| user(headers))
+}
+
 async fn import_fhir(
     State(st): State<ApiState>,
     headers: HeaderMap,
     Query(q): Query<ImportQuery>,
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
-    let author = q.author.unwrap_or_else(|| user(&headers));
-    let report = st.node.import_fhir(body, &author).await?;
-    Ok(Json(
-        serde_json::to_value(report).expect("report serializes"),
-    ))
+    let report = st.node.import_fhir(body, &import_author(q, &headers)).await?;
+    Ok(Json(serde_json::to_value(report).expect("report serializes")))
 }
 
 async fn import(
@@ -293,11 +295,8 @@ async fn import(
     Query(q): Query<ImportQuery>,
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
-    let author = q.author.unwrap_or_else(|| user(&headers));
-    let report = st.node.import_jsonl(body, &author).await?;
-    Ok(Json(
-        serde_json::to_value(report).expect("report serializes"),
-    ))
+    let report = st.node.import_jsonl(body, &import_author(q, &headers)).await?;
+    Ok(Json(serde_json::to_value(report).expect("report serializes")))
 }
 
 #[derive(Deserialize)]

@@ -61,6 +61,8 @@ impl StoreKey {
 
     /// Keys a freshly opened connection and proves the key opens the file.
     pub(crate) fn apply(&self, conn: &Connection, path: &Path) -> Result<(), StoreError> {
+        // A wrong key is reported by our own error (WrongKey), not by SQLCipher's log on stderr.
+        conn.execute_batch("PRAGMA cipher_log_level = NONE;")?;
         conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", self.to_hex()))?;
         // Plaintext temporary tables and sort files never reach the disk.
         conn.execute_batch("PRAGMA temp_store = MEMORY;")?;

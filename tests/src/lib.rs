@@ -137,6 +137,20 @@ impl Practice {
         );
     }
 
+    /// Imports the first `n` bench charts (a file of them next to the data directory).
+    pub fn import_first(&self, n: usize) {
+        let all = std::fs::read(bench_data().join("charts-1000.jsonl")).unwrap();
+        let head: Vec<u8> = all
+            .split(|b| *b == b'\n')
+            .take(n)
+            .flat_map(|l| l.iter().copied().chain([b'\n']))
+            .collect();
+        let file = self.dir.with_extension(format!("first-{n}.jsonl"));
+        std::fs::write(&file, head).unwrap();
+        let r = self.cli_json(&["import", file.to_str().unwrap()]);
+        assert_eq!(r["imported"], n as u64, "{r}");
+    }
+
     /// Exports every chart (through the daemon) as JSONL bytes.
     pub fn export_all(&self) -> Vec<u8> {
         let out = self.cli(&["export"]);

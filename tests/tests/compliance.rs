@@ -35,12 +35,8 @@ fn verify_offline(p: &Practice) -> (Option<i32>, Value) {
 #[test]
 fn audit_verify_pinpoints_edits_deletions_swaps_and_truncation() {
     let mut a = Practice::new("Audit Clinic");
-    let file = bench_data().join("charts-1000.jsonl");
     // A handful of audited actions.
-    let head: Vec<u8> = std::fs::read(&file).unwrap().split(|b| *b == b'\n').take(3).flat_map(|l| l.iter().copied().chain([b'\n'])).collect();
-    let small = a.dir.parent().unwrap().join("three.jsonl");
-    std::fs::write(&small, head).unwrap();
-    a.cli_ok(&["import", small.to_str().unwrap()]);
+    a.import_first(3);
     for id in ["chart-000001", "chart-000002", "chart-000003"] {
         a.cli_ok(&["chart", "show", id]);
     }
@@ -199,11 +195,7 @@ fn a_backup_taken_during_an_import_restores_to_a_store_that_verifies() {
 #[test]
 fn key_rotation_re_encrypts_the_store_and_keeps_the_old_pair_aside() {
     let mut a = Practice::new("Rotate Clinic");
-    let file = bench_data().join("charts-1000.jsonl");
-    let head: Vec<u8> = std::fs::read(&file).unwrap().split(|b| *b == b'\n').take(20).flat_map(|l| l.iter().copied().chain([b'\n'])).collect();
-    let small = a.dir.parent().unwrap().join("twenty.jsonl");
-    std::fs::write(&small, head).unwrap();
-    a.cli_ok(&["import", small.to_str().unwrap()]);
+    a.import_first(20);
     let before = a.export_all();
     // Refused while the daemon runs.
     assert_eq!(a.cli(&["key", "rotate"]).status.code(), Some(5));
