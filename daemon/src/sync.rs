@@ -365,6 +365,7 @@ impl SyncService {
                     if let Ok(Some(bytes)) = chartmesh_net::read_frame(&mut recv, 64).await
                         && matches!(Msg::decode(&bytes), Ok(Msg::Nudge))
                     {
+                        tracing::debug!("nudged");
                         svc.request_pull(&peer);
                     }
                 }
@@ -850,15 +851,21 @@ impl SyncService {
                             });
                         }
                         Action::Complete { upto } => {
-                            // The checkpoint moves only once everything is durable; a pull
-                            // that brought nothing new needs no write.
+                            // Everything applied is durable by now (each apply was awaited),
+                            // so the peer may hear it at once. The checkpoint is only a
+                            // shortcut for the next pull: it is queued, not awaited; if it is
+                            // lost in a crash, the next pull offers these charts again and
+                            // their digests match, so nothing is applied twice.
+                            out.send(&Msg::Done { upto }.encode()).await?;
                             if upto as i64 != checkpoint {
-                                let store = self.node.store.clone();
-                                let rx = store.set_checkpoint(&key, upto as i64, now_ms())?;
-                                rx.await.map_err(|_| SessionError::Closed)??;
+                                let rx = self.node.store.set_checkpoint(&key, upto as i64, now_ms())?;
+                                tokio::spawn(async move {
+                                    if let Ok(Err(e)) = rx.await {
+                                        tracing::warn!(error = %e, "saving the sync checkpoint failed; the next pull starts earlier");
+                                    }
+                                });
                             }
                             self.note_pulled(&peer);
-                            out.send(&Msg::Done { upto }.encode()).await?;
                             let stats = puller.stats().clone();
                             tracing::debug!(offered = stats.offered, wanted = stats.wanted, delivered = stats.delivered, upto, "pull complete");
                             return Ok(());
