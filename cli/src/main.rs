@@ -127,6 +127,9 @@ enum Cmd {
     History { chart: String },
     /// The audit log, and its verification.
     Audit(AuditArgs),
+    /// Medication alerts standing in a chart (or in every chart): allergies, interactions,
+    /// duplicate therapy. The tables are illustrative, not clinical-grade (docs/CLINICAL.md).
+    Alerts { chart: Option<String> },
     /// Write a consistent copy of the store to FILE (online, while the daemon runs). The copy
     /// stays encrypted with the store key: keep a copy of store.key apart from your backups.
     Backup { file: PathBuf },
@@ -249,6 +252,10 @@ enum MedCmd {
         /// RxNorm code.
         #[arg(long)]
         code: Option<String>,
+        /// Add it even though it raises alerts (allergy, interaction, duplicate therapy); the
+        /// reason is recorded in the chart.
+        #[arg(long = "override", value_name = "REASON")]
+        override_reason: Option<String>,
     },
 }
 
@@ -375,6 +382,28 @@ fn run(cli: Cli) -> Result<()> {
                     "Start the daemon with: chartmeshd --data-dir {}",
                     dir.display()
                 );
+            });
+        }
+        Cmd::Alerts { chart } => {
+            let q = chart.as_ref().map(|c| format!("?chart={}", enc(c))).unwrap_or_default();
+            let v = Client::connect(&dir, &user)?.get(&format!("/alerts{q}"))?;
+            print(j, &v, |v| {
+                let charts = v["charts"].as_array().cloned().unwrap_or_default();
+                if charts.is_empty() {
+                    println!("No medication alerts.");
+                }
+                for c in charts {
+                    println!("{}  {}", c["chart"].as_str().unwrap_or(""), c["patient"].as_str().unwrap_or(""));
+                    for a in c["alerts"].as_array().into_iter().flatten() {
+                        println!(
+                            "  {:<8} {:<17} {}: {}",
+                            a["severity"].as_str().unwrap_or(""),
+                            a["kind"].as_str().unwrap_or(""),
+                            a["medication"].as_str().unwrap_or(""),
+                            a["message"].as_str().unwrap_or("")
+                        );
+                    }
+                }
             });
         }
         Cmd::Backup { file } => {
@@ -727,6 +756,7 @@ fn run(cli: Cli) -> Result<()> {
             route,
             frequency,
             code,
+            override_reason,
         }) => {
             let mut entry = json!({ "name": name, "dose": dose });
             if let Some(c) = code {
@@ -739,7 +769,28 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(f) = frequency {
                 entry["frequency"] = f.into();
             }
-            add(&dir, &user, j, &chart, "medications", entry, None)?;
+            let mut body = json!({ "author": user, "entry": entry });
+            if let Some(r) = &override_reason {
+                body["override"] = r.clone().into();
+            }
+            let v = match Client::connect(&dir, &user)?
+                .post_json(&format!("/charts/{}/medications", enc(&chart)), &body)
+            {
+                Ok(v) => v,
+                Err(CliError::Refused(msg)) if msg.contains("alert(s) for this medication") => {
+                    return Err(CliError::Refused(format!(
+                        "{msg}\nNot added. To add it anyway: chartmesh med add {chart} --name {name:?} --dose ... --override \"REASON\""
+                    ))
+                    .into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            print(j, &v, |_| {
+                println!("Added to {chart} (medications)");
+                if override_reason.is_some() {
+                    println!("The overridden alerts and your reason are recorded in the chart as a note.");
+                }
+            });
         }
         Cmd::Allergy(AllergyCmd::Add {
             chart,

@@ -8,6 +8,7 @@
 //! Must not touch: files, sockets, clocks or randomness. Time and identity are passed in by
 //! the caller, so everything here is deterministic and fast to test.
 
+pub mod alerts;
 pub mod audit;
 pub mod canonical;
 pub mod chart;

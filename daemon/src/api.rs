@@ -57,6 +57,7 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/audit", get(audit_list))
         .route("/audit/verify", get(audit_verify))
         .route("/backup", post(backup))
+        .route("/alerts", get(alerts))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(console))
@@ -103,6 +104,11 @@ impl IntoResponse for NodeError {
             NodeError::Invalid(_) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &msg),
             NodeError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", &msg),
             NodeError::Refused(_) => error(StatusCode::FORBIDDEN, "refused", &msg),
+            NodeError::Alerts(alerts) => (
+                StatusCode::FORBIDDEN,
+                Json(json!({ "error": { "kind": "alerts", "message": msg, "alerts": alerts } })),
+            )
+                .into_response(),
             NodeError::Store(StoreError::DiskFull) => {
                 error(StatusCode::INSUFFICIENT_STORAGE, "disk-full", &msg)
             }
@@ -427,6 +433,9 @@ async fn history(
 struct AppendBody {
     author: Option<String>,
     entry: Value,
+    /// For a medication that raises alerts: why it is added anyway (recorded in the chart).
+    #[serde(rename = "override")]
+    override_reason: Option<String>,
 }
 
 async fn append(
@@ -437,7 +446,10 @@ async fn append(
 ) -> Result<(StatusCode, Json<Value>), NodeError> {
     let body: AppendBody = json_body(&body)?;
     let author = body.author.unwrap_or_else(|| user(&headers));
-    let added = st.node.append(&id, &section, body.entry, &author).await?;
+    let added = st
+        .node
+        .append(&id, &section, body.entry, &author, body.override_reason.as_deref())
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "chart": id, "section": section, "entry": added })),
@@ -485,6 +497,24 @@ async fn audit_list(
             "unknown audit format {f:?}: use json or fhir"
         ))),
     }
+}
+
+#[derive(Deserialize)]
+struct AlertsQuery {
+    chart: Option<String>,
+}
+
+async fn alerts(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<AlertsQuery>,
+) -> Result<Json<Value>, NodeError> {
+    let node = st.node.clone();
+    let actor = user(&headers);
+    let charts = tokio::task::spawn_blocking(move || node.alerts(q.chart.as_deref(), &actor))
+        .await
+        .map_err(|_| NodeError::Store(StoreError::Closed))??;
+    Ok(Json(json!({ "charts": charts })))
 }
 
 #[derive(Deserialize)]

@@ -37,6 +37,10 @@ pub enum NodeError {
     /// Refused by consent or policy (exit code 5 in the CLI).
     #[error("{0}")]
     Refused(String),
+    /// A medication was not added because it raised alerts; adding it needs an override
+    /// reason (exit code 5 in the CLI).
+    #[error("{} alert(s) for this medication: {}; to add it anyway give an override reason", .0.len(), .0.iter().map(|a| a.message.as_str()).collect::<Vec<_>>().join("; "))]
+    Alerts(Vec<chartmesh_core::alerts::Alert>),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -414,6 +418,7 @@ impl Node {
         section: &str,
         mut entry: Value,
         author: &str,
+        override_reason: Option<&str>,
     ) -> Result<Value, NodeError> {
         let obj = entry
             .as_object_mut()
@@ -472,17 +477,65 @@ impl Node {
         e.validate(section)?;
         self.check_writable(id, author).await?;
         let meta = self.meta(author, &format!("add {}", singular(section)));
-        let audit = vec![
+        let mut audit = vec![
             AuditEvent::new(meta.time_ms, author, "update")
                 .chart(id)
                 .detail(format!("section={section}")),
         ];
+        // Decision support: a medication is checked against the chart's allergies and active
+        // medications; with alerts it is added only with an override reason, and the
+        // acknowledgement is recorded in the chart as a note (it travels with the chart).
+        let mut ack = None;
+        if let Entry::Medication(m) = &e {
+            let chart = match self.store.get(id)? {
+                Some(rec) => rec.doc.to_chart()?,
+                None => return Err(NodeError::NotFound(id.to_string())),
+            };
+            let alerts = chartmesh_core::alerts::check_new_medication(&chart, m);
+            if !alerts.is_empty() {
+                let reason = override_reason.map(str::trim).filter(|r| !r.is_empty());
+                let Some(reason) = reason else {
+                    self.audit(vec![
+                        AuditEvent::new(meta.time_ms, author, "refuse")
+                            .chart(id)
+                            .detail(format!("medication not added: {} alert(s)", alerts.len())),
+                    ])
+                    .await?;
+                    return Err(NodeError::Alerts(alerts));
+                };
+                let text = alerts
+                    .iter()
+                    .map(|a| format!("[{:?}] {}", a.severity, a.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                ack = Some(Entry::Note(Note {
+                    id: format!("{id}-ack{}", hex::encode(rand::random::<[u8; 4]>())),
+                    author: author.to_string(),
+                    date: crate::rfc3339(now),
+                    text: format!(
+                        "Medication alert acknowledged when adding {}: {text}. Override reason: {reason}",
+                        m.name
+                    ),
+                }));
+                audit.push(
+                    AuditEvent::new(meta.time_ms, author, "alert-override")
+                        .chart(id)
+                        .detail(format!("{} alert(s) overridden", alerts.len())),
+                );
+            }
+        }
         let added = e.to_json();
         let out = self
             .store
             .edit(
                 id.to_string(),
-                Box::new(move |doc| doc.append(&e, &meta)),
+                Box::new(move |doc| {
+                    doc.append(&e, &meta)?;
+                    if let Some(n) = &ack {
+                        doc.append(n, &meta)?;
+                    }
+                    Ok(())
+                }),
                 audit,
             )?
             .await
@@ -492,6 +545,45 @@ impl Node {
             Err(StoreError::NotFound(id)) => Err(NodeError::NotFound(id)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Standing alerts: every active medication against the allergies and the other active
+    /// medications, for one chart or for all. Audited as a read.
+    pub fn alerts(&self, chart: Option<&str>, actor: &str) -> Result<Vec<Value>, NodeError> {
+        let ids: Option<Vec<String>> = chart.map(|c| vec![c.to_string()]);
+        let mut out = Vec::new();
+        let mut seen = 0usize;
+        self.store.for_each_chart(ids.as_deref(), &mut |rec| {
+            seen += 1;
+            let chart = rec.doc.to_chart()?;
+            let alerts = chartmesh_core::alerts::chart_alerts(&chart);
+            if !alerts.is_empty() {
+                out.push(serde_json::json!({
+                    "chart": rec.id,
+                    "patient": format!("{}, {}", chart.patient.name.family, chart.patient.name.given.join(" ")),
+                    "alerts": alerts,
+                }));
+            }
+            Ok(())
+        })?;
+        if let Some(c) = chart
+            && seen == 0
+        {
+            return Err(NodeError::NotFound(c.to_string()));
+        }
+        let mut ev = AuditEvent::new(now_ms(), actor, "read").detail(format!("alerts charts={seen}"));
+        if let Some(c) = chart {
+            ev = ev.chart(c);
+        }
+        match self.store.audit(vec![ev]) {
+            Ok(rx) => {
+                if let Ok(Err(e)) = rx.blocking_recv() {
+                    return Err(e.into());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(out)
     }
 
     /// A chart received from another practice may be changed here only under a read-write
