@@ -65,8 +65,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             // The daemon writes api.addr once it listens; then its API must answer.
-            if dir.join("api.addr").exists()
-                && Api::of(dir).and_then(|a| a.get("/status")).is_ok()
+            if dir.join("api.addr").exists() && Api::of(dir).and_then(|a| a.get("/status")).is_ok()
             {
                 return Ok(d);
             }
@@ -230,22 +229,61 @@ pub fn run_once(o: &Options) -> Result<Value> {
     let da = Daemon::start(&o.bin_dir, &a)?;
     let b = root.join("b");
     let b_listen = format!("127.0.0.1:{}", free_udp_port()?);
-    cli_ok(&o.bin_dir, &b, &["init", "--name", "Bench B", "--api", "127.0.0.1:0", "--listen", &b_listen])?;
+    cli_ok(
+        &o.bin_dir,
+        &b,
+        &[
+            "init",
+            "--name",
+            "Bench B",
+            "--api",
+            "127.0.0.1:0",
+            "--listen",
+            &b_listen,
+        ],
+    )?;
     let mut db = Daemon::start(&o.bin_dir, &b)?;
     let id_a = practice_id(&o.bin_dir, &a)?;
     let id_b = practice_id(&o.bin_dir, &b)?;
     let relay_to_a = relay::Relay::start(sync_addr(&a)?)?;
     let relay_to_b = relay::Relay::start(b_listen.parse()?)?;
     let wire = || relay_to_a.bytes() + relay_to_b.bytes();
-    cli_ok(&o.bin_dir, &a, &["peer", "add", &id_b, "--addr", &relay_to_b.addr.to_string(), "--name", "Bench B"])?;
-    cli_ok(&o.bin_dir, &b, &["peer", "add", &id_a, "--addr", &relay_to_a.addr.to_string(), "--name", "Bench A"])?;
+    cli_ok(
+        &o.bin_dir,
+        &a,
+        &[
+            "peer",
+            "add",
+            &id_b,
+            "--addr",
+            &relay_to_b.addr.to_string(),
+            "--name",
+            "Bench B",
+        ],
+    )?;
+    cli_ok(
+        &o.bin_dir,
+        &b,
+        &[
+            "peer",
+            "add",
+            &id_a,
+            "--addr",
+            &relay_to_a.addr.to_string(),
+            "--name",
+            "Bench A",
+        ],
+    )?;
     sync_wait(&o.bin_dir, &b, &id_a)?;
 
     // 3. initial sync: from the grant until all N are durable in B (B's pull complete).
     let (api_a, api_b) = (Api::of(&a)?, Api::of(&b)?);
     let w0 = wire();
     let t = Instant::now();
-    api_a.post("/shares", &json!({ "peer": id_b, "all": true, "purpose": "replica" }))?;
+    api_a.post(
+        "/shares",
+        &json!({ "peer": id_b, "all": true, "purpose": "replica" }),
+    )?;
     // A's view: B confirmed it holds everything shared with it, durably.
     api_a.wait_in_sync(&id_b)?;
     let initial_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -253,7 +291,11 @@ pub fn run_once(o: &Options) -> Result<Value> {
     let (count, sum) = checksum_of(&cli_ok(&o.bin_dir, &b, &["export"])?)?;
     let initial_ok = count == o.n && sum == o.expected_checksum;
     if !initial_ok {
-        bail!("checksum after initial sync: {count} charts, {sum}; expected {} and {}", o.n, o.expected_checksum);
+        bail!(
+            "checksum after initial sync: {count} charts, {sum}; expected {} and {}",
+            o.n,
+            o.expected_checksum
+        );
     }
     sync_wait(&o.bin_dir, &a, &id_b)?;
 
@@ -274,20 +316,34 @@ pub fn run_once(o: &Options) -> Result<Value> {
     {
         let inc_path = &o.incremental;
         let inc: Value = serde_json::from_slice(&std::fs::read(inc_path)?)?;
-        let rounds = inc["rounds"].as_object().map(|r| r.len()).unwrap_or(0).max(1);
+        let rounds = inc["rounds"]
+            .as_object()
+            .map(|r| r.len())
+            .unwrap_or(0)
+            .max(1);
         let round = (o.rep % rounds) + 1;
         let r = &inc["rounds"][round.to_string()];
         cli_ok(&o.bin_dir, &b, &["sync", "pause", "--peer", &id_a])?;
         for target in inc["incrementalTargets"].as_array().into_iter().flatten() {
             let id = target.as_str().unwrap_or_default();
             let note = &r["notes"][id];
-            cli_ok(&o.bin_dir, &a, &[
-                "note", "add", id,
-                "--id", note["id"].as_str().unwrap_or_default(),
-                "--author", note["author"].as_str().unwrap_or_default(),
-                "--date", note["date"].as_str().unwrap_or_default(),
-                "--text", note["text"].as_str().unwrap_or_default(),
-            ])?;
+            cli_ok(
+                &o.bin_dir,
+                &a,
+                &[
+                    "note",
+                    "add",
+                    id,
+                    "--id",
+                    note["id"].as_str().unwrap_or_default(),
+                    "--author",
+                    note["author"].as_str().unwrap_or_default(),
+                    "--date",
+                    note["date"].as_str().unwrap_or_default(),
+                    "--text",
+                    note["text"].as_str().unwrap_or_default(),
+                ],
+            )?;
         }
         let w0 = wire();
         let t = Instant::now();
@@ -300,7 +356,9 @@ pub fn run_once(o: &Options) -> Result<Value> {
         let (count, sum) = checksum_of(&cli_ok(&o.bin_dir, &b, &["export"])?)?;
         let ok = count == o.n && sum == expected;
         if !ok {
-            bail!("checksum after the incremental phase (round {round}): {count} charts, {sum}; expected {expected}");
+            bail!(
+                "checksum after the incremental phase (round {round}): {count} charts, {sum}; expected {expected}"
+            );
         }
         sync_wait(&o.bin_dir, &a, &id_b)?;
         incremental = json!({ "ms": ms, "wireBytes": bytes, "checksumOk": ok, "round": round });
@@ -323,11 +381,17 @@ pub fn run_once(o: &Options) -> Result<Value> {
     let (vcount, vsum) = checksum_of(&cli_ok(&o.bin_dir, &b, &["export", "--offline"])?)?;
     let expected_final = {
         let inc: Value = serde_json::from_slice(&std::fs::read(&o.incremental)?)?;
-        inc["rounds"][incremental["round"].to_string()]["checksumAfter"].as_str().unwrap_or_default().to_string()
+        inc["rounds"][incremental["round"].to_string()]["checksumAfter"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     };
     let verify_ok = vcount == o.n && vsum == expected_final;
     if !verify_ok {
-        bail!("verify: B's store holds {vcount} charts, {vsum}; expected {} and {expected_final}", o.n);
+        bail!(
+            "verify: B's store holds {vcount} charts, {vsum}; expected {} and {expected_final}",
+            o.n
+        );
     }
 
     Ok(json!({
@@ -356,7 +420,9 @@ impl Api {
         let addr = std::fs::read_to_string(dir.join("api.addr"))?;
         Ok(Api {
             base: format!("http://{}/api/v1", addr.trim()),
-            token: std::fs::read_to_string(dir.join("api-token"))?.trim().to_string(),
+            token: std::fs::read_to_string(dir.join("api-token"))?
+                .trim()
+                .to_string(),
             agent: ureq::Agent::new_with_defaults(),
         })
     }
@@ -387,9 +453,11 @@ impl Api {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let v = self.get("/sync")?;
-            let ok = v["peers"].as_array().into_iter().flatten().any(|p| {
-                p["id"] == peer && p["connected"] == true && p["inSync"] == true
-            });
+            let ok = v["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["id"] == peer && p["connected"] == true && p["inSync"] == true);
             if ok {
                 return Ok(());
             }
@@ -402,7 +470,9 @@ impl Api {
 }
 
 fn free_udp_port() -> Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn practice_id(bin_dir: &Path, dir: &Path) -> Result<String> {
@@ -411,21 +481,23 @@ fn practice_id(bin_dir: &Path, dir: &Path) -> Result<String> {
 }
 
 fn sync_addr(dir: &Path) -> Result<std::net::SocketAddr> {
-    Ok(std::fs::read_to_string(dir.join("sync.addr"))?.trim().parse()?)
+    Ok(std::fs::read_to_string(dir.join("sync.addr"))?
+        .trim()
+        .parse()?)
 }
 
 fn sync_wait(bin_dir: &Path, dir: &Path, peer: &str) -> Result<()> {
-    cli_ok(bin_dir, dir, &["sync", "wait", "--peer", peer, "--timeout", "300"]).map(|_| ())
+    cli_ok(
+        bin_dir,
+        dir,
+        &["sync", "wait", "--peer", peer, "--timeout", "300"],
+    )
+    .map(|_| ())
 }
 
 pub fn run(o: &Options) -> Result<Vec<Value>> {
     (0..o.reps)
-        .map(|rep| {
-            run_once(&Options {
-                rep,
-                ..o.clone()
-            })
-        })
+        .map(|rep| run_once(&Options { rep, ..o.clone() }))
         .collect()
 }
 
@@ -435,19 +507,79 @@ pub fn run(o: &Options) -> Result<Vec<Value>> {
 const ROWS: &[(&str, &str, usize, &str, &str)] = &[
     ("load: charts/s", "/load/docsPerSec", 0, "5,938", "8,479"),
     ("load: ms", "/load/ms", 0, "", ""),
-    ("load: peak RSS (KB)", "/load/maxRssKB", 0, "120 MB", "252 MB"),
-    ("load: bytes on disk", "/load/diskBytes", 0, "5.4 MB", "33 MB"),
-    ("cold open + read one chart (ms)", "/cold/processWallMs", 1, "215", "213"),
+    (
+        "load: peak RSS (KB)",
+        "/load/maxRssKB",
+        0,
+        "120 MB",
+        "252 MB",
+    ),
+    (
+        "load: bytes on disk",
+        "/load/diskBytes",
+        0,
+        "5.4 MB",
+        "33 MB",
+    ),
+    (
+        "cold open + read one chart (ms)",
+        "/cold/processWallMs",
+        1,
+        "215",
+        "213",
+    ),
     ("initial sync (ms)", "/initial/ms", 0, "676", "5,000"),
-    ("initial sync: wire bytes", "/initial/wireBytes", 0, "740 KB", "7.4 MB"),
-    ("reconnect no-op 1 (ms)", "/reconnect1/ms", 1, "276", "2,700"),
-    ("reconnect no-op 1: wire bytes", "/reconnect1/wireBytes", 0, "110 KB", "1.2 MB"),
+    (
+        "initial sync: wire bytes",
+        "/initial/wireBytes",
+        0,
+        "740 KB",
+        "7.4 MB",
+    ),
+    (
+        "reconnect no-op 1 (ms)",
+        "/reconnect1/ms",
+        1,
+        "276",
+        "2,700",
+    ),
+    (
+        "reconnect no-op 1: wire bytes",
+        "/reconnect1/wireBytes",
+        0,
+        "110 KB",
+        "1.2 MB",
+    ),
     ("reconnect no-op 2 (ms)", "/reconnect2/ms", 1, "16", "13"),
-    ("reconnect no-op 2: wire bytes", "/reconnect2/wireBytes", 0, "5.1 KB", "5.1 KB"),
-    ("incremental, 10 notes (ms)", "/incremental/ms", 1, "30", "38"),
-    ("incremental: wire bytes", "/incremental/wireBytes", 0, "19 KB", "19 KB"),
+    (
+        "reconnect no-op 2: wire bytes",
+        "/reconnect2/wireBytes",
+        0,
+        "5.1 KB",
+        "5.1 KB",
+    ),
+    (
+        "incremental, 10 notes (ms)",
+        "/incremental/ms",
+        1,
+        "30",
+        "38",
+    ),
+    (
+        "incremental: wire bytes",
+        "/incremental/wireBytes",
+        0,
+        "19 KB",
+        "19 KB",
+    ),
     ("restart B + reconnect (ms)", "/restart/ms", 1, "57", "89"),
-    ("restart: wire bytes", "/restart/wireBytes", 0, "7.9 KB", "7.9 KB"),
+    (
+        "restart: wire bytes",
+        "/restart/wireBytes",
+        0,
+        "7.9 KB",
+        "7.9 KB",
+    ),
     ("verify: charts in B", "/verify/count", 0, "", ""),
     ("peak RSS A (KB)", "/rss/aMaxKB", 0, "123 MB", "199 MB"),
     ("peak RSS B (KB)", "/rss/bMaxKB", 0, "138 MB", "215 MB"),
@@ -456,7 +588,8 @@ const ROWS: &[(&str, &str, usize, &str, &str)] = &[
 /// A markdown table: median (min–max) over reps for each figure, beside PouchDB's figure at
 /// the same N (when N is 1,000 or 10,000).
 pub fn table(reps: &[Value], n: usize) -> String {
-    let mut s = String::from("| figure | median (min–max) | PouchDB (reference) |\n|---|---:|---:|\n");
+    let mut s =
+        String::from("| figure | median (min–max) | PouchDB (reference) |\n|---|---:|---:|\n");
     for &(name, ptr, digits, at_1k, at_10k) in ROWS {
         let reference = match n {
             1000 => at_1k,
@@ -542,12 +675,18 @@ pub fn dataset(data: &Path, n: usize) -> Result<Dataset> {
                     "id": format!("{id}-inc-{round}"), "author": "Nurse Bench",
                     "date": "2025-11-20T10:15:00Z", "text": format!("Round {round} follow-up for {id}."),
                 });
-                c["notes"].as_array_mut().context("notes")?.push(note.clone());
+                c["notes"]
+                    .as_array_mut()
+                    .context("notes")?
+                    .push(note.clone());
                 notes.insert(id.to_string(), note);
             }
             sum.add(id, &c);
         }
-        rounds.insert(round.to_string(), json!({ "checksumAfter": sum.finish(), "notes": notes }));
+        rounds.insert(
+            round.to_string(),
+            json!({ "checksumAfter": sum.finish(), "notes": notes }),
+        );
     }
     let incremental = std::env::temp_dir().join(format!("chartmesh-bench-{tag}.incremental.json"));
     std::fs::write(

@@ -58,7 +58,10 @@ pub fn import(client: &Client, files: &[PathBuf], author: &str, json_out: bool) 
         reports.push(r);
     }
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&json!({ "files": reports, "failed": bad }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "files": reports, "failed": bad }))?
+        );
     }
     if bad > 0 {
         if json_out {
@@ -82,7 +85,10 @@ fn print_report(path: &Path, r: &Value) {
         "{file}: {} chart(s) created, {} updated, {} unchanged",
         r["created"], r["updated"], r["unchanged"]
     );
-    println!("  {:<28} {:>7} {:>8} {:>7}", "resource type", "mapped", "skipped", "errors");
+    println!(
+        "  {:<28} {:>7} {:>8} {:>7}",
+        "resource type", "mapped", "skipped", "errors"
+    );
     if let Some(m) = r["summary"].as_object() {
         for (rt, c) in m {
             let n = |k: &str| c[k].as_u64().unwrap_or(0);
@@ -103,15 +109,25 @@ fn print_report(path: &Path, r: &Value) {
         if res["outcome"] == "skipped" {
             *reasons.entry((rt, reason)).or_default() += 1;
         } else {
-            let id = res["id"].as_str().map(|i| format!("/{i}")).unwrap_or_default();
-            eprintln!("{file}: {} ({rt}{id}): {reason}", res["at"].as_str().unwrap_or(""));
+            let id = res["id"]
+                .as_str()
+                .map(|i| format!("/{i}"))
+                .unwrap_or_default();
+            eprintln!(
+                "{file}: {} ({rt}{id}): {reason}",
+                res["at"].as_str().unwrap_or("")
+            );
         }
     }
     for ((rt, reason), n) in reasons {
         println!("  skipped {n} {rt}: {reason}");
     }
     for e in r["chartErrors"].as_array().into_iter().flatten() {
-        eprintln!("{file}: chart {}: {}", e["chart"].as_str().unwrap_or(""), e["error"].as_str().unwrap_or(""));
+        eprintln!(
+            "{file}: chart {}: {}",
+            e["chart"].as_str().unwrap_or(""),
+            e["error"].as_str().unwrap_or("")
+        );
     }
 }
 

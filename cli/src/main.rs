@@ -385,7 +385,10 @@ fn run(cli: Cli) -> Result<()> {
             });
         }
         Cmd::Alerts { chart } => {
-            let q = chart.as_ref().map(|c| format!("?chart={}", enc(c))).unwrap_or_default();
+            let q = chart
+                .as_ref()
+                .map(|c| format!("?chart={}", enc(c)))
+                .unwrap_or_default();
             let v = Client::connect(&dir, &user)?.get(&format!("/alerts{q}"))?;
             print(j, &v, |v| {
                 let charts = v["charts"].as_array().cloned().unwrap_or_default();
@@ -393,7 +396,11 @@ fn run(cli: Cli) -> Result<()> {
                     println!("No medication alerts.");
                 }
                 for c in charts {
-                    println!("{}  {}", c["chart"].as_str().unwrap_or(""), c["patient"].as_str().unwrap_or(""));
+                    println!(
+                        "{}  {}",
+                        c["chart"].as_str().unwrap_or(""),
+                        c["patient"].as_str().unwrap_or("")
+                    );
                     for a in c["alerts"].as_array().into_iter().flatten() {
                         println!(
                             "  {:<8} {:<17} {}: {}",
@@ -421,7 +428,10 @@ fn run(cli: Cli) -> Result<()> {
                     v["path"].as_str().unwrap_or(""),
                     v["bytes"]
                 );
-                println!("Keep a copy of {} somewhere safe, apart from the backups.", dir.join(datadir::STORE_KEY).display());
+                println!(
+                    "Keep a copy of {} somewhere safe, apart from the backups.",
+                    dir.join(datadir::STORE_KEY).display()
+                );
             });
         }
         Cmd::Restore { file } => {
@@ -447,8 +457,13 @@ fn run(cli: Cli) -> Result<()> {
                     r.audit_entries,
                     dir.join(datadir::STORE_KEY).display()
                 );
-                println!("Back up the new key now. The old store and key are in {}: delete that directory once", r.previous);
-                println!("you have a backup made under the new key (backups made before stay readable with the old key only).");
+                println!(
+                    "Back up the new key now. The old store and key are in {}: delete that directory once",
+                    r.previous
+                );
+                println!(
+                    "you have a backup made under the new key (backups made before stay readable with the old key only)."
+                );
             });
         }
         Cmd::Id => {
@@ -601,12 +616,16 @@ fn run(cli: Cli) -> Result<()> {
                     println!(
                         "  {} ({}) at {}: {state}; last sync {last}; shared to it {}, from it {}; pending {}{}",
                         p["name"].as_str().unwrap_or(""),
-                        &p["id"].as_str().unwrap_or("")[..9.min(p["id"].as_str().unwrap_or("").len())],
+                        &p["id"].as_str().unwrap_or("")
+                            [..9.min(p["id"].as_str().unwrap_or("").len())],
                         p["addr"].as_str().unwrap_or(""),
                         p["sharedTo"],
                         p["sharedFrom"],
                         p["pendingChanges"],
-                        p["lastError"].as_str().map(|e| format!("; last error: {e}")).unwrap_or_default(),
+                        p["lastError"]
+                            .as_str()
+                            .map(|e| format!("; last error: {e}"))
+                            .unwrap_or_default(),
                     );
                 }
                 println!("Shares:     {} active consent grant(s)", v["shares"]);
@@ -651,13 +670,19 @@ fn run(cli: Cli) -> Result<()> {
                     .into());
                 };
                 if offline {
-                    return Err(CliError::Usage("--format fhir needs the running daemon (drop --offline)".into()).into());
+                    return Err(CliError::Usage(
+                        "--format fhir needs the running daemon (drop --offline)".into(),
+                    )
+                    .into());
                 }
                 let client = Client::connect(&dir, &user)?;
                 let n = fhir::export(&client, &chart_ids, &out_dir)?;
                 let v = json!({ "exported": n, "dir": out_dir.display().to_string() });
                 print(j, &v, |_| {
-                    println!("exported {n} chart(s) as FHIR R4 Bundles into {}", out_dir.display())
+                    println!(
+                        "exported {n} chart(s) as FHIR R4 Bundles into {}",
+                        out_dir.display()
+                    )
                 });
                 return Ok(());
             }
@@ -788,7 +813,9 @@ fn run(cli: Cli) -> Result<()> {
             print(j, &v, |_| {
                 println!("Added to {chart} (medications)");
                 if override_reason.is_some() {
-                    println!("The overridden alerts and your reason are recorded in the chart as a note.");
+                    println!(
+                        "The overridden alerts and your reason are recorded in the chart as a note."
+                    );
                 }
             });
         }
@@ -857,12 +884,17 @@ fn run(cli: Cli) -> Result<()> {
                 SyncCmd::Resume { peer } => ("/sync/resume", peer),
                 SyncCmd::Wait { .. } => unreachable!(),
             };
-            let v = Client::connect(&dir, &user)?.post_json(path, &serde_json::json!({ "peer": peer }))?;
+            let v = Client::connect(&dir, &user)?
+                .post_json(path, &serde_json::json!({ "peer": peer }))?;
             print(j, &v, |v| {
                 println!(
                     "sync with {} {}",
                     v["peer"].as_str().unwrap_or(""),
-                    if v["paused"].as_bool() == Some(true) { "paused" } else { "resumed" }
+                    if v["paused"].as_bool() == Some(true) {
+                        "paused"
+                    } else {
+                        "resumed"
+                    }
                 )
             });
         }
@@ -873,15 +905,19 @@ fn run(cli: Cli) -> Result<()> {
                 let v = client.get("/sync")?;
                 let list = v["peers"].as_array().cloned().unwrap_or_default();
                 let find = |id: &str| {
-                    list.iter()
-                        .find(|p| p["id"].as_str().is_some_and(|x| x == id || x.replace('-', "") == id.replace('-', "")))
+                    list.iter().find(|p| {
+                        p["id"]
+                            .as_str()
+                            .is_some_and(|x| x == id || x.replace('-', "") == id.replace('-', ""))
+                    })
                 };
                 let ok = if peers.is_empty() {
                     v["inSync"].as_bool() == Some(true)
                 } else {
                     peers.iter().all(|id| {
                         find(id).is_some_and(|p| {
-                            p["connected"].as_bool() == Some(true) && p["inSync"].as_bool() == Some(true)
+                            p["connected"].as_bool() == Some(true)
+                                && p["inSync"].as_bool() == Some(true)
                         })
                     })
                 };
@@ -897,7 +933,11 @@ fn run(cli: Cli) -> Result<()> {
                             format!(
                                 "{} ({})",
                                 p["name"].as_str().unwrap_or(""),
-                                if p["connected"].as_bool() == Some(true) { "connected, syncing" } else { "not connected" }
+                                if p["connected"].as_bool() == Some(true) {
+                                    "connected, syncing"
+                                } else {
+                                    "not connected"
+                                }
                             )
                         })
                         .collect();
@@ -916,7 +956,9 @@ fn run(cli: Cli) -> Result<()> {
                     let v = if offline {
                         match offline_store(&dir)?.verify_audit()? {
                             Ok(n) => json!({ "ok": true, "entries": n }),
-                            Err(b) => json!({ "ok": false, "firstBadSeq": b.seq, "reason": b.reason }),
+                            Err(b) => {
+                                json!({ "ok": false, "firstBadSeq": b.seq, "reason": b.reason })
+                            }
                         }
                     } else {
                         Client::connect(&dir, &user)?.get("/audit/verify")?

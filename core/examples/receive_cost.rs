@@ -20,7 +20,10 @@ fn main() {
     let n = saved.len() as f64;
     let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / n;
     let t = Instant::now();
-    let mut docs: Vec<ChartDoc> = saved.iter().map(|b| ChartDoc::load(b, []).unwrap()).collect();
+    let mut docs: Vec<ChartDoc> = saved
+        .iter()
+        .map(|b| ChartDoc::load(b, []).unwrap())
+        .collect();
     let load = t.elapsed();
     let t = Instant::now();
     let jsons: Vec<serde_json::Value> = docs.iter().map(|d| d.to_json().unwrap()).collect();
@@ -49,6 +52,11 @@ fn main() {
     let header = t.elapsed();
     println!(
         "per chart (µs): load {:.0}, to_json {:.0}, validate via bytes {:.0}, validate from value {:.0}, heads {:.1}, header {:.1}",
-        us(load), us(to_json), us(validate_bytes), us(validate_value), us(heads), us(header)
+        us(load),
+        us(to_json),
+        us(validate_bytes),
+        us(validate_value),
+        us(heads),
+        us(header)
     );
 }

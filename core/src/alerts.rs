@@ -49,22 +49,131 @@ pub struct Alert {
 
 /// Drug classes by member (lower-case generic or brand names).
 const CLASSES: &[(&str, &[&str])] = &[
-    ("penicillin", &["penicillin", "amoxicillin", "ampicillin", "piperacillin", "dicloxacillin", "flucloxacillin", "augmentin", "amoxicillin/clavulanate", "co-amoxiclav"]),
-    ("cephalosporin", &["cephalexin", "cefalexin", "cefuroxime", "ceftriaxone", "cefazolin", "cefdinir"]),
-    ("sulfonamide", &["sulfamethoxazole", "trimethoprim/sulfamethoxazole", "co-trimoxazole", "bactrim", "sulfasalazine", "sulfadiazine"]),
-    ("nsaid", &["ibuprofen", "naproxen", "diclofenac", "aspirin", "acetylsalicylic acid", "celecoxib", "ketorolac", "meloxicam", "indomethacin"]),
-    ("opioid", &["codeine", "morphine", "oxycodone", "hydrocodone", "hydromorphone", "tramadol", "fentanyl", "methadone", "tapentadol"]),
-    ("statin", &["atorvastatin", "simvastatin", "rosuvastatin", "pravastatin", "lovastatin"]),
-    ("ace-inhibitor", &["lisinopril", "enalapril", "ramipril", "captopril", "perindopril"]),
-    ("potassium-sparing-diuretic", &["spironolactone", "eplerenone", "amiloride"]),
-    ("anticoagulant", &["warfarin", "apixaban", "rivaroxaban", "dabigatran"]),
-    ("ssri", &["sertraline", "fluoxetine", "citalopram", "escitalopram", "paroxetine"]),
+    (
+        "penicillin",
+        &[
+            "penicillin",
+            "amoxicillin",
+            "ampicillin",
+            "piperacillin",
+            "dicloxacillin",
+            "flucloxacillin",
+            "augmentin",
+            "amoxicillin/clavulanate",
+            "co-amoxiclav",
+        ],
+    ),
+    (
+        "cephalosporin",
+        &[
+            "cephalexin",
+            "cefalexin",
+            "cefuroxime",
+            "ceftriaxone",
+            "cefazolin",
+            "cefdinir",
+        ],
+    ),
+    (
+        "sulfonamide",
+        &[
+            "sulfamethoxazole",
+            "trimethoprim/sulfamethoxazole",
+            "co-trimoxazole",
+            "bactrim",
+            "sulfasalazine",
+            "sulfadiazine",
+        ],
+    ),
+    (
+        "nsaid",
+        &[
+            "ibuprofen",
+            "naproxen",
+            "diclofenac",
+            "aspirin",
+            "acetylsalicylic acid",
+            "celecoxib",
+            "ketorolac",
+            "meloxicam",
+            "indomethacin",
+        ],
+    ),
+    (
+        "opioid",
+        &[
+            "codeine",
+            "morphine",
+            "oxycodone",
+            "hydrocodone",
+            "hydromorphone",
+            "tramadol",
+            "fentanyl",
+            "methadone",
+            "tapentadol",
+        ],
+    ),
+    (
+        "statin",
+        &[
+            "atorvastatin",
+            "simvastatin",
+            "rosuvastatin",
+            "pravastatin",
+            "lovastatin",
+        ],
+    ),
+    (
+        "ace-inhibitor",
+        &[
+            "lisinopril",
+            "enalapril",
+            "ramipril",
+            "captopril",
+            "perindopril",
+        ],
+    ),
+    (
+        "potassium-sparing-diuretic",
+        &["spironolactone", "eplerenone", "amiloride"],
+    ),
+    (
+        "anticoagulant",
+        &["warfarin", "apixaban", "rivaroxaban", "dabigatran"],
+    ),
+    (
+        "ssri",
+        &[
+            "sertraline",
+            "fluoxetine",
+            "citalopram",
+            "escitalopram",
+            "paroxetine",
+        ],
+    ),
     ("triptan", &["sumatriptan", "rizatriptan", "zolmitriptan"]),
-    ("macrolide", &["clarithromycin", "erythromycin", "azithromycin"]),
-    ("nitrate", &["nitroglycerin", "glyceryl trinitrate", "isosorbide mononitrate", "isosorbide dinitrate"]),
+    (
+        "macrolide",
+        &["clarithromycin", "erythromycin", "azithromycin"],
+    ),
+    (
+        "nitrate",
+        &[
+            "nitroglycerin",
+            "glyceryl trinitrate",
+            "isosorbide mononitrate",
+            "isosorbide dinitrate",
+        ],
+    ),
     ("pde5-inhibitor", &["sildenafil", "tadalafil", "vardenafil"]),
-    ("benzodiazepine", &["diazepam", "lorazepam", "alprazolam", "clonazepam"]),
-    ("proton-pump-inhibitor", &["omeprazole", "esomeprazole", "pantoprazole", "lansoprazole"]),
+    (
+        "benzodiazepine",
+        &["diazepam", "lorazepam", "alprazolam", "clonazepam"],
+    ),
+    (
+        "proton-pump-inhibitor",
+        &["omeprazole", "esomeprazole", "pantoprazole", "lansoprazole"],
+    ),
 ];
 
 /// Allergy substances that name a class rather than a drug.
@@ -84,26 +193,75 @@ const ALLERGY_CLASS_WORDS: &[(&str, &str)] = &[
 ];
 
 /// Cross-sensitivity between an allergy class and a drug class, beyond the same class.
-const CROSS: &[(&str, &str, Severity, &str)] = &[
-    ("penicillin", "cephalosporin", Severity::Moderate, "penicillin allergy: low but real cross-reactivity with cephalosporins"),
-];
+const CROSS: &[(&str, &str, Severity, &str)] = &[(
+    "penicillin",
+    "cephalosporin",
+    Severity::Moderate,
+    "penicillin allergy: low but real cross-reactivity with cephalosporins",
+)];
 
 const SOURCE_CLASS: &str = "drug-class cross-sensitivity (illustrative table, docs/CLINICAL.md)";
 
 /// Interacting class pairs (either order).
 const INTERACTIONS: &[(&str, &str, Severity, &str)] = &[
-    ("anticoagulant", "nsaid", Severity::Severe, "bleeding risk: NSAIDs with an anticoagulant"),
-    ("anticoagulant", "macrolide", Severity::Moderate, "macrolides can raise anticoagulant levels (INR)"),
-    ("ssri", "nsaid", Severity::Moderate, "gastrointestinal bleeding risk: SSRI with an NSAID"),
-    ("ssri", "triptan", Severity::Severe, "serotonin syndrome risk: SSRI with a triptan"),
-    ("ace-inhibitor", "potassium-sparing-diuretic", Severity::Severe, "hyperkalaemia risk: ACE inhibitor with a potassium-sparing diuretic"),
-    ("nitrate", "pde5-inhibitor", Severity::Severe, "severe hypotension: nitrate with a PDE5 inhibitor"),
-    ("opioid", "benzodiazepine", Severity::Severe, "respiratory depression: opioid with a benzodiazepine"),
-    ("statin", "macrolide", Severity::Severe, "myopathy risk: statin with clarithromycin/erythromycin"),
-    ("ace-inhibitor", "nsaid", Severity::Moderate, "reduced antihypertensive effect and kidney risk: ACE inhibitor with an NSAID"),
+    (
+        "anticoagulant",
+        "nsaid",
+        Severity::Severe,
+        "bleeding risk: NSAIDs with an anticoagulant",
+    ),
+    (
+        "anticoagulant",
+        "macrolide",
+        Severity::Moderate,
+        "macrolides can raise anticoagulant levels (INR)",
+    ),
+    (
+        "ssri",
+        "nsaid",
+        Severity::Moderate,
+        "gastrointestinal bleeding risk: SSRI with an NSAID",
+    ),
+    (
+        "ssri",
+        "triptan",
+        Severity::Severe,
+        "serotonin syndrome risk: SSRI with a triptan",
+    ),
+    (
+        "ace-inhibitor",
+        "potassium-sparing-diuretic",
+        Severity::Severe,
+        "hyperkalaemia risk: ACE inhibitor with a potassium-sparing diuretic",
+    ),
+    (
+        "nitrate",
+        "pde5-inhibitor",
+        Severity::Severe,
+        "severe hypotension: nitrate with a PDE5 inhibitor",
+    ),
+    (
+        "opioid",
+        "benzodiazepine",
+        Severity::Severe,
+        "respiratory depression: opioid with a benzodiazepine",
+    ),
+    (
+        "statin",
+        "macrolide",
+        Severity::Severe,
+        "myopathy risk: statin with clarithromycin/erythromycin",
+    ),
+    (
+        "ace-inhibitor",
+        "nsaid",
+        Severity::Moderate,
+        "reduced antihypertensive effect and kidney risk: ACE inhibitor with an NSAID",
+    ),
 ];
 
-const SOURCE_INTERACTION: &str = "interaction table (illustrative, after commonly cited label warnings; docs/CLINICAL.md)";
+const SOURCE_INTERACTION: &str =
+    "interaction table (illustrative, after commonly cited label warnings; docs/CLINICAL.md)";
 
 /// Words of a drug name, lower-case, for matching ("Salbutamol inhaler" → its first word too).
 fn norm(s: &str) -> String {
@@ -142,7 +300,10 @@ fn same_drug(a: &str, b: &str) -> bool {
 }
 
 fn is_active(m: &Medication) -> bool {
-    matches!(m.status.as_deref(), None | Some("active") | Some("intended") | Some("on-hold"))
+    matches!(
+        m.status.as_deref(),
+        None | Some("active") | Some("intended") | Some("on-hold")
+    )
 }
 
 fn key(kind: &str, a: &str, b: &str) -> String {
@@ -190,13 +351,21 @@ fn allergy_alerts(allergies: &[Allergy], med: &Medication, out: &mut Vec<Alert>)
         if let Some(c) = a_classes.iter().find(|c| med_classes.contains(c)) {
             out.push(Alert {
                 kind: AlertKind::Allergy,
-                severity: if severe || *c != "opioid" { Severity::Severe } else { Severity::Moderate },
+                severity: if severe || *c != "opioid" {
+                    Severity::Severe
+                } else {
+                    Severity::Moderate
+                },
                 medication: med.name.clone(),
                 with: a.substance.clone(),
                 message: format!(
                     "{} is a{} {c}; recorded allergy to {}{}",
                     med.name,
-                    if c.starts_with(['a', 'e', 'i', 'o', 'u']) { "n" } else { "" },
+                    if c.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                        "n"
+                    } else {
+                        ""
+                    },
                     a.substance,
                     reaction(a)
                 ),
@@ -242,7 +411,11 @@ fn medication_alerts(active: &[&Medication], med: &Medication, out: &mut Vec<Ale
                 message: format!(
                     "{} is already an active medication{}",
                     other.name,
-                    other.dose.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
+                    other
+                        .dose
+                        .as_ref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
                 ),
                 source: "duplicate therapy (same drug)",
                 key: key("duplicate", &med.name, &other.name),
@@ -256,13 +429,17 @@ fn medication_alerts(active: &[&Medication], med: &Medication, out: &mut Vec<Ale
                 severity: Severity::Moderate,
                 medication: med.name.clone(),
                 with: other.name.clone(),
-                message: format!("two active drugs of the same class ({c}): {} and {}", med.name, other.name),
+                message: format!(
+                    "two active drugs of the same class ({c}): {} and {}",
+                    med.name, other.name
+                ),
                 source: "duplicate therapy (same class)",
                 key: key("duplicate", &med.name, &other.name),
             });
         }
         for (x, y, sev, why) in INTERACTIONS {
-            if (mine.contains(x) && theirs.contains(y)) || (mine.contains(y) && theirs.contains(x)) {
+            if (mine.contains(x) && theirs.contains(y)) || (mine.contains(y) && theirs.contains(x))
+            {
                 out.push(Alert {
                     kind: AlertKind::Interaction,
                     severity: *sev,

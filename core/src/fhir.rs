@@ -84,7 +84,10 @@ pub fn patient_id(chart_id: &str) -> String {
         chart_id.to_string()
     } else {
         use sha2::{Digest, Sha256};
-        format!("c-{}", &hex::encode(Sha256::digest(chart_id.as_bytes()))[..32])
+        format!(
+            "c-{}",
+            &hex::encode(Sha256::digest(chart_id.as_bytes()))[..32]
+        )
     }
 }
 
@@ -167,7 +170,11 @@ pub fn chart_to_bundle(chart: &Chart, history: &[HistoryEntry]) -> Value {
         if !a.line.is_empty() {
             addr.insert("line".into(), json!(a.line));
         }
-        for (k, v) in [("city", &a.city), ("postalCode", &a.postal_code), ("country", &a.country)] {
+        for (k, v) in [
+            ("city", &a.city),
+            ("postalCode", &a.postal_code),
+            ("country", &a.country),
+        ] {
             if let Some(v) = v {
                 addr.insert(k.into(), v.clone().into());
             }
@@ -213,7 +220,8 @@ pub fn chart_to_bundle(chart: &Chart, history: &[HistoryEntry]) -> Value {
             r["code"]["text"] = d.clone().into();
         }
         if let Some(s) = &c.status {
-            r["clinicalStatus"] = json!({ "coding": [{ "system": CONDITION_CLINICAL, "code": s }] });
+            r["clinicalStatus"] =
+                json!({ "coding": [{ "system": CONDITION_CLINICAL, "code": s }] });
         }
         if let Some(o) = &c.onset {
             r["onsetDateTime"] = o.clone().into();
@@ -379,7 +387,8 @@ pub fn chart_to_bundle(chart: &Chart, history: &[HistoryEntry]) -> Value {
             "who": { "display": h.author.clone().unwrap_or_else(|| "unknown".into()) },
         });
         if let Some(p) = &h.practice {
-            agent["onBehalfOf"] = json!({ "identifier": { "system": format!("{EXT}/practice-id"), "value": p } });
+            agent["onBehalfOf"] =
+                json!({ "identifier": { "system": format!("{EXT}/practice-id"), "value": p } });
         }
         let mut prov = json!({
             "resourceType": "Provenance",
@@ -482,8 +491,12 @@ pub fn looks_like_fhir(first_value: &Value) -> bool {
 /// Reasons for resource types that are read but not mapped into a chart.
 fn skip_reason(rt: &str) -> Option<&'static str> {
     Some(match rt {
-        "Encounter" => "encounters are not part of the chart model; their dates travel on the entries that refer to them",
-        "Practitioner" | "PractitionerRole" => "directory entry: used only to name the authors of notes",
+        "Encounter" => {
+            "encounters are not part of the chart model; their dates travel on the entries that refer to them"
+        }
+        "Practitioner" | "PractitionerRole" => {
+            "directory entry: used only to name the authors of notes"
+        }
         "Organization" | "Location" => "directory entry, not patient data",
         "Claim" | "ExplanationOfBenefit" => "billing record, not part of the clinical chart",
         "DiagnosticReport" => "report wrapper: its results are imported from their Observations",
@@ -514,7 +527,10 @@ pub fn import(bytes: &[u8], now_ts: &str) -> FhirImport {
         }
     };
     let Some(obj) = v.as_object() else {
-        out.fatal = Some("the file is JSON but not an object; a FHIR file holds a Bundle or a single resource".into());
+        out.fatal = Some(
+            "the file is JSON but not an object; a FHIR file holds a Bundle or a single resource"
+                .into(),
+        );
         return out;
     };
     let Some(rt) = obj.get("resourceType") else {
@@ -528,7 +544,17 @@ pub fn import(bytes: &[u8], now_ts: &str) -> FhirImport {
     let mut items: Vec<(String, Option<String>, Value)> = Vec::new();
     if rt == "Bundle" {
         match obj.get("type").and_then(|t| t.as_str()) {
-            Some("collection" | "transaction" | "batch" | "searchset" | "document" | "transaction-response" | "batch-response" | "history" | "message") => {}
+            Some(
+                "collection"
+                | "transaction"
+                | "batch"
+                | "searchset"
+                | "document"
+                | "transaction-response"
+                | "batch-response"
+                | "history"
+                | "message",
+            ) => {}
             Some(other) => {
                 out.fatal = Some(format!(
                     "Bundle.type {other:?} is not an R4 bundle type (collection, transaction, batch, searchset, document, ...)"
@@ -536,7 +562,10 @@ pub fn import(bytes: &[u8], now_ts: &str) -> FhirImport {
                 return out;
             }
             None => {
-                out.fatal = Some("Bundle has no type (collection, transaction, batch, searchset or document)".into());
+                out.fatal = Some(
+                    "Bundle has no type (collection, transaction, batch, searchset or document)"
+                        .into(),
+                );
                 return out;
             }
         }
@@ -550,11 +579,19 @@ pub fn import(bytes: &[u8], now_ts: &str) -> FhirImport {
         };
         for (i, e) in entries.into_iter().enumerate() {
             let at = format!("entry[{i}]");
-            let full_url = e.get("fullUrl").and_then(|u| u.as_str()).map(str::to_string);
+            let full_url = e
+                .get("fullUrl")
+                .and_then(|u| u.as_str())
+                .map(str::to_string);
             match e.get("resource") {
                 Some(r) if r.is_object() => items.push((at, full_url, r.clone())),
-                Some(_) => out.resources.push(err_report(&at, "?", None, "resource is not a JSON object")),
-                None => out.resources.push(err_report(&at, "?", None, "entry has no resource")),
+                Some(_) => {
+                    out.resources
+                        .push(err_report(&at, "?", None, "resource is not a JSON object"))
+                }
+                None => out
+                    .resources
+                    .push(err_report(&at, "?", None, "entry has no resource")),
             }
         }
     } else {
@@ -615,7 +652,8 @@ impl<'a> Importer<'a> {
                 if let Some(ids) = r.get("identifier").and_then(|x| x.as_array()) {
                     for i in ids {
                         if let (Some(s), Some(v)) = (i["system"].as_str(), i["value"].as_str()) {
-                            practitioners.insert(format!("Practitioner?identifier={s}|{v}"), name.clone());
+                            practitioners
+                                .insert(format!("Practitioner?identifier={s}|{v}"), name.clone());
                         }
                     }
                 }
@@ -626,11 +664,13 @@ impl<'a> Importer<'a> {
             let rt = match r.get("resourceType") {
                 Some(Value::String(s)) => s.as_str(),
                 Some(_) => {
-                    out.resources.push(err_report(at, "?", None, "resourceType must be a string"));
+                    out.resources
+                        .push(err_report(at, "?", None, "resourceType must be a string"));
                     continue;
                 }
                 None => {
-                    out.resources.push(err_report(at, "?", None, "resource has no resourceType"));
+                    out.resources
+                        .push(err_report(at, "?", None, "resource has no resourceType"));
                     continue;
                 }
             };
@@ -673,9 +713,16 @@ impl<'a> Importer<'a> {
             };
             let clinical = matches!(
                 rt.as_str(),
-                "Condition" | "AllergyIntolerance" | "MedicationRequest" | "MedicationStatement"
-                    | "Observation" | "Immunization" | "ServiceRequest" | "DocumentReference"
-                    | "Composition" | "Coverage"
+                "Condition"
+                    | "AllergyIntolerance"
+                    | "MedicationRequest"
+                    | "MedicationStatement"
+                    | "Observation"
+                    | "Immunization"
+                    | "ServiceRequest"
+                    | "DocumentReference"
+                    | "Composition"
+                    | "Coverage"
             );
             if !clinical {
                 let reason = match skip_reason(&rt) {
@@ -703,7 +750,9 @@ impl<'a> Importer<'a> {
                     if drafts.len() == 1 {
                         Ok(0)
                     } else {
-                        Err(format!("{rt}.{subject_field} is missing: no patient to file it under"))
+                        Err(format!(
+                            "{rt}.{subject_field} is missing: no patient to file it under"
+                        ))
                     }
                 }
                 Some(s) => match s.get("reference").and_then(|x| x.as_str()) {
@@ -741,9 +790,9 @@ impl<'a> Importer<'a> {
             };
             match res {
                 Ok(()) => out.resources.push(report(Outcome::Mapped, None)),
-                Err(e) if e.starts_with("skip: ") => {
-                    out.resources.push(report(Outcome::Skipped, Some(e[6..].to_string())))
-                }
+                Err(e) if e.starts_with("skip: ") => out
+                    .resources
+                    .push(report(Outcome::Skipped, Some(e[6..].to_string()))),
                 Err(e) => out.resources.push(report(Outcome::Error, Some(e))),
             }
         }
@@ -782,7 +831,13 @@ impl<'a> Importer<'a> {
                 let base = r.get("id").and_then(|x| x.as_str()).unwrap_or(&mrn);
                 let clean: String = base
                     .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
                     .take(100)
                     .collect();
                 format!("fhir-{clean}")
@@ -791,7 +846,11 @@ impl<'a> Importer<'a> {
         let names = match r.get("name") {
             Some(Value::Array(a)) => a.clone(),
             Some(_) => return Err("Patient.name must be an array of HumanName".into()),
-            None => return Err("Patient.name is missing: a chart needs the patient's family name".into()),
+            None => {
+                return Err(
+                    "Patient.name is missing: a chart needs the patient's family name".into(),
+                );
+            }
         };
         let name = names
             .iter()
@@ -806,7 +865,11 @@ impl<'a> Importer<'a> {
             Value::Null => Vec::new(),
             Value::Array(g) => g
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).ok_or("Patient.name.given must hold strings"))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or("Patient.name.given must hold strings")
+                })
                 .collect::<Result<Vec<_>, _>>()?,
             _ => return Err("Patient.name.given must be an array of strings".into()),
         };
@@ -817,7 +880,11 @@ impl<'a> Importer<'a> {
         crate::chart::date("Patient.birthDate", birth).map_err(|e| e.to_string())?;
         let sex = match r.get("gender").and_then(|x| x.as_str()) {
             Some(g @ ("male" | "female" | "other" | "unknown")) => Some(g.to_string()),
-            Some(g) => return Err(format!("Patient.gender {g:?} is not male, female, other or unknown")),
+            Some(g) => {
+                return Err(format!(
+                    "Patient.gender {g:?} is not male, female, other or unknown"
+                ));
+            }
             None => None,
         };
         let phone = r["telecom"]
@@ -825,15 +892,22 @@ impl<'a> Importer<'a> {
             .and_then(|t| t.iter().find(|t| t["system"] == "phone"))
             .and_then(|t| t["value"].as_str())
             .map(str::to_string);
-        let address = r["address"].as_array().and_then(|a| a.first()).map(|a| Address {
-            line: a["line"]
-                .as_array()
-                .map(|l| l.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
-                .unwrap_or_default(),
-            city: a["city"].as_str().map(str::to_string),
-            postal_code: a["postalCode"].as_str().map(str::to_string),
-            country: a["country"].as_str().map(str::to_string),
-        });
+        let address = r["address"]
+            .as_array()
+            .and_then(|a| a.first())
+            .map(|a| Address {
+                line: a["line"]
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(|x| x.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                city: a["city"].as_str().map(str::to_string),
+                postal_code: a["postalCode"].as_str().map(str::to_string),
+                country: a["country"].as_str().map(str::to_string),
+            });
         let ext = |name: &str| -> Option<String> {
             r["extension"].as_array().and_then(|e| {
                 e.iter()
@@ -893,10 +967,20 @@ impl<'a> Importer<'a> {
 
     fn condition(&self, r: &Value, chart: &mut Chart) -> EntryResult {
         let (system, code, display) = code_of(&r["code"], "Condition.code")?;
-        let status = r["clinicalStatus"]["coding"][0]["code"].as_str().map(str::to_string);
+        let status = r["clinicalStatus"]["coding"][0]["code"]
+            .as_str()
+            .map(str::to_string);
         let onset = opt_date_of(&r["onsetDateTime"], "Condition.onsetDateTime")?;
-        let c = Condition { code, system, display, onset, status };
-        crate::chart::Entry::Condition(c.clone()).validate("Condition").map_err(|e| e.to_string())?;
+        let c = Condition {
+            code,
+            system,
+            display,
+            onset,
+            status,
+        };
+        crate::chart::Entry::Condition(c.clone())
+            .validate("Condition")
+            .map_err(|e| e.to_string())?;
         push_unique(&mut chart.conditions, c);
         Ok(())
     }
@@ -917,16 +1001,26 @@ impl<'a> Importer<'a> {
             .as_str()
             .or_else(|| reaction0["manifestation"][0]["coding"][0]["display"].as_str())
             .map(str::to_string);
-        let severity = reaction0["severity"].as_str().map(str::to_string).or_else(|| {
-            // R4 criticality as a fallback when no reaction severity is given.
-            match r["criticality"].as_str() {
-                Some("high") => Some("severe".into()),
-                _ => None,
-            }
-        });
+        let severity = reaction0["severity"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| {
+                // R4 criticality as a fallback when no reaction severity is given.
+                match r["criticality"].as_str() {
+                    Some("high") => Some("severe".into()),
+                    _ => None,
+                }
+            });
         let recorded = opt_date_of(&r["recordedDate"], "AllergyIntolerance.recordedDate")?;
-        let a = Allergy { substance, reaction, severity, recorded };
-        crate::chart::Entry::Allergy(a.clone()).validate("AllergyIntolerance").map_err(|e| e.to_string())?;
+        let a = Allergy {
+            substance,
+            reaction,
+            severity,
+            recorded,
+        };
+        crate::chart::Entry::Allergy(a.clone())
+            .validate("AllergyIntolerance")
+            .map_err(|e| e.to_string())?;
         push_unique(&mut chart.allergies, a);
         Ok(())
     }
@@ -939,12 +1033,16 @@ impl<'a> Importer<'a> {
                     "skip: {rt}.medicationReference is not followed; only medicationCodeableConcept is mapped"
                 ));
             }
-            return Err(format!("{rt} has no medication (medicationCodeableConcept)"));
+            return Err(format!(
+                "{rt} has no medication (medicationCodeableConcept)"
+            ));
         }
         let name = concept["text"]
             .as_str()
             .or_else(|| concept["coding"][0]["display"].as_str())
-            .ok_or_else(|| format!("{rt}.medicationCodeableConcept has neither text nor a coding display"))?
+            .ok_or_else(|| {
+                format!("{rt}.medicationCodeableConcept has neither text nor a coding display")
+            })?
             .to_string();
         let code = concept["coding"][0]["code"].as_str().map(str::to_string);
         let system = concept["coding"][0]["system"].as_str().map(system_short);
@@ -953,7 +1051,11 @@ impl<'a> Importer<'a> {
         } else {
             r["status"].as_str().map(str::to_string)
         };
-        let dosage = if rt == "MedicationRequest" { &r["dosageInstruction"][0] } else { &r["dosage"][0] };
+        let dosage = if rt == "MedicationRequest" {
+            &r["dosageInstruction"][0]
+        } else {
+            &r["dosage"][0]
+        };
         let dq = &dosage["doseAndRate"][0]["doseQuantity"];
         let dose = match (&dq["value"], dq["unit"].as_str()) {
             (Value::Number(n), Some(u)) => {
@@ -968,7 +1070,9 @@ impl<'a> Importer<'a> {
             .as_str()
             .or_else(|| dosage["route"]["coding"][0]["display"].as_str())
             .map(str::to_string);
-        let frequency = dosage["timing"]["code"]["text"].as_str().map(str::to_string);
+        let frequency = dosage["timing"]["code"]["text"]
+            .as_str()
+            .map(str::to_string);
         let start_v = if rt == "MedicationRequest" {
             &r["authoredOn"]
         } else if !r["effectivePeriod"]["start"].is_null() {
@@ -977,8 +1081,19 @@ impl<'a> Importer<'a> {
             &r["effectiveDateTime"]
         };
         let start = opt_date_of(start_v, &format!("{rt} start date"))?;
-        let m = Medication { name, code, system, dose, route, frequency, start, status };
-        crate::chart::Entry::Medication(m.clone()).validate(rt).map_err(|e| e.to_string())?;
+        let m = Medication {
+            name,
+            code,
+            system,
+            dose,
+            route,
+            frequency,
+            start,
+            status,
+        };
+        crate::chart::Entry::Medication(m.clone())
+            .validate(rt)
+            .map_err(|e| e.to_string())?;
         push_unique(&mut chart.medications, m);
         Ok(())
     }
@@ -995,32 +1110,58 @@ impl<'a> Importer<'a> {
             },
             _ => return Err("Observation.effectiveDateTime must be a string".into()),
         };
-        let category = r["category"][0]["coding"][0]["code"].as_str().map(str::to_string);
+        let category = r["category"][0]["coding"][0]["code"]
+            .as_str()
+            .map(str::to_string);
         let mut made = Vec::new();
         if !r["valueQuantity"].is_null() {
             let (system, code, display) = code_of(&r["code"], "Observation.code")?;
             let (value, unit) = quantity_of(&r["valueQuantity"], "Observation.valueQuantity")?;
-            made.push(Observation { code, system, display, value, unit, category: category.clone(), date: date.clone() });
+            made.push(Observation {
+                code,
+                system,
+                display,
+                value,
+                unit,
+                category: category.clone(),
+                date: date.clone(),
+            });
         }
         if let Some(components) = r["component"].as_array() {
             for (i, c) in components.iter().enumerate() {
                 if c["valueQuantity"].is_null() {
                     continue;
                 }
-                let (system, code, display) = code_of(&c["code"], &format!("Observation.component[{i}].code"))?;
-                let (value, unit) = quantity_of(&c["valueQuantity"], &format!("Observation.component[{i}].valueQuantity"))?;
-                made.push(Observation { code, system, display, value, unit, category: category.clone(), date: date.clone() });
+                let (system, code, display) =
+                    code_of(&c["code"], &format!("Observation.component[{i}].code"))?;
+                let (value, unit) = quantity_of(
+                    &c["valueQuantity"],
+                    &format!("Observation.component[{i}].valueQuantity"),
+                )?;
+                made.push(Observation {
+                    code,
+                    system,
+                    display,
+                    value,
+                    unit,
+                    category: category.clone(),
+                    date: date.clone(),
+                });
             }
         }
         if made.is_empty() {
-            let kind = r.as_object().and_then(|o| o.keys().find(|k| k.starts_with("value")).cloned());
+            let kind = r
+                .as_object()
+                .and_then(|o| o.keys().find(|k| k.starts_with("value")).cloned());
             return Err(format!(
                 "skip: the value is not a quantity ({}); the chart keeps numeric results",
                 kind.unwrap_or_else(|| "no value".into())
             ));
         }
         for o in made {
-            crate::chart::Entry::Observation(o.clone()).validate("Observation").map_err(|e| e.to_string())?;
+            crate::chart::Entry::Observation(o.clone())
+                .validate("Observation")
+                .map_err(|e| e.to_string())?;
             push_unique(&mut chart.observations, o);
         }
         Ok(())
@@ -1047,7 +1188,9 @@ impl<'a> Importer<'a> {
             date,
             lot: r["lotNumber"].as_str().map(str::to_string),
         };
-        crate::chart::Entry::Immunization(i.clone()).validate("Immunization").map_err(|e| e.to_string())?;
+        crate::chart::Entry::Immunization(i.clone())
+            .validate("Immunization")
+            .map_err(|e| e.to_string())?;
         push_unique(&mut chart.immunizations, i);
         Ok(())
     }
@@ -1067,7 +1210,10 @@ impl<'a> Importer<'a> {
             .to_string();
         let status = r["extension"]
             .as_array()
-            .and_then(|e| e.iter().find(|x| x["url"] == format!("{EXT}/referral-status")))
+            .and_then(|e| {
+                e.iter()
+                    .find(|x| x["url"] == format!("{EXT}/referral-status"))
+            })
             .and_then(|x| x["valueString"].as_str())
             .map(str::to_string)
             .or_else(|| r["status"].as_str().map(str::to_string));
@@ -1081,13 +1227,21 @@ impl<'a> Importer<'a> {
             status,
         };
         if chart.referral.as_ref().is_some_and(|x| x != &rf) {
-            return Err("skip: the chart already holds a referral from this bundle; a chart keeps one".into());
+            return Err(
+                "skip: the chart already holds a referral from this bundle; a chart keeps one"
+                    .into(),
+            );
         }
         chart.referral = Some(rf);
         Ok(())
     }
 
-    fn document(&self, r: &Value, chart: &mut Chart, practitioners: &HashMap<String, String>) -> EntryResult {
+    fn document(
+        &self,
+        r: &Value,
+        chart: &mut Chart,
+        practitioners: &HashMap<String, String>,
+    ) -> EntryResult {
         use data_encoding::BASE64;
         let att = &r["content"][0]["attachment"];
         if att.is_null() {
@@ -1097,11 +1251,14 @@ impl<'a> Importer<'a> {
         if !ct.starts_with("text/") {
             return Err(format!("skip: attachment of type {ct} is not text"));
         }
-        let data = att["data"].as_str().ok_or("skip: the attachment has no inline data (a URL is not fetched)")?;
+        let data = att["data"]
+            .as_str()
+            .ok_or("skip: the attachment has no inline data (a URL is not fetched)")?;
         let bytes = BASE64
             .decode(data.as_bytes())
             .map_err(|e| format!("DocumentReference attachment data is not valid base64: {e}"))?;
-        let text = String::from_utf8(bytes).map_err(|_| "DocumentReference attachment is not UTF-8 text".to_string())?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| "DocumentReference attachment is not UTF-8 text".to_string())?;
         let date = match r["date"].as_str() {
             Some(d) => timestamp_of(d, "DocumentReference.date")?,
             None => self.now_ts.to_string(),
@@ -1113,13 +1270,25 @@ impl<'a> Importer<'a> {
             .map(str::to_string)
             .unwrap_or_else(|| format!("{}-{}", chart.id, r["id"].as_str().unwrap_or("note")));
         let author = author_of(&r["author"], practitioners);
-        let n = Note { id, author, date, text };
-        crate::chart::Entry::Note(n.clone()).validate("DocumentReference").map_err(|e| e.to_string())?;
+        let n = Note {
+            id,
+            author,
+            date,
+            text,
+        };
+        crate::chart::Entry::Note(n.clone())
+            .validate("DocumentReference")
+            .map_err(|e| e.to_string())?;
         push_unique(&mut chart.notes, n);
         Ok(())
     }
 
-    fn composition(&self, r: &Value, chart: &mut Chart, practitioners: &HashMap<String, String>) -> EntryResult {
+    fn composition(
+        &self,
+        r: &Value,
+        chart: &mut Chart,
+        practitioners: &HashMap<String, String>,
+    ) -> EntryResult {
         let mut text = String::new();
         if let Some(t) = r["title"].as_str() {
             text.push_str(t);
@@ -1170,15 +1339,25 @@ fn author_of(v: &Value, practitioners: &HashMap<String, String>) -> String {
     a["display"]
         .as_str()
         .map(str::to_string)
-        .or_else(|| a["reference"].as_str().and_then(|r| practitioners.get(r).cloned()))
+        .or_else(|| {
+            a["reference"]
+                .as_str()
+                .and_then(|r| practitioners.get(r).cloned())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
 fn human_name_text(r: &Value) -> Option<String> {
     let n = &r["name"][0];
     let family = n["family"].as_str()?;
-    let given: Vec<&str> = n["given"].as_array().map(|g| g.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
-    let prefix: Vec<&str> = n["prefix"].as_array().map(|g| g.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+    let given: Vec<&str> = n["given"]
+        .as_array()
+        .map(|g| g.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    let prefix: Vec<&str> = n["prefix"]
+        .as_array()
+        .map(|g| g.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
     Some(
         prefix
             .into_iter()
@@ -1200,7 +1379,11 @@ fn strip_tags(html: &str) -> String {
             _ => {}
         }
     }
-    out.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").trim().to_string()
+    out.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+        .trim()
+        .to_string()
 }
 
 fn code_of(v: &Value, field: &str) -> Result<(Option<String>, String, Option<String>), String> {
@@ -1213,11 +1396,16 @@ fn code_of(v: &Value, field: &str) -> Result<(Option<String>, String, Option<Str
         _ => return Err(format!("{field}.coding must be an array")),
     };
     let c = &codings[0];
-    let code = c["code"].as_str().ok_or_else(|| format!("{field}.coding[0].code is missing or not a string"))?;
+    let code = c["code"]
+        .as_str()
+        .ok_or_else(|| format!("{field}.coding[0].code is missing or not a string"))?;
     Ok((
         c["system"].as_str().map(system_short),
         code.to_string(),
-        c["display"].as_str().or_else(|| v["text"].as_str()).map(str::to_string),
+        c["display"]
+            .as_str()
+            .or_else(|| v["text"].as_str())
+            .map(str::to_string),
     ))
 }
 
@@ -1227,7 +1415,10 @@ fn quantity_of(q: &Value, field: &str) -> Result<(serde_json::Number, Option<Str
         Value::Null => return Err(format!("{field}.value is missing")),
         other => return Err(format!("{field}.value must be a number, got {other}")),
     };
-    let unit = q["unit"].as_str().or_else(|| q["code"].as_str()).map(str::to_string);
+    let unit = q["unit"]
+        .as_str()
+        .or_else(|| q["code"].as_str())
+        .map(str::to_string);
     Ok((value, unit))
 }
 
@@ -1259,41 +1450,152 @@ fn timestamp_of(s: &str, field: &str) -> Result<String, String> {
 /// The resource types of FHIR R4 (4.0.1).
 fn is_r4_resource(rt: &str) -> bool {
     const R4: &[&str] = &[
-        "Account", "ActivityDefinition", "AdverseEvent", "AllergyIntolerance", "Appointment",
-        "AppointmentResponse", "AuditEvent", "Basic", "Binary", "BiologicallyDerivedProduct",
-        "BodyStructure", "Bundle", "CapabilityStatement", "CarePlan", "CareTeam", "CatalogEntry",
-        "ChargeItem", "ChargeItemDefinition", "Claim", "ClaimResponse", "ClinicalImpression",
-        "CodeSystem", "Communication", "CommunicationRequest", "CompartmentDefinition",
-        "Composition", "ConceptMap", "Condition", "Consent", "Contract", "Coverage",
-        "CoverageEligibilityRequest", "CoverageEligibilityResponse", "DetectedIssue", "Device",
-        "DeviceDefinition", "DeviceMetric", "DeviceRequest", "DeviceUseStatement",
-        "DiagnosticReport", "DocumentManifest", "DocumentReference", "EffectEvidenceSynthesis",
-        "Encounter", "Endpoint", "EnrollmentRequest", "EnrollmentResponse", "EpisodeOfCare",
-        "EventDefinition", "Evidence", "EvidenceVariable", "ExampleScenario",
-        "ExplanationOfBenefit", "FamilyMemberHistory", "Flag", "Goal", "GraphDefinition",
-        "Group", "GuidanceResponse", "HealthcareService", "ImagingStudy", "Immunization",
-        "ImmunizationEvaluation", "ImmunizationRecommendation", "ImplementationGuide",
-        "InsurancePlan", "Invoice", "Library", "Linkage", "List", "Location", "Measure",
-        "MeasureReport", "Media", "Medication", "MedicationAdministration",
-        "MedicationDispense", "MedicationKnowledge", "MedicationRequest",
-        "MedicationStatement", "MedicinalProduct", "MedicinalProductAuthorization",
-        "MedicinalProductContraindication", "MedicinalProductIndication",
-        "MedicinalProductIngredient", "MedicinalProductInteraction",
-        "MedicinalProductManufactured", "MedicinalProductPackaged",
-        "MedicinalProductPharmaceutical", "MedicinalProductUndesirableEffect",
-        "MessageDefinition", "MessageHeader", "MolecularSequence", "NamingSystem",
-        "NutritionOrder", "Observation", "ObservationDefinition", "OperationDefinition",
-        "OperationOutcome", "Organization", "OrganizationAffiliation", "Parameters", "Patient",
-        "PaymentNotice", "PaymentReconciliation", "Person", "PlanDefinition", "Practitioner",
-        "PractitionerRole", "Procedure", "Provenance", "Questionnaire",
-        "QuestionnaireResponse", "RelatedPerson", "RequestGroup", "ResearchDefinition",
-        "ResearchElementDefinition", "ResearchStudy", "ResearchSubject", "RiskAssessment",
-        "RiskEvidenceSynthesis", "Schedule", "SearchParameter", "ServiceRequest", "Slot",
-        "Specimen", "SpecimenDefinition", "StructureDefinition", "StructureMap", "Subscription",
-        "Substance", "SubstanceNucleicAcid", "SubstancePolymer", "SubstanceProtein",
-        "SubstanceReferenceInformation", "SubstanceSourceMaterial", "SubstanceSpecification",
-        "SupplyDelivery", "SupplyRequest", "Task", "TerminologyCapabilities", "TestReport",
-        "TestScript", "ValueSet", "VerificationResult", "VisionPrescription",
+        "Account",
+        "ActivityDefinition",
+        "AdverseEvent",
+        "AllergyIntolerance",
+        "Appointment",
+        "AppointmentResponse",
+        "AuditEvent",
+        "Basic",
+        "Binary",
+        "BiologicallyDerivedProduct",
+        "BodyStructure",
+        "Bundle",
+        "CapabilityStatement",
+        "CarePlan",
+        "CareTeam",
+        "CatalogEntry",
+        "ChargeItem",
+        "ChargeItemDefinition",
+        "Claim",
+        "ClaimResponse",
+        "ClinicalImpression",
+        "CodeSystem",
+        "Communication",
+        "CommunicationRequest",
+        "CompartmentDefinition",
+        "Composition",
+        "ConceptMap",
+        "Condition",
+        "Consent",
+        "Contract",
+        "Coverage",
+        "CoverageEligibilityRequest",
+        "CoverageEligibilityResponse",
+        "DetectedIssue",
+        "Device",
+        "DeviceDefinition",
+        "DeviceMetric",
+        "DeviceRequest",
+        "DeviceUseStatement",
+        "DiagnosticReport",
+        "DocumentManifest",
+        "DocumentReference",
+        "EffectEvidenceSynthesis",
+        "Encounter",
+        "Endpoint",
+        "EnrollmentRequest",
+        "EnrollmentResponse",
+        "EpisodeOfCare",
+        "EventDefinition",
+        "Evidence",
+        "EvidenceVariable",
+        "ExampleScenario",
+        "ExplanationOfBenefit",
+        "FamilyMemberHistory",
+        "Flag",
+        "Goal",
+        "GraphDefinition",
+        "Group",
+        "GuidanceResponse",
+        "HealthcareService",
+        "ImagingStudy",
+        "Immunization",
+        "ImmunizationEvaluation",
+        "ImmunizationRecommendation",
+        "ImplementationGuide",
+        "InsurancePlan",
+        "Invoice",
+        "Library",
+        "Linkage",
+        "List",
+        "Location",
+        "Measure",
+        "MeasureReport",
+        "Media",
+        "Medication",
+        "MedicationAdministration",
+        "MedicationDispense",
+        "MedicationKnowledge",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicinalProduct",
+        "MedicinalProductAuthorization",
+        "MedicinalProductContraindication",
+        "MedicinalProductIndication",
+        "MedicinalProductIngredient",
+        "MedicinalProductInteraction",
+        "MedicinalProductManufactured",
+        "MedicinalProductPackaged",
+        "MedicinalProductPharmaceutical",
+        "MedicinalProductUndesirableEffect",
+        "MessageDefinition",
+        "MessageHeader",
+        "MolecularSequence",
+        "NamingSystem",
+        "NutritionOrder",
+        "Observation",
+        "ObservationDefinition",
+        "OperationDefinition",
+        "OperationOutcome",
+        "Organization",
+        "OrganizationAffiliation",
+        "Parameters",
+        "Patient",
+        "PaymentNotice",
+        "PaymentReconciliation",
+        "Person",
+        "PlanDefinition",
+        "Practitioner",
+        "PractitionerRole",
+        "Procedure",
+        "Provenance",
+        "Questionnaire",
+        "QuestionnaireResponse",
+        "RelatedPerson",
+        "RequestGroup",
+        "ResearchDefinition",
+        "ResearchElementDefinition",
+        "ResearchStudy",
+        "ResearchSubject",
+        "RiskAssessment",
+        "RiskEvidenceSynthesis",
+        "Schedule",
+        "SearchParameter",
+        "ServiceRequest",
+        "Slot",
+        "Specimen",
+        "SpecimenDefinition",
+        "StructureDefinition",
+        "StructureMap",
+        "Subscription",
+        "Substance",
+        "SubstanceNucleicAcid",
+        "SubstancePolymer",
+        "SubstanceProtein",
+        "SubstanceReferenceInformation",
+        "SubstanceSourceMaterial",
+        "SubstanceSpecification",
+        "SupplyDelivery",
+        "SupplyRequest",
+        "Task",
+        "TerminologyCapabilities",
+        "TestReport",
+        "TestScript",
+        "ValueSet",
+        "VerificationResult",
+        "VisionPrescription",
     ];
     R4.contains(&rt)
 }

@@ -126,7 +126,10 @@ pub enum ProtocolError {
     #[error("the peer speaks protocol version {0}; this build speaks {PROTOCOL_VERSION}")]
     Version(u32),
     #[error("unexpected {got} while {state}")]
-    Unexpected { got: &'static str, state: &'static str },
+    Unexpected {
+        got: &'static str,
+        state: &'static str,
+    },
 }
 
 impl Msg {
@@ -181,7 +184,9 @@ pub enum Action {
     /// Apply these durably, then call [`Puller::applied`] with their number.
     Apply(Vec<Incoming>),
     /// The pull is complete: store `upto` as the checkpoint, then send `Done`.
-    Complete { upto: u64 },
+    Complete {
+        upto: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -165,9 +165,11 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
 /// Per-peer sync state, and whether every connected peer is in sync (`chartmesh sync wait`).
 async fn sync_status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     let n = st.node.clone();
-    let peers = tokio::task::spawn_blocking(move || n.sync.get().map(|s| s.status(false)).unwrap_or_default())
-        .await
-        .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?;
+    let peers = tokio::task::spawn_blocking(move || {
+        n.sync.get().map(|s| s.status(false)).unwrap_or_default()
+    })
+    .await
+    .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?;
     let all = peers.iter().filter(|p| p.connected).all(|p| p.in_sync);
     Ok(Json(json!({ "inSync": all, "peers": peers })))
 }
@@ -177,30 +179,51 @@ struct PeerRef {
     peer: String,
 }
 
-async fn set_paused(st: &ApiState, headers: &HeaderMap, body: &Bytes, paused: bool) -> Result<Json<Value>, NodeError> {
+async fn set_paused(
+    st: &ApiState,
+    headers: &HeaderMap,
+    body: &Bytes,
+    paused: bool,
+) -> Result<Json<Value>, NodeError> {
     let b: PeerRef = json_body(body)?;
     let id: chartmesh_core::PracticeId = b
         .peer
         .parse()
         .map_err(|e: chartmesh_core::ValidationError| NodeError::Invalid(e.message))?;
-    let known = st.node.sync.get().is_some_and(|s| s.set_paused(&id, paused));
+    let known = st
+        .node
+        .sync
+        .get()
+        .is_some_and(|s| s.set_paused(&id, paused));
     if !known {
         return Err(NodeError::NotFound(format!("practice {id} is not paired")));
     }
     st.node
         .audit(vec![
-            chartmesh_core::audit::AuditEvent::new(crate::now_ms(), user(headers), if paused { "sync-pause" } else { "sync-resume" })
-                .peer(id.to_string()),
+            chartmesh_core::audit::AuditEvent::new(
+                crate::now_ms(),
+                user(headers),
+                if paused { "sync-pause" } else { "sync-resume" },
+            )
+            .peer(id.to_string()),
         ])
         .await?;
     Ok(Json(json!({ "peer": id.to_string(), "paused": paused })))
 }
 
-async fn sync_pause(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, NodeError> {
+async fn sync_pause(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, NodeError> {
     set_paused(&st, &headers, &body, true).await
 }
 
-async fn sync_resume(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, NodeError> {
+async fn sync_resume(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, NodeError> {
     set_paused(&st, &headers, &body, false).await
 }
 
@@ -291,8 +314,13 @@ async fn import_fhir(
     Query(q): Query<ImportQuery>,
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
-    let report = st.node.import_fhir(body, &import_author(q, &headers)).await?;
-    Ok(Json(serde_json::to_value(report).expect("report serializes")))
+    let report = st
+        .node
+        .import_fhir(body, &import_author(q, &headers))
+        .await?;
+    Ok(Json(
+        serde_json::to_value(report).expect("report serializes"),
+    ))
 }
 
 async fn import(
@@ -301,8 +329,13 @@ async fn import(
     Query(q): Query<ImportQuery>,
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
-    let report = st.node.import_jsonl(body, &import_author(q, &headers)).await?;
-    Ok(Json(serde_json::to_value(report).expect("report serializes")))
+    let report = st
+        .node
+        .import_jsonl(body, &import_author(q, &headers))
+        .await?;
+    Ok(Json(
+        serde_json::to_value(report).expect("report serializes"),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -412,7 +445,10 @@ async fn show(
     Ok(Json(st.node.read_chart(&id, &user(&headers)).await?))
 }
 
-async fn custody(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, NodeError> {
+async fn custody(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, NodeError> {
     let n = st.node.clone();
     tokio::task::spawn_blocking(move || n.custody(&id))
         .await
@@ -448,7 +484,13 @@ async fn append(
     let author = body.author.unwrap_or_else(|| user(&headers));
     let added = st
         .node
-        .append(&id, &section, body.entry, &author, body.override_reason.as_deref())
+        .append(
+            &id,
+            &section,
+            body.entry,
+            &author,
+            body.override_reason.as_deref(),
+        )
         .await?;
     Ok((
         StatusCode::CREATED,

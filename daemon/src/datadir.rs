@@ -203,7 +203,9 @@ pub fn daemon_running(dir: &Path) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("a chartmeshd is running on {0}; stop it first (restore replaces the store it has open)")]
+    #[error(
+        "a chartmeshd is running on {0}; stop it first (restore replaces the store it has open)"
+    )]
     Running(String),
     #[error("{file} is not a usable backup of this practice: {reason}")]
     BadBackup { file: String, reason: String },
@@ -240,7 +242,8 @@ pub fn restore(dir: &Path, backup: &Path) -> Result<Restored, RestoreError> {
     };
     let key = store_key(dir).map_err(|e| bad(e.to_string()))?;
     let (charts, audit_entries) = {
-        let copy = chartmesh_store::Store::open_read_only(backup, &key).map_err(|e| bad(e.to_string()))?;
+        let copy =
+            chartmesh_store::Store::open_read_only(backup, &key).map_err(|e| bad(e.to_string()))?;
         let charts = copy.count().map_err(|e| bad(e.to_string()))?;
         let n = match copy.verify_audit().map_err(|e| bad(e.to_string()))? {
             Ok(n) => n,
@@ -315,26 +318,36 @@ pub fn rotate_key(dir: &Path) -> Result<Rotated, RestoreError> {
     }
     // A clean state first: the WAL folded into the file, so the copy misses nothing.
     {
-        let s = chartmesh_store::Store::open(&store, &old, chartmesh_store::StoreOptions::default())
-            .map_err(|e| fail(e.to_string()))?;
+        let s =
+            chartmesh_store::Store::open(&store, &old, chartmesh_store::StoreOptions::default())
+                .map_err(|e| fail(e.to_string()))?;
         s.close();
     }
     let new = chartmesh_store::StoreKey::from_bytes(rand::random());
     let staged = dir.join("store.db.rekeyed");
     chartmesh_store::rekey_copy(&store, &old, &staged, &new).map_err(|e| fail(e.to_string()))?;
     let (charts, audit_entries) = {
-        let copy = chartmesh_store::Store::open_read_only(&staged, &new).map_err(|e| fail(e.to_string()))?;
+        let copy = chartmesh_store::Store::open_read_only(&staged, &new)
+            .map_err(|e| fail(e.to_string()))?;
         let n = copy.count().map_err(|e| fail(e.to_string()))?;
         let verified = copy
             .verify_audit()
             .map_err(|e| fail(e.to_string()))?
-            .map_err(|b| fail(format!("the re-keyed copy fails audit verification at {}: {}", b.seq, b.reason)))?;
+            .map_err(|b| {
+                fail(format!(
+                    "the re-keyed copy fails audit verification at {}: {}",
+                    b.seq, b.reason
+                ))
+            })?;
         copy.close();
         (n, verified)
     };
     let io = |p: &Path| {
         let p = p.display().to_string();
-        move |e| RestoreError::Io { path: p.clone(), source: e }
+        move |e| RestoreError::Io {
+            path: p.clone(),
+            source: e,
+        }
     };
     let new_key_file = dir.join("store.key.new");
     write_private(&new_key_file, new.to_hex().as_bytes()).map_err(io(&new_key_file))?;

@@ -119,8 +119,12 @@ async fn run(args: Args) -> Result<()> {
             shutdown.cancel();
         });
     }
-    let sync = chartmesh_daemon::sync::SyncService::start(node.clone(), config.sync.listen, shutdown.clone())
-        .with_context(|| format!("starting sync on {} (UDP)", config.sync.listen))?;
+    let sync = chartmesh_daemon::sync::SyncService::start(
+        node.clone(),
+        config.sync.listen,
+        shutdown.clone(),
+    )
+    .with_context(|| format!("starting sync on {} (UDP)", config.sync.listen))?;
     let _ = node.sync.set(sync.clone());
     std::fs::write(dir.join(datadir::SYNC_ADDR), sync.local_addr().to_string())?;
     tracing::info!(practice = %practice, name = %config.practice.name, api = %api_addr, sync = %sync.local_addr(), data_dir = %dir.display(), "chartmeshd ready");

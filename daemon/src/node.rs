@@ -394,7 +394,8 @@ impl Node {
             )));
         }
         // Recorded before the copy is taken, so the backup's own log shows it.
-        self.audit(vec![AuditEvent::new(now_ms(), actor, "backup")]).await?;
+        self.audit(vec![AuditEvent::new(now_ms(), actor, "backup")])
+            .await?;
         let store = self.store.clone();
         let bytes = tokio::task::spawn_blocking(move || store.backup_to(&path))
             .await
@@ -571,7 +572,8 @@ impl Node {
         {
             return Err(NodeError::NotFound(c.to_string()));
         }
-        let mut ev = AuditEvent::new(now_ms(), actor, "read").detail(format!("alerts charts={seen}"));
+        let mut ev =
+            AuditEvent::new(now_ms(), actor, "read").detail(format!("alerts charts={seen}"));
         if let Some(c) = chart {
             ev = ev.chart(c);
         }
@@ -732,7 +734,9 @@ impl Node {
         let mut to_insert = Vec::new();
         for chart in parsed.charts {
             if let Err(e) = chart.validate() {
-                report.chart_errors.push(serde_json::json!({ "chart": chart.id, "error": e.to_string() }));
+                report
+                    .chart_errors
+                    .push(serde_json::json!({ "chart": chart.id, "error": e.to_string() }));
                 continue;
             }
             // Match: the same chart id, else one chart of this practice with the same MRN.
@@ -745,7 +749,10 @@ impl Node {
                     .filter(|h| h.mrn == chart.patient.mrn)
                     .collect();
                 if hits.len() == 1 {
-                    target = self.store.get(&hits[0].id)?.map(|r| (hits[0].id.clone(), r));
+                    target = self
+                        .store
+                        .get(&hits[0].id)?
+                        .map(|r| (hits[0].id.clone(), r));
                 }
             }
             match target {
@@ -773,7 +780,9 @@ impl Node {
                         continue;
                     }
                     if let Err(e) = self.check_writable(&id, author).await {
-                        report.chart_errors.push(serde_json::json!({ "chart": id, "error": e.to_string() }));
+                        report
+                            .chart_errors
+                            .push(serde_json::json!({ "chart": id, "error": e.to_string() }));
                         continue;
                     }
                     let n = missing.len();
@@ -823,7 +832,12 @@ impl Node {
 
 /// Entries of `incoming` that `stored` does not hold yet, section by section.
 fn missing_entries(stored: &Chart, incoming: &Chart) -> Vec<Entry> {
-    fn add<T: PartialEq + Clone>(have: &[T], new: &[T], wrap: fn(T) -> Entry, out: &mut Vec<Entry>) {
+    fn add<T: PartialEq + Clone>(
+        have: &[T],
+        new: &[T],
+        wrap: fn(T) -> Entry,
+        out: &mut Vec<Entry>,
+    ) {
         for x in new {
             if !have.contains(x) {
                 out.push(wrap(x.clone()));
@@ -831,12 +845,37 @@ fn missing_entries(stored: &Chart, incoming: &Chart) -> Vec<Entry> {
         }
     }
     let mut out = Vec::new();
-    add(&stored.conditions, &incoming.conditions, Entry::Condition, &mut out);
-    add(&stored.allergies, &incoming.allergies, Entry::Allergy, &mut out);
-    add(&stored.medications, &incoming.medications, Entry::Medication, &mut out);
-    add(&stored.observations, &incoming.observations, Entry::Observation, &mut out);
+    add(
+        &stored.conditions,
+        &incoming.conditions,
+        Entry::Condition,
+        &mut out,
+    );
+    add(
+        &stored.allergies,
+        &incoming.allergies,
+        Entry::Allergy,
+        &mut out,
+    );
+    add(
+        &stored.medications,
+        &incoming.medications,
+        Entry::Medication,
+        &mut out,
+    );
+    add(
+        &stored.observations,
+        &incoming.observations,
+        Entry::Observation,
+        &mut out,
+    );
     add(&stored.notes, &incoming.notes, Entry::Note, &mut out);
-    add(&stored.immunizations, &incoming.immunizations, Entry::Immunization, &mut out);
+    add(
+        &stored.immunizations,
+        &incoming.immunizations,
+        Entry::Immunization,
+        &mut out,
+    );
     out
 }
 

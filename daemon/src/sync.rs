@@ -8,6 +8,7 @@
 //! Must not touch: SQL (the store) or the consent rules (`chartmesh_core::consent`, asked for
 //! every chart offered, every chart sent and every change applied).
 
+use chartmesh_core::ChartDoc;
 use chartmesh_core::PracticeId;
 use chartmesh_core::audit::AuditEvent;
 use chartmesh_core::consent::{self, Access, Grant};
@@ -15,7 +16,6 @@ use chartmesh_core::sync::{
     Action, CHANGES_TARGET, Delivery, Incoming, LocalChart, MAX_MESSAGE, Msg, OFFER_CHUNK,
     OfferItem, Offered, PROTOCOL_VERSION, Puller, heads_digest,
 };
-use chartmesh_core::ChartDoc;
 use chartmesh_net::quinn;
 use chartmesh_net::{Credentials, Endpoint, FrameReader, FrameWriter, PeerConnection, PinSet};
 use chartmesh_store::{IndexFields, NewChart, Store, SyncChart, SyncItem, SyncOutcome};
@@ -241,7 +241,11 @@ impl SyncService {
             let (kick, idle, peer_closed) = {
                 let links = self.links.lock().unwrap();
                 let Some(link) = links.get(&peer) else { return };
-                (link.kick.clone(), link.conn.is_some() || link.paused, link.peer_closed)
+                (
+                    link.kick.clone(),
+                    link.conn.is_some() || link.paused,
+                    link.peer_closed,
+                )
             };
             if idle {
                 // Connected or paused: wait until that changes.
@@ -291,7 +295,9 @@ impl SyncService {
                     tracing::debug!(error = %e, "dial failed");
                     let kick = {
                         let mut links = self.links.lock().unwrap();
-                        let Some(link) = links.get_mut(&peer) else { return };
+                        let Some(link) = links.get_mut(&peer) else {
+                            return;
+                        };
                         link.last_error = Some(e);
                         link.kick.clone()
                     };
@@ -388,7 +394,8 @@ impl SyncService {
                         // A broken request on a live connection (garbage, an oversized or
                         // truncated frame, a message out of order) is a refusal: audit it.
                         if c.close_reason().is_none() && !matches!(e, SessionError::Connection(_)) {
-                            svc.refuse_audit(&peer, None, &format!("protocol: {e}")).await;
+                            svc.refuse_audit(&peer, None, &format!("protocol: {e}"))
+                                .await;
                         }
                     }
                 }
@@ -399,7 +406,10 @@ impl SyncService {
         let reason = conn.close_reason();
         let mut links = self.links.lock().unwrap();
         if let Some(link) = links.get_mut(&peer)
-            && link.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id())
+            && link
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
         {
             tracing::info!(reason = ?reason, "disconnected");
             link.conn = None;
@@ -472,8 +482,14 @@ impl SyncService {
         loop {
             let (notify, conn) = {
                 let mut links = self.links.lock().unwrap();
-                let Some(link) = links.get_mut(&peer) else { return };
-                let conn = if link.pull_again { link.conn.clone() } else { None };
+                let Some(link) = links.get_mut(&peer) else {
+                    return;
+                };
+                let conn = if link.pull_again {
+                    link.conn.clone()
+                } else {
+                    None
+                };
                 if conn.is_some() {
                     link.pull_again = false;
                     link.pulling = true;
@@ -492,11 +508,17 @@ impl SyncService {
                 .await;
             let retry = {
                 let mut links = self.links.lock().unwrap();
-                let Some(link) = links.get_mut(&peer) else { return };
+                let Some(link) = links.get_mut(&peer) else {
+                    return;
+                };
                 link.pulling = false;
                 match result {
                     Ok(()) => {
-                        if link.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                        if link
+                            .conn
+                            .as_ref()
+                            .is_some_and(|c| c.stable_id() == conn.stable_id())
+                        {
                             link.pulled = true;
                         }
                         None
@@ -547,9 +569,9 @@ impl SyncService {
                     .max(state.served_upto);
                 // In sync: our last pull is complete and nothing it could need changed here
                 // since its last complete pull (our own writes of its changes do not count).
-                let in_sync = link.is_some_and(|l| {
-                    l.conn.is_some() && l.pulled && !l.pulling && !l.pull_again
-                }) && (served >= seq || !store.sync_pending(&key, served).unwrap_or(true));
+                let in_sync = link
+                    .is_some_and(|l| l.conn.is_some() && l.pulled && !l.pulling && !l.pull_again)
+                    && (served >= seq || !store.sync_pending(&key, served).unwrap_or(true));
                 PeerStatus {
                     id: key,
                     name: p.name,
@@ -622,7 +644,13 @@ impl SyncService {
         let since = match Msg::decode(&first) {
             Ok(Msg::Pull { version, since }) if version == PROTOCOL_VERSION => since,
             Ok(Msg::Pull { .. }) => {
-                out.send(&Msg::Unsupported { version: PROTOCOL_VERSION }.encode()).await?;
+                out.send(
+                    &Msg::Unsupported {
+                        version: PROTOCOL_VERSION,
+                    }
+                    .encode(),
+                )
+                .await?;
                 out.finish().await?;
                 return Ok(());
             }
@@ -643,9 +671,16 @@ impl SyncService {
         };
         tracing::debug!(items = items.len(), since, upto, "offer ready");
         for chunk in items.chunks(OFFER_CHUNK) {
-            out.send(&Msg::Offer { items: chunk.to_vec() }.encode()).await?;
+            out.send(
+                &Msg::Offer {
+                    items: chunk.to_vec(),
+                }
+                .encode(),
+            )
+            .await?;
         }
-        out.send(&Msg::OfferEnd { upto: upto as u64 }.encode()).await?;
+        out.send(&Msg::OfferEnd { upto: upto as u64 }.encode())
+            .await?;
         loop {
             let Some(bytes) = inp.recv().await? else {
                 out.finish().await?;
@@ -723,8 +758,9 @@ impl SyncService {
             let mut events = Vec::new();
             for w in items {
                 let visible = held.get(&w.chart).is_some_and(|c| match &c.origin {
-                    None => consent::may_send(consent::applicable(&grants, &w.chart), None, now)
-                        .is_ok(),
+                    None => {
+                        consent::may_send(consent::applicable(&grants, &w.chart), None, now).is_ok()
+                    }
                     Some(o) => {
                         o == &key && c.access == Some(Access::ReadWrite) && c.revoked_ms.is_none()
                     }
@@ -738,9 +774,17 @@ impl SyncService {
                 } else {
                     None
                 };
-                let ev = AuditEvent::new(now, "sync", if data.is_some() { "sync-send" } else { "refuse" })
-                    .chart(&w.chart)
-                    .peer(&key);
+                let ev = AuditEvent::new(
+                    now,
+                    "sync",
+                    if data.is_some() {
+                        "sync-send"
+                    } else {
+                        "refuse"
+                    },
+                )
+                .chart(&w.chart)
+                .peer(&key);
                 events.push(match &data {
                     Some(d) => ev.detail(format!("{} bytes", d.len())),
                     None => ev.detail("requested a chart that is not shared with it"),
@@ -780,12 +824,18 @@ impl SyncService {
 
     // ---- the puller: one pull from `peer` over `conn` ----
 
-    async fn pull(self: &Arc<Self>, peer: PracticeId, conn: &quinn::Connection) -> Result<(), SessionError> {
+    async fn pull(
+        self: &Arc<Self>,
+        peer: PracticeId,
+        conn: &quinn::Connection,
+    ) -> Result<(), SessionError> {
         let key = peer.to_string();
         let checkpoint = {
             let store = self.node.store.clone();
             let key = key.clone();
-            blocking(move || store.sync_peer_state(&key)).await?.checkpoint
+            blocking(move || store.sync_peer_state(&key))
+                .await?
+                .checkpoint
         };
         let (send, recv) = conn.open_bi().await?;
         let mut out = FrameWriter::new(send);
@@ -918,7 +968,12 @@ impl SyncService {
         let peer_id: PracticeId = peer.parse().expect("peer id");
         let check: chartmesh_store::ChangeCheck = Box::new(move |grants, chart, actors| {
             let _ = me;
-            consent::may_apply_change(consent::applicable(grants, chart), &peer_id, actors, now_ms())
+            consent::may_apply_change(
+                consent::applicable(grants, chart),
+                &peer_id,
+                actors,
+                now_ms(),
+            )
         });
         let t = std::time::Instant::now();
         let outcomes = self

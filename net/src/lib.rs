@@ -19,9 +19,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use frame::{FrameError, MAX_FRAME, read_frame, write_frame};
+pub use quinn;
 pub use tls::{PinSet, Refusal};
 pub use wire::{FrameReader, FrameWriter, WireError};
-pub use quinn;
 
 /// The ALPN protocol id of chartmesh's sync protocol, version 1.
 pub const ALPN: &[u8] = b"chartmesh/1";

@@ -58,7 +58,9 @@ const GRANT_COLUMNS: &str = "SELECT chart_id, peer, access, purpose, expires_ms,
 
 /// A peer's grants as stored now (inside the caller's transaction).
 pub(crate) fn grants_of(c: &Connection, peer: &str) -> Result<Vec<Grant>, StoreError> {
-    let mut st = c.prepare_cached(&format!("{GRANT_COLUMNS} WHERE peer = ?1 ORDER BY chart_id"))?;
+    let mut st = c.prepare_cached(&format!(
+        "{GRANT_COLUMNS} WHERE peer = ?1 ORDER BY chart_id"
+    ))?;
     let rows = st.query_map([peer], row_to_grant)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }

@@ -18,7 +18,9 @@ pub enum StoreError {
         "the store was written by a newer chartmesh (schema {found}, this one knows {known}); upgrade chartmesh"
     )]
     TooNew { found: u32, known: u32 },
-    #[error("no store at {0}: run `chartmesh init` and start chartmeshd once (it creates the store)")]
+    #[error(
+        "no store at {0}: run `chartmesh init` and start chartmeshd once (it creates the store)"
+    )]
     Missing(PathBuf),
     #[error(
         "the store key does not open {0}: the key file belongs to another store or was changed; restore the key file that goes with this store from your key backup"

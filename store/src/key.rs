@@ -91,15 +91,17 @@ pub fn rekey_copy(
     let conn = Connection::open(src)?;
     old.apply(&conn, src)?;
     let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let dest_str = dest.to_str().ok_or_else(|| {
-        StoreError::Io(format!("{} is not a UTF-8 path", dest.display()))
-    })?;
+    let dest_str = dest
+        .to_str()
+        .ok_or_else(|| StoreError::Io(format!("{} is not a UTF-8 path", dest.display())))?;
     conn.execute(
         &format!("ATTACH DATABASE ?1 AS rekeyed KEY \"x'{}'\"", new.to_hex()),
         [dest_str],
     )?;
     conn.query_row("SELECT sqlcipher_export('rekeyed')", [], |_| Ok(()))?;
-    conn.execute_batch(&format!("PRAGMA rekeyed.user_version = {version}; DETACH DATABASE rekeyed;"))?;
+    conn.execute_batch(&format!(
+        "PRAGMA rekeyed.user_version = {version}; DETACH DATABASE rekeyed;"
+    ))?;
     drop(conn);
     let check = Connection::open(dest)?;
     new.apply(&check, dest)?;

@@ -280,7 +280,9 @@ impl Store {
             return Err(e);
         }
         let io = |e: std::io::Error| StoreError::Io(format!("writing {}: {e}", dest.display()));
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
         std::fs::rename(&tmp, dest).map_err(io)?;
         if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());

@@ -4,10 +4,10 @@
 //! applies them inside the same transaction as the write they guard, with the grants as
 //! stored at that moment.
 
+use chartmesh_core::Chart;
 use chartmesh_core::audit::AuditEvent;
 use chartmesh_core::consent::{Access, Grant, Refusal};
 use chartmesh_core::sync::{Offered, heads_digest};
-use chartmesh_core::Chart;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use tokio::sync::oneshot;
@@ -256,11 +256,7 @@ impl Store {
     }
 
     /// Grants of `peer` recorded, changed, revoked after `since` (with their sequence).
-    pub fn grants_changed_since(
-        &self,
-        peer: &str,
-        since: i64,
-    ) -> Result<Vec<String>, StoreError> {
+    pub fn grants_changed_since(&self, peer: &str, since: i64) -> Result<Vec<String>, StoreError> {
         self.with_reader(|c| {
             let mut st = c.prepare_cached(
                 "SELECT chart_id FROM grants WHERE peer = ?1 AND seq > ?2 ORDER BY seq",
@@ -303,9 +299,11 @@ impl Store {
     /// How many charts this practice holds as its own (not received).
     pub fn own_count(&self) -> Result<u64, StoreError> {
         self.with_reader(|c| {
-            Ok(c.query_row("SELECT count(*) FROM charts WHERE origin IS NULL", [], |r| {
-                r.get::<_, i64>(0)
-            })? as u64)
+            Ok(c.query_row(
+                "SELECT count(*) FROM charts WHERE origin IS NULL",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
         })
     }
 
@@ -372,7 +370,11 @@ impl Store {
             for item in items {
                 out.push(apply_one(ctx, &peer, item, &check, &grants, now_ms)?);
             }
-            tracing::debug!(items = n, apply_us = t.elapsed().as_micros() as u64, "sync batch applied in the writer");
+            tracing::debug!(
+                items = n,
+                apply_us = t.elapsed().as_micros() as u64,
+                "sync batch applied in the writer"
+            );
             Ok(out)
         }))?;
         Ok(rx)
@@ -411,7 +413,9 @@ fn apply_one(
             .chart(&item.chart)
             .peer(peer)
     };
-    let from_peer_row = row.as_ref().is_some_and(|r| r.origin.as_deref() == Some(peer));
+    let from_peer_row = row
+        .as_ref()
+        .is_some_and(|r| r.origin.as_deref() == Some(peer));
     match (item.kind, row) {
         (Offered::Revoked, Some(r)) if from_peer_row => {
             if r.revoked_ms.is_some() {
@@ -434,7 +438,11 @@ fn apply_one(
             None,
         ) => {
             let Some(nc) = item.prepared else {
-                return refuse(ctx, audit("refuse"), "a new chart arrived without its document");
+                return refuse(
+                    ctx,
+                    audit("refuse"),
+                    "a new chart arrived without its document",
+                );
             };
             let seq = crate::schema::take_seq(ctx.conn, 1)?;
             let from = (heads_digest(&nc.heads) == digest).then_some(peer);
@@ -459,7 +467,9 @@ fn apply_one(
                     expires_ms,
                     from
                 ])?;
-            ctx.audit(&audit("sync-receive").detail(format!("new copy, access={}", access_str(access))))?;
+            ctx.audit(
+                &audit("sync-receive").detail(format!("new copy, access={}", access_str(access))),
+            )?;
             Ok(SyncOutcome::Applied { changed: true })
         }
         (
@@ -478,7 +488,9 @@ fn apply_one(
                     "UPDATE charts SET access = ?2, expires_ms = ?3, revoked_ms = NULL WHERE id = ?1",
                     params![item.chart, access_str(access), expires_ms],
                 )?;
-                ctx.audit(&audit("share-received").detail(format!("access={}", access_str(access))))?;
+                ctx.audit(
+                    &audit("share-received").detail(format!("access={}", access_str(access))),
+                )?;
             }
             match item.data {
                 Some(data) => merge(ctx, peer, &item.chart, &data, digest, None, grants, now),
@@ -491,7 +503,16 @@ fn apply_one(
             refuse(ctx, audit("refuse"), Refusal::NotOurs.as_str())
         }
         (Offered::Returned { digest }, Some(r)) if r.origin.is_none() => match item.data {
-            Some(data) => merge(ctx, peer, &item.chart, &data, digest, Some(check), grants, now),
+            Some(data) => merge(
+                ctx,
+                peer,
+                &item.chart,
+                &data,
+                digest,
+                Some(check),
+                grants,
+                now,
+            ),
             None => Ok(SyncOutcome::Ignored),
         },
         (Offered::Returned { .. }, _) => refuse(ctx, audit("refuse"), Refusal::NoGrant.as_str()),
@@ -518,7 +539,11 @@ fn merge(
     grants: &[Grant],
     now: i64,
 ) -> Result<SyncOutcome, StoreError> {
-    let audit = || AuditEvent::new(now, "sync", "refuse").chart(chart).peer(peer);
+    let audit = || {
+        AuditEvent::new(now, "sync", "refuse")
+            .chart(chart)
+            .peer(peer)
+    };
     let t0 = std::time::Instant::now();
     let Some((mut doc, inc_seq, inc_count)) = load_doc(ctx.conn, chart)? else {
         return Ok(SyncOutcome::Ignored);
@@ -550,7 +575,13 @@ fn merge(
     let ix = if check.is_some() {
         let json = match doc.to_json() {
             Ok(j) => j,
-            Err(e) => return refuse(ctx, audit(), &format!("the merged chart is unreadable: {e}")),
+            Err(e) => {
+                return refuse(
+                    ctx,
+                    audit(),
+                    &format!("the merged chart is unreadable: {e}"),
+                );
+            }
         };
         if json["id"].as_str() != Some(chart) {
             return refuse(ctx, audit(), "the changes alter the chart id");
@@ -593,6 +624,11 @@ fn merge(
             .peer(peer)
             .detail(format!("{} changes", merged.added)),
     )?;
-    tracing::trace!(load_us = t_load.as_micros() as u64, checked_us = t_check.as_micros() as u64, total_us = t0.elapsed().as_micros() as u64, "merged");
+    tracing::trace!(
+        load_us = t_load.as_micros() as u64,
+        checked_us = t_check.as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "merged"
+    );
     Ok(SyncOutcome::Applied { changed: true })
 }

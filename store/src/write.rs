@@ -314,7 +314,9 @@ impl Writer {
                 }
                 if let Ok(n) = self
                     .conn
-                    .query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get::<_, i64>(0))
+                    .query_row("SELECT n FROM sequence WHERE id = 1", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
                 {
                     self.changed.send_if_modified(|v| {
                         let changed = *v != n;

@@ -234,7 +234,10 @@ fn the_store_is_encrypted_and_refuses_a_wrong_key() {
         Err(chartmesh_store::StoreError::WrongKey(_))
     ));
     assert_eq!(
-        Store::open_read_only(&path, &key()).unwrap().count().unwrap(),
+        Store::open_read_only(&path, &key())
+            .unwrap()
+            .count()
+            .unwrap(),
         1
     );
 }

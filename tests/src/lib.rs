@@ -76,8 +76,19 @@ pub fn free_udp_port() -> u16 {
 /// Pairs two practices both ways (each adds the other with its sync address).
 pub fn pair(a: &Practice, b: &Practice) {
     for (x, y) in [(a, b), (b, a)] {
-        let name = y.get("/status")["practice"]["name"].as_str().unwrap().to_string();
-        x.cli_ok(&["peer", "add", &y.id(), "--addr", &y.sync_addr(), "--name", &name]);
+        let name = y.get("/status")["practice"]["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        x.cli_ok(&[
+            "peer",
+            "add",
+            &y.id(),
+            "--addr",
+            &y.sync_addr(),
+            "--name",
+            &name,
+        ]);
     }
 }
 
@@ -103,7 +114,15 @@ impl Practice {
         };
         // A fixed sync port (picked free now), so peers can reach it again after a restart.
         let listen = format!("127.0.0.1:{}", free_udp_port());
-        let out = p.cli(&["init", "--name", name, "--api", "127.0.0.1:0", "--listen", &listen]);
+        let out = p.cli(&[
+            "init",
+            "--name",
+            name,
+            "--api",
+            "127.0.0.1:0",
+            "--listen",
+            &listen,
+        ]);
         assert!(
             out.status.success(),
             "init failed: {}",
@@ -127,13 +146,25 @@ impl Practice {
 
     /// Waits until `peer` is connected and in sync both ways.
     pub fn sync_wait(&self, peer: &Practice, timeout_s: u32) {
-        let out = self.cli(&["sync", "wait", "--peer", &peer.id(), "--timeout", &timeout_s.to_string()]);
+        let out = self.cli(&[
+            "sync",
+            "wait",
+            "--peer",
+            &peer.id(),
+            "--timeout",
+            &timeout_s.to_string(),
+        ]);
         assert!(
             out.status.success(),
             "sync wait failed: {}{}\n--- log ---\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
-            self.log().lines().rev().take(30).collect::<Vec<_>>().join("\n")
+            self.log()
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
 
@@ -154,7 +185,11 @@ impl Practice {
     /// Exports every chart (through the daemon) as JSONL bytes.
     pub fn export_all(&self) -> Vec<u8> {
         let out = self.cli(&["export"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 

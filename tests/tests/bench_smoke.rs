@@ -29,13 +29,19 @@ fn bench_runs_at_small_n_and_checks_its_checksums() {
     assert!(r["cold"]["processWallMs"].as_f64().unwrap() > 0.0);
     // Every sync phase ran and was checked; bytes were counted by the relay.
     assert_eq!(r["initial"]["checksumOk"], true, "{r}");
-    assert!(r["initial"]["wireBytes"].as_u64().unwrap() > 50 * 500, "{r}");
+    assert!(
+        r["initial"]["wireBytes"].as_u64().unwrap() > 50 * 500,
+        "{r}"
+    );
     for phase in ["reconnect1", "reconnect2", "restart"] {
         let b = r[phase]["wireBytes"].as_u64().unwrap();
         assert!(b > 0 && b < 100_000, "{phase}: {b} bytes: {r}");
     }
     assert_eq!(r["incremental"]["checksumOk"], true, "{r}");
-    assert!(r["incremental"]["wireBytes"].as_u64().unwrap() > 10 * 100, "{r}");
+    assert!(
+        r["incremental"]["wireBytes"].as_u64().unwrap() > 10 * 100,
+        "{r}"
+    );
     assert_eq!(r["verify"]["count"], 50);
     assert_eq!(r["verify"]["checksumOk"], true);
     assert!(r["rss"]["bMaxKB"].as_u64().unwrap() > 1000);

@@ -9,7 +9,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn store_key(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("store.key")).unwrap().trim().to_string()
+    std::fs::read_to_string(dir.join("store.key"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// Opens the practice's encrypted store directly, as an attacker with the key file would.
@@ -40,7 +43,13 @@ fn audit_verify_pinpoints_edits_deletions_swaps_and_truncation() {
     for id in ["chart-000001", "chart-000002", "chart-000003"] {
         a.cli_ok(&["chart", "show", id]);
     }
-    a.cli_ok(&["note", "add", "chart-000001", "--text", "follow-up in two weeks"]);
+    a.cli_ok(&[
+        "note",
+        "add",
+        "chart-000001",
+        "--text",
+        "follow-up in two weeks",
+    ]);
     a.stop();
     let (code, v) = verify_offline(&a);
     assert_eq!(code, Some(0), "{v}");
@@ -129,12 +138,22 @@ fn no_patient_name_or_note_text_is_readable_in_the_data_directory() {
     scan("after shutdown");
     // And the data is all there, through the key.
     a.start();
-    assert_eq!(a.cli_json(&["chart", "show", "chart-000010"])["notes"].as_array().unwrap().last().unwrap()["text"], secret_note);
+    assert_eq!(
+        a.cli_json(&["chart", "show", "chart-000010"])["notes"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["text"],
+        secret_note
+    );
     // A wrong key is refused with a clear error, and nothing is changed.
     a.stop();
     let good = store_key(&a.dir);
     std::fs::write(a.dir.join("store.key"), "ab".repeat(32)).unwrap();
-    let out = Command::new(bin("chartmeshd")).args(["--data-dir", a.dir.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(bin("chartmeshd"))
+        .args(["--data-dir", a.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("store key does not open"), "{err}");
@@ -148,14 +167,21 @@ fn a_backup_taken_during_an_import_restores_to_a_store_that_verifies() {
     let mut a = Practice::new("Backup Clinic");
     let file = bench_data().join("charts-10000.jsonl");
     let mut import = Command::new(bin("chartmesh"))
-        .args(["--data-dir", a.dir.to_str().unwrap(), "import", file.to_str().unwrap()])
+        .args([
+            "--data-dir",
+            a.dir.to_str().unwrap(),
+            "import",
+            file.to_str().unwrap(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_until("the import to be under way", Duration::from_secs(120), || {
-        a.get("/status")["charts"].as_u64().unwrap_or(0) > 0
-    });
+    wait_until(
+        "the import to be under way",
+        Duration::from_secs(120),
+        || a.get("/status")["charts"].as_u64().unwrap_or(0) > 0,
+    );
     let backup = a.dir.parent().unwrap().join("during-import.backup");
     let v = a.cli_json(&["backup", backup.to_str().unwrap()]);
     assert!(v["bytes"].as_u64().unwrap() > 0);
@@ -164,13 +190,21 @@ fn a_backup_taken_during_an_import_restores_to_a_store_that_verifies() {
     assert_eq!(full, 10000);
     // Restore refuses while the daemon runs; with it stopped the backup replaces the store.
     let out = a.cli(&["restore", backup.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     a.stop();
     let r = a.cli_json(&["restore", backup.to_str().unwrap()]);
     let restored = r["charts"].as_u64().unwrap();
     assert!(restored > 0 && restored <= 10000, "{r}");
     let previous = r["previous"].as_str().unwrap();
-    assert!(Path::new(previous).exists(), "the replaced store was not kept");
+    assert!(
+        Path::new(previous).exists(),
+        "the replaced store was not kept"
+    );
     a.start();
     a.cli_ok(&["audit", "verify"]);
     assert_eq!(a.get("/status")["charts"].as_u64().unwrap(), restored);
@@ -179,7 +213,11 @@ fn a_backup_taken_during_an_import_restores_to_a_store_that_verifies() {
     let got = chart_hashes(&a.export_all());
     assert_eq!(got.len() as u64, restored);
     for (id, h) in &got {
-        assert_eq!(source.get(id), Some(h), "chart {id} differs from the source");
+        assert_eq!(
+            source.get(id),
+            Some(h),
+            "chart {id} differs from the source"
+        );
     }
     // A file that is not a backup is refused with a reason, and the store is untouched.
     a.stop();
@@ -209,8 +247,13 @@ fn key_rotation_re_encrypts_the_store_and_keeps_the_old_pair_aside() {
     assert!(kept.join("store.db").exists() && kept.join("store.key").exists());
     // The old key no longer opens the store; the new one does, with everything in it.
     let c = rusqlite::Connection::open(a.dir.join("store.db")).unwrap();
-    c.execute_batch(&format!("PRAGMA key = \"x'{old_key}'\";")).unwrap();
-    assert!(c.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).is_err());
+    c.execute_batch(&format!("PRAGMA key = \"x'{old_key}'\";"))
+        .unwrap();
+    assert!(
+        c.query_row("SELECT count(*) FROM sqlite_master", [], |r| r
+            .get::<_, i64>(0))
+            .is_err()
+    );
     drop(c);
     a.start();
     a.cli_ok(&["audit", "verify"]);

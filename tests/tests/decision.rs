@@ -30,10 +30,26 @@ fn a_conflicting_medication_needs_an_override_which_is_recorded() {
     let meds_before = c["medications"].as_array().unwrap().len();
 
     // Refused with the reason, exit code 5, nothing added.
-    let out = a.cli(&["med", "add", id, "--name", "Amoxicillin", "--dose", "500 mg"]);
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = a.cli(&[
+        "med",
+        "add",
+        id,
+        "--name",
+        "Amoxicillin",
+        "--dose",
+        "500 mg",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("penicillin") && err.contains("--override"), "{err}");
+    assert!(
+        err.contains("penicillin") && err.contains("--override"),
+        "{err}"
+    );
     let now = a.cli_json(&["chart", "show", id]);
     assert_eq!(now["medications"].as_array().unwrap().len(), meds_before);
 
@@ -41,27 +57,67 @@ fn a_conflicting_medication_needs_an_override_which_is_recorded() {
     a.cli_ok(&["med", "add", id, "--name", "Paracetamol", "--dose", "1 g"]);
 
     // With an override: added, and the acknowledgement is a note in the chart.
-    a.cli_ok(&["med", "add", id, "--name", "Amoxicillin", "--dose", "500 mg", "--override", "desensitised in 2024, supervised"]);
+    a.cli_ok(&[
+        "med",
+        "add",
+        id,
+        "--name",
+        "Amoxicillin",
+        "--dose",
+        "500 mg",
+        "--override",
+        "desensitised in 2024, supervised",
+    ]);
     let now = a.cli_json(&["chart", "show", id]);
     let meds = now["medications"].as_array().unwrap();
     assert_eq!(meds.len(), meds_before + 2);
-    let note = now["notes"].as_array().unwrap().last().unwrap()["text"].as_str().unwrap().to_string();
-    assert!(note.contains("Amoxicillin") && note.contains("desensitised in 2024"), "{note}");
+    let note = now["notes"].as_array().unwrap().last().unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        note.contains("Amoxicillin") && note.contains("desensitised in 2024"),
+        "{note}"
+    );
 
     // Standing alerts list it; the audit log has the refusal and the override.
     let v = a.cli_json(&["alerts", id]);
     let alerts = v["charts"][0]["alerts"].as_array().unwrap();
-    assert!(alerts.iter().any(|x| x["kind"] == "allergy" && x["medication"] == "Amoxicillin" && x["with"] == "Penicillin"), "{v}");
+    assert!(
+        alerts.iter().any(|x| x["kind"] == "allergy"
+            && x["medication"] == "Amoxicillin"
+            && x["with"] == "Penicillin"),
+        "{v}"
+    );
     let audit = a.get(&format!("/audit?chart={id}"));
-    let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert!(actions.contains(&"refuse") && actions.contains(&"alert-override"), "{actions:?}");
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"refuse") && actions.contains(&"alert-override"),
+        "{actions:?}"
+    );
 }
 
 #[test]
 fn interactions_and_duplicates_are_checked_at_add_time() {
     let a = Practice::new("Interaction Clinic");
     a.import_first(50);
-    let c = a.cli_json(&["chart", "create", "--mrn", "INT-1", "--family", "Quill", "--given", "Ada", "--birth-date", "1950-05-05"]);
+    let c = a.cli_json(&[
+        "chart",
+        "create",
+        "--mrn",
+        "INT-1",
+        "--family",
+        "Quill",
+        "--given",
+        "Ada",
+        "--birth-date",
+        "1950-05-05",
+    ]);
     let id = c["id"].as_str().unwrap().to_string();
     a.cli_ok(&["med", "add", &id, "--name", "Warfarin", "--dose", "5 mg"]);
     let out = a.cli(&["med", "add", &id, "--name", "Ibuprofen", "--dose", "400 mg"]);
@@ -70,7 +126,15 @@ fn interactions_and_duplicates_are_checked_at_add_time() {
     let out = a.cli(&["med", "add", &id, "--name", "Warfarin", "--dose", "3 mg"]);
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already an active medication"));
-    a.cli_ok(&["med", "add", &id, "--name", "Levothyroxine", "--dose", "50 mcg"]);
+    a.cli_ok(&[
+        "med",
+        "add",
+        &id,
+        "--name",
+        "Levothyroxine",
+        "--dose",
+        "50 mcg",
+    ]);
 }
 
 #[test]
@@ -81,27 +145,57 @@ fn a_medication_that_arrives_by_sync_raises_its_alert_at_the_receiver() {
     a.import_first(200);
     let c = chart_with_allergy(200, "Aspirin");
     let id = c["id"].as_str().unwrap();
-    a.cli_ok(&["share", id, "--with", &b.id(), "--access", "read-write", "--purpose", "referral"]);
+    a.cli_ok(&[
+        "share",
+        id,
+        "--with",
+        &b.id(),
+        "--access",
+        "read-write",
+        "--purpose",
+        "referral",
+    ]);
     a.sync_wait(&b, 60);
     b.sync_wait(&a, 60);
     let before = b.cli_json(&["alerts", id]);
     let had = before["charts"].as_array().map_or(0, |c| c.len());
     // A prescribes an NSAID over the aspirin allergy (with an override); B gets the chart.
-    a.cli_ok(&["med", "add", id, "--name", "Naproxen", "--dose", "250 mg", "--override", "short course, monitored"]);
-    wait_until("B to receive the new medication", std::time::Duration::from_secs(60), || {
-        b.cli_json(&["chart", "show", id])["medications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == "Naproxen")
-    });
+    a.cli_ok(&[
+        "med",
+        "add",
+        id,
+        "--name",
+        "Naproxen",
+        "--dose",
+        "250 mg",
+        "--override",
+        "short course, monitored",
+    ]);
+    wait_until(
+        "B to receive the new medication",
+        std::time::Duration::from_secs(60),
+        || {
+            b.cli_json(&["chart", "show", id])["medications"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == "Naproxen")
+        },
+    );
     let v = b.cli_json(&["alerts", id]);
     let alerts = v["charts"][0]["alerts"].as_array().unwrap();
     assert!(
-        alerts.iter().any(|x| x["kind"] == "allergy" && x["medication"] == "Naproxen" && x["with"] == "Aspirin"),
+        alerts.iter().any(|x| x["kind"] == "allergy"
+            && x["medication"] == "Naproxen"
+            && x["with"] == "Aspirin"),
         "B does not show the alert for the synced medication (had {had} before): {v}"
     );
     // And B, holding it read-write, is stopped the same way when it adds a conflicting drug.
     let out = b.cli(&["med", "add", id, "--name", "Ibuprofen", "--dose", "200 mg"]);
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -67,7 +67,10 @@ fn samples_import_with_a_full_account_reimport_changes_nothing_and_export_valida
             assert!(!r["reason"].as_str().unwrap().is_empty(), "{r}");
         }
         patients += expected.get("Patient").copied().unwrap_or(0);
-        assert_eq!(report["created"], expected.get("Patient").copied().unwrap_or(0));
+        assert_eq!(
+            report["created"],
+            expected.get("Patient").copied().unwrap_or(0)
+        );
     }
     assert!(patients >= 3);
     let first = a.export_all();
@@ -89,15 +92,30 @@ fn samples_import_with_a_full_account_reimport_changes_nothing_and_export_valida
 
     // Export as FHIR: one Bundle per chart, valid R4 by the independent validator.
     let out_dir = a.dir.parent().unwrap().join("fhir-out");
-    a.cli_ok(&["export", "--format", "fhir", "-o", out_dir.to_str().unwrap()]);
+    a.cli_ok(&[
+        "export",
+        "--format",
+        "fhir",
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
     let exported: Vec<PathBuf> = files_under(&out_dir);
     assert_eq!(exported.len(), charts.len());
     for id in charts.keys() {
-        assert!(out_dir.join(format!("{id}.json")).exists(), "{id}.json missing");
+        assert!(
+            out_dir.join(format!("{id}.json")).exists(),
+            "{id}.json missing"
+        );
     }
     let (ok, report) = validate_fhir(&[&out_dir]);
     assert!(ok, "FHIR validation failed:\n{report}");
-    assert!(report.contains(&format!("validated {} file(s), 0 with errors", charts.len())), "{report}");
+    assert!(
+        report.contains(&format!(
+            "validated {} file(s), 0 with errors",
+            charts.len()
+        )),
+        "{report}"
+    );
 
     // Re-import of the export at another practice gives the same charts.
     let b = Practice::new("Second Practice");
@@ -114,7 +132,13 @@ fn a_thousand_charts_round_trip_through_fhir_with_the_same_checksum() {
     let file = bench_data().join("charts-1000.jsonl");
     a.cli_ok(&["import", file.to_str().unwrap()]);
     let out_dir = a.dir.parent().unwrap().join("fhir-1000");
-    let v = a.cli_json(&["export", "--format", "fhir", "-o", out_dir.to_str().unwrap()]);
+    let v = a.cli_json(&[
+        "export",
+        "--format",
+        "fhir",
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
     assert_eq!(v["exported"], 1000);
     // A sample of the bundles through the independent validator (all 1000 take a while).
     let sample: Vec<PathBuf> = files_under(&out_dir).into_iter().step_by(50).collect();
@@ -123,14 +147,21 @@ fn a_thousand_charts_round_trip_through_fhir_with_the_same_checksum() {
     assert!(ok, "FHIR validation failed:\n{report}");
 
     let b = Practice::new("Round Trip B");
-    let paths: Vec<String> = files_under(&out_dir).iter().map(|p| p.display().to_string()).collect();
+    let paths: Vec<String> = files_under(&out_dir)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     let mut args = vec!["import", "--format", "fhir"];
     args.extend(paths.iter().map(String::as_str));
     let r = b.cli_json(&args);
     assert_eq!(r["failed"], 0);
     let (n, sum) = set_checksum(&b.export_all());
     assert_eq!(n, 1000);
-    assert_eq!(sum, manifest_checksum(1000), "JSONL → FHIR → charts changed the charts");
+    assert_eq!(
+        sum,
+        manifest_checksum(1000),
+        "JSONL → FHIR → charts changed the charts"
+    );
 }
 
 /// A bundle holding one good patient, then `bad` entries.
@@ -181,12 +212,21 @@ fn twenty_malformed_inputs_each_get_a_clear_error_and_good_entries_still_import(
         std::fs::write(&path, &content).unwrap();
         let out = a.cli(&["import", path.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{name}: a malformed input was accepted");
+        assert!(
+            !out.status.success(),
+            "{name}: a malformed input was accepted"
+        );
         assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
-        assert!(stderr.contains(expect), "{name}: the error does not say {expect:?}:\n{stderr}");
+        assert!(
+            stderr.contains(expect),
+            "{name}: the error does not say {expect:?}:\n{stderr}"
+        );
         if good_imports {
             // The error names the entry at fault.
-            assert!(stderr.contains("entry["), "{name}: the error names no entry:\n{stderr}");
+            assert!(
+                stderr.contains("entry["),
+                "{name}: the error names no entry:\n{stderr}"
+            );
             let chart = a.cli_json(&["chart", "show", "fhir-good"]);
             assert_eq!(chart["patient"]["name"]["family"], "Okafor", "{name}");
             assert_eq!(chart["conditions"][0]["code"], "I10", "{name}");

@@ -5,7 +5,9 @@
 //! serving others. An unpaired certificate cannot complete the handshake at all.
 
 use chartmesh_core::chart::{Entry, Note};
-use chartmesh_core::sync::{Delivery, MAX_MESSAGE, Msg, OfferItem, Offered, WantItem, heads_digest};
+use chartmesh_core::sync::{
+    Delivery, MAX_MESSAGE, Msg, OfferItem, Offered, WantItem, heads_digest,
+};
 use chartmesh_core::{ChangeMeta, ChartDoc, PracticeId};
 use chartmesh_net::{Credentials, Endpoint, FrameReader, FrameWriter, PinSet};
 use chartmesh_tests::*;
@@ -19,7 +21,10 @@ fn creds() -> (Credentials, PracticeId) {
         .unwrap();
     let der = cert.der().to_vec();
     (
-        Credentials { cert_der: der.clone(), key_der: key.serialize_der() },
+        Credentials {
+            cert_der: der.clone(),
+            key_der: key.serialize_der(),
+        },
         PracticeId::from_certificate_der(&der),
     )
 }
@@ -37,9 +42,13 @@ async fn request(conn: &chartmesh_net::quinn::Connection, msgs: &[Msg]) -> Vec<M
     }
     let mut out = Vec::new();
     let want_changes = msgs.iter().any(|m| matches!(m, Msg::Want { .. }));
-    while let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(10), r.recv()).await.unwrap() {
+    while let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(10), r.recv())
+        .await
+        .unwrap()
+    {
         let m = Msg::decode(&b).unwrap();
-        let last = matches!(m, Msg::Changes { .. }) || (!want_changes && matches!(m, Msg::OfferEnd { .. }));
+        let last = matches!(m, Msg::Changes { .. })
+            || (!want_changes && matches!(m, Msg::OfferEnd { .. }));
         out.push(m);
         if last {
             break;
@@ -57,7 +66,12 @@ fn note_by(p: PracticeId, text: &str) -> (Entry, ChangeMeta) {
             date: "2026-01-01T00:00:00Z".into(),
             text: text.into(),
         }),
-        ChangeMeta { practice: p, author: "Mallory".into(), action: "add note".into(), time_ms: 1 },
+        ChangeMeta {
+            practice: p,
+            author: "Mallory".into(),
+            action: "add note".into(),
+            time_ms: 1,
+        },
     )
 }
 
@@ -82,37 +96,90 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
     let id_a: PracticeId = blocking(|| a.id()).parse().unwrap();
     let dead = format!("127.0.0.1:{}", free_udp_port());
     blocking(|| {
-        a.cli_ok(&["peer", "add", &hid.to_string(), "--addr", &dead, "--name", "Mallory"]);
-        a.cli_ok(&["share", "chart-000001", "--with", &hid.to_string(), "--access", "read"]);
-        a.cli_ok(&["share", "chart-000002", "--with", &hid.to_string(), "--access", "read-write"]);
-        a.cli_ok(&["share", "chart-000006", "--with", &b.id(), "--access", "read"]);
+        a.cli_ok(&[
+            "peer",
+            "add",
+            &hid.to_string(),
+            "--addr",
+            &dead,
+            "--name",
+            "Mallory",
+        ]);
+        a.cli_ok(&[
+            "share",
+            "chart-000001",
+            "--with",
+            &hid.to_string(),
+            "--access",
+            "read",
+        ]);
+        a.cli_ok(&[
+            "share",
+            "chart-000002",
+            "--with",
+            &hid.to_string(),
+            "--access",
+            "read-write",
+        ]);
+        a.cli_ok(&[
+            "share",
+            "chart-000006",
+            "--with",
+            &b.id(),
+            "--access",
+            "read",
+        ]);
     });
     let before = blocking(|| chart_hashes(&a.export_all()));
     let a_addr: std::net::SocketAddr = blocking(|| a.sync_addr()).parse().unwrap();
 
     // An unpaired certificate cannot complete the handshake.
     let (uc, _) = creds();
-    let stranger = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &uc, PinSet::new([id_a])).unwrap();
+    let stranger =
+        Endpoint::bind("127.0.0.1:0".parse().unwrap(), &uc, PinSet::new([id_a])).unwrap();
     if let Ok(pc) = stranger.connect(a_addr, id_a).await {
         // TLS 1.3: the client may finish its side before the server's refusal arrives; the
         // connection is then closed by the server and cannot carry a request.
         let attempt = async {
             let (send, recv) = pc.connection.open_bi().await.map_err(|e| e.to_string())?;
             let mut w = FrameWriter::new(send);
-            w.send(&Msg::Pull { version: 1, since: 0 }.encode()).await.map_err(|e| e.to_string())?;
+            w.send(
+                &Msg::Pull {
+                    version: 1,
+                    since: 0,
+                }
+                .encode(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let mut r = FrameReader::new(recv, MAX_MESSAGE);
-            r.recv().await.map_err(|e| e.to_string())?.ok_or("ended".to_string())
+            r.recv()
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("ended".to_string())
         };
-        let r = tokio::time::timeout(Duration::from_secs(10), attempt).await.expect("refused promptly");
+        let r = tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .expect("refused promptly");
         assert!(r.is_err(), "an unpaired practice got an answer");
     }
 
     let ep = Endpoint::bind("127.0.0.1:0".parse().unwrap(), &hc, PinSet::new([id_a])).unwrap();
-    let pc = ep.connect(a_addr, id_a).await.expect("the paired peer connects");
+    let pc = ep
+        .connect(a_addr, id_a)
+        .await
+        .expect("the paired peer connects");
     let conn = pc.connection;
 
     // The offer names only the granted charts.
-    let offer = request(&conn, &[Msg::Pull { version: 1, since: 0 }]).await;
+    let offer = request(
+        &conn,
+        &[Msg::Pull {
+            version: 1,
+            since: 0,
+        }],
+    )
+    .await;
     let offered: Vec<String> = offer
         .iter()
         .flat_map(|m| match m {
@@ -120,20 +187,41 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
             _ => vec![],
         })
         .collect();
-    assert_eq!(offered, vec!["chart-000001".to_string(), "chart-000002".to_string()]);
+    assert_eq!(
+        offered,
+        vec!["chart-000001".to_string(), "chart-000002".to_string()]
+    );
 
     // Asking for charts it was not granted: answered exactly like an unknown chart.
     let got = request(
         &conn,
         &[
-            Msg::Pull { version: 1, since: 0 },
+            Msg::Pull {
+                version: 1,
+                since: 0,
+            },
             Msg::Want {
                 items: vec![
-                    WantItem { chart: "chart-000003".into(), have: vec![] },
-                    WantItem { chart: "chart-000006".into(), have: vec![] },
-                    WantItem { chart: "no-such-chart".into(), have: vec![] },
-                    WantItem { chart: "chart-000001".into(), have: vec![] },
-                    WantItem { chart: "chart-000002".into(), have: vec![] },
+                    WantItem {
+                        chart: "chart-000003".into(),
+                        have: vec![],
+                    },
+                    WantItem {
+                        chart: "chart-000006".into(),
+                        have: vec![],
+                    },
+                    WantItem {
+                        chart: "no-such-chart".into(),
+                        have: vec![],
+                    },
+                    WantItem {
+                        chart: "chart-000001".into(),
+                        have: vec![],
+                    },
+                    WantItem {
+                        chart: "chart-000002".into(),
+                        have: vec![],
+                    },
                 ],
             },
         ],
@@ -157,18 +245,32 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
     let again = request(
         &conn,
         &[
-            Msg::Pull { version: 1, since: 0 },
-            Msg::Want { items: vec![WantItem { chart: "chart-000003".into(), have: vec![] }] },
+            Msg::Pull {
+                version: 1,
+                since: 0,
+            },
+            Msg::Want {
+                items: vec![WantItem {
+                    chart: "chart-000003".into(),
+                    have: vec![],
+                }],
+            },
         ],
     )
     .await;
-    assert!(again.iter().any(|m| matches!(m, Msg::Changes { items } if items[0].data.is_none())));
+    assert!(
+        again
+            .iter()
+            .any(|m| matches!(m, Msg::Changes { items } if items[0].data.is_none()))
+    );
 
     // Garbage, a wrong first message, a future version and an oversized frame: each stream
     // is refused, the connection and the daemon carry on.
     {
         let (mut s, _r) = conn.open_bi().await.unwrap();
-        s.write_all(&[0, 0, 0, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9]).await.unwrap();
+        s.write_all(&[0, 0, 0, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+            .await
+            .unwrap();
         let _ = s.finish();
     }
     {
@@ -180,7 +282,15 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
     {
         let (send, recv) = conn.open_bi().await.unwrap();
         let mut w = FrameWriter::new(send);
-        w.send(&Msg::Pull { version: 99, since: 0 }.encode()).await.unwrap();
+        w.send(
+            &Msg::Pull {
+                version: 99,
+                since: 0,
+            }
+            .encode(),
+        )
+        .await
+        .unwrap();
         let mut r = FrameReader::new(recv, MAX_MESSAGE);
         let m = Msg::decode(&r.recv().await.unwrap().unwrap()).unwrap();
         assert_eq!(m, Msg::Unsupported { version: 1 });
@@ -229,7 +339,9 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
                     .iter()
                     .map(|(c, heads, _)| OfferItem {
                         chart: c.to_string(),
-                        kind: Offered::Returned { digest: heads_digest(heads) },
+                        kind: Offered::Returned {
+                            digest: heads_digest(heads),
+                        },
                     })
                     .collect();
                 w.send(&Msg::Offer { items }.encode()).await.unwrap();
@@ -238,14 +350,19 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
                 assert!(matches!(want, Msg::Want { .. }));
                 let items = script
                     .into_iter()
-                    .map(|(c, _, data)| Delivery { chart: c.to_string(), data: Some(data) })
+                    .map(|(c, _, data)| Delivery {
+                        chart: c.to_string(),
+                        data: Some(data),
+                    })
                     .collect();
                 w.send(&Msg::Changes { items }.encode()).await.unwrap();
                 let done = Msg::decode(&r.recv().await.unwrap().unwrap()).unwrap();
                 assert!(matches!(done, Msg::Done { .. }));
                 // Ask for the next pull.
                 let mut u = conn.open_uni().await.unwrap();
-                chartmesh_net::write_frame(&mut u, &Msg::Nudge.encode()).await.unwrap();
+                chartmesh_net::write_frame(&mut u, &Msg::Nudge.encode())
+                    .await
+                    .unwrap();
                 let _ = u.finish();
             }
         })
@@ -256,9 +373,15 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
         .unwrap();
 
     blocking(|| {
-        wait_until("the legitimate note is applied", Duration::from_secs(20), || {
-            a.cli_json(&["chart", "show", "chart-000002"]).to_string().contains("a legitimate consult note")
-        });
+        wait_until(
+            "the legitimate note is applied",
+            Duration::from_secs(20),
+            || {
+                a.cli_json(&["chart", "show", "chart-000002"])
+                    .to_string()
+                    .contains("a legitimate consult note")
+            },
+        );
         let after = chart_hashes(&a.export_all());
         for (id, h) in &before {
             if id != "chart-000002" {
@@ -266,8 +389,15 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
             }
         }
         let c2 = a.cli_json(&["chart", "show", "chart-000002"]).to_string();
-        assert!(!c2.contains("forged under"), "a change under another practice's actor was applied");
-        assert!(!a.cli_json(&["chart", "show", "chart-000001"]).to_string().contains("tampering"));
+        assert!(
+            !c2.contains("forged under"),
+            "a change under another practice's actor was applied"
+        );
+        assert!(
+            !a.cli_json(&["chart", "show", "chart-000001"])
+                .to_string()
+                .contains("tampering")
+        );
         let audit = a.cli_json(&["audit"]);
         let entries = audit["entries"].as_array().unwrap();
         let refusals: Vec<String> = entries

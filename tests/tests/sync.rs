@@ -45,7 +45,16 @@ fn consented_charts_sync_converge_and_revocation_stops_them() {
     args.extend(read.iter().map(|s| s.as_str()));
     args.extend(["--with", &id_b, "--access", "read"]);
     a.cli_ok(&args);
-    a.cli_ok(&["share", "chart-000011", "--with", &id_b, "--access", "read-write", "--purpose", "referral"]);
+    a.cli_ok(&[
+        "share",
+        "chart-000011",
+        "--with",
+        &id_b,
+        "--access",
+        "read-write",
+        "--purpose",
+        "referral",
+    ]);
 
     // 1. B holds exactly the 11 shared charts, byte-identical; C holds nothing.
     a.sync_wait(&b, 60);
@@ -66,20 +75,53 @@ fn consented_charts_sync_converge_and_revocation_stops_them() {
     assert_eq!(custody["status"], "shared-with-us");
     assert_eq!(custody["custodian"], id_a.as_str());
     // A read-only copy cannot be edited at B (exit 5, refused by consent).
-    let out = b.cli(&["note", "add", "chart-000001", "--text", "should not be allowed"]);
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = b.cli(&[
+        "note",
+        "add",
+        "chart-000001",
+        "--text",
+        "should not be allowed",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // B's status shows A connected, with the counts.
     let st = b.get("/status");
-    let pa = st["peers"].as_array().unwrap().iter().find(|p| p["id"] == id_a.as_str()).unwrap().clone();
+    let pa = st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id_a.as_str())
+        .unwrap()
+        .clone();
     assert_eq!(pa["connected"], true);
     assert_eq!(pa["sharedFrom"], 11);
 
     // 2. Concurrent offline edits of the read-write chart converge, with provenance.
     a.stop();
-    b.cli_ok(&["note", "add", "chart-000011", "--author", "Dr. Ridge", "--text", "Consult: echo normal, continue current therapy."]);
+    b.cli_ok(&[
+        "note",
+        "add",
+        "chart-000011",
+        "--author",
+        "Dr. Ridge",
+        "--text",
+        "Consult: echo normal, continue current therapy.",
+    ]);
     b.stop();
     a.start();
-    a.cli_ok(&["note", "add", "chart-000011", "--author", "Dr. Valley", "--text", "Follow-up booked in 3 months."]);
+    a.cli_ok(&[
+        "note",
+        "add",
+        "chart-000011",
+        "--author",
+        "Dr. Valley",
+        "--text",
+        "Follow-up booked in 3 months.",
+    ]);
     b.start();
     a.sync_wait(&b, 60);
     b.sync_wait(&a, 60);
@@ -91,7 +133,9 @@ fn consented_charts_sync_converge_and_revocation_stops_them() {
     let hist = a.cli_json(&["history", "chart-000011"]);
     let changes = hist["changes"].as_array().unwrap();
     assert!(
-        changes.iter().any(|ch| ch["practice"] == id_b.as_str() && ch["author"] == "Dr. Ridge"),
+        changes
+            .iter()
+            .any(|ch| ch["practice"] == id_b.as_str() && ch["author"] == "Dr. Ridge"),
         "history names B's practice and author: {hist}"
     );
     assert_eq!(
@@ -103,25 +147,58 @@ fn consented_charts_sync_converge_and_revocation_stops_them() {
     a.cli_ok(&["revoke", "chart-000003", "--from", &id_b]);
     a.sync_wait(&b, 60);
     b.sync_wait(&a, 60);
-    wait_until("B marks its copy revoked", std::time::Duration::from_secs(20), || {
-        b.get("/charts/chart-000003/custody")["status"] == "revoked"
-    });
-    a.cli_ok(&["note", "add", "chart-000003", "--text", "After revocation: must stay at A."]);
-    a.cli_ok(&["note", "add", "chart-000004", "--text", "Still shared: reaches B."]);
+    wait_until(
+        "B marks its copy revoked",
+        std::time::Duration::from_secs(20),
+        || b.get("/charts/chart-000003/custody")["status"] == "revoked",
+    );
+    a.cli_ok(&[
+        "note",
+        "add",
+        "chart-000003",
+        "--text",
+        "After revocation: must stay at A.",
+    ]);
+    a.cli_ok(&[
+        "note",
+        "add",
+        "chart-000004",
+        "--text",
+        "Still shared: reaches B.",
+    ]);
     a.sync_wait(&b, 60);
     b.sync_wait(&a, 60);
-    wait_until("the still-shared edit reaches B", std::time::Duration::from_secs(20), || {
-        notes(&b, "chart-000004").iter().any(|t| t.starts_with("Still shared"))
-    });
+    wait_until(
+        "the still-shared edit reaches B",
+        std::time::Duration::from_secs(20),
+        || {
+            notes(&b, "chart-000004")
+                .iter()
+                .any(|t| t.starts_with("Still shared"))
+        },
+    );
     assert!(
-        !notes(&b, "chart-000003").iter().any(|t| t.starts_with("After revocation")),
+        !notes(&b, "chart-000003")
+            .iter()
+            .any(|t| t.starts_with("After revocation")),
         "an edit after revocation reached B"
     );
     // Hidden from default lists at B, still readable by id, and read-only.
-    let mrn = b.cli_json(&["chart", "show", "chart-000003"])["patient"]["mrn"].as_str().unwrap().to_string();
+    let mrn = b.cli_json(&["chart", "show", "chart-000003"])["patient"]["mrn"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let found = b.cli_json(&["chart", "search", &mrn]);
-    assert!(!found.to_string().contains("chart-000003"), "revoked copy listed: {found}");
-    assert_eq!(b.cli(&["note", "add", "chart-000011", "--text", "x"]).status.code(), Some(0));
+    assert!(
+        !found.to_string().contains("chart-000003"),
+        "revoked copy listed: {found}"
+    );
+    assert_eq!(
+        b.cli(&["note", "add", "chart-000011", "--text", "x"])
+            .status
+            .code(),
+        Some(0)
+    );
     // Every send and receive is in the audit logs, and both chains verify.
     let audit_a = a.cli_json(&["audit"]).to_string();
     let audit_b = b.cli_json(&["audit"]).to_string();
@@ -145,13 +222,24 @@ fn killing_either_side_during_an_initial_sync_of_10000_charts_loses_nothing() {
     a.cli_ok(&["share", "--all", "--with", &id_b, "--purpose", "replica"]);
     let mut points: Vec<u64> = (0..10).map(|_| rand::random_range(0..9_000)).collect();
     points.sort_unstable();
-    let count = |p: &Practice| p.try_get("/status").ok().and_then(|(_, v)| v["charts"].as_u64()).unwrap_or(0);
+    let count = |p: &Practice| {
+        p.try_get("/status")
+            .ok()
+            .and_then(|(_, v)| v["charts"].as_u64())
+            .unwrap_or(0)
+    };
     for (i, at) in points.iter().enumerate() {
         // Wait until B holds `at` charts (or the sync finished), then kill one side.
-        wait_until("B to reach the kill point", std::time::Duration::from_secs(300), || {
-            count(&b) >= *at || count(&b) >= 10_000
-        });
-        let victim = if rand::random::<bool>() { &mut a } else { &mut b };
+        wait_until(
+            "B to reach the kill point",
+            std::time::Duration::from_secs(300),
+            || count(&b) >= *at || count(&b) >= 10_000,
+        );
+        let victim = if rand::random::<bool>() {
+            &mut a
+        } else {
+            &mut b
+        };
         victim.kill9();
         victim.start();
         let _ = i;
@@ -159,7 +247,10 @@ fn killing_either_side_during_an_initial_sync_of_10000_charts_loses_nothing() {
     a.sync_wait(&b, 600);
     b.sync_wait(&a, 600);
     let exported = b.export_all();
-    let lines = exported.split(|c| *c == b'\n').filter(|l| !l.is_empty()).count();
+    let lines = exported
+        .split(|c| *c == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
     assert_eq!(lines, 10_000, "B holds each chart exactly once");
     assert_eq!(set_checksum(&exported), (10_000, manifest_checksum(10_000)));
     b.cli_ok(&["audit", "verify"]);

@@ -56,7 +56,8 @@ fn allergy_classes_fire_and_safe_combinations_do_not() {
     ] {
         let k = kinds(&[allergy], &[], drug);
         assert!(
-            k.iter().any(|(kind, with)| *kind == AlertKind::Allergy && with == allergy),
+            k.iter()
+                .any(|(kind, with)| *kind == AlertKind::Allergy && with == allergy),
             "{allergy} allergy and {drug}: expected an alert, got {k:?}"
         );
     }
@@ -72,7 +73,10 @@ fn allergy_classes_fire_and_safe_combinations_do_not() {
         ("Eggs", "Metformin"),
     ] {
         let k = kinds(&[allergy], &[], drug);
-        assert!(k.is_empty(), "{allergy} allergy and {drug}: expected no alert, got {k:?}");
+        assert!(
+            k.is_empty(),
+            "{allergy} allergy and {drug}: expected no alert, got {k:?}"
+        );
     }
 }
 
@@ -92,7 +96,8 @@ fn interactions_fire_both_ways_and_unrelated_drugs_do_not() {
         for (have, new) in [(a, b), (b, a)] {
             let k = kinds(&[], &[have], new);
             assert!(
-                k.iter().any(|(kind, with)| *kind == AlertKind::Interaction && with == have),
+                k.iter()
+                    .any(|(kind, with)| *kind == AlertKind::Interaction && with == have),
                 "{have} then {new}: expected an interaction, got {k:?}"
             );
         }
@@ -105,16 +110,25 @@ fn interactions_fire_both_ways_and_unrelated_drugs_do_not() {
         ("Warfarin", "Paracetamol"),
     ] {
         let k = kinds(&[], &[have], new);
-        assert!(k.is_empty(), "{have} then {new}: expected nothing, got {k:?}");
+        assert!(
+            k.is_empty(),
+            "{have} then {new}: expected nothing, got {k:?}"
+        );
     }
 }
 
 #[test]
 fn duplicate_therapy_by_drug_and_by_class() {
     let k = kinds(&[], &["Ibuprofen"], "Naproxen");
-    assert!(k.contains(&(AlertKind::DuplicateTherapy, "Ibuprofen".into())), "{k:?}");
+    assert!(
+        k.contains(&(AlertKind::DuplicateTherapy, "Ibuprofen".into())),
+        "{k:?}"
+    );
     let k = kinds(&[], &["Atorvastatin"], "Atorvastatin");
-    assert!(k.contains(&(AlertKind::DuplicateTherapy, "Atorvastatin".into())), "{k:?}");
+    assert!(
+        k.contains(&(AlertKind::DuplicateTherapy, "Atorvastatin".into())),
+        "{k:?}"
+    );
     // A stopped medication is not active: no duplicate.
     let mut c = chart(&[], &["Atorvastatin"]);
     c.medications[0].status = Some("stopped".into());
@@ -125,8 +139,16 @@ fn duplicate_therapy_by_drug_and_by_class() {
 fn standing_alerts_cover_every_active_medication_once() {
     let c = chart(&["Penicillin"], &["Amoxicillin", "Warfarin", "Ibuprofen"]);
     let all = chart_alerts(&c);
-    assert_eq!(all.iter().filter(|a| a.kind == AlertKind::Allergy).count(), 1);
-    assert_eq!(all.iter().filter(|a| a.kind == AlertKind::Interaction).count(), 1);
+    assert_eq!(
+        all.iter().filter(|a| a.kind == AlertKind::Allergy).count(),
+        1
+    );
+    assert_eq!(
+        all.iter()
+            .filter(|a| a.kind == AlertKind::Interaction)
+            .count(),
+        1
+    );
     let mut keys: Vec<&str> = all.iter().map(|a| a.key.as_str()).collect();
     keys.dedup();
     assert_eq!(keys.len(), all.len(), "each alert once: {all:?}");

@@ -26,20 +26,44 @@ fn a_chart_round_trips_through_a_bundle_exactly() {
 fn export_uses_standard_systems_and_resolving_references() {
     let b = chart_to_bundle(&chart(), &[]);
     let entries = b["entry"].as_array().unwrap();
-    let urls: Vec<&str> = entries.iter().map(|e| e["resource"]["resourceType"].as_str().unwrap()).collect();
+    let urls: Vec<&str> = entries
+        .iter()
+        .map(|e| e["resource"]["resourceType"].as_str().unwrap())
+        .collect();
     assert!(urls.contains(&"Coverage") && urls.contains(&"ServiceRequest"));
-    let cond = entries.iter().find(|e| e["resource"]["resourceType"] == "Condition").unwrap();
-    assert_eq!(cond["resource"]["code"]["coding"][0]["system"], "http://hl7.org/fhir/sid/icd-10");
-    let med = entries.iter().find(|e| e["resource"]["resourceType"] == "MedicationStatement").unwrap();
-    assert_eq!(med["resource"]["medicationCodeableConcept"]["coding"][0]["system"], "http://www.nlm.nih.gov/research/umls/rxnorm");
+    let cond = entries
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "Condition")
+        .unwrap();
+    assert_eq!(
+        cond["resource"]["code"]["coding"][0]["system"],
+        "http://hl7.org/fhir/sid/icd-10"
+    );
+    let med = entries
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "MedicationStatement")
+        .unwrap();
+    assert_eq!(
+        med["resource"]["medicationCodeableConcept"]["coding"][0]["system"],
+        "http://www.nlm.nih.gov/research/umls/rxnorm"
+    );
     let ids: std::collections::HashSet<String> = entries
         .iter()
-        .map(|e| format!("{}/{}", e["resource"]["resourceType"].as_str().unwrap(), e["resource"]["id"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["resource"]["resourceType"].as_str().unwrap(),
+                e["resource"]["id"].as_str().unwrap()
+            )
+        })
         .collect();
     let text = serde_json::to_string(&b).unwrap();
     for part in text.split("\"reference\":\"").skip(1) {
         let r = &part[..part.find('"').unwrap()];
-        assert!(ids.contains(r), "reference {r} does not resolve inside the bundle");
+        assert!(
+            ids.contains(r),
+            "reference {r} does not resolve inside the bundle"
+        );
     }
 }
 
@@ -51,7 +75,10 @@ fn blood_pressure_components_become_two_observations() {
           "code":{"coding":[{"system":"http://loinc.org","code":"85354-9"}]},"effectiveDateTime":"2024-01-01T10:00:00+02:00",
           "component":[{"code":{"coding":[{"system":"http://loinc.org","code":"8480-6"}]},"valueQuantity":{"value":120,"unit":"mm[Hg]"}},
                        {"code":{"coding":[{"system":"http://loinc.org","code":"8462-4"}]},"valueQuantity":{"value":80,"unit":"mm[Hg]"}}]}}]});
-    let r = import(&serde_json::to_vec(&bundle).unwrap(), "2026-01-01T00:00:00Z");
+    let r = import(
+        &serde_json::to_vec(&bundle).unwrap(),
+        "2026-01-01T00:00:00Z",
+    );
     let obs = &r.charts[0].observations;
     assert_eq!(obs.len(), 2);
     assert_eq!(obs[0].code, "8480-6");
@@ -67,19 +94,47 @@ fn bad_entries_are_reported_and_the_rest_imports() {
         {"resource":{"resourceType":"Frobnicator","subject":{"reference":"urn:uuid:p1"}}},
         {"resource":{"resourceType":"Claim"}},
         {"resource":{"resourceType":"Condition","subject":{"reference":"urn:uuid:p1"},"code":{"coding":[{"code":"E11.9","system":"http://hl7.org/fhir/sid/icd-10"}]}}}]});
-    let r = import(&serde_json::to_vec(&bundle).unwrap(), "2026-01-01T00:00:00Z");
+    let r = import(
+        &serde_json::to_vec(&bundle).unwrap(),
+        "2026-01-01T00:00:00Z",
+    );
     let s = r.summary();
-    assert_eq!(s["Condition"], TypeCounts { mapped: 1, skipped: 0, errors: 1 });
+    assert_eq!(
+        s["Condition"],
+        TypeCounts {
+            mapped: 1,
+            skipped: 0,
+            errors: 1
+        }
+    );
     assert_eq!(s["Frobnicator"].errors, 1);
     assert_eq!(s["Claim"].skipped, 1);
     assert_eq!(r.charts[0].conditions.len(), 1);
     let dangling = r.resources.iter().find(|x| x.at == "entry[1]").unwrap();
-    assert!(dangling.reason.as_ref().unwrap().contains("dangling"), "{dangling:?}");
+    assert!(
+        dangling.reason.as_ref().unwrap().contains("dangling"),
+        "{dangling:?}"
+    );
 }
 
 #[test]
 fn not_json_and_not_fhir_are_fatal_with_a_reason() {
-    assert!(import(b"{not json", "2026-01-01T00:00:00Z").fatal.unwrap().contains("not valid JSON"));
-    assert!(import(b"[1,2]", "2026-01-01T00:00:00Z").fatal.unwrap().contains("not an object"));
-    assert!(import(b"{\"a\":1}", "2026-01-01T00:00:00Z").fatal.unwrap().contains("resourceType"));
+    assert!(
+        import(b"{not json", "2026-01-01T00:00:00Z")
+            .fatal
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    assert!(
+        import(b"[1,2]", "2026-01-01T00:00:00Z")
+            .fatal
+            .unwrap()
+            .contains("not an object")
+    );
+    assert!(
+        import(b"{\"a\":1}", "2026-01-01T00:00:00Z")
+            .fatal
+            .unwrap()
+            .contains("resourceType")
+    );
 }

@@ -165,7 +165,11 @@ fn run_pull(r: &mut Responder, l: &mut Local, cut: Option<usize>, dup: bool, rev
                     _ => {}
                 }
             }
-            let copies = if dup && matches!(m, Msg::Changes { .. }) { 2 } else { 1 };
+            let copies = if dup && matches!(m, Msg::Changes { .. }) {
+                2
+            } else {
+                1
+            };
             for _ in 0..copies {
                 if cut.is_some_and(|c| handled >= c) {
                     return false;
@@ -255,7 +259,11 @@ fn an_incremental_pull_sends_only_the_new_changes() {
     assert_eq!(items.len(), 2);
     for d in items {
         // One note change, far smaller than the chart.
-        assert!(d.data.as_ref().unwrap().len() < 600, "{}", d.data.as_ref().unwrap().len());
+        assert!(
+            d.data.as_ref().unwrap().len() < 600,
+            "{}",
+            d.data.as_ref().unwrap().len()
+        );
     }
     assert!(run_pull(&mut r, &mut l, None, false, false));
     assert_eq!(l.applied_total, before + 2);
@@ -310,7 +318,10 @@ fn duplicated_and_reordered_messages_change_nothing() {
     let mut l = Local::default();
     assert!(run_pull(&mut r, &mut l, None, true, true));
     assert_same(&mut r, &mut l);
-    assert_eq!(l.applied_total, 9, "a duplicated delivery was applied twice");
+    assert_eq!(
+        l.applied_total, 9,
+        "a duplicated delivery was applied twice"
+    );
     r.edit("chart-000001", 1);
     assert!(run_pull(&mut r, &mut l, None, true, true));
     assert_same(&mut r, &mut l);
@@ -346,7 +357,13 @@ fn protocol_violations_end_the_pull() {
     ));
     let (mut p, _) = Puller::start(0);
     assert!(matches!(
-        p.on_message(Msg::Pull { version: 1, since: 0 }, &mut none),
+        p.on_message(
+            Msg::Pull {
+                version: 1,
+                since: 0
+            },
+            &mut none
+        ),
         Err(ProtocolError::Unexpected { .. })
     ));
     assert_eq!(
@@ -363,7 +380,10 @@ fn protocol_violations_end_the_pull() {
         ],
     };
     assert!(p.on_message(too_many, &mut none).is_err());
-    assert!(matches!(Msg::decode(&[0xff, 0xff, 0xff]), Err(ProtocolError::Malformed(_))));
+    assert!(matches!(
+        Msg::decode(&[0xff, 0xff, 0xff]),
+        Err(ProtocolError::Malformed(_))
+    ));
     assert!(matches!(
         Msg::decode(&vec![0u8; MAX_MESSAGE + 1]),
         Err(ProtocolError::TooLarge(_))
