@@ -173,6 +173,12 @@ pub fn store_key(dir: &Path) -> Result<chartmesh_store::StoreKey, chartmesh_stor
         return Ok(key);
     }
     if !path.exists() {
+        if chartmesh_store::is_plaintext(&store_path(dir)) {
+            return Err(chartmesh_store::StoreError::BadKey(format!(
+                "{} was written before encryption at rest: start chartmeshd once and it encrypts the store",
+                store_path(dir).display()
+            )));
+        }
         return Err(chartmesh_store::StoreError::BadKey(format!(
             "{} exists but its key {} is missing; put back the store.key from your key backup",
             store_path(dir).display(),
@@ -180,6 +186,59 @@ pub fn store_key(dir: &Path) -> Result<chartmesh_store::StoreKey, chartmesh_stor
         )));
     }
     chartmesh_store::StoreKey::read(&path)
+}
+
+/// The store key for the daemon, which holds the directory's lock: like [`store_key`], and a
+/// store written before encryption at rest is encrypted first.
+pub fn daemon_store_key(
+    dir: &Path,
+) -> Result<chartmesh_store::StoreKey, chartmesh_store::StoreError> {
+    if !dir.join(STORE_KEY).exists() && chartmesh_store::is_plaintext(&store_path(dir)) {
+        return encrypt_plaintext_store(dir);
+    }
+    store_key(dir)
+}
+
+/// A store written before encryption at rest is encrypted in place on first start: an
+/// encrypted copy under a new key is made and checked (same charts, audit chain verifies)
+/// before the plaintext file and its WAL are removed and the copy takes its name.
+fn encrypt_plaintext_store(
+    dir: &Path,
+) -> Result<chartmesh_store::StoreKey, chartmesh_store::StoreError> {
+    use chartmesh_store::{Store, StoreError, StoreKey};
+    let store = store_path(dir);
+    let staged = dir.join("store.db.encrypting");
+    let key = StoreKey::from_bytes(rand::random());
+    let before = chartmesh_store::plaintext_count(&store)?;
+    chartmesh_store::rekey_copy(&store, None, &staged, &key)?;
+    let copy = Store::open_read_only(&staged, &key)?;
+    let after = copy.count()?;
+    if let Err(b) = copy.verify_audit()? {
+        return Err(StoreError::Corrupt(format!(
+            "the encrypted copy fails audit verification at {}: {}; the plaintext store is untouched",
+            b.seq, b.reason
+        )));
+    }
+    copy.close();
+    if after != before {
+        return Err(StoreError::Corrupt(format!(
+            "the encrypted copy holds {after} charts, the store {before}; the plaintext store is untouched"
+        )));
+    }
+    let key_path = dir.join(STORE_KEY);
+    write_private(&key_path, key.to_hex().as_bytes())
+        .map_err(|e| StoreError::Io(format!("writing {}: {e}", key_path.display())))?;
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", store.display()));
+    }
+    std::fs::rename(&staged, &store)
+        .map_err(|e| StoreError::Io(format!("replacing {}: {e}", store.display())))?;
+    let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
+    tracing::info!(
+        charts = after,
+        "store encrypted at rest (it was written before encryption); back up store.key"
+    );
+    Ok(key)
 }
 
 /// Whether a daemon holds this directory's lock right now.
@@ -325,7 +384,8 @@ pub fn rotate_key(dir: &Path) -> Result<Rotated, RestoreError> {
     }
     let new = chartmesh_store::StoreKey::from_bytes(rand::random());
     let staged = dir.join("store.db.rekeyed");
-    chartmesh_store::rekey_copy(&store, &old, &staged, &new).map_err(|e| fail(e.to_string()))?;
+    chartmesh_store::rekey_copy(&store, Some(&old), &staged, &new)
+        .map_err(|e| fail(e.to_string()))?;
     let (charts, audit_entries) = {
         let copy = chartmesh_store::Store::open_read_only(&staged, &new)
             .map_err(|e| fail(e.to_string()))?;

@@ -93,7 +93,7 @@ async fn run(args: Args) -> Result<()> {
     }
 
     let identity = Identity::load(&dir)?;
-    let key = datadir::store_key(&dir).context("loading the store key")?;
+    let key = datadir::daemon_store_key(&dir).context("loading the store key")?;
     let store = Store::open(&datadir::store_path(&dir), &key, StoreOptions::default())
         .context("opening the chart store")?;
     let token = datadir::read_token(&dir)

@@ -78,18 +78,33 @@ impl StoreKey {
     }
 }
 
-/// Writes a copy of the store at `src` (opened with `old`) to `dest`, encrypted with `new`:
+/// Whether the file at `path` is a plaintext SQLite database (its header is readable).
+pub fn is_plaintext(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head == b"SQLite format 3\0"
+}
+
+/// Writes a copy of the store at `src` (opened with `old`, or plaintext when `None`) to
+/// `dest`, encrypted with `new`:
 /// SQLCipher's export into an attached database keyed with the new key, then the schema
 /// version. The copy is checked to open with the new key before this returns.
 pub fn rekey_copy(
     src: &Path,
-    old: &StoreKey,
+    old: Option<&StoreKey>,
     dest: &Path,
     new: &StoreKey,
 ) -> Result<(), StoreError> {
     let _ = std::fs::remove_file(dest);
     let conn = Connection::open(src)?;
-    old.apply(&conn, src)?;
+    match old {
+        Some(k) => k.apply(&conn, src)?,
+        // A plaintext store (written before encryption at rest): fold its WAL in first.
+        None => conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?,
+    }
     let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let dest_str = dest
         .to_str()
@@ -116,4 +131,10 @@ pub fn rekey_copy(
         .and_then(|f| f.sync_all())
         .map_err(|e| StoreError::Io(format!("syncing {}: {e}", dest.display())))?;
     Ok(())
+}
+
+/// How many charts a plaintext store holds (for checking its encrypted copy).
+pub fn plaintext_count(path: &Path) -> Result<u64, StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    Ok(conn.query_row("SELECT count(*) FROM charts", [], |r| r.get::<_, i64>(0))? as u64)
 }

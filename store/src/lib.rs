@@ -23,7 +23,7 @@ mod write;
 
 pub use consent::Peer;
 pub use error::StoreError;
-pub use key::{StoreKey, rekey_copy};
+pub use key::{StoreKey, is_plaintext, plaintext_count, rekey_copy};
 pub use read::{ChartRecord, ChartSummary};
 pub use sync::{ChangeCheck, SyncChart, SyncItem, SyncOutcome, SyncPeerState};
 pub use write::{EditFn, EditOutcome, InsertOutcome, NewChart};

@@ -259,3 +259,66 @@ fn key_rotation_re_encrypts_the_store_and_keeps_the_old_pair_aside() {
     a.cli_ok(&["audit", "verify"]);
     assert_eq!(a.export_all(), before);
 }
+
+#[test]
+fn a_store_written_before_encryption_is_encrypted_on_first_start_without_loss() {
+    let mut a = Practice::new("Upgrade Clinic");
+    a.import_first(20);
+    let before = a.export_all();
+    a.stop();
+    // Make the store what an older chartmesh left: plaintext SQLite, no key file.
+    let db = a.dir.join("store.db");
+    let plain = a.dir.join("plain.db");
+    {
+        let c = open_raw(&a.dir);
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        c.execute(
+            "ATTACH DATABASE ?1 AS plain KEY ''",
+            [plain.to_str().unwrap()],
+        )
+        .unwrap();
+        c.query_row("SELECT sqlcipher_export('plain')", [], |_| Ok(()))
+            .unwrap();
+        c.execute_batch(&format!(
+            "PRAGMA plain.user_version = {v}; DETACH DATABASE plain;"
+        ))
+        .unwrap();
+    }
+    std::fs::rename(&plain, &db).unwrap();
+    std::fs::remove_file(a.dir.join("store.key")).unwrap();
+    assert!(
+        std::fs::read(&db)
+            .unwrap()
+            .starts_with(b"SQLite format 3\0")
+    );
+    // An offline read does not touch it; it says what to do.
+    let out = a.cli(&["export", "--offline"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("start chartmeshd once"));
+    // The daemon encrypts it and serves the same charts.
+    a.start();
+    assert_eq!(a.export_all(), before);
+    a.cli_ok(&["audit", "verify"]);
+    assert!(a.dir.join("store.key").exists());
+    a.stop();
+    assert!(
+        !std::fs::read(&db)
+            .unwrap()
+            .starts_with(b"SQLite format 3\0")
+    );
+    let family = serde_json::from_slice::<Value>(before.split(|b| *b == b'\n').next().unwrap())
+        .unwrap()["patient"]["name"]["family"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for f in files_under(&a.dir) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(family.len()).any(|w| w == family.as_bytes()),
+            "{family} readable in {}",
+            f.display()
+        );
+    }
+}
