@@ -127,6 +127,18 @@ enum Cmd {
     History { chart: String },
     /// The audit log, and its verification.
     Audit(AuditArgs),
+    /// Patients due or overdue for checks, tests and vaccines (rules in docs/CLINICAL.md).
+    Due {
+        /// Also list what falls due within this many days.
+        #[arg(long, default_value_t = 0)]
+        within: u32,
+        /// The day to evaluate for, YYYY-MM-DD (default: today).
+        #[arg(long)]
+        today: Option<String>,
+    },
+    /// Reports over the practice's charts.
+    #[command(subcommand)]
+    Report(ReportCmd),
     /// Medication alerts standing in a chart (or in every chart): allergies, interactions,
     /// duplicate therapy. The tables are illustrative, not clinical-grade (docs/CLINICAL.md).
     Alerts { chart: Option<String> },
@@ -310,6 +322,16 @@ struct AuditArgs {
 }
 
 #[derive(Subcommand)]
+enum ReportCmd {
+    /// Charts by active condition and patients by due item.
+    Population {
+        /// The day to evaluate for, YYYY-MM-DD (default: today).
+        #[arg(long)]
+        today: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeyCmd {
     /// Re-encrypt the store under a new random key (stop the daemon first). The old store and
     /// key are kept in rotated-<time>/ in the data directory until you delete them.
@@ -382,6 +404,75 @@ fn run(cli: Cli) -> Result<()> {
                     "Start the daemon with: chartmeshd --data-dir {}",
                     dir.display()
                 );
+            });
+        }
+        Cmd::Due { within, today } => {
+            let mut q = format!("/due?within={within}");
+            if let Some(t) = &today {
+                q.push_str(&format!("&today={}", enc(t)));
+            }
+            let v = Client::connect(&dir, &user)?.get(&q)?;
+            print(j, &v, |v| {
+                let patients = v["patients"].as_array().cloned().unwrap_or_default();
+                for p in &patients {
+                    println!(
+                        "{}  {}",
+                        p["chart"].as_str().unwrap_or(""),
+                        p["patient"].as_str().unwrap_or("")
+                    );
+                    for i in p["items"].as_array().into_iter().flatten() {
+                        println!(
+                            "  {} {}  {} ({})",
+                            if i["overdue"] == true {
+                                "OVERDUE"
+                            } else {
+                                "due    "
+                            },
+                            i["due"].as_str().unwrap_or(""),
+                            i["title"].as_str().unwrap_or(""),
+                            i["why"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                println!(
+                    "{} of {} patients due or overdue (as of {}, looking {} days ahead)",
+                    patients.len(),
+                    v["charts"],
+                    v["today"].as_str().unwrap_or(""),
+                    v["withinDays"]
+                );
+            });
+        }
+        Cmd::Report(ReportCmd::Population { today }) => {
+            let q = today
+                .as_ref()
+                .map(|t| format!("?today={}", enc(t)))
+                .unwrap_or_default();
+            let mut v = Client::connect(&dir, &user)?.get(&format!("/due{q}"))?;
+            if let Some(o) = v.as_object_mut() {
+                o.remove("patients");
+            }
+            print(j, &v, |v| {
+                println!(
+                    "Population report: {} charts, as of {}",
+                    v["charts"],
+                    v["today"].as_str().unwrap_or("")
+                );
+                println!("\nActive conditions                                         patients");
+                for (c, n) in v["conditions"].as_object().into_iter().flatten() {
+                    println!("  {c:<56} {n:>6}");
+                }
+                println!(
+                    "\nDue items                                                 due  overdue"
+                );
+                for r in v["rules"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {:<54} {:>5} {:>8}",
+                        r["title"].as_str().unwrap_or(""),
+                        r["due"].as_u64().unwrap_or(0),
+                        r["overdue"].as_u64().unwrap_or(0)
+                    );
+                }
             });
         }
         Cmd::Alerts { chart } => {

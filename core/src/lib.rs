@@ -14,6 +14,7 @@ pub mod canonical;
 pub mod chart;
 pub mod consent;
 pub mod doc;
+pub mod due;
 pub mod error;
 pub mod fhir;
 pub mod ids;

@@ -58,6 +58,7 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/audit/verify", get(audit_verify))
         .route("/backup", post(backup))
         .route("/alerts", get(alerts))
+        .route("/due", get(due))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(console))
@@ -539,6 +540,33 @@ async fn audit_list(
             "unknown audit format {f:?}: use json or fhir"
         ))),
     }
+}
+
+#[derive(Deserialize)]
+struct DueQuery {
+    /// YYYY-MM-DD; default: today (UTC).
+    today: Option<String>,
+    within: Option<u32>,
+}
+
+async fn due(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<DueQuery>,
+) -> Result<Json<Value>, NodeError> {
+    let today = match q.today.as_deref() {
+        Some(t) => chartmesh_core::due::parse_date(t)
+            .filter(|_| t.len() == 10)
+            .ok_or_else(|| {
+                NodeError::Invalid(format!("today={t:?} is not a date such as 2026-06-01"))
+            })?,
+        None => time::OffsetDateTime::now_utc().date(),
+    };
+    let within = q.within.unwrap_or(0);
+    if within > 3660 {
+        return Err(NodeError::Invalid("within is at most 3660 days".into()));
+    }
+    Ok(Json(st.node.due(today, within, &user(&headers)).await?))
 }
 
 #[derive(Deserialize)]

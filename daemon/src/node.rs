@@ -548,6 +548,95 @@ impl Node {
         }
     }
 
+    /// Due and overdue items of every own and held chart as of `today`, looking `within_days`
+    /// ahead, with population counts (charts by active condition, patients by due rule).
+    /// Charts are read and evaluated on all cores. Audited as one read.
+    pub async fn due(
+        &self,
+        today: time::Date,
+        within_days: u32,
+        actor: &str,
+    ) -> Result<Value, NodeError> {
+        use chartmesh_core::due;
+        let store = self.store.clone();
+        let horizon = today + time::Duration::days(within_days as i64);
+        let results = self
+            .on_pool(move || -> Result<Vec<(String, String, Vec<due::DueItem>, Vec<String>)>, NodeError> {
+                use rayon::prelude::*;
+                let ids = store.chart_ids()?;
+                ids.par_chunks(64)
+                    .map(|chunk| {
+                        let mut out = Vec::with_capacity(chunk.len());
+                        for id in chunk {
+                            let Some(rec) = store.get(id)? else { continue };
+                            if rec.revoked_ms.is_some() {
+                                continue;
+                            }
+                            let chart = rec.doc.to_chart()?;
+                            let items = due::due_items(&chart, today, horizon);
+                            // Each patient counted once per condition, however often it is listed.
+                            let mut conditions: Vec<String> = chart
+                                .conditions
+                                .iter()
+                                .filter(|c| c.status.as_deref().is_none_or(|s| s == "active"))
+                                .map(|c| format!("{} {}", c.code, c.display.clone().unwrap_or_default()))
+                                .collect();
+                            conditions.sort();
+                            conditions.dedup();
+                            let name = format!(
+                                "{}, {}",
+                                chart.patient.name.family,
+                                chart.patient.name.given.join(" ")
+                            );
+                            out.push((id.clone(), name, items, conditions));
+                        }
+                        Ok(out)
+                    })
+                    .collect::<Result<Vec<_>, NodeError>>()
+                    .map(|v| v.into_iter().flatten().collect())
+            })
+            .await?;
+        let mut by_rule: std::collections::BTreeMap<&str, (usize, usize)> =
+            due::RULES.iter().map(|r| (r.id, (0, 0))).collect();
+        let mut by_condition: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut patients = Vec::new();
+        let charts = results.len();
+        for (id, name, items, conditions) in results {
+            for c in conditions {
+                *by_condition.entry(c).or_default() += 1;
+            }
+            for i in &items {
+                let e = by_rule.entry(i.rule).or_default();
+                e.0 += 1;
+                if i.overdue {
+                    e.1 += 1;
+                }
+            }
+            if !items.is_empty() {
+                patients.push(serde_json::json!({ "chart": id, "patient": name, "items": items }));
+            }
+        }
+        self.audit(vec![
+            AuditEvent::new(now_ms(), actor, "read").detail(format!("due list charts={charts}")),
+        ])
+        .await?;
+        let rules: Vec<Value> = due::RULES
+            .iter()
+            .map(|r| {
+                let (due, overdue) = by_rule[r.id];
+                serde_json::json!({ "rule": r.id, "title": r.title, "due": due, "overdue": overdue })
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "today": today.to_string(),
+            "withinDays": within_days,
+            "charts": charts,
+            "rules": rules,
+            "conditions": by_condition,
+            "patients": patients,
+        }))
+    }
+
     /// Standing alerts: every active medication against the allergies and the other active
     /// medications, for one chart or for all. Audited as a read.
     pub fn alerts(&self, chart: Option<&str>, actor: &str) -> Result<Vec<Value>, NodeError> {

@@ -212,6 +212,15 @@ impl Store {
         self.inner.readers.get(id)
     }
 
+    /// Every chart id, in order (an index scan).
+    pub fn chart_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached("SELECT id FROM charts ORDER BY id")?;
+            let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     pub fn count(&self) -> Result<u64, StoreError> {
         self.inner.readers.count()
     }
