@@ -217,6 +217,27 @@ mod tests {
     }
 
     #[test]
+    fn the_light_document_view_gives_the_same_items_as_the_full_chart() {
+        let c = chart(
+            "1950-02-03",
+            r#"{"code":"E11.9","status":"active","onset":"2010-01-01"},{"code":"I10","status":"active"}"#,
+            r#"{"code":"4548-4","value":7.1,"date":"2025-09-01T10:00:00Z"}"#,
+            r#"{"vaccine":"Flu","code":"141","date":"2025-10-01"}"#,
+        );
+        let meta = crate::ChangeMeta {
+            practice: crate::PracticeId::from_certificate_der(b"p"),
+            author: "t".into(),
+            action: "test".into(),
+            time_ms: 1,
+        };
+        let doc = crate::ChartDoc::create(&c, &meta);
+        let (today, horizon) = (d("2026-06-01"), d("2026-09-01"));
+        let full = due_items(&doc.to_chart().unwrap(), today, horizon);
+        assert!(!full.is_empty());
+        assert_eq!(due_items(&doc.due_view().unwrap(), today, horizon), full);
+    }
+
+    #[test]
     fn months_add_with_clamping() {
         assert_eq!(add_months(d("2025-08-31"), 6), d("2026-02-28"));
         assert_eq!(add_months(d("2024-12-15"), 12), d("2025-12-15"));

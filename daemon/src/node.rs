@@ -560,6 +560,7 @@ impl Node {
         use chartmesh_core::due;
         let store = self.store.clone();
         let horizon = today + time::Duration::days(within_days as i64);
+        let t0 = std::time::Instant::now();
         let results = self
             .on_pool(move || -> Result<Vec<(String, String, Vec<due::DueItem>, Vec<String>)>, NodeError> {
                 use rayon::prelude::*;
@@ -572,7 +573,7 @@ impl Node {
                             if rec.revoked_ms.is_some() {
                                 continue;
                             }
-                            let chart = rec.doc.to_chart()?;
+                            let chart = rec.doc.due_view()?;
                             let items = due::due_items(&chart, today, horizon);
                             // Each patient counted once per condition, however often it is listed.
                             let mut conditions: Vec<String> = chart
@@ -596,6 +597,7 @@ impl Node {
                     .map(|v| v.into_iter().flatten().collect())
             })
             .await?;
+        let t_eval = t0.elapsed();
         let mut by_rule: std::collections::BTreeMap<&str, (usize, usize)> =
             due::RULES.iter().map(|r| (r.id, (0, 0))).collect();
         let mut by_condition: std::collections::BTreeMap<String, usize> = Default::default();
@@ -627,6 +629,12 @@ impl Node {
                 serde_json::json!({ "rule": r.id, "title": r.title, "due": due, "overdue": overdue })
             })
             .collect();
+        tracing::debug!(
+            charts,
+            eval_ms = t_eval.as_millis() as u64,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "due list"
+        );
         Ok(serde_json::json!({
             "today": today.to_string(),
             "withinDays": within_days,
