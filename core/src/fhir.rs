@@ -978,10 +978,12 @@ impl<'a> Importer<'a> {
             onset,
             status,
         };
-        crate::chart::Entry::Condition(c.clone())
-            .validate("Condition")
-            .map_err(|e| e.to_string())?;
-        push_unique(&mut chart.conditions, c);
+        keep(
+            &mut chart.conditions,
+            c,
+            crate::chart::Entry::Condition,
+            "Condition",
+        )?;
         Ok(())
     }
 
@@ -1018,10 +1020,12 @@ impl<'a> Importer<'a> {
             severity,
             recorded,
         };
-        crate::chart::Entry::Allergy(a.clone())
-            .validate("AllergyIntolerance")
-            .map_err(|e| e.to_string())?;
-        push_unique(&mut chart.allergies, a);
+        keep(
+            &mut chart.allergies,
+            a,
+            crate::chart::Entry::Allergy,
+            "AllergyIntolerance",
+        )?;
         Ok(())
     }
 
@@ -1091,10 +1095,12 @@ impl<'a> Importer<'a> {
             start,
             status,
         };
-        crate::chart::Entry::Medication(m.clone())
-            .validate(rt)
-            .map_err(|e| e.to_string())?;
-        push_unique(&mut chart.medications, m);
+        keep(
+            &mut chart.medications,
+            m,
+            crate::chart::Entry::Medication,
+            rt,
+        )?;
         Ok(())
     }
 
@@ -1159,10 +1165,12 @@ impl<'a> Importer<'a> {
             ));
         }
         for o in made {
-            crate::chart::Entry::Observation(o.clone())
-                .validate("Observation")
-                .map_err(|e| e.to_string())?;
-            push_unique(&mut chart.observations, o);
+            keep(
+                &mut chart.observations,
+                o,
+                crate::chart::Entry::Observation,
+                "Observation",
+            )?;
         }
         Ok(())
     }
@@ -1188,10 +1196,12 @@ impl<'a> Importer<'a> {
             date,
             lot: r["lotNumber"].as_str().map(str::to_string),
         };
-        crate::chart::Entry::Immunization(i.clone())
-            .validate("Immunization")
-            .map_err(|e| e.to_string())?;
-        push_unique(&mut chart.immunizations, i);
+        keep(
+            &mut chart.immunizations,
+            i,
+            crate::chart::Entry::Immunization,
+            "Immunization",
+        )?;
         Ok(())
     }
 
@@ -1276,10 +1286,12 @@ impl<'a> Importer<'a> {
             date,
             text,
         };
-        crate::chart::Entry::Note(n.clone())
-            .validate("DocumentReference")
-            .map_err(|e| e.to_string())?;
-        push_unique(&mut chart.notes, n);
+        keep(
+            &mut chart.notes,
+            n,
+            crate::chart::Entry::Note,
+            "DocumentReference",
+        )?;
         Ok(())
     }
 
@@ -1326,6 +1338,18 @@ fn rfc3339_ms(ms: i64) -> String {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+/// Validates an entry as the chart model would, then adds it unless the chart already has it.
+fn keep<T: PartialEq + Clone>(
+    list: &mut Vec<T>,
+    x: T,
+    wrap: fn(T) -> crate::chart::Entry,
+    what: &str,
+) -> EntryResult {
+    wrap(x.clone()).validate(what).map_err(|e| e.to_string())?;
+    push_unique(list, x);
+    Ok(())
 }
 
 fn push_unique<T: PartialEq>(list: &mut Vec<T>, x: T) {
