@@ -1045,12 +1045,7 @@ fn run(cli: Cli) -> Result<()> {
             match a.cmd {
                 Some(AuditCmd::Verify { offline }) => {
                     let v = if offline {
-                        match offline_store(&dir)?.verify_audit()? {
-                            Ok(n) => json!({ "ok": true, "entries": n }),
-                            Err(b) => {
-                                json!({ "ok": false, "firstBadSeq": b.seq, "reason": b.reason })
-                            }
-                        }
+                        chartmesh_daemon::api::audit_verify_report(&offline_store(&dir)?)?
                     } else {
                         Client::connect(&dir, &user)?.get("/audit/verify")?
                     };

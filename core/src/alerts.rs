@@ -306,8 +306,30 @@ fn is_active(m: &Medication) -> bool {
     )
 }
 
-fn key(kind: &str, a: &str, b: &str) -> String {
-    format!("{kind}:{}:{}", norm(a), norm(b))
+/// One alert for `med` against `with` (an allergy's substance or another drug's name); its
+/// key (kind and both names) identifies it for acknowledgements.
+fn alert(
+    kind: AlertKind,
+    severity: Severity,
+    med: &Medication,
+    with: &str,
+    message: String,
+    source: &'static str,
+) -> Alert {
+    let k = match kind {
+        AlertKind::Allergy => "allergy",
+        AlertKind::Interaction => "interaction",
+        AlertKind::DuplicateTherapy => "duplicate",
+    };
+    Alert {
+        kind,
+        severity,
+        medication: med.name.clone(),
+        with: with.to_string(),
+        key: format!("{k}:{}:{}", norm(&med.name), norm(with)),
+        message,
+        source,
+    }
 }
 
 /// Alerts for adding `med` to `chart` (the chart as it is, without `med`).
@@ -336,29 +358,28 @@ fn allergy_alerts(allergies: &[Allergy], med: &Medication, out: &mut Vec<Alert>)
     for a in allergies {
         let severe = a.severity.as_deref() == Some("severe");
         if same_drug(&a.substance, &med.name) {
-            out.push(Alert {
-                kind: AlertKind::Allergy,
-                severity: Severity::Severe,
-                medication: med.name.clone(),
-                with: a.substance.clone(),
-                message: format!("recorded allergy to {}{}", a.substance, reaction(a)),
-                source: "recorded allergy (same drug)",
-                key: key("allergy", &med.name, &a.substance),
-            });
+            out.push(alert(
+                AlertKind::Allergy,
+                Severity::Severe,
+                med,
+                &a.substance,
+                format!("recorded allergy to {}{}", a.substance, reaction(a)),
+                "recorded allergy (same drug)",
+            ));
             continue;
         }
         let a_classes = allergy_classes(&a.substance);
         if let Some(c) = a_classes.iter().find(|c| med_classes.contains(c)) {
-            out.push(Alert {
-                kind: AlertKind::Allergy,
-                severity: if severe || *c != "opioid" {
+            out.push(alert(
+                AlertKind::Allergy,
+                if severe || *c != "opioid" {
                     Severity::Severe
                 } else {
                     Severity::Moderate
                 },
-                medication: med.name.clone(),
-                with: a.substance.clone(),
-                message: format!(
+                med,
+                &a.substance,
+                format!(
                     "{} is a{} {c}; recorded allergy to {}{}",
                     med.name,
                     if c.starts_with(['a', 'e', 'i', 'o', 'u']) {
@@ -369,22 +390,20 @@ fn allergy_alerts(allergies: &[Allergy], med: &Medication, out: &mut Vec<Alert>)
                     a.substance,
                     reaction(a)
                 ),
-                source: SOURCE_CLASS,
-                key: key("allergy", &med.name, &a.substance),
-            });
+                SOURCE_CLASS,
+            ));
             continue;
         }
         for (ac, mc, sev, why) in CROSS {
             if a_classes.contains(ac) && med_classes.contains(mc) {
-                out.push(Alert {
-                    kind: AlertKind::Allergy,
-                    severity: *sev,
-                    medication: med.name.clone(),
-                    with: a.substance.clone(),
-                    message: (*why).to_string(),
-                    source: SOURCE_CLASS,
-                    key: key("allergy", &med.name, &a.substance),
-                });
+                out.push(alert(
+                    AlertKind::Allergy,
+                    *sev,
+                    med,
+                    &a.substance,
+                    (*why).to_string(),
+                    SOURCE_CLASS,
+                ));
             }
         }
     }
@@ -403,12 +422,12 @@ fn medication_alerts(active: &[&Medication], med: &Medication, out: &mut Vec<Ale
     let mine = classes_of(&med.name);
     for other in active {
         if same_drug(&other.name, &med.name) {
-            out.push(Alert {
-                kind: AlertKind::DuplicateTherapy,
-                severity: Severity::Moderate,
-                medication: med.name.clone(),
-                with: other.name.clone(),
-                message: format!(
+            out.push(alert(
+                AlertKind::DuplicateTherapy,
+                Severity::Moderate,
+                med,
+                &other.name,
+                format!(
                     "{} is already an active medication{}",
                     other.name,
                     other
@@ -417,38 +436,35 @@ fn medication_alerts(active: &[&Medication], med: &Medication, out: &mut Vec<Ale
                         .map(|d| format!(" ({d})"))
                         .unwrap_or_default()
                 ),
-                source: "duplicate therapy (same drug)",
-                key: key("duplicate", &med.name, &other.name),
-            });
+                "duplicate therapy (same drug)",
+            ));
             continue;
         }
         let theirs = classes_of(&other.name);
         if let Some(c) = mine.iter().find(|c| theirs.contains(c)) {
-            out.push(Alert {
-                kind: AlertKind::DuplicateTherapy,
-                severity: Severity::Moderate,
-                medication: med.name.clone(),
-                with: other.name.clone(),
-                message: format!(
+            out.push(alert(
+                AlertKind::DuplicateTherapy,
+                Severity::Moderate,
+                med,
+                &other.name,
+                format!(
                     "two active drugs of the same class ({c}): {} and {}",
                     med.name, other.name
                 ),
-                source: "duplicate therapy (same class)",
-                key: key("duplicate", &med.name, &other.name),
-            });
+                "duplicate therapy (same class)",
+            ));
         }
         for (x, y, sev, why) in INTERACTIONS {
             if (mine.contains(x) && theirs.contains(y)) || (mine.contains(y) && theirs.contains(x))
             {
-                out.push(Alert {
-                    kind: AlertKind::Interaction,
-                    severity: *sev,
-                    medication: med.name.clone(),
-                    with: other.name.clone(),
-                    message: (*why).to_string(),
-                    source: SOURCE_INTERACTION,
-                    key: key("interaction", &med.name, &other.name),
-                });
+                out.push(alert(
+                    AlertKind::Interaction,
+                    *sev,
+                    med,
+                    &other.name,
+                    (*why).to_string(),
+                    SOURCE_INTERACTION,
+                ));
             }
         }
     }

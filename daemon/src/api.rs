@@ -229,7 +229,9 @@ async fn sync_resume(
 }
 
 async fn peers(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
-    Ok(Json(json!({ "peers": st.node.store.peers()? })))
+    Ok(Json(
+        json!({ "peers": st.node.read(|store| Ok(store.peers()?)).await? }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -525,11 +527,11 @@ async fn audit_list(
         ),
         None => None,
     };
+    let (chart, limit) = (q.chart.clone(), q.limit);
     let entries = st
         .node
-        .store
-        .audit_entries(q.chart.as_deref(), since, q.limit)
-        .map_err(NodeError::from)?;
+        .read(move |store| Ok(store.audit_entries(chart.as_deref(), since, limit)?))
+        .await?;
     match q.format.as_deref() {
         None | Some("json") => Ok(Json(json!({ "entries": entries }))),
         Some("fhir") => Ok(Json(chartmesh_core::fhir::audit_bundle(
@@ -603,11 +605,21 @@ async fn backup(
     Ok(Json(json!({ "path": path, "bytes": bytes })))
 }
 
-async fn audit_verify(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
-    Ok(Json(match st.node.store.verify_audit()? {
+/// The report of `GET /audit/verify` (and of `chartmesh audit verify --offline`):
+/// `{ok: true, entries}` or `{ok: false, firstBadSeq, reason}`.
+pub fn audit_verify_report(store: &chartmesh_store::Store) -> Result<Value, StoreError> {
+    Ok(match store.verify_audit()? {
         Ok(n) => json!({ "ok": true, "entries": n }),
         Err(b) => json!({ "ok": false, "firstBadSeq": b.seq, "reason": b.reason }),
-    }))
+    })
+}
+
+async fn audit_verify(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
+    Ok(Json(
+        st.node
+            .read(|store| Ok(audit_verify_report(store)?))
+            .await?,
+    ))
 }
 
 async fn console() -> Html<&'static str> {

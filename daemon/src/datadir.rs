@@ -199,27 +199,42 @@ pub fn daemon_store_key(
     store_key(dir)
 }
 
+/// Checks a store file before it is put in place (a backup, a re-keyed or encrypted copy):
+/// it opens with `key`, has a schema this chartmesh knows, and its audit chain verifies.
+/// Returns (charts, audit entries), or what was wrong.
+fn verify_store_file(path: &Path, key: &chartmesh_store::StoreKey) -> Result<(u64, usize), String> {
+    let copy = chartmesh_store::Store::open_read_only(path, key).map_err(|e| e.to_string())?;
+    let charts = copy.count().map_err(|e| e.to_string())?;
+    let entries = copy
+        .verify_audit()
+        .map_err(|e| e.to_string())?
+        .map_err(|b| {
+            format!(
+                "its audit log fails verification at entry {}: {}",
+                b.seq, b.reason
+            )
+        })?;
+    copy.close();
+    Ok((charts, entries))
+}
+
 /// A store written before encryption at rest is encrypted in place on first start: an
 /// encrypted copy under a new key is made and checked (same charts, audit chain verifies)
 /// before the plaintext file and its WAL are removed and the copy takes its name.
 fn encrypt_plaintext_store(
     dir: &Path,
 ) -> Result<chartmesh_store::StoreKey, chartmesh_store::StoreError> {
-    use chartmesh_store::{Store, StoreError, StoreKey};
+    use chartmesh_store::{StoreError, StoreKey};
     let store = store_path(dir);
     let staged = dir.join("store.db.encrypting");
     let key = StoreKey::from_bytes(rand::random());
     let before = chartmesh_store::plaintext_count(&store)?;
     chartmesh_store::rekey_copy(&store, None, &staged, &key)?;
-    let copy = Store::open_read_only(&staged, &key)?;
-    let after = copy.count()?;
-    if let Err(b) = copy.verify_audit()? {
-        return Err(StoreError::Corrupt(format!(
-            "the encrypted copy fails audit verification at {}: {}; the plaintext store is untouched",
-            b.seq, b.reason
-        )));
-    }
-    copy.close();
+    let (after, _) = verify_store_file(&staged, &key).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "the encrypted copy is not right ({e}); the plaintext store is untouched"
+        ))
+    })?;
     if after != before {
         return Err(StoreError::Corrupt(format!(
             "the encrypted copy holds {after} charts, the store {before}; the plaintext store is untouched"
@@ -300,22 +315,7 @@ pub fn restore(dir: &Path, backup: &Path) -> Result<Restored, RestoreError> {
         reason,
     };
     let key = store_key(dir).map_err(|e| bad(e.to_string()))?;
-    let (charts, audit_entries) = {
-        let copy =
-            chartmesh_store::Store::open_read_only(backup, &key).map_err(|e| bad(e.to_string()))?;
-        let charts = copy.count().map_err(|e| bad(e.to_string()))?;
-        let n = match copy.verify_audit().map_err(|e| bad(e.to_string()))? {
-            Ok(n) => n,
-            Err(b) => {
-                return Err(bad(format!(
-                    "its audit log fails verification at entry {}: {}",
-                    b.seq, b.reason
-                )));
-            }
-        };
-        copy.close();
-        (charts, n)
-    };
+    let (charts, audit_entries) = verify_store_file(backup, &key).map_err(bad)?;
     let io = |p: &Path| {
         let p = p.display().to_string();
         move |e| RestoreError::Io {
@@ -386,22 +386,8 @@ pub fn rotate_key(dir: &Path) -> Result<Rotated, RestoreError> {
     let staged = dir.join("store.db.rekeyed");
     chartmesh_store::rekey_copy(&store, Some(&old), &staged, &new)
         .map_err(|e| fail(e.to_string()))?;
-    let (charts, audit_entries) = {
-        let copy = chartmesh_store::Store::open_read_only(&staged, &new)
-            .map_err(|e| fail(e.to_string()))?;
-        let n = copy.count().map_err(|e| fail(e.to_string()))?;
-        let verified = copy
-            .verify_audit()
-            .map_err(|e| fail(e.to_string()))?
-            .map_err(|b| {
-                fail(format!(
-                    "the re-keyed copy fails audit verification at {}: {}",
-                    b.seq, b.reason
-                ))
-            })?;
-        copy.close();
-        (n, verified)
-    };
+    let (charts, audit_entries) = verify_store_file(&staged, &new)
+        .map_err(|e| fail(format!("the re-keyed copy is not right: {e}")))?;
     let io = |p: &Path| {
         let p = p.display().to_string();
         move |e| RestoreError::Io {

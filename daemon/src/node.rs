@@ -126,6 +126,18 @@ impl Node {
         }
     }
 
+    /// Runs store reads off the async workers (a slow disk must never stall the QUIC
+    /// endpoint or the API): every read on an async path goes through here.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, NodeError> + Send + 'static,
+    ) -> Result<T, NodeError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|_| NodeError::Store(StoreError::Closed))?
+    }
+
     /// Runs CPU-heavy work on the node's pool.
     pub async fn on_cpu<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.on_pool(f).await
@@ -317,10 +329,13 @@ impl Node {
 
     /// Reads one chart (audited).
     pub async fn read_chart(&self, id: &str, actor: &str) -> Result<Value, NodeError> {
-        let Some(rec) = self.store.get(id)? else {
-            return Err(NodeError::NotFound(id.to_string()));
-        };
-        let json = rec.doc.to_json()?;
+        let key = id.to_string();
+        let json = self
+            .read(move |store| match store.get(&key)? {
+                Some(rec) => Ok(rec.doc.to_json()?),
+                None => Err(NodeError::NotFound(key)),
+            })
+            .await?;
         self.audit(vec![AuditEvent::new(now_ms(), actor, "read").chart(id)])
             .await?;
         Ok(json)
@@ -350,10 +365,13 @@ impl Node {
     }
 
     pub async fn history(&self, id: &str, actor: &str) -> Result<Vec<HistoryEntry>, NodeError> {
-        let Some(mut rec) = self.store.get(id)? else {
-            return Err(NodeError::NotFound(id.to_string()));
-        };
-        let h = rec.doc.history();
+        let key = id.to_string();
+        let h = self
+            .read(move |store| match store.get(&key)? {
+                Some(mut rec) => Ok(rec.doc.history()),
+                None => Err(NodeError::NotFound(key)),
+            })
+            .await?;
         self.audit(vec![
             AuditEvent::new(now_ms(), actor, "read")
                 .chart(id)
@@ -371,7 +389,10 @@ impl Node {
         limit: usize,
         actor: &str,
     ) -> Result<Vec<ChartSummary>, NodeError> {
-        let res = self.store.search(q, limit)?;
+        let query = q.to_string();
+        let res = self
+            .read(move |store| Ok(store.search(&query, limit)?))
+            .await?;
         self.audit(vec![
             AuditEvent::new(now_ms(), actor, "search").detail(format!("results={}", res.len())),
         ])
@@ -488,10 +509,13 @@ impl Node {
         // acknowledgement is recorded in the chart as a note (it travels with the chart).
         let mut ack = None;
         if let Entry::Medication(m) = &e {
-            let chart = match self.store.get(id)? {
-                Some(rec) => rec.doc.to_chart()?,
-                None => return Err(NodeError::NotFound(id.to_string())),
-            };
+            let key = id.to_string();
+            let chart = self
+                .read(move |store| match store.get(&key)? {
+                    Some(rec) => Ok(rec.doc.to_chart()?),
+                    None => Err(NodeError::NotFound(key)),
+                })
+                .await?;
             let alerts = chartmesh_core::alerts::check_new_medication(&chart, m);
             if !alerts.is_empty() {
                 let reason = override_reason.map(str::trim).filter(|r| !r.is_empty());
@@ -688,11 +712,10 @@ impl Node {
     /// A chart received from another practice may be changed here only under a read-write
     /// grant that is still active; the refusal is audited.
     async fn check_writable(&self, id: &str, author: &str) -> Result<(), NodeError> {
-        let store = self.store.clone();
         let key = id.to_string();
-        let held = tokio::task::spawn_blocking(move || store.sync_charts(&[key.as_str()]))
-            .await
-            .map_err(|_| StoreError::Closed)??;
+        let held = self
+            .read(move |store| Ok(store.sync_charts(&[key.as_str()])?))
+            .await?;
         let Some(c) = held.get(id) else {
             return Err(NodeError::NotFound(id.to_string()));
         };
@@ -828,32 +851,24 @@ impl Node {
             ..Default::default()
         };
         let meta = self.meta(author, "import");
-        let mut to_insert = Vec::new();
-        for chart in parsed.charts {
-            if let Err(e) = chart.validate() {
-                report
-                    .chart_errors
-                    .push(serde_json::json!({ "chart": chart.id, "error": e.to_string() }));
-                continue;
-            }
-            // Match: the same chart id, else one chart of this practice with the same MRN.
-            let mut target = self.store.get(&chart.id)?.map(|r| (chart.id.clone(), r));
-            if target.is_none() {
-                let hits: Vec<_> = self
-                    .store
-                    .search(&chart.patient.mrn, 2)?
+        // Matching reads the store (and whole charts): done off the async workers, in one go.
+        let charts = parsed.charts;
+        let plans = self
+            .read(move |store| {
+                charts
                     .into_iter()
-                    .filter(|h| h.mrn == chart.patient.mrn)
-                    .collect();
-                if hits.len() == 1 {
-                    target = self
-                        .store
-                        .get(&hits[0].id)?
-                        .map(|r| (hits[0].id.clone(), r));
-                }
-            }
-            match target {
-                None => {
+                    .map(|c| plan_fhir_chart(store, c))
+                    .collect::<Result<Vec<_>, NodeError>>()
+            })
+            .await?;
+        let mut to_insert = Vec::new();
+        for plan in plans {
+            match plan {
+                FhirPlan::Invalid { chart, error } => report
+                    .chart_errors
+                    .push(serde_json::json!({ "chart": chart, "error": error })),
+                FhirPlan::Unchanged => report.unchanged += 1,
+                FhirPlan::New(chart) => {
                     let mut doc = ChartDoc::create(&chart, &meta);
                     to_insert.push(NewChart {
                         id: chart.id.clone(),
@@ -869,13 +884,7 @@ impl Node {
                         heads: doc.head_bytes(),
                     });
                 }
-                Some((id, rec)) => {
-                    let stored = rec.doc.to_chart()?;
-                    let missing = missing_entries(&stored, &chart);
-                    if missing.is_empty() {
-                        report.unchanged += 1;
-                        continue;
-                    }
+                FhirPlan::Add { id, missing } => {
                     if let Err(e) = self.check_writable(&id, author).await {
                         report
                             .chart_errors
@@ -925,6 +934,51 @@ impl Node {
         }
         Ok(report)
     }
+}
+
+/// What a FHIR import does with one chart it parsed.
+enum FhirPlan {
+    Invalid {
+        chart: String,
+        error: String,
+    },
+    New(Chart),
+    /// A stored chart (matched by id, else by MRN) gains these entries.
+    Add {
+        id: String,
+        missing: Vec<Entry>,
+    },
+    Unchanged,
+}
+
+fn plan_fhir_chart(store: &Store, chart: Chart) -> Result<FhirPlan, NodeError> {
+    if let Err(e) = chart.validate() {
+        return Ok(FhirPlan::Invalid {
+            chart: chart.id,
+            error: e.to_string(),
+        });
+    }
+    // The same chart id, else the one chart here with the same MRN.
+    let mut target = store.get(&chart.id)?.map(|r| (chart.id.clone(), r));
+    if target.is_none() {
+        let hits: Vec<_> = store
+            .search(&chart.patient.mrn, 2)?
+            .into_iter()
+            .filter(|h| h.mrn == chart.patient.mrn)
+            .collect();
+        if hits.len() == 1 {
+            target = store.get(&hits[0].id)?.map(|r| (hits[0].id.clone(), r));
+        }
+    }
+    let Some((id, rec)) = target else {
+        return Ok(FhirPlan::New(chart));
+    };
+    let missing = missing_entries(&rec.doc.to_chart()?, &chart);
+    Ok(if missing.is_empty() {
+        FhirPlan::Unchanged
+    } else {
+        FhirPlan::Add { id, missing }
+    })
 }
 
 /// Entries of `incoming` that `stored` does not hold yet, section by section.

@@ -6,7 +6,7 @@
 //!
 //! Owns: the database file, its schema and migrations, the single writer thread.
 //! Must not touch: the network, the clock policy or the consent rules; callers pass time and
-//! decisions in. This is the only crate that imports rusqlite.
+//! decisions in. This is the only product crate that imports rusqlite.
 //!
 //! Writes go through one writer thread that owns the write connection and commits whatever
 //! is queued in one transaction (group commit), so many small writes cost one fsync.
