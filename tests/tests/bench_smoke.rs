@@ -27,6 +27,11 @@ fn bench_runs_at_small_n_and_checks_its_checksums() {
         "50 charts take space: {r}"
     );
     assert!(r["cold"]["processWallMs"].as_f64().unwrap() > 0.0);
+    assert!(r["due"]["ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["due"]["patients"].as_u64().unwrap() > 0,
+        "50 bench charts have items due: {r}"
+    );
     // Every sync phase ran and was checked; bytes were counted by the relay.
     assert_eq!(r["initial"]["checksumOk"], true, "{r}");
     assert!(
