@@ -227,15 +227,6 @@ pub fn run_once(o: &Options) -> Result<Value> {
     // Sync phases: A (restarted on its store) and B (fresh), each reaching the other
     // through its own counting relay.
     let da = Daemon::start(&o.bin_dir, &a)?;
-
-    // Not a reference phase: the due list over every chart of A (a fixed day, so runs compare).
-    let t = Instant::now();
-    let due = Api::of(&a)?.get("/due?today=2026-06-01")?;
-    let due_ms = t.elapsed().as_secs_f64() * 1e3;
-    if due["charts"].as_u64() != Some(o.n as u64) {
-        bail!("the due list covered {} charts, not {}", due["charts"], o.n);
-    }
-    let due_patients = due["patients"].as_array().map_or(0, |p| p.len());
     let b = root.join("b");
     let b_listen = format!("127.0.0.1:{}", free_udp_port()?);
     cli_ok(
@@ -386,6 +377,18 @@ pub fn run_once(o: &Options) -> Result<Value> {
     b_max = b_max.max(db.stop_keep_rss()?);
     a_max = a_max.max(da.stop_keep_rss()?);
 
+    // Not a reference phase, so after the run's peak RSS was taken: the due list over every
+    // chart of A, on a fresh A process (a fixed day, so runs compare), and A's peak RSS for it.
+    let da = Daemon::start(&o.bin_dir, &a)?;
+    let t = Instant::now();
+    let due = Api::of(&a)?.get("/due?today=2026-06-01")?;
+    let due_ms = t.elapsed().as_secs_f64() * 1e3;
+    if due["charts"].as_u64() != Some(o.n as u64) {
+        bail!("the due list covered {} charts, not {}", due["charts"], o.n);
+    }
+    let due_patients = due["patients"].as_array().map_or(0, |p| p.len());
+    let due_rss = da.stop_keep_rss()?;
+
     // 7. verify: a fresh process opens B's store.
     let (vcount, vsum) = checksum_of(&cli_ok(&o.bin_dir, &b, &["export", "--offline"])?)?;
     let expected_final = {
@@ -406,7 +409,7 @@ pub fn run_once(o: &Options) -> Result<Value> {
     Ok(json!({
         "load": { "ms": load_ms, "docsPerSec": o.n as f64 / (load_ms / 1e3), "maxRssKB": load_rss, "diskBytes": disk, "checksumOk": load_ok },
         "cold": { "processWallMs": cold_ms },
-        "due": { "ms": due_ms, "patients": due_patients },
+        "due": { "ms": due_ms, "patients": due_patients, "maxRssKB": due_rss },
         "initial": { "ms": initial_ms, "wireBytes": initial_wire, "checksumOk": initial_ok },
         "reconnect1": reconnects[0],
         "reconnect2": reconnects[1],
@@ -515,6 +518,7 @@ pub fn run(o: &Options) -> Result<Vec<Value>> {
 /// (figure, JSON pointer, decimals, PouchDB at N=1,000, PouchDB at N=10,000): the reference
 /// figures of `../shared/bench-data/reference.md` (median of 3 at 1,000; one run at 10,000).
 const ROWS: &[(&str, &str, usize, &str, &str)] = &[
+    ("due list: peak RSS of A (KB)", "/due/maxRssKB", 0, "", ""),
     (
         "due list over all charts (ms; not a reference phase)",
         "/due/ms",

@@ -555,7 +555,7 @@ async fn due(
     State(st): State<ApiState>,
     headers: HeaderMap,
     Query(q): Query<DueQuery>,
-) -> Result<Json<Value>, NodeError> {
+) -> Result<Json<crate::node::DueReport>, NodeError> {
     let today = match q.today.as_deref() {
         Some(t) => chartmesh_core::due::parse_date(t)
             .filter(|_| t.len() == 10)

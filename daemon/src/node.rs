@@ -580,7 +580,7 @@ impl Node {
         today: time::Date,
         within_days: u32,
         actor: &str,
-    ) -> Result<Value, NodeError> {
+    ) -> Result<DueReport, NodeError> {
         use chartmesh_core::due;
         let store = self.store.clone();
         let horizon = today + time::Duration::days(within_days as i64);
@@ -639,18 +639,27 @@ impl Node {
                 }
             }
             if !items.is_empty() {
-                patients.push(serde_json::json!({ "chart": id, "patient": name, "items": items }));
+                patients.push(DuePatient {
+                    chart: id,
+                    patient: name,
+                    items,
+                });
             }
         }
         self.audit(vec![
             AuditEvent::new(now_ms(), actor, "read").detail(format!("due list charts={charts}")),
         ])
         .await?;
-        let rules: Vec<Value> = due::RULES
+        let rules = due::RULES
             .iter()
             .map(|r| {
                 let (due, overdue) = by_rule[r.id];
-                serde_json::json!({ "rule": r.id, "title": r.title, "due": due, "overdue": overdue })
+                DueRule {
+                    rule: r.id,
+                    title: r.title,
+                    due,
+                    overdue,
+                }
             })
             .collect();
         tracing::debug!(
@@ -659,14 +668,15 @@ impl Node {
             total_ms = t0.elapsed().as_millis() as u64,
             "due list"
         );
-        Ok(serde_json::json!({
-            "today": today.to_string(),
-            "withinDays": within_days,
-            "charts": charts,
-            "rules": rules,
-            "conditions": by_condition,
-            "patients": patients,
-        }))
+        // Serialised straight from these structs: no JSON value tree for thousands of patients.
+        Ok(DueReport {
+            today: today.to_string(),
+            within_days,
+            charts,
+            rules,
+            conditions: by_condition,
+            patients,
+        })
     }
 
     /// Standing alerts: every active medication against the allergies and the other active
@@ -1028,6 +1038,34 @@ fn missing_entries(stored: &Chart, incoming: &Chart) -> Vec<Entry> {
         &mut out,
     );
     out
+}
+
+/// The due list and population counts (`GET /api/v1/due`).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DueReport {
+    pub today: String,
+    pub within_days: u32,
+    pub charts: usize,
+    pub rules: Vec<DueRule>,
+    /// "CODE display" → patients with it active.
+    pub conditions: std::collections::BTreeMap<String, usize>,
+    pub patients: Vec<DuePatient>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DueRule {
+    pub rule: &'static str,
+    pub title: &'static str,
+    pub due: usize,
+    pub overdue: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DuePatient {
+    pub chart: String,
+    pub patient: String,
+    pub items: Vec<chartmesh_core::due::DueItem>,
 }
 
 /// What to share or revoke: listed charts, or every chart.
