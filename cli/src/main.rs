@@ -7,6 +7,7 @@
 mod client;
 mod fhir;
 mod import;
+mod workflow;
 
 use anyhow::Result;
 use chartmesh_daemon::datadir::{self, InitOptions};
@@ -156,6 +157,16 @@ enum Cmd {
     /// Sync with paired practices.
     #[command(subcommand)]
     Sync(SyncCmd),
+    /// Refer a patient to a paired practice: the referral is written into the chart, which is
+    /// shared read-write with that practice for it.
+    Refer(workflow::ReferArgs),
+    /// Referrals made by this practice and made to it, with their status and consult notes.
+    Referrals(workflow::ReferralsArgs),
+    /// Answer or cancel a referral.
+    #[command(subcommand)]
+    Referral(workflow::ReferralCmd),
+    /// The clinical conflict inbox: risky concurrent edits merged by sync, for review.
+    Conflicts(workflow::ConflictsArgs),
 }
 
 #[derive(Subcommand)]
@@ -269,6 +280,14 @@ enum MedCmd {
         #[arg(long = "override", value_name = "REASON")]
         override_reason: Option<String>,
     },
+    /// Stop an active medication (its entry stays, with status stopped).
+    Stop {
+        chart: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -281,6 +300,14 @@ enum AllergyCmd {
         reaction: Option<String>,
         #[arg(long, value_parser = ["mild", "moderate", "severe"])]
         severity: Option<String>,
+    },
+    /// Remove an allergy recorded in error (the chart's history keeps it).
+    Remove {
+        chart: String,
+        #[arg(long)]
+        substance: String,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -371,7 +398,7 @@ fn main() {
     std::process::exit(code);
 }
 
-fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
+pub(crate) fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
     if json_out {
         println!("{}", serde_json::to_string_pretty(v).expect("json"));
     } else {
@@ -475,6 +502,36 @@ fn run(cli: Cli) -> Result<()> {
                 }
             });
         }
+        Cmd::Refer(a) => workflow::refer(&Client::connect(&dir, &user)?, a, j)?,
+        Cmd::Referrals(a) => workflow::referrals(&Client::connect(&dir, &user)?, a, j)?,
+        Cmd::Referral(c) => workflow::referral(&Client::connect(&dir, &user)?, c, j)?,
+        Cmd::Conflicts(a) => workflow::conflicts(&Client::connect(&dir, &user)?, a, j)?,
+        Cmd::Med(MedCmd::Stop {
+            chart,
+            name,
+            reason,
+        }) => workflow::correct(
+            &Client::connect(&dir, &user)?,
+            &chart,
+            "medications",
+            "stop",
+            &name,
+            &reason,
+            j,
+        )?,
+        Cmd::Allergy(AllergyCmd::Remove {
+            chart,
+            substance,
+            reason,
+        }) => workflow::correct(
+            &Client::connect(&dir, &user)?,
+            &chart,
+            "allergies",
+            "remove",
+            &substance,
+            &reason,
+            j,
+        )?,
         Cmd::Alerts { chart } => {
             let q = chart
                 .as_ref()
@@ -1134,7 +1191,7 @@ fn add(
     Ok(())
 }
 
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

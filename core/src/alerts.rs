@@ -294,12 +294,12 @@ fn allergy_classes(substance: &str) -> Vec<&'static str> {
     out
 }
 
-fn same_drug(a: &str, b: &str) -> bool {
+pub(crate) fn same_drug(a: &str, b: &str) -> bool {
     let (a, b) = (norm(a), norm(b));
     a == b || a.split(' ').next() == b.split(' ').next()
 }
 
-fn is_active(m: &Medication) -> bool {
+pub(crate) fn is_active(m: &Medication) -> bool {
     matches!(
         m.status.as_deref(),
         None | Some("active") | Some("intended") | Some("on-hold")
@@ -330,6 +330,13 @@ fn alert(
         message,
         source,
     }
+}
+
+/// Allergy alerts only: `med` against these allergies.
+pub fn allergy_alerts_for(allergies: &[crate::chart::Allergy], med: &Medication) -> Vec<Alert> {
+    let mut out = Vec::new();
+    allergy_alerts(allergies, med, &mut out);
+    out
 }
 
 /// Alerts for adding `med` to `chart` (the chart as it is, without `med`).

@@ -36,6 +36,9 @@ pub struct Chart {
     pub immunizations: Vec<Immunization>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub referral: Option<Referral>,
+    /// Referrals made between practices (`chartmesh refer`), by id: see [`crate::referral`].
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub referrals: crate::referral::Referrals,
     pub created_at: String,
     pub updated_at: String,
 }

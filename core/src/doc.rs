@@ -90,6 +90,18 @@ pub struct Merged {
     pub actors: Vec<[u8; 16]>,
     /// Dependencies still missing: changes that cannot be applied yet (held in memory only).
     pub missing_deps: usize,
+    /// When the merge joined concurrent edits (this document's heads before the merge are
+    /// still heads after it): those heads, and the heads of the peer's side.
+    pub concurrent: Option<Concurrent>,
+}
+
+/// The two sides of a merge of concurrent edits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Concurrent {
+    /// This document's heads before the merge.
+    pub local: Vec<[u8; 32]>,
+    /// The heads of the changes the peer sent.
+    pub peer: Vec<[u8; 32]>,
 }
 
 impl ChartDoc {
@@ -199,6 +211,120 @@ impl ChartDoc {
         Ok(())
     }
 
+    /// Records a new referral (with its request event) as one change.
+    pub fn add_referral(
+        &mut self,
+        referral: &crate::referral::Referral,
+        meta: &ChangeMeta,
+    ) -> Result<(), CoreError> {
+        self.doc.set_actor(meta.actor());
+        let map = match self.doc.get(ROOT, "referrals").map_err(shape)? {
+            Some((automerge::Value::Object(ObjType::Map), id)) => id,
+            Some(_) => return Err(CoreError::Shape("`referrals` is not a map".into())),
+            None => self
+                .doc
+                .put_object(ROOT, "referrals", ObjType::Map)
+                .map_err(shape)?,
+        };
+        if self
+            .doc
+            .get(&map, referral.id.as_str())
+            .map_err(shape)?
+            .is_some()
+        {
+            return Err(CoreError::Shape(format!(
+                "referral {} already exists",
+                referral.id
+            )));
+        }
+        let v = serde_json::to_value(referral).expect("referrals serialize");
+        put_json(&mut self.doc, &map, referral.id.as_str(), &v)?;
+        self.doc.commit_with(meta.commit_options());
+        Ok(())
+    }
+
+    /// Appends a step to a referral, with an optional entry (a consult note) in the same
+    /// change, so the note and the step arrive together.
+    pub fn add_referral_event(
+        &mut self,
+        referral_id: &str,
+        event: &crate::referral::Event,
+        entry: Option<&Entry>,
+        meta: &ChangeMeta,
+    ) -> Result<(), CoreError> {
+        self.doc.set_actor(meta.actor());
+        let missing = || CoreError::Shape(format!("the chart has no referral {referral_id}"));
+        let map = match self.doc.get(ROOT, "referrals").map_err(shape)? {
+            Some((automerge::Value::Object(ObjType::Map), id)) => id,
+            _ => return Err(missing()),
+        };
+        let rec = match self.doc.get(&map, referral_id).map_err(shape)? {
+            Some((automerge::Value::Object(ObjType::Map), id)) => id,
+            _ => return Err(missing()),
+        };
+        let events = match self.doc.get(&rec, "events").map_err(shape)? {
+            Some((automerge::Value::Object(ObjType::List), id)) => id,
+            _ => self
+                .doc
+                .put_object(&rec, "events", ObjType::List)
+                .map_err(shape)?,
+        };
+        let len = self.doc.length(&events);
+        let obj = self
+            .doc
+            .insert_object(&events, len, ObjType::Map)
+            .map_err(shape)?;
+        if let Value::Object(fields) = serde_json::to_value(event).expect("events serialize") {
+            for (k, v) in &fields {
+                put_json(&mut self.doc, &obj, k, v)?;
+            }
+        }
+        if let Some(e) = entry {
+            // `append` commits; put the entry first so both land in one change.
+            let key = e.section().key();
+            let list = match self.doc.get(ROOT, key).map_err(shape)? {
+                Some((automerge::Value::Object(ObjType::List), id)) => id,
+                _ => self
+                    .doc
+                    .put_object(ROOT, key, ObjType::List)
+                    .map_err(shape)?,
+            };
+            let n = self.doc.length(&list);
+            self.doc
+                .insert(
+                    &list,
+                    n,
+                    serde_json::to_string(&e.to_json()).expect("entries serialize"),
+                )
+                .map_err(shape)?;
+        }
+        self.doc.commit_with(meta.commit_options());
+        Ok(())
+    }
+
+    /// The chart's referrals, read without converting the rest of the chart.
+    pub fn referrals(&self) -> Result<crate::referral::Referrals, CoreError> {
+        let map = match self.doc.get(ROOT, "referrals").map_err(shape)? {
+            Some((automerge::Value::Object(ObjType::Map), id)) => id,
+            None => return Ok(Default::default()),
+            Some(_) => return Err(CoreError::Shape("`referrals` is not a map".into())),
+        };
+        let h = self
+            .doc
+            .hydrate(map, None)
+            .map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
+        serde_json::from_value(hydrate_to_json(&h))
+            .map_err(|e| CoreError::Shape(format!("a referral is not valid: {e}")))
+    }
+
+    /// The ids of the chart's referrals (cheap when it has none: one map lookup).
+    pub fn referral_ids(&self) -> Vec<String> {
+        match self.doc.get(ROOT, "referrals") {
+            Ok(Some((automerge::Value::Object(ObjType::Map), id))) => self.doc.keys(&id).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Sets a top-level scalar field (e.g. `updatedAt`) as part of the next change.
     pub fn put_root_str(&mut self, key: &str, value: &str) -> Result<(), CoreError> {
         self.doc.put(ROOT, key, value).map_err(shape)
@@ -267,27 +393,112 @@ impl ChartDoc {
     /// The entries of one record section (`conditions`, `observations`, ...), read straight
     /// from the document: each entry is one JSON scalar, so nothing else is converted.
     pub fn section<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Vec<T>, CoreError> {
+        self.section_at(key, None)
+    }
+
+    /// [`ChartDoc::section`] as it was at `heads` (None: now).
+    fn section_at<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        heads: Option<&[ChangeHash]>,
+    ) -> Result<Vec<T>, CoreError> {
         let d = &self.doc;
-        let list = match d.get(ROOT, key).map_err(shape)? {
+        let got = match heads {
+            None => d.get(ROOT, key),
+            Some(h) => d.get_at(ROOT, key, h),
+        };
+        let list = match got.map_err(shape)? {
             Some((automerge::Value::Object(ObjType::List), id)) => id,
             None => return Ok(Vec::new()),
             Some(_) => return Err(CoreError::Shape(format!("`{key}` is not a list"))),
         };
-        (0..d.length(&list))
-            .map(|i| match d.get(&list, i).map_err(shape)? {
-                Some((automerge::Value::Scalar(sv), _)) => match sv.as_ref() {
-                    ScalarValue::Str(t) => serde_json::from_str(t).map_err(|e| {
-                        CoreError::CorruptDocument(format!("an entry of `{key}` is not valid: {e}"))
-                    }),
+        let len = match heads {
+            None => d.length(&list),
+            Some(h) => d.length_at(&list, h),
+        };
+        (0..len)
+            .map(|i| {
+                let item = match heads {
+                    None => d.get(&list, i),
+                    Some(h) => d.get_at(&list, i, h),
+                };
+                match item.map_err(shape)? {
+                    Some((automerge::Value::Scalar(sv), _)) => match sv.as_ref() {
+                        ScalarValue::Str(t) => serde_json::from_str(t).map_err(|e| {
+                            CoreError::CorruptDocument(format!(
+                                "an entry of `{key}` is not valid: {e}"
+                            ))
+                        }),
+                        _ => Err(CoreError::Shape(format!(
+                            "an entry of `{key}` is not a record"
+                        ))),
+                    },
                     _ => Err(CoreError::Shape(format!(
                         "an entry of `{key}` is not a record"
                     ))),
-                },
-                _ => Err(CoreError::Shape(format!(
-                    "an entry of `{key}` is not a record"
-                ))),
+                }
             })
             .collect()
+    }
+
+    fn conflict_view(
+        &self,
+        heads: Option<&[ChangeHash]>,
+    ) -> Result<crate::conflicts::View, CoreError> {
+        Ok(crate::conflicts::View {
+            medications: self.section_at("medications", heads)?,
+            allergies: self.section_at("allergies", heads)?,
+        })
+    }
+
+    /// The clinical conflicts a merge raised (see [`crate::conflicts`]); empty without
+    /// reading anything when the merge was not of concurrent edits.
+    pub fn review_merge(
+        &self,
+        merged: &Merged,
+    ) -> Result<Vec<crate::conflicts::Conflict>, CoreError> {
+        let Some(c) = &merged.concurrent else {
+            return Ok(Vec::new());
+        };
+        let before: Vec<ChangeHash> = c.local.iter().map(|h| ChangeHash(*h)).collect();
+        let peer: Vec<ChangeHash> = c.peer.iter().map(|h| ChangeHash(*h)).collect();
+        Ok(crate::conflicts::review(
+            &self.conflict_view(Some(&before))?,
+            &self.conflict_view(Some(&peer))?,
+            &self.conflict_view(None)?,
+        ))
+    }
+
+    /// Replaces (or, with None, removes) the entry at `index` of a record section, as one change.
+    pub fn replace_entry(
+        &mut self,
+        section: crate::chart::Section,
+        index: usize,
+        entry: Option<&Entry>,
+        meta: &ChangeMeta,
+    ) -> Result<(), CoreError> {
+        self.doc.set_actor(meta.actor());
+        let key = section.key();
+        let list = match self.doc.get(ROOT, key).map_err(shape)? {
+            Some((automerge::Value::Object(ObjType::List), id)) => id,
+            _ => return Err(CoreError::Shape(format!("`{key}` is not a list"))),
+        };
+        if index >= self.doc.length(&list) {
+            return Err(CoreError::Shape(format!("`{key}` has no entry {index}")));
+        }
+        match entry {
+            Some(e) => self
+                .doc
+                .put(
+                    &list,
+                    index,
+                    serde_json::to_string(&e.to_json()).expect("entries serialize"),
+                )
+                .map_err(shape)?,
+            None => self.doc.delete(&list, index).map_err(shape)?,
+        }
+        self.doc.commit_with(meta.commit_options());
+        Ok(())
     }
 
     /// The part of the chart that due lists and population counts read (patient, conditions,
@@ -324,6 +535,7 @@ impl ChartDoc {
             notes: Vec::new(),
             immunizations: self.section("immunizations")?,
             referral: None,
+            referrals: Default::default(),
             created_at: String::new(),
             updated_at: String::new(),
         })
@@ -369,10 +581,29 @@ impl ChartDoc {
                 actors.push(b);
             }
         }
+        let after = self.doc.get_heads();
+        let concurrent =
+            (!added.is_empty() && after.iter().any(|h| before.contains(h))).then(|| {
+                let deps: std::collections::HashSet<ChangeHash> = added
+                    .iter()
+                    .flat_map(|c| c.deps().iter().copied())
+                    .collect();
+                let tips = added
+                    .iter()
+                    .map(|c| c.hash())
+                    .filter(|h| !deps.contains(h))
+                    .map(|h| h.0)
+                    .collect();
+                Concurrent {
+                local: before.iter().map(|h| h.0).collect(),
+                peer: tips,
+            }
+            });
         Ok(Merged {
             added: added.len(),
             actors,
             missing_deps: missing.len(),
+            concurrent,
         })
     }
 
@@ -397,6 +628,46 @@ impl ChartDoc {
                 }
             })
             .collect()
+    }
+}
+
+/// Writes a JSON value under `prop` of the map `obj` (maps and lists become objects).
+fn put_json(
+    doc: &mut AutoCommit,
+    obj: &automerge::ObjId,
+    prop: &str,
+    v: &Value,
+) -> Result<(), CoreError> {
+    match v {
+        Value::Object(m) => {
+            let child = doc.put_object(obj, prop, ObjType::Map).map_err(shape)?;
+            for (k, x) in m {
+                put_json(doc, &child, k, x)?;
+            }
+        }
+        Value::Array(items) => {
+            let child = doc.put_object(obj, prop, ObjType::List).map_err(shape)?;
+            for (i, x) in items.iter().enumerate() {
+                match x {
+                    Value::Object(m) => {
+                        let o = doc.insert_object(&child, i, ObjType::Map).map_err(shape)?;
+                        for (k, y) in m {
+                            put_json(doc, &o, k, y)?;
+                        }
+                    }
+                    other => doc.insert(&child, i, json_scalar(other)).map_err(shape)?,
+                }
+            }
+        }
+        other => doc.put(obj, prop, json_scalar(other)).map_err(shape)?,
+    }
+    Ok(())
+}
+
+fn json_scalar(v: &Value) -> ScalarValue {
+    match json_to_hydrate(v) {
+        hydrate::Value::Scalar(s) => s,
+        _ => ScalarValue::Null,
     }
 }
 
@@ -527,6 +798,12 @@ pub fn typed_chart_to_hydrate(c: &Chart) -> hydrate::Map {
         opt(&mut m, "status", &r.status);
         root.insert("referral".to_string(), map(m));
     }
+    if !c.referrals.is_empty() {
+        root.insert(
+            "referrals".to_string(),
+            json_to_hydrate(&serde_json::to_value(&c.referrals).expect("referrals serialize")),
+        );
+    }
     root.insert("createdAt".to_string(), s(&c.created_at));
     root.insert("updatedAt".to_string(), s(&c.updated_at));
     root.into()
@@ -653,5 +930,96 @@ mod tests {
             h.iter()
                 .any(|e| e.practice.as_deref() == Some(pb.as_str()) && e.time_ms == 11)
         );
+    }
+
+    #[test]
+    fn referral_steps_at_two_practices_merge_and_round_trip_through_json() {
+        use crate::referral::{Event, Referral, Status, Step};
+        let pa = PracticeId::from_certificate_der(b"a").to_string();
+        let pb = PracticeId::from_certificate_der(b"b").to_string();
+        let mut a = ChartDoc::create(&sample(), &meta(b"a", "import", 1));
+        let ev = |step, at: &str, p: &str| Event {
+            step,
+            at: at.into(),
+            by: "x".into(),
+            practice: p.into(),
+            note_id: None,
+        };
+        let r = Referral {
+            id: "ref-1".into(),
+            from: pa.clone(),
+            to: pb.clone(),
+            reason: "murmur".into(),
+            specialty: Some("cardiology".into()),
+            requested: "2026-01-01T00:00:00Z".into(),
+            requested_by: "Dr A".into(),
+            events: vec![ev(Step::Request, "2026-01-01T00:00:00Z", &pa)],
+        };
+        a.add_referral(&r, &meta(b"a", "Dr A", 2)).unwrap();
+        assert!(a.add_referral(&r, &meta(b"a", "Dr A", 2)).is_err());
+        assert_eq!(a.referral_ids(), vec!["ref-1".to_string()]);
+        let mut b = ChartDoc::load(&a.save(), []).unwrap();
+        let note = Entry::Note(Note {
+            id: "n-consult".into(),
+            author: "Dr B".into(),
+            date: "2026-01-02T00:00:00Z".into(),
+            text: "consult".into(),
+        });
+        b.add_referral_event(
+            "ref-1",
+            &ev(Step::Accept, "2026-01-02T00:00:00Z", &pb),
+            None,
+            &meta(b"b", "Dr B", 3),
+        )
+        .unwrap();
+        let mut e = ev(Step::ConsultNote, "2026-01-02T01:00:00Z", &pb);
+        e.note_id = Some("n-consult".into());
+        b.add_referral_event("ref-1", &e, Some(&note), &meta(b"b", "Dr B", 4))
+            .unwrap();
+        a.merge(&b.changes_after(&[])).unwrap();
+        let got = a.referrals().unwrap();
+        assert_eq!(got["ref-1"].status(), Status::Accepted);
+        assert_eq!(got["ref-1"].consult_notes(), vec!["n-consult"]);
+        let chart = a.to_chart().unwrap();
+        assert_eq!(chart.referrals, got);
+        assert!(chart.notes.iter().any(|n| n.id == "n-consult"));
+        // A chart with referrals re-imports as the same chart (export → import elsewhere).
+        let again = ChartDoc::create(&chart, &meta(b"c", "import", 5));
+        assert_eq!(again.to_chart().unwrap(), chart);
+    }
+
+    #[test]
+    fn a_merge_of_concurrent_risky_edits_is_reviewed_and_a_sequential_one_is_not() {
+        use crate::chart::Medication;
+        let med = |dose: &str| {
+            Entry::Medication(Medication {
+                name: "Metformin".into(),
+                code: None,
+                system: None,
+                dose: Some(dose.into()),
+                route: None,
+                frequency: None,
+                start: None,
+                status: Some("active".into()),
+            })
+        };
+        let mut a = ChartDoc::create(&sample(), &meta(b"a", "import", 1));
+        let mut b = ChartDoc::load(&a.save(), []).unwrap();
+        a.append(&med("500 mg"), &meta(b"a", "Dr A", 2)).unwrap();
+        b.append(&med("1000 mg"), &meta(b"b", "Dr B", 3)).unwrap();
+        let from_b = b.changes_after(&[]);
+        let from_a = a.changes_after(&[]);
+        let m = a.merge(&from_b).unwrap();
+        assert!(m.concurrent.is_some());
+        let got = a.review_merge(&m).unwrap();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let m = b.merge(&from_a).unwrap();
+        assert_eq!(b.review_merge(&m).unwrap(), got);
+        // A sequential edit: C takes A's merged document, adds a dose, A merges it back.
+        let mut c = ChartDoc::load(&a.save(), []).unwrap();
+        c.append(&med("850 mg"), &meta(b"c", "Dr C", 4)).unwrap();
+        let m = a.merge(&c.changes_after(&[])).unwrap();
+        assert!(m.concurrent.is_none());
+        assert!(a.review_merge(&m).unwrap().is_empty());
     }
 }

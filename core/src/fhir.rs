@@ -937,6 +937,7 @@ impl<'a> Importer<'a> {
             notes: Vec::new(),
             immunizations: Vec::new(),
             referral: None,
+            referrals: Default::default(),
             created_at: ext("chart-created").unwrap_or_else(|| self.now_ts.to_string()),
             updated_at: ext("chart-updated").unwrap_or_else(|| self.now_ts.to_string()),
         };

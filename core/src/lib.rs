@@ -12,12 +12,14 @@ pub mod alerts;
 pub mod audit;
 pub mod canonical;
 pub mod chart;
+pub mod conflicts;
 pub mod consent;
 pub mod doc;
 pub mod due;
 pub mod error;
 pub mod fhir;
 pub mod ids;
+pub mod referral;
 pub mod sync;
 
 pub use chart::Chart;

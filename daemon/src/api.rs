@@ -17,6 +17,8 @@ use std::sync::Arc;
 use crate::node::{Node, NodeError};
 use chartmesh_store::StoreError;
 
+mod workflow;
+
 /// The largest import request: a few thousand charts. The CLI sends smaller chunks.
 pub const MAX_IMPORT_BODY: usize = 64 * 1024 * 1024;
 
@@ -47,6 +49,11 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/charts/{id}/history", get(history))
         .route("/charts/{id}/custody", get(custody))
         .route("/charts/{id}/{section}", post(append))
+        .route("/charts/{id}/{section}/{action}", post(workflow::correct))
+        .route("/referrals", get(workflow::referrals).post(workflow::refer))
+        .route("/referrals/{id}/{step}", post(workflow::referral_step))
+        .route("/conflicts", get(workflow::conflicts))
+        .route("/conflicts/{id}/resolve", post(workflow::resolve_conflict))
         .route("/peers", get(peers).post(add_peer))
         .route("/sync", get(sync_status))
         .route("/sync/pause", post(sync_pause))
@@ -115,6 +122,11 @@ impl IntoResponse for NodeError {
             }
             NodeError::Store(StoreError::Closed) => {
                 error(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", &msg)
+            }
+            // A chart edit that was not possible (a rule checked inside the write): the
+            // caller's mistake, not the store's; not logged (it may name chart content).
+            NodeError::Store(StoreError::Core(_)) => {
+                error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &msg)
             }
             NodeError::Store(StoreError::Locked) => {
                 error(StatusCode::SERVICE_UNAVAILABLE, "busy", &msg)

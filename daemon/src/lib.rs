@@ -3,7 +3,8 @@
 //! `chartmeshd`, the practice's background daemon, and the pieces the CLI shares with it:
 //! the data directory layout (`datadir`), the configuration (`config`), the practice identity
 //! (`identity`), the node that wires the store to the operations users perform (`node`), and
-//! the local JSON API and console page (`api`).
+//! the local JSON API and console page (`api`), and the workflows across practices
+//! (`workflow`: referrals, the conflict inbox, corrections).
 //!
 //! Owns: process wiring, configuration, the local API on 127.0.0.1 and its token.
 //! Must not touch: SQL (that is `chartmesh-store`) or chart rules (that is `chartmesh-core`).
@@ -14,6 +15,7 @@ pub mod datadir;
 pub mod identity;
 pub mod node;
 pub mod sync;
+pub mod workflow;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -117,7 +117,7 @@ impl Node {
         self.identity.id.to_string()
     }
 
-    fn meta(&self, author: &str, action: &str) -> ChangeMeta {
+    pub(crate) fn meta(&self, author: &str, action: &str) -> ChangeMeta {
         ChangeMeta {
             practice: self.identity.id,
             author: author.to_string(),
@@ -194,7 +194,7 @@ impl Node {
                             given: chart.patient.name.given.join(" "),
                             birth_date: chart.patient.birth_date.clone(),
                         };
-                        Ok((i, NewChart { id: chart.id, doc: doc.save(), index, origin: None, time_ms: pool_meta.time_ms, heads: doc.head_bytes() }))
+                        Ok((i, NewChart { id: chart.id, doc: doc.save(), index, origin: None, time_ms: pool_meta.time_ms, heads: doc.head_bytes(), referrals: doc.referral_ids() }))
                     })
                     .collect::<Vec<Result<(usize, NewChart), (usize, Option<String>, ValidationError)>>>()
             })
@@ -312,6 +312,7 @@ impl Node {
             origin: None,
             time_ms: meta.time_ms,
             heads: doc.head_bytes(),
+            referrals: doc.referral_ids(),
         };
         let out = self
             .store
@@ -721,7 +722,7 @@ impl Node {
 
     /// A chart received from another practice may be changed here only under a read-write
     /// grant that is still active; the refusal is audited.
-    async fn check_writable(&self, id: &str, author: &str) -> Result<(), NodeError> {
+    pub(crate) async fn check_writable(&self, id: &str, author: &str) -> Result<(), NodeError> {
         let key = id.to_string();
         let held = self
             .read(move |store| Ok(store.sync_charts(&[key.as_str()])?))
@@ -892,6 +893,7 @@ impl Node {
                         origin: None,
                         time_ms: meta.time_ms,
                         heads: doc.head_bytes(),
+                        referrals: doc.referral_ids(),
                     });
                 }
                 FhirPlan::Add { id, missing } => {
@@ -1083,7 +1085,7 @@ pub struct ShareRequest {
     pub expires: Option<String>,
 }
 
-fn parse_peer(s: &str) -> Result<PracticeId, NodeError> {
+pub(crate) fn parse_peer(s: &str) -> Result<PracticeId, NodeError> {
     s.parse()
         .map_err(|e: ValidationError| NodeError::Invalid(e.message))
 }

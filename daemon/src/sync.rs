@@ -1032,6 +1032,7 @@ fn prepare_new(chart: &str, data: &[u8], now: i64) -> Result<NewChart, String> {
         origin: None,
         time_ms: now,
         heads: doc.head_bytes(),
+        referrals: doc.referral_ids(),
     })
 }
 

@@ -66,7 +66,7 @@ pub(crate) fn grants_of(c: &Connection, peer: &str) -> Result<Vec<Grant>, StoreE
 }
 
 impl Store {
-    fn exec(
+    pub(crate) fn exec(
         &self,
         f: crate::write::ExecFn,
         audit: Vec<AuditEvent>,

@@ -19,6 +19,7 @@ mod key;
 mod read;
 mod schema;
 mod sync;
+mod workflow;
 mod write;
 
 pub use consent::Peer;
@@ -26,6 +27,7 @@ pub use error::StoreError;
 pub use key::{StoreKey, is_plaintext, plaintext_count, rekey_copy};
 pub use read::{ChartRecord, ChartSummary};
 pub use sync::{ChangeCheck, SyncChart, SyncItem, SyncOutcome, SyncPeerState};
+pub use workflow::{ConflictRecord, ReferralRef};
 pub use write::{EditFn, EditOutcome, InsertOutcome, NewChart};
 
 use chartmesh_core::audit::AuditEvent;

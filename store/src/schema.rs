@@ -105,6 +105,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     DROP INDEX charts_origin;
     CREATE INDEX charts_origin_revoked ON charts(origin, revoked_ms);
     "#,
+    // 6: referrals (which chart holds each referral, kept on every write of a chart) and the
+    // clinical conflict inbox (risky merges of concurrent edits, for review).
+    r#"
+    CREATE TABLE referral_index (
+        referral_id TEXT PRIMARY KEY,
+        chart_id    TEXT NOT NULL
+    );
+    CREATE INDEX referral_index_chart ON referral_index(chart_id);
+    CREATE TABLE conflicts (
+        id          INTEGER PRIMARY KEY,
+        chart_id    TEXT NOT NULL,
+        peer        TEXT,
+        detected_ms INTEGER NOT NULL,
+        kind        TEXT NOT NULL,
+        summary     TEXT NOT NULL,
+        resolved_ms INTEGER,
+        resolved_by TEXT,
+        resolution  TEXT,
+        UNIQUE(chart_id, kind, summary)
+    );
+    CREATE INDEX conflicts_open ON conflicts(resolved_ms);
+    "#,
 ];
 
 /// Takes `count` numbers of the change sequence; returns the first.

@@ -467,6 +467,7 @@ fn apply_one(
                     expires_ms,
                     from
                 ])?;
+            crate::workflow::index_referrals(ctx.conn, &nc.id, &nc.referrals)?;
             ctx.audit(
                 &audit("sync-receive").detail(format!("new copy, access={}", access_str(access))),
             )?;
@@ -624,6 +625,16 @@ fn merge(
             .peer(peer)
             .detail(format!("{} changes", merged.added)),
     )?;
+    // Concurrent edits merged: file the clinically risky ones for review. A chart that does
+    // not read as records here was already refused above, so a failure is not expected; it
+    // is reported without holding back the merge (the data is kept either way).
+    match doc.review_merge(&merged) {
+        Ok(found) if !found.is_empty() => {
+            crate::workflow::file_conflicts(ctx, chart, peer, now, &found)?;
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(chart, error = %e, "conflict review skipped"),
+    }
     tracing::trace!(
         load_us = t_load.as_micros() as u64,
         checked_us = t_check.as_micros() as u64,

@@ -23,6 +23,8 @@ pub struct NewChart {
     pub time_ms: i64,
     /// The document's heads (raw hashes).
     pub heads: Vec<[u8; 32]>,
+    /// The ids of the referrals in the chart ([`chartmesh_core::ChartDoc::referral_ids`]).
+    pub referrals: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -415,6 +417,7 @@ fn insert(
             heads_blob(&c.heads)
         ])?;
         if n == 1 {
+            crate::workflow::index_referrals(tx, &c.id, &c.referrals)?;
             let mut ev = AuditEvent::new(c.time_ms, actor, "create").chart(&c.id);
             if let Some(o) = &c.origin {
                 ev = ev.peer(o.clone());
@@ -451,6 +454,7 @@ pub(crate) fn persist_doc(
     let change_seq = crate::schema::take_seq(tx, 1)?;
     let heads = heads_blob(&doc.head_bytes());
     let chart_id = at.chart_id;
+    crate::workflow::index_referrals(tx, chart_id, &doc.referral_ids())?;
     if at.inc_count as u32 + 1 >= options.compact_after {
         let full = doc.save();
         tx.execute("DELETE FROM chart_changes WHERE chart_id = ?1", [chart_id])?;

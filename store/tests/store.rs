@@ -30,6 +30,7 @@ fn new_chart(c: &Chart) -> NewChart {
         origin: None,
         time_ms: 1,
         heads: d.head_bytes(),
+        referrals: Vec::new(),
     }
 }
 

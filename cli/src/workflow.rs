@@ -1,0 +1,217 @@
+//! The CLI of the workflows across practices: referrals, the conflict inbox, corrections.
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::client::Client;
+use crate::{enc, print};
+
+#[derive(Args)]
+pub struct ReferArgs {
+    /// The chart to refer (one of this practice's own charts).
+    pub chart: String,
+    /// The paired practice's id.
+    #[arg(long, value_name = "PEER_ID")]
+    pub to: String,
+    #[arg(long)]
+    pub reason: String,
+    #[arg(long)]
+    pub specialty: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ReferralsArgs {
+    /// Only referrals made to this practice.
+    #[arg(long, conflicts_with = "outgoing")]
+    pub incoming: bool,
+    /// Only referrals made by this practice.
+    #[arg(long)]
+    pub outgoing: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ReferralCmd {
+    /// Accept an incoming referral.
+    Accept { referral: String },
+    /// Decline an incoming referral.
+    Decline { referral: String },
+    /// Add a consult note to an incoming referral (it is written into the chart).
+    Note {
+        referral: String,
+        #[arg(long)]
+        text: String,
+    },
+    /// Complete an accepted referral, optionally with a final consult note.
+    Complete {
+        referral: String,
+        #[arg(long)]
+        text: Option<String>,
+    },
+    /// Cancel a referral this practice made; the chart is no longer shared for it.
+    Cancel { referral: String },
+}
+
+#[derive(Args)]
+pub struct ConflictsArgs {
+    #[command(subcommand)]
+    pub cmd: Option<ConflictsCmd>,
+    /// Also list resolved conflicts.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ConflictsCmd {
+    /// Mark a conflict reviewed, saying what was done.
+    Resolve {
+        id: i64,
+        #[arg(long)]
+        note: String,
+    },
+}
+
+pub fn refer(c: &Client, a: ReferArgs, j: bool) -> anyhow::Result<()> {
+    let v = c.post_json(
+        "/referrals",
+        &json!({ "chart": a.chart, "to": a.to, "reason": a.reason, "specialty": a.specialty }),
+    )?;
+    print(j, &v, |v| {
+        println!(
+            "Referral {} made: chart {} is shared read-write with the practice for it.",
+            v["referral"]["id"].as_str().unwrap_or(""),
+            a.chart
+        );
+    });
+    Ok(())
+}
+
+pub fn referrals(c: &Client, a: ReferralsArgs, j: bool) -> anyhow::Result<()> {
+    let dir = if a.incoming {
+        "incoming"
+    } else if a.outgoing {
+        "outgoing"
+    } else {
+        "all"
+    };
+    let v = c.get(&format!("/referrals?direction={dir}"))?;
+    print(j, &v, |v| {
+        let list = v["referrals"].as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            println!("No referrals.");
+        }
+        for r in list {
+            let peer = if r["direction"] == "incoming" {
+                format!("from {}", short(&r["from"]))
+            } else {
+                format!("to {}", short(&r["to"]))
+            };
+            let access = if r["chartAccess"] == "revoked" {
+                "  (the chart is no longer shared with us)"
+            } else {
+                ""
+            };
+            println!(
+                "{}  {:<9} {:<8} {}  {} {}  {}{access}",
+                r["referral"].as_str().unwrap_or(""),
+                r["status"].as_str().unwrap_or(""),
+                r["direction"].as_str().unwrap_or(""),
+                peer,
+                r["chart"].as_str().unwrap_or(""),
+                r["patient"].as_str().unwrap_or(""),
+                r["reason"].as_str().unwrap_or(""),
+            );
+            for n in r["consultNotes"].as_array().into_iter().flatten() {
+                println!(
+                    "    consult note by {} ({}): {}",
+                    n["author"].as_str().unwrap_or(""),
+                    n["date"].as_str().unwrap_or(""),
+                    n["text"].as_str().unwrap_or("")
+                );
+            }
+        }
+    });
+    Ok(())
+}
+
+fn short(v: &Value) -> String {
+    v.as_str().unwrap_or("").chars().take(9).collect()
+}
+
+pub fn referral(c: &Client, cmd: ReferralCmd, j: bool) -> anyhow::Result<()> {
+    let (id, step, text) = match cmd {
+        ReferralCmd::Accept { referral } => (referral, "accept", None),
+        ReferralCmd::Decline { referral } => (referral, "decline", None),
+        ReferralCmd::Note { referral, text } => (referral, "note", Some(text)),
+        ReferralCmd::Complete { referral, text } => (referral, "complete", text),
+        ReferralCmd::Cancel { referral } => (referral, "cancel", None),
+    };
+    let v = c.post_json(
+        &format!("/referrals/{}/{step}", enc(&id)),
+        &json!({ "text": text }),
+    )?;
+    print(j, &v, |v| {
+        println!(
+            "Referral {id}: {}. The practice on the other side sees it at the next sync.",
+            v["status"].as_str().unwrap_or("")
+        );
+    });
+    Ok(())
+}
+
+pub fn conflicts(c: &Client, a: ConflictsArgs, j: bool) -> anyhow::Result<()> {
+    if let Some(ConflictsCmd::Resolve { id, note }) = a.cmd {
+        let v = c.post_json(
+            &format!("/conflicts/{id}/resolve"),
+            &json!({ "resolution": note }),
+        )?;
+        print(j, &v, |_| println!("Conflict {id} resolved."));
+        return Ok(());
+    }
+    let v = c.get(&format!("/conflicts?all={}", a.all))?;
+    print(j, &v, |v| {
+        let list = v["conflicts"].as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            println!("The conflict inbox is empty.");
+        }
+        for x in list {
+            let state = if x["resolvedMs"].is_number() {
+                format!(
+                    "resolved by {}: {}",
+                    x["resolvedBy"].as_str().unwrap_or(""),
+                    x["resolution"].as_str().unwrap_or("")
+                )
+            } else {
+                "OPEN".into()
+            };
+            println!(
+                "#{}  {}  {}  {}\n    {}",
+                x["id"],
+                x["chart"].as_str().unwrap_or(""),
+                x["kind"].as_str().unwrap_or(""),
+                state,
+                x["summary"].as_str().unwrap_or("")
+            );
+        }
+    });
+    Ok(())
+}
+
+/// `allergy remove` and `med stop`.
+pub fn correct(
+    c: &Client,
+    chart: &str,
+    section: &str,
+    action: &str,
+    target: &str,
+    reason: &str,
+    j: bool,
+) -> anyhow::Result<()> {
+    let v = c.post_json(
+        &format!("/charts/{}/{section}/{action}", enc(chart)),
+        &json!({ "target": target, "reason": reason }),
+    )?;
+    print(j, &v, |v| {
+        println!("{chart}: {} {section} entr(ies) changed.", v["changed"]);
+    });
+    Ok(())
+}
