@@ -108,6 +108,10 @@ enum Cmd {
         /// Read the data directory directly instead of asking the daemon.
         #[arg(long)]
         offline: bool,
+        /// The patient's own copy of one chart: a readable HTML page (summary.html) and an
+        /// International Patient Summary FHIR document (ips.json), written into -o DIR.
+        #[arg(long, value_name = "CHART", conflicts_with_all = ["chart_ids", "offline"])]
+        patient_copy: Option<String>,
     },
     /// Show, search or create charts.
     #[command(subcommand)]
@@ -809,7 +813,26 @@ fn run(cli: Cli) -> Result<()> {
             format,
             output,
             offline,
+            patient_copy,
         } => {
+            if let Some(chart) = patient_copy {
+                let Some(out_dir) = output else {
+                    return Err(CliError::Usage(
+                        "--patient-copy writes summary.html and ips.json: give the directory with -o DIR".into(),
+                    )
+                    .into());
+                };
+                let v = workflow::patient_copy(&Client::connect(&dir, &user)?, &chart, &out_dir)?;
+                print(j, &v, |v| {
+                    println!(
+                        "The patient copy of {chart} is in {}: {} (open it in a browser) and {}",
+                        out_dir.display(),
+                        v["html"].as_str().unwrap_or(""),
+                        v["ips"].as_str().unwrap_or("")
+                    )
+                });
+                return Ok(());
+            }
             if format == "fhir" {
                 let Some(out_dir) = output else {
                     return Err(CliError::Usage(

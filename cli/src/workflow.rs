@@ -1,4 +1,5 @@
-//! The CLI of the workflows across practices: referrals, the conflict inbox, corrections.
+//! The CLI of the workflows across practices (referrals, the conflict inbox, corrections)
+//! and of the patient copy.
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -214,4 +215,32 @@ pub fn correct(
         println!("{chart}: {} {section} entr(ies) changed.", v["changed"]);
     });
     Ok(())
+}
+
+/// Writes the patient copy of `chart` into `dir` (created if needed): `summary.html` and
+/// `ips.json`, each written to a temporary name and renamed, so a file is whole or absent.
+pub fn patient_copy(c: &Client, chart: &str, dir: &std::path::Path) -> anyhow::Result<Value> {
+    use anyhow::Context;
+    let v = c.get(&format!("/charts/{}/patient-copy", enc(chart)))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let html = dir.join("summary.html");
+    let ips = dir.join("ips.json");
+    let write = |path: &std::path::Path, bytes: &[u8]| -> anyhow::Result<()> {
+        let tmp = path.with_extension("partial");
+        std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    };
+    write(&html, v["html"].as_str().unwrap_or("").as_bytes())?;
+    write(
+        &ips,
+        serde_json::to_string_pretty(&v["ips"])
+            .expect("json")
+            .as_bytes(),
+    )?;
+    Ok(json!({
+        "chart": chart,
+        "html": html.display().to_string(),
+        "ips": ips.display().to_string(),
+    }))
 }

@@ -595,9 +595,9 @@ impl ChartDoc {
                     .map(|h| h.0)
                     .collect();
                 Concurrent {
-                local: before.iter().map(|h| h.0).collect(),
-                peer: tips,
-            }
+                    local: before.iter().map(|h| h.0).collect(),
+                    peer: tips,
+                }
             });
         Ok(Merged {
             added: added.len(),

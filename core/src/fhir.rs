@@ -1670,5 +1670,8 @@ pub fn audit_bundle(entries: &[crate::audit::AuditEntry], practice: &str) -> Val
     json!({ "resourceType": "Bundle", "type": "collection", "entry": items })
 }
 
+mod ips;
+pub use ips::ips_bundle;
+
 #[cfg(test)]
 mod tests;

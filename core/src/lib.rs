@@ -19,6 +19,7 @@ pub mod due;
 pub mod error;
 pub mod fhir;
 pub mod ids;
+pub mod patient_copy;
 pub mod referral;
 pub mod sync;
 

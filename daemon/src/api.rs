@@ -48,6 +48,7 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/charts/{id}", get(show))
         .route("/charts/{id}/history", get(history))
         .route("/charts/{id}/custody", get(custody))
+        .route("/charts/{id}/patient-copy", get(workflow::patient_copy))
         .route("/charts/{id}/{section}", post(append))
         .route("/charts/{id}/{section}/{action}", post(workflow::correct))
         .route("/referrals", get(workflow::referrals).post(workflow::refer))

@@ -14,6 +14,7 @@ pub mod config;
 pub mod datadir;
 pub mod identity;
 pub mod node;
+pub mod patient_copy;
 pub mod sync;
 pub mod workflow;
 

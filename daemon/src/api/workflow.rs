@@ -1,4 +1,5 @@
-//! API routes of the workflows across practices: referrals, the conflict inbox, corrections.
+//! API routes of the workflows across practices (referrals, the conflict inbox, corrections)
+//! and of the patient copy.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -144,4 +145,14 @@ pub(super) async fn correct(
     Ok(Json(
         json!({ "chart": id, "section": section, "changed": n }),
     ))
+}
+
+/// `GET /charts/{id}/patient-copy`: `{html, ips}`.
+pub(super) async fn patient_copy(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, NodeError> {
+    let c = st.node.patient_copy(&id, &user(&headers)).await?;
+    Ok(Json(json!({ "chart": id, "html": c.html, "ips": c.ips })))
 }
