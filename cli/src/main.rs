@@ -171,6 +171,9 @@ enum Cmd {
     Referral(workflow::ReferralCmd),
     /// The clinical conflict inbox: risky concurrent edits merged by sync, for review.
     Conflicts(workflow::ConflictsArgs),
+    /// Emergency ("break-glass") access to a patient's chart at a paired practice.
+    #[command(subcommand)]
+    Emergency(workflow::EmergencyCmd),
 }
 
 #[derive(Subcommand)]
@@ -510,6 +513,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Referrals(a) => workflow::referrals(&Client::connect(&dir, &user)?, a, j)?,
         Cmd::Referral(c) => workflow::referral(&Client::connect(&dir, &user)?, c, j)?,
         Cmd::Conflicts(a) => workflow::conflicts(&Client::connect(&dir, &user)?, a, j)?,
+        Cmd::Emergency(c) => workflow::emergency(&Client::connect(&dir, &user)?, c, j)?,
         Cmd::Med(MedCmd::Stop {
             chart,
             name,

@@ -244,3 +244,94 @@ pub fn patient_copy(c: &Client, chart: &str, dir: &std::path::Path) -> anyhow::R
         "ips": ips.display().to_string(),
     }))
 }
+
+#[derive(Subcommand)]
+pub enum EmergencyCmd {
+    /// Ask the connected practices for a patient's chart in an emergency (break-glass). Each
+    /// custodian's policy decides; granted access is read-only and ends by itself.
+    Request {
+        #[arg(long, required_unless_present = "family")]
+        mrn: Option<String>,
+        #[arg(long, requires = "birth_date", conflicts_with = "mrn")]
+        family: Option<String>,
+        /// YYYY-MM-DD
+        #[arg(long, requires = "family")]
+        birth_date: Option<String>,
+        #[arg(long)]
+        reason: String,
+        /// Ask only this practice.
+        #[arg(long, value_name = "PEER_ID")]
+        peer: Option<String>,
+    },
+    /// Emergency requests made here and answered here, for review.
+    Log,
+}
+
+pub fn emergency(c: &Client, cmd: EmergencyCmd, j: bool) -> anyhow::Result<()> {
+    match cmd {
+        EmergencyCmd::Request {
+            mrn,
+            family,
+            birth_date,
+            reason,
+            peer,
+        } => {
+            let v = c.post_json(
+                "/emergency/request",
+                &json!({ "mrn": mrn, "family": family, "birthDate": birth_date, "reason": reason, "peer": peer }),
+            )?;
+            let granted = v["answers"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["outcome"] == "granted"));
+            print(j, &v, |v| {
+                for a in v["answers"].as_array().into_iter().flatten() {
+                    let p = short(&a["peer"]);
+                    match a["outcome"].as_str().unwrap_or("") {
+                        "granted" => println!(
+                            "{p}: granted, read-only until {}: {}",
+                            a["expires"].as_str().unwrap_or(""),
+                            a["charts"]
+                                .as_array()
+                                .map(|c| c
+                                    .iter()
+                                    .filter_map(|x| x.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", "))
+                                .unwrap_or_default()
+                        ),
+                        "denied" => println!("{p}: denied: {}", a["why"].as_str().unwrap_or("")),
+                        "not-found" => println!("{p}: no matching patient"),
+                        _ => println!("{p}: no answer: {}", a["why"].as_str().unwrap_or("")),
+                    }
+                }
+            });
+            if !granted {
+                return Err(crate::client::CliError::Reported(5).into());
+            }
+        }
+        EmergencyCmd::Log => {
+            let v = c.get("/emergency/log")?;
+            print(j, &v, |v| {
+                let list = v["entries"].as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    println!("No emergency access requested or answered here.");
+                }
+                for e in list {
+                    println!(
+                        "{}  {:<19} {:<12} {}  {}  {}",
+                        e["time_ms"]
+                            .as_i64()
+                            .map(chartmesh_daemon::rfc3339)
+                            .unwrap_or_default(),
+                        e["action"].as_str().unwrap_or(""),
+                        e["actor"].as_str().unwrap_or(""),
+                        short(&e["peer"]),
+                        e["chart_id"].as_str().unwrap_or("-"),
+                        e["detail"].as_str().unwrap_or("")
+                    );
+                }
+            });
+        }
+    }
+    Ok(())
+}

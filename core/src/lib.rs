@@ -16,6 +16,7 @@ pub mod conflicts;
 pub mod consent;
 pub mod doc;
 pub mod due;
+pub mod emergency;
 pub mod error;
 pub mod fhir;
 pub mod ids;

@@ -54,21 +54,45 @@ pub fn heads_digest(heads: &[[u8; 32]]) -> Digest64 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
     /// Puller → responder: what changed since my checkpoint of you?
-    Pull { version: u32, since: u64 },
+    Pull {
+        version: u32,
+        since: u64,
+    },
     /// Responder → puller: the version is not spoken here; the stream ends.
-    Unsupported { version: u32 },
+    Unsupported {
+        version: u32,
+    },
     /// Responder → puller: part of the offer (at most [`OFFER_CHUNK`] items).
-    Offer { items: Vec<OfferItem> },
+    Offer {
+        items: Vec<OfferItem>,
+    },
     /// Responder → puller: the offer is complete and covers my changes up to `upto`.
-    OfferEnd { upto: u64 },
+    OfferEnd {
+        upto: u64,
+    },
     /// Puller → responder: send me what I lack of these charts.
-    Want { items: Vec<WantItem> },
+    Want {
+        items: Vec<WantItem>,
+    },
     /// Responder → puller: answers to a `Want`, in its order.
-    Changes { items: Vec<Delivery> },
+    Changes {
+        items: Vec<Delivery>,
+    },
     /// Puller → responder: everything offered up to `upto` is durable here.
-    Done { upto: u64 },
+    Done {
+        upto: u64,
+    },
     /// Either side, on its own stream: I have changes, pull from me.
     Nudge,
+    /// Requester → custodian, first on a new stream: emergency access to a patient's chart
+    /// (crate::emergency). Answered with one `EmergencyAnswer`; the stream then ends.
+    EmergencyRequest {
+        version: u32,
+        request: crate::emergency::Request,
+    },
+    EmergencyAnswer {
+        answer: crate::emergency::Answer,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +178,8 @@ impl Msg {
             Msg::Changes { .. } => "Changes",
             Msg::Done { .. } => "Done",
             Msg::Nudge => "Nudge",
+            Msg::EmergencyRequest { .. } => "EmergencyRequest",
+            Msg::EmergencyAnswer { .. } => "EmergencyAnswer",
         }
     }
 }

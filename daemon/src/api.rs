@@ -54,6 +54,8 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/referrals", get(workflow::referrals).post(workflow::refer))
         .route("/referrals/{id}/{step}", post(workflow::referral_step))
         .route("/conflicts", get(workflow::conflicts))
+        .route("/emergency/request", post(workflow::emergency_request))
+        .route("/emergency/log", get(workflow::emergency_log))
         .route("/conflicts/{id}/resolve", post(workflow::resolve_conflict))
         .route("/peers", get(peers).post(add_peer))
         .route("/sync", get(sync_status))

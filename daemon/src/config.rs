@@ -17,6 +17,74 @@ pub struct Config {
     pub sync: SyncConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub emergency: EmergencyConfig,
+}
+
+/// How this practice answers emergency ("break-glass") requests from paired practices.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EmergencyConfig {
+    /// `deny` (the default) or `allow`.
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    /// How long allowed access lasts: a number with `s`, `m` or `h` (e.g. `4h`).
+    #[serde(default = "default_duration")]
+    pub duration: String,
+}
+
+fn default_policy() -> String {
+    "deny".into()
+}
+fn default_duration() -> String {
+    "4h".into()
+}
+
+impl Default for EmergencyConfig {
+    fn default() -> Self {
+        EmergencyConfig {
+            policy: default_policy(),
+            duration: default_duration(),
+        }
+    }
+}
+
+impl EmergencyConfig {
+    /// The policy as the emergency rules take it.
+    pub fn policy(&self) -> Result<chartmesh_core::emergency::Policy, String> {
+        use chartmesh_core::emergency::Policy;
+        match self.policy.as_str() {
+            "deny" => Ok(Policy::Deny),
+            "allow" => Ok(Policy::Allow {
+                duration_ms: parse_duration_ms(&self.duration)?,
+            }),
+            other => Err(format!(
+                "emergency.policy = {other:?}: use \"deny\" or \"allow\""
+            )),
+        }
+    }
+}
+
+/// `90s`, `30m`, `4h` → milliseconds (at least one second, at most 7 days).
+fn parse_duration_ms(s: &str) -> Result<i64, String> {
+    let bad = || {
+        format!(
+            "emergency.duration = {s:?}: use a number with s, m or h, such as \"4h\" (at most 168h)"
+        )
+    };
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = num.trim().parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(bad()),
+    };
+    if !(1000..=7 * 24 * 3_600_000).contains(&ms) {
+        return Err(bad());
+    }
+    Ok(ms)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -164,6 +232,7 @@ impl Config {
         if self.practice.name.trim().is_empty() {
             return Err("practice.name must not be empty".into());
         }
+        self.emergency.policy()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(format!(
                 "log.format = {:?}: use \"text\" or \"json\"",
@@ -198,6 +267,30 @@ mod tests {
             c.apply_env(|k| (k == "CHARTMESH_API_LISTEN").then(|| "nonsense".to_string()))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn emergency_policy_and_duration_are_checked() {
+        let mut c = Config::default();
+        assert_eq!(
+            c.emergency.policy(),
+            Ok(chartmesh_core::emergency::Policy::Deny)
+        );
+        c.emergency.policy = "allow".into();
+        c.emergency.duration = "90s".into();
+        assert_eq!(
+            c.emergency.policy(),
+            Ok(chartmesh_core::emergency::Policy::Allow {
+                duration_ms: 90_000
+            })
+        );
+        for bad in ["0s", "9d", "h", "1000h", "x4h"] {
+            c.emergency.duration = bad.into();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        c.emergency.duration = "4h".into();
+        c.emergency.policy = "maybe".into();
+        assert!(c.validate().unwrap_err().contains("emergency.policy"));
     }
 
     #[test]

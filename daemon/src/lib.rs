@@ -12,6 +12,7 @@
 pub mod api;
 pub mod config;
 pub mod datadir;
+pub mod emergency;
 pub mod identity;
 pub mod node;
 pub mod patient_copy;

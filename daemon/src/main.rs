@@ -126,6 +126,7 @@ async fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("starting sync on {} (UDP)", config.sync.listen))?;
     let _ = node.sync.set(sync.clone());
+    tokio::spawn(node.clone().emergency_expiry_loop(shutdown.clone()));
     std::fs::write(dir.join(datadir::SYNC_ADDR), sync.local_addr().to_string())?;
     tracing::info!(practice = %practice, name = %config.practice.name, api = %api_addr, sync = %sync.local_addr(), data_dir = %dir.display(), "chartmeshd ready");
     let serve = axum::serve(listener, app).with_graceful_shutdown({

@@ -421,6 +421,58 @@ impl SyncService {
         }
     }
 
+    /// The peers connected now.
+    pub fn connected(&self) -> Vec<PracticeId> {
+        let links = self.links.lock().unwrap();
+        links
+            .iter()
+            .filter(|(_, l)| l.conn.as_ref().is_some_and(|c| c.close_reason().is_none()))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Sends an emergency request to a connected peer and waits for its answer.
+    pub async fn ask_emergency(
+        &self,
+        peer: &PracticeId,
+        request: chartmesh_core::emergency::Request,
+    ) -> Result<chartmesh_core::emergency::Answer, String> {
+        let conn = {
+            let links = self.links.lock().unwrap();
+            links.get(peer).and_then(|l| l.conn.clone())
+        }
+        .ok_or_else(|| "not connected".to_string())?;
+        let exchange = async {
+            let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let mut out = FrameWriter::new(send);
+            let mut inp = FrameReader::new(recv, MAX_MESSAGE);
+            out.send(
+                &Msg::EmergencyRequest {
+                    version: PROTOCOL_VERSION,
+                    request,
+                }
+                .encode(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            out.finish().await.map_err(|e| e.to_string())?;
+            match inp.recv().await.map_err(|e| e.to_string())? {
+                Some(bytes) => match Msg::decode(&bytes) {
+                    Ok(Msg::EmergencyAnswer { answer }) => Ok(answer),
+                    Ok(Msg::Unsupported { version }) => Err(format!(
+                        "the practice speaks protocol {version} and cannot answer emergency requests"
+                    )),
+                    Ok(other) => Err(format!("unexpected {} in answer", other.name())),
+                    Err(e) => Err(e.to_string()),
+                },
+                None => Err("the practice closed the request without an answer".into()),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(15), exchange)
+            .await
+            .map_err(|_| "no answer within 15 s".to_string())?
+    }
+
     /// Pauses sync with a peer (closes the connection, stops dialling, refuses its
     /// connections) or resumes it (dials at once). Returns false for an unknown peer.
     pub fn set_paused(&self, peer: &PracticeId, paused: bool) -> bool {
@@ -643,6 +695,23 @@ impl SyncService {
         };
         let since = match Msg::decode(&first) {
             Ok(Msg::Pull { version, since }) if version == PROTOCOL_VERSION => since,
+            Ok(Msg::EmergencyRequest { version, request }) if version == PROTOCOL_VERSION => {
+                let answer = self.node.emergency_answer(&peer, request).await;
+                out.send(&Msg::EmergencyAnswer { answer }.encode()).await?;
+                out.finish().await?;
+                return Ok(());
+            }
+            Ok(Msg::EmergencyRequest { .. }) => {
+                out.send(
+                    &Msg::Unsupported {
+                        version: PROTOCOL_VERSION,
+                    }
+                    .encode(),
+                )
+                .await?;
+                out.finish().await?;
+                return Ok(());
+            }
             Ok(Msg::Pull { .. }) => {
                 out.send(
                     &Msg::Unsupported {

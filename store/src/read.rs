@@ -272,10 +272,10 @@ impl ReaderPool {
     }
 }
 
-const AUDIT_COLUMNS: &str =
+pub(crate) const AUDIT_COLUMNS: &str =
     "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit";
 
-fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+pub(crate) fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
     Ok(AuditEntry {
         seq: r.get(0)?,
         event: AuditEvent {

@@ -127,6 +127,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX conflicts_open ON conflicts(resolved_ms);
     "#,
+    // 7: emergency access granted to this practice: which held charts came by break-glass,
+    // so they are removed when the access ends.
+    r#"
+    CREATE TABLE emergency_access (
+        chart_id    TEXT NOT NULL,
+        peer        TEXT NOT NULL,
+        granted_ms  INTEGER NOT NULL,
+        expires_ms  INTEGER NOT NULL,
+        requester   TEXT NOT NULL,
+        PRIMARY KEY (chart_id, peer)
+    );
+    "#,
 ];
 
 /// Takes `count` numbers of the change sequence; returns the first.

@@ -2,7 +2,10 @@
 //! a chart, so listing referrals reads an index, not every document) and the clinical
 //! conflict inbox (risky merges filed by the sync apply path, resolved by a person).
 //!
-//! Owns: the `referral_index` and `conflicts` tables.
+//! Also the record of emergency access granted to this practice, and the removal of the
+//! charts it brought once it has ended.
+//!
+//! Owns: the `referral_index`, `conflicts` and `emergency_access` tables.
 //! Must not touch: the documents themselves; referral steps are chart edits.
 
 use chartmesh_core::audit::AuditEvent;
@@ -177,5 +180,131 @@ impl Store {
                     .detail(format!("conflict={id}")),
             ],
         )
+    }
+
+    /// This practice's own charts matching an emergency query: an exact MRN, or a family name
+    /// (any case) with a birth date.
+    pub fn find_own_charts(
+        &self,
+        mrn: Option<&str>,
+        family: Option<&str>,
+        birth_date: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.with_reader(|c| {
+            let ids: Vec<String> = match (mrn.map(str::trim).filter(|m| !m.is_empty()), family, birth_date) {
+                (Some(m), _, _) => c
+                    .prepare_cached("SELECT id FROM charts WHERE mrn = ?1 AND origin IS NULL ORDER BY id")?
+                    .query_map([m], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
+                (None, Some(f), Some(b)) => c
+                    .prepare_cached(
+                        "SELECT id FROM charts WHERE birth_date = ?2 AND lower(family) = lower(?1) AND origin IS NULL ORDER BY id",
+                    )?
+                    .query_map(params![f.trim(), b.trim()], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
+                _ => Vec::new(),
+            };
+            Ok(ids)
+        })
+    }
+
+    /// Records emergency access granted to this practice by `peer` (before its charts
+    /// arrive), so they can be removed when it ends.
+    pub fn record_emergency_access(
+        &self,
+        peer: &str,
+        charts: Vec<String>,
+        expires_ms: i64,
+        requester: &str,
+        now_ms: i64,
+    ) -> Result<oneshot::Receiver<Result<u64, StoreError>>, StoreError> {
+        let (peer, requester) = (peer.to_string(), requester.to_string());
+        self.exec(
+            Box::new(move |c: &Connection| {
+                let mut st = c.prepare_cached(
+                    "INSERT INTO emergency_access(chart_id, peer, granted_ms, expires_ms, requester) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(chart_id, peer) DO UPDATE SET granted_ms = excluded.granted_ms, expires_ms = excluded.expires_ms, requester = excluded.requester",
+                )?;
+                for ch in &charts {
+                    st.execute(params![ch, peer, now_ms, expires_ms, requester])?;
+                }
+                Ok(charts.len() as u64)
+            }),
+            Vec::new(),
+        )
+    }
+
+    /// Removes the charts held by emergency access that has ended (the custodian's grant
+    /// expired and was not replaced by a lasting one). Each removal is audited. Returns the
+    /// removed chart ids.
+    /// None when nothing has ended (checked on a read connection, without the writer).
+    pub fn end_emergency_access(
+        &self,
+        now_ms: i64,
+    ) -> Result<Option<oneshot::Receiver<Result<Vec<String>, StoreError>>>, StoreError> {
+        let due: bool = self.with_reader(|c| {
+            Ok(c.prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM emergency_access WHERE expires_ms <= ?1)",
+            )?
+            .query_row([now_ms], |r| r.get(0))?)
+        })?;
+        if !due {
+            return Ok(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.writer()?.send(crate::write::task(tx, move |ctx| {
+            let ended: Vec<(String, String)> = ctx
+                .conn
+                .prepare_cached(
+                    "SELECT chart_id, peer FROM emergency_access WHERE expires_ms <= ?1",
+                )?
+                .query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut removed = Vec::new();
+            for (chart, peer) in ended {
+                // Still held under an expiring grant from that custodian: remove it. A
+                // copy since shared without an end (or not held at all) stays.
+                let held: Option<Option<i64>> = ctx
+                    .conn
+                    .prepare_cached("SELECT expires_ms FROM charts WHERE id = ?1 AND origin = ?2")?
+                    .query_row(params![chart, peer], |r| r.get(0))
+                    .optional()?;
+                if let Some(Some(exp)) = held
+                    && exp <= now_ms
+                {
+                    ctx.conn
+                        .execute("DELETE FROM chart_changes WHERE chart_id = ?1", [&chart])?;
+                    ctx.conn
+                        .execute("DELETE FROM referral_index WHERE chart_id = ?1", [&chart])?;
+                    ctx.conn
+                        .execute("DELETE FROM charts WHERE id = ?1", [&chart])?;
+                    ctx.audit(
+                        &AuditEvent::new(now_ms, "emergency", "emergency-expired")
+                            .chart(&chart)
+                            .peer(&peer)
+                            .detail("emergency access ended; the copy was removed"),
+                    )?;
+                    removed.push(chart.clone());
+                }
+                ctx.conn.execute(
+                    "DELETE FROM emergency_access WHERE chart_id = ?1 AND peer = ?2",
+                    params![chart, peer],
+                )?;
+            }
+            Ok(removed)
+        }))?;
+        Ok(Some(rx))
+    }
+
+    /// The audit entries of emergency access, both as requester and as custodian, oldest first.
+    pub fn emergency_log(&self) -> Result<Vec<chartmesh_core::audit::AuditEntry>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "{} WHERE action LIKE 'emergency%' ORDER BY seq",
+                crate::read::AUDIT_COLUMNS
+            ))?;
+            let rows = st.query_map([], crate::read::row_to_entry)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 }

@@ -156,3 +156,41 @@ pub(super) async fn patient_copy(
     let c = st.node.patient_copy(&id, &user(&headers)).await?;
     Ok(Json(json!({ "chart": id, "html": c.html, "ips": c.ips })))
 }
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct EmergencyBody {
+    mrn: Option<String>,
+    family: Option<String>,
+    birth_date: Option<String>,
+    reason: String,
+    peer: Option<String>,
+}
+
+/// `POST /emergency/request`: ask connected custodians for a patient's chart.
+pub(super) async fn emergency_request(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, NodeError> {
+    let b: EmergencyBody = json_body(&body)?;
+    let query = chartmesh_core::emergency::Query {
+        mrn: b.mrn,
+        family: b.family,
+        birth_date: b.birth_date,
+    };
+    let answers = st
+        .node
+        .emergency_request(query, &b.reason, &user(&headers), b.peer.as_deref())
+        .await?;
+    Ok(Json(json!({ "answers": answers })))
+}
+
+/// `GET /emergency/log`: emergency requests made and answered here.
+pub(super) async fn emergency_log(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, NodeError> {
+    let log = st.node.emergency_log(&user(&headers)).await?;
+    Ok(Json(json!({ "entries": log })))
+}

@@ -1,0 +1,302 @@
+//! Emergency ("break-glass") access on the node: asking connected custodians for a patient's
+//! chart, answering such requests by this practice's policy, the review log, and ending
+//! access when it expires.
+//!
+//! Owns: the order of writes (grant and audit at the custodian; the access record and audit
+//! at the requester) and the removal of expired emergency copies.
+//! Must not touch: the decision itself (`chartmesh_core::emergency`), SQL, or the wire.
+
+use chartmesh_core::PracticeId;
+use chartmesh_core::audit::{AuditEntry, AuditEvent};
+use chartmesh_core::consent::{self, Access, Grant, Purpose};
+use chartmesh_core::emergency::{self, Answer, Query, Request};
+use chartmesh_store::StoreError;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::{Node, NodeError, parse_peer};
+use crate::{now_ms, rfc3339};
+
+/// How long the requester waits for granted charts to arrive before answering.
+const ARRIVAL_WAIT: Duration = Duration::from_secs(20);
+
+impl Node {
+    /// Custodian side: answers a paired practice's request by this practice's policy. An
+    /// allowed request becomes read-only grants (purpose emergency) that expire by
+    /// themselves; an existing active grant is never replaced (so never narrowed). Every
+    /// answer is audited with the requester and the reason.
+    pub async fn emergency_answer(&self, peer: &PracticeId, request: Request) -> Answer {
+        let now = now_ms();
+        let policy = self
+            .config
+            .emergency
+            .policy()
+            .unwrap_or(emergency::Policy::Deny);
+        let matches = match policy {
+            // Nothing is looked up when the answer is no.
+            emergency::Policy::Deny => Vec::new(),
+            emergency::Policy::Allow { .. } if request.query.validate().is_err() => Vec::new(),
+            emergency::Policy::Allow { .. } => {
+                let q = request.query.clone();
+                self.read(move |s| {
+                    Ok(s.find_own_charts(
+                        q.mrn.as_deref(),
+                        q.family.as_deref(),
+                        q.birth_date.as_deref(),
+                    )?)
+                })
+                .await
+                .unwrap_or_default()
+            }
+        };
+        let answer = emergency::decide(policy, &request, &matches, now);
+        let who = format!(
+            "requester={:?} reason={:?}",
+            request.requester, request.reason
+        );
+        let result = match &answer {
+            Answer::Granted { charts, expires_ms } => {
+                self.grant_emergency(peer, charts, *expires_ms, &request.requester, &who, now)
+                    .await
+            }
+            Answer::Denied { why } => {
+                self.audit(vec![
+                    AuditEvent::new(now, "emergency", "emergency-refused")
+                        .peer(peer.to_string())
+                        .detail(format!("{why}; {who}")),
+                ])
+                .await
+            }
+            Answer::NotFound => {
+                self.audit(vec![
+                    AuditEvent::new(now, "emergency", "emergency-refused")
+                        .peer(peer.to_string())
+                        .detail(format!("no matching chart; {who}")),
+                ])
+                .await
+            }
+        };
+        match result {
+            Ok(()) => answer,
+            // Not recorded, so not granted.
+            Err(e) => {
+                tracing::error!(error = %e, "emergency answer could not be recorded");
+                Answer::Denied {
+                    why: "the custodian could not record the access; try again".into(),
+                }
+            }
+        }
+    }
+
+    async fn grant_emergency(
+        &self,
+        peer: &PracticeId,
+        charts: &[String],
+        expires_ms: i64,
+        requester: &str,
+        who: &str,
+        now: i64,
+    ) -> Result<(), NodeError> {
+        let p = *peer;
+        let existing = self.read(move |s| Ok(s.grants(Some(&p))?)).await?;
+        let mut new = Vec::new();
+        let mut audit = Vec::new();
+        for c in charts {
+            let already = consent::applicable(&existing, c).is_some_and(|g| g.is_active(now));
+            audit.push(
+                AuditEvent::new(now, "emergency", "emergency-access")
+                    .chart(c)
+                    .peer(peer.to_string())
+                    .detail(if already {
+                        format!("allowed by policy; already shared, grant unchanged; {who}")
+                    } else {
+                        format!(
+                            "allowed by policy, read-only until {}; {who}",
+                            rfc3339(expires_ms)
+                        )
+                    }),
+            );
+            if !already {
+                new.push(Grant {
+                    chart_id: c.clone(),
+                    peer: *peer,
+                    access: Access::Read,
+                    purpose: Purpose::Emergency,
+                    expires_ms: Some(expires_ms),
+                    recorded_by: format!("break-glass: {requester} at {}", peer.short()),
+                    recorded_ms: now,
+                    revoked_ms: None,
+                });
+            }
+        }
+        // The access is audited before the grant can take effect.
+        self.audit(audit).await?;
+        if !new.is_empty() {
+            self.store
+                .grant(new)?
+                .await
+                .map_err(|_| StoreError::Closed)??;
+        }
+        Ok(())
+    }
+
+    /// Requester side: asks every connected custodian (or one) for the patient's chart.
+    /// Granted charts are recorded as emergency access (removed when it ends) and waited for
+    /// until they have arrived. Each answer is audited here too.
+    pub async fn emergency_request(
+        &self,
+        query: Query,
+        reason: &str,
+        requester: &str,
+        peer: Option<&str>,
+    ) -> Result<Vec<Value>, NodeError> {
+        query.validate().map_err(NodeError::Invalid)?;
+        if reason.trim().is_empty() {
+            return Err(NodeError::Invalid(
+                "give the reason for emergency access (--reason)".into(),
+            ));
+        }
+        let sync = self
+            .sync
+            .get()
+            .ok_or_else(|| NodeError::Invalid("sync is not running".into()))?
+            .clone();
+        let peers = match peer {
+            Some(p) => {
+                let p = parse_peer(p)?;
+                if !sync.connected().contains(&p) {
+                    return Err(NodeError::Invalid(format!(
+                        "practice {} is not connected now; emergency requests need a live connection",
+                        p.short()
+                    )));
+                }
+                vec![p]
+            }
+            None => sync.connected(),
+        };
+        if peers.is_empty() {
+            return Err(NodeError::Invalid(
+                "no paired practice is connected now; emergency requests need a live connection (chartmesh status)".into(),
+            ));
+        }
+        let request = Request {
+            query,
+            reason: reason.trim().to_string(),
+            requester: requester.to_string(),
+        };
+        let mut out = Vec::new();
+        let mut waiting: Vec<String> = Vec::new();
+        for p in peers {
+            let now = now_ms();
+            let answer = sync.ask_emergency(&p, request.clone()).await;
+            let (detail, v) = match &answer {
+                Ok(Answer::Granted { charts, expires_ms }) => {
+                    self.store
+                        .record_emergency_access(
+                            &p.to_string(),
+                            charts.clone(),
+                            *expires_ms,
+                            requester,
+                            now,
+                        )?
+                        .await
+                        .map_err(|_| StoreError::Closed)??;
+                    waiting.extend(charts.iter().cloned());
+                    (
+                        format!(
+                            "granted {} chart(s), read-only until {}",
+                            charts.len(),
+                            rfc3339(*expires_ms)
+                        ),
+                        json!({"peer": p.to_string(), "outcome": "granted", "charts": charts, "expiresMs": expires_ms, "expires": rfc3339(*expires_ms)}),
+                    )
+                }
+                Ok(Answer::Denied { why }) => (
+                    format!("denied: {why}"),
+                    json!({"peer": p.to_string(), "outcome": "denied", "why": why}),
+                ),
+                Ok(Answer::NotFound) => (
+                    "no matching chart".to_string(),
+                    json!({"peer": p.to_string(), "outcome": "not-found"}),
+                ),
+                Err(e) => (
+                    format!("no answer: {e}"),
+                    json!({"peer": p.to_string(), "outcome": "error", "why": e}),
+                ),
+            };
+            self.audit(vec![
+                AuditEvent::new(now, requester, "emergency-request")
+                    .peer(p.to_string())
+                    .detail(format!("{detail}; reason={:?}", request.reason)),
+            ])
+            .await?;
+            out.push(v);
+        }
+        // The charts travel by normal sync; wait (bounded) until they are here.
+        let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
+        while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
+            let ids = waiting.clone();
+            let present = self
+                .read(move |s| {
+                    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    Ok(s.sync_charts(&refs)?.into_keys().collect::<Vec<_>>())
+                })
+                .await?;
+            waiting.retain(|c| !present.contains(c));
+            if !waiting.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        for v in out.iter_mut() {
+            if let Some(charts) = v["charts"].as_array() {
+                let arrived: Vec<&Value> = charts
+                    .iter()
+                    .filter(|c| !waiting.iter().any(|w| Some(w.as_str()) == c.as_str()))
+                    .collect();
+                v["arrived"] = json!(arrived);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every emergency request made here and answered here, for review.
+    pub async fn emergency_log(&self, actor: &str) -> Result<Vec<AuditEntry>, NodeError> {
+        let log = self.read(|s| Ok(s.emergency_log()?)).await?;
+        self.audit(vec![
+            AuditEvent::new(now_ms(), actor, "read")
+                .detail(format!("emergency log entries={}", log.len())),
+        ])
+        .await?;
+        Ok(log)
+    }
+
+    /// Removes charts held by emergency access once it has ended; runs until shutdown.
+    pub async fn emergency_expiry_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.store.end_emergency_access(now_ms()) {
+                Ok(None) => {}
+                Ok(Some(rx)) => match rx.await {
+                    Ok(Ok(removed)) if !removed.is_empty() => {
+                        tracing::info!(
+                            charts = removed.len(),
+                            "emergency access ended; copies removed"
+                        );
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "ending emergency access failed; retrying")
+                    }
+                    _ => {}
+                },
+                Err(StoreError::Closed) => return,
+                Err(e) => tracing::warn!(error = %e, "checking emergency access failed; retrying"),
+            }
+        }
+    }
+}
