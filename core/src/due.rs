@@ -201,6 +201,75 @@ pub fn due_items(chart: &Chart, today: Date, horizon: Date) -> Vec<DueItem> {
     out
 }
 
+/// The part of a chart the rules read, reduced to what decides them: the patient, every
+/// condition (also counted by the population report), and only the latest observation and
+/// immunization of each code a rule names. [`due_items`] gives the same items for the
+/// reduced chart as for the whole one. The store keeps this per chart, up to date on every
+/// write, so a due list reads a few hundred bytes per chart instead of loading documents.
+pub fn facts(chart: &Chart) -> Chart {
+    use std::collections::BTreeMap;
+    let mut obs: BTreeMap<&str, &crate::chart::Observation> = BTreeMap::new();
+    let mut imm: BTreeMap<&str, &crate::chart::Immunization> = BTreeMap::new();
+    for rule in RULES {
+        match rule.evidence {
+            Evidence::Observation(codes) => {
+                for o in chart
+                    .observations
+                    .iter()
+                    .filter(|o| codes.contains(&o.code.as_str()))
+                {
+                    let Some(d) = parse_date(&o.date) else {
+                        continue;
+                    };
+                    let e = obs.entry(o.code.as_str()).or_insert(o);
+                    if parse_date(&e.date).is_none_or(|x| d > x) {
+                        *e = o;
+                    }
+                }
+            }
+            Evidence::Immunization(codes) => {
+                for i in chart.immunizations.iter() {
+                    let Some(code) = i.code.as_deref().filter(|c| codes.contains(c)) else {
+                        continue;
+                    };
+                    let Some(d) = parse_date(&i.date) else {
+                        continue;
+                    };
+                    let e = imm.entry(code).or_insert(i);
+                    if parse_date(&e.date).is_none_or(|x| d > x) {
+                        *e = i;
+                    }
+                }
+            }
+        }
+    }
+    Chart {
+        id: chart.id.clone(),
+        kind: chart.kind.clone(),
+        schema_version: chart.schema_version,
+        practice_id: None,
+        patient: crate::chart::Patient {
+            mrn: chart.patient.mrn.clone(),
+            name: chart.patient.name.clone(),
+            birth_date: chart.patient.birth_date.clone(),
+            sex: None,
+            address: None,
+            phone: None,
+            insurance: None,
+        },
+        conditions: chart.conditions.clone(),
+        allergies: Vec::new(),
+        medications: Vec::new(),
+        observations: obs.into_values().cloned().collect(),
+        notes: Vec::new(),
+        immunizations: imm.into_values().cloned().collect(),
+        referral: None,
+        referrals: Default::default(),
+        created_at: String::new(),
+        updated_at: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +304,36 @@ mod tests {
         let full = due_items(&doc.to_chart().unwrap(), today, horizon);
         assert!(!full.is_empty());
         assert_eq!(due_items(&doc.due_view().unwrap(), today, horizon), full);
+        assert_eq!(due_items(&facts(&c), today, horizon), full);
+    }
+
+    #[test]
+    fn the_reduced_facts_give_the_same_items_on_the_bench_charts() {
+        let dir = std::env::var_os("CHARTMESH_BENCH_DATA")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench-data")
+            });
+        let path = dir.join("charts-1000.jsonl");
+        let Ok(all) = std::fs::read_to_string(&path) else {
+            panic!("{} is needed for this test", path.display());
+        };
+        let (today, horizon) = (d("2026-06-01"), d("2026-09-01"));
+        let mut items = 0;
+        for line in all.lines().take(300) {
+            let c = Chart::from_json_slice(line.as_bytes()).unwrap();
+            let full = due_items(&c, today, horizon);
+            let f = facts(&c);
+            // Stored as JSON and read back.
+            let back: Chart = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+            assert_eq!(due_items(&back, today, horizon), full, "{}", c.id);
+            assert_eq!(back.conditions, c.conditions);
+            items += full.len();
+        }
+        assert!(
+            items > 100,
+            "the sample exercises the rules ({items} items)"
+        );
     }
 
     #[test]

@@ -194,7 +194,8 @@ impl Node {
                             given: chart.patient.name.given.join(" "),
                             birth_date: chart.patient.birth_date.clone(),
                         };
-                        Ok((i, NewChart { id: chart.id, doc: doc.save(), index, origin: None, time_ms: pool_meta.time_ms, heads: doc.head_bytes(), referrals: doc.referral_ids() }))
+                        let due_facts = facts_json(&chart);
+                        Ok((i, NewChart { id: chart.id, doc: doc.save(), index, origin: None, time_ms: pool_meta.time_ms, heads: doc.head_bytes(), referrals: doc.referral_ids(), due_facts }))
                     })
                     .collect::<Vec<Result<(usize, NewChart), (usize, Option<String>, ValidationError)>>>()
             })
@@ -313,6 +314,7 @@ impl Node {
             time_ms: meta.time_ms,
             heads: doc.head_bytes(),
             referrals: doc.referral_ids(),
+            due_facts: facts_json(&chart),
         };
         let out = self
             .store
@@ -589,16 +591,26 @@ impl Node {
         let results = self
             .on_pool(move || -> Result<Vec<(String, String, Vec<due::DueItem>, Vec<String>)>, NodeError> {
                 use rayon::prelude::*;
-                let ids = store.chart_ids()?;
-                ids.par_chunks(64)
+                // The facts kept beside each chart; a chart without them (written before
+                // they existed, or unreadable as records) is read from its document.
+                let rows = store.due_facts()?;
+                rows.par_chunks(256)
                     .map(|chunk| {
                         let mut out = Vec::with_capacity(chunk.len());
-                        for id in chunk {
-                            let Some(rec) = store.get(id)? else { continue };
-                            if rec.revoked_ms.is_some() {
-                                continue;
-                            }
-                            let chart = rec.doc.due_view()?;
+                        for (id, facts) in chunk {
+                            let from_facts = facts
+                                .as_deref()
+                                .and_then(|f| serde_json::from_str::<Chart>(f).ok());
+                            let chart = match from_facts {
+                                Some(c) => c,
+                                None => {
+                                    let Some(rec) = store.get(id)? else { continue };
+                                    if rec.revoked_ms.is_some() {
+                                        continue;
+                                    }
+                                    rec.doc.due_view()?
+                                }
+                            };
                             let items = due::due_items(&chart, today, horizon);
                             // Each patient counted once per condition, however often it is listed.
                             let mut conditions: Vec<String> = chart
@@ -894,6 +906,7 @@ impl Node {
                         time_ms: meta.time_ms,
                         heads: doc.head_bytes(),
                         referrals: doc.referral_ids(),
+                        due_facts: facts_json(&chart),
                     });
                 }
                 FhirPlan::Add { id, missing } => {
@@ -1237,6 +1250,11 @@ impl Node {
             .await
             .map_err(|_| StoreError::Closed)??)
     }
+}
+
+/// A chart's due-list facts as stored beside it (chartmesh_core::due::facts).
+fn facts_json(chart: &Chart) -> Option<String> {
+    Some(serde_json::to_string(&chartmesh_core::due::facts(chart)).expect("facts serialize"))
 }
 
 fn singular(section: &str) -> &str {

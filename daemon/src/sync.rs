@@ -1003,6 +1003,7 @@ impl SyncService {
     async fn apply(&self, peer: &str, items: Vec<Incoming>) -> Result<(), SessionError> {
         let store = self.node.store.clone();
         let ids: Vec<String> = items.iter().map(|i| i.chart.clone()).collect();
+        let reader = store.clone();
         let held = blocking(move || {
             let refs: Vec<&str> = ids.iter().map(|s| s.as_str()).collect();
             store.sync_charts(&refs)
@@ -1022,12 +1023,27 @@ impl SyncService {
                             }
                             _ => None,
                         };
+                        // Changes to a chart held here: merged now, on all cores, from a
+                        // read snapshot; the writer only checks consent and stores the
+                        // result (or merges again if the chart was written meanwhile).
+                        let merge = match (&it.kind, &it.data, held.get(&it.chart)) {
+                            (
+                                Offered::Shared { .. } | Offered::Returned { .. },
+                                Some(data),
+                                Some(h),
+                            ) => reader
+                                .prepare_merge(&it.chart, data, h.origin.is_none())
+                                .ok()
+                                .flatten(),
+                            _ => None,
+                        };
                         let data = if prepared.is_some() { None } else { it.data };
                         SyncItem {
                             chart: it.chart,
                             kind: it.kind,
                             data,
                             prepared,
+                            merge,
                         }
                     })
                     .collect()
@@ -1102,6 +1118,9 @@ fn prepare_new(chart: &str, data: &[u8], now: i64) -> Result<NewChart, String> {
         time_ms: now,
         heads: doc.head_bytes(),
         referrals: doc.referral_ids(),
+        due_facts: doc.due_view().ok().map(|c| {
+            serde_json::to_string(&chartmesh_core::due::facts(&c)).expect("facts serialize")
+        }),
     })
 }
 

@@ -26,7 +26,7 @@ pub use consent::Peer;
 pub use error::StoreError;
 pub use key::{StoreKey, is_plaintext, plaintext_count, rekey_copy};
 pub use read::{ChartRecord, ChartSummary};
-pub use sync::{ChangeCheck, SyncChart, SyncItem, SyncOutcome, SyncPeerState};
+pub use sync::{ChangeCheck, PreparedMerge, SyncChart, SyncItem, SyncOutcome, SyncPeerState};
 pub use workflow::{ConflictRecord, ReferralRef};
 pub use write::{EditFn, EditOutcome, InsertOutcome, NewChart};
 
@@ -76,6 +76,7 @@ struct Inner {
     path: PathBuf,
     writer: Option<write::WriterHandle>,
     readers: read::ReaderPool,
+    options: StoreOptions,
 }
 
 /// Tunables; the defaults suit a practice PC.
@@ -100,12 +101,13 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
     pub fn open(path: &Path, key: &StoreKey, options: StoreOptions) -> Result<Store, StoreError> {
         let conn = schema::open_write_connection(path, key)?;
-        let writer = write::WriterHandle::spawn(conn, options)?;
+        let writer = write::WriterHandle::spawn(conn, options.clone())?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 writer: Some(writer),
                 readers: read::ReaderPool::new(path.to_path_buf(), key.clone()),
+                options,
             }),
         })
     }
@@ -122,6 +124,7 @@ impl Store {
                 path: path.to_path_buf(),
                 writer: None,
                 readers,
+                options: StoreOptions::default(),
             }),
         })
     }

@@ -139,6 +139,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (chart_id, peer)
     );
     "#,
+    // 8: the due-list facts of each chart (chartmesh_core::due::facts as JSON), kept on every
+    // write, so a due list over every chart reads small rows instead of loading documents.
+    // Charts written before this migration have none until their next write (the due list
+    // reads their documents meanwhile).
+    r#"
+    CREATE TABLE due_facts (
+        chart_id TEXT PRIMARY KEY,
+        facts    TEXT NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Takes `count` numbers of the change sequence; returns the first.

@@ -4,15 +4,17 @@
 //! applies them inside the same transaction as the write they guard, with the grants as
 //! stored at that moment.
 
-use chartmesh_core::Chart;
 use chartmesh_core::audit::AuditEvent;
 use chartmesh_core::consent::{Access, Grant, Refusal};
 use chartmesh_core::sync::{Offered, heads_digest};
+use chartmesh_core::{Chart, ChartDoc};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use tokio::sync::oneshot;
 
-use crate::write::{NewChart, Stored, heads_blob, heads_from_blob, load_doc, persist_doc, task};
+use crate::write::{
+    DocWrite, NewChart, Stored, doc_write, heads_blob, heads_from_blob, load_doc, task, write_doc,
+};
 use crate::{Store, StoreError};
 
 /// A chart as the sync layer sees it.
@@ -51,6 +53,149 @@ pub struct SyncItem {
     /// The full document, already loaded and validated by the caller, for a chart not held
     /// here when the pull started.
     pub prepared: Option<NewChart>,
+    /// The merge of `data` into the stored copy, computed by the caller off the writer
+    /// ([`Store::prepare_merge`]); used only if the chart was not written since.
+    pub merge: Option<PreparedMerge>,
+}
+
+/// A merge of a peer's changes into a stored chart, computed from the stored version with
+/// change sequence `seq`.
+#[derive(Debug, Clone)]
+pub struct PreparedMerge {
+    seq: i64,
+    inc_seq: i64,
+    inc_count: i64,
+    /// Whether it was computed as one of this practice's own charts (validated in full).
+    own: bool,
+    result: MergeResult,
+}
+
+#[derive(Debug, Clone)]
+enum MergeResult {
+    Undecodable(String),
+    MissingDeps(usize),
+    Merged {
+        added: usize,
+        actors: Vec<[u8; 16]>,
+        /// What to store (None when nothing was new), or why the result is refused.
+        ready: Result<Option<Box<Ready>>, String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Ready {
+    write: DocWrite,
+    ix: crate::IndexFields,
+    conflicts: Vec<chartmesh_core::conflicts::Conflict>,
+}
+
+/// Merges `data` into the loaded document and computes everything the writer stores.
+fn compute_merge(
+    doc: &mut ChartDoc,
+    chart: &str,
+    data: &[u8],
+    own: bool,
+    options: &crate::StoreOptions,
+    inc_count: i64,
+) -> MergeResult {
+    // Mark what is stored, so only the merge's changes are saved.
+    let _ = doc.save_incremental();
+    let merged = match doc.merge(data) {
+        Ok(m) => m,
+        Err(e) => return MergeResult::Undecodable(e.to_string()),
+    };
+    if merged.missing_deps > 0 {
+        return MergeResult::MissingDeps(merged.missing_deps);
+    }
+    let ready = if merged.added == 0 {
+        Ok(None)
+    } else {
+        index_of_merged(doc, chart, own).map(|ix| {
+            // Concurrent edits merged: the clinically risky ones are filed for review. A
+            // chart that does not read as records was refused above, so a failure is not
+            // expected; it is reported without holding back the merge (the data is kept).
+            let conflicts = doc.review_merge(&merged).unwrap_or_else(|e| {
+                tracing::warn!(chart, error = %e, "conflict review skipped");
+                Vec::new()
+            });
+            Some(Box::new(Ready {
+                write: doc_write(doc, options, inc_count),
+                ix,
+                conflicts,
+            }))
+        })
+    };
+    MergeResult::Merged {
+        added: merged.added,
+        actors: merged.actors,
+        ready,
+    }
+}
+
+/// Changes to one of our own charts are validated in full: the result must still be a valid
+/// chart. A copy held from its custodian is filed by its header (id and index fields), like
+/// a new copy (daemon::sync::prepare_new).
+fn index_of_merged(doc: &ChartDoc, chart: &str, own: bool) -> Result<crate::IndexFields, String> {
+    if own {
+        let json = doc
+            .to_json()
+            .map_err(|e| format!("the merged chart is unreadable: {e}"))?;
+        if json["id"].as_str() != Some(chart) {
+            return Err("the changes alter the chart id".into());
+        }
+        let ix = crate::IndexFields::from_chart_json(&json);
+        Chart::from_json_value(json).map_err(|e| format!("the merged chart is invalid: {e}"))?;
+        Ok(ix)
+    } else {
+        match doc.header() {
+            Ok(h) if h.id == chart => Ok(crate::IndexFields {
+                mrn: h.mrn,
+                family: h.family,
+                given: h.given,
+                birth_date: h.birth_date,
+            }),
+            Ok(_) => Err("the changes alter the chart id".into()),
+            Err(e) => Err(format!("the merged chart is invalid: {e}")),
+        }
+    }
+}
+
+impl Store {
+    /// Computes the merge of a peer's changes into the stored chart on the caller's thread
+    /// (a read connection, one snapshot), so the writer only checks consent and stores it.
+    /// None if the chart is not stored.
+    pub fn prepare_merge(
+        &self,
+        chart: &str,
+        data: &[u8],
+        own: bool,
+    ) -> Result<Option<PreparedMerge>, StoreError> {
+        let options = self.inner.options.clone();
+        self.with_reader(|c| {
+            let tx = c.unchecked_transaction()?;
+            let Some(seq) = current_seq(&tx, chart)? else {
+                return Ok(None);
+            };
+            let Some((mut doc, inc_seq, inc_count)) = load_doc(&tx, chart)? else {
+                return Ok(None);
+            };
+            drop(tx);
+            Ok(Some(PreparedMerge {
+                seq,
+                inc_seq,
+                inc_count,
+                own,
+                result: compute_merge(&mut doc, chart, data, own, &options, inc_count),
+            }))
+        })
+    }
+}
+
+fn current_seq(conn: &Connection, chart: &str) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT seq FROM charts WHERE id = ?1")?
+        .query_row([chart], |r| r.get(0))
+        .optional()?)
 }
 
 /// What became of one item.
@@ -468,6 +613,7 @@ fn apply_one(
                     from
                 ])?;
             crate::workflow::index_referrals(ctx.conn, &nc.id, &nc.referrals)?;
+            crate::workflow::put_due_facts(ctx.conn, &nc.id, nc.due_facts.as_deref())?;
             ctx.audit(
                 &audit("sync-receive").detail(format!("new copy, access={}", access_str(access))),
             )?;
@@ -494,7 +640,17 @@ fn apply_one(
                 )?;
             }
             match item.data {
-                Some(data) => merge(ctx, peer, &item.chart, &data, digest, None, grants, now),
+                Some(data) => merge(
+                    ctx,
+                    peer,
+                    &item.chart,
+                    &data,
+                    digest,
+                    None,
+                    item.merge,
+                    grants,
+                    now,
+                ),
                 None if grant_changed => Ok(SyncOutcome::Updated),
                 None => Ok(SyncOutcome::Ignored),
             }
@@ -511,6 +667,7 @@ fn apply_one(
                 &data,
                 digest,
                 Some(check),
+                item.merge,
                 grants,
                 now,
             ),
@@ -537,6 +694,7 @@ fn merge(
     data: &[u8],
     digest: u64,
     check: Option<&ChangeCheck>,
+    prepared: Option<PreparedMerge>,
     grants: &[Grant],
     now: i64,
 ) -> Result<SyncOutcome, StoreError> {
@@ -546,75 +704,69 @@ fn merge(
             .peer(peer)
     };
     let t0 = std::time::Instant::now();
-    let Some((mut doc, inc_seq, inc_count)) = load_doc(ctx.conn, chart)? else {
-        return Ok(SyncOutcome::Ignored);
+    let own = check.is_some();
+    // A merge prepared off the writer is used only if nothing wrote the chart since it was
+    // read; otherwise it is computed here from the stored version.
+    let current = current_seq(ctx.conn, chart)?;
+    let fresh = prepared
+        .as_ref()
+        .is_some_and(|p| Some(p.seq) == current && p.own == own);
+    let p = match prepared {
+        Some(p) if fresh => p,
+        _ => {
+            let Some((mut doc, inc_seq, inc_count)) = load_doc(ctx.conn, chart)? else {
+                return Ok(SyncOutcome::Ignored);
+            };
+            PreparedMerge {
+                seq: current.unwrap_or(0),
+                inc_seq,
+                inc_count,
+                own,
+                result: compute_merge(&mut doc, chart, data, own, ctx.options, inc_count),
+            }
+        }
     };
-    let t_load = t0.elapsed();
-    let _ = doc.save_incremental();
-    let merged = match doc.merge(data) {
-        Ok(m) => m,
-        Err(e) => return refuse(ctx, audit(), &format!("undecodable changes: {e}")),
+    let (added, actors, ready) = match p.result {
+        MergeResult::Undecodable(e) => {
+            return refuse(ctx, audit(), &format!("undecodable changes: {e}"));
+        }
+        MergeResult::MissingDeps(n) => {
+            return refuse(
+                ctx,
+                audit(),
+                &format!("{n} changes depend on changes not sent"),
+            );
+        }
+        MergeResult::Merged {
+            added,
+            actors,
+            ready,
+        } => (added, actors, ready),
     };
-    if merged.missing_deps > 0 {
-        return refuse(
-            ctx,
-            audit(),
-            &format!("{} changes depend on changes not sent", merged.missing_deps),
-        );
-    }
     if let Some(check) = check
-        && let Err(r) = check(grants, chart, &merged.actors)
+        && let Err(r) = check(grants, chart, &actors)
     {
         return refuse(ctx, audit(), r.as_str());
     }
-    if merged.added == 0 {
-        return Ok(SyncOutcome::Applied { changed: false });
-    }
-    // Changes to one of our own charts are validated in full: the result must still be a
-    // valid chart. A copy held from its custodian is filed by its header (id and index
-    // fields), like a new copy (daemon::sync::prepare_new).
-    let ix = if check.is_some() {
-        let json = match doc.to_json() {
-            Ok(j) => j,
-            Err(e) => {
-                return refuse(
-                    ctx,
-                    audit(),
-                    &format!("the merged chart is unreadable: {e}"),
-                );
-            }
-        };
-        if json["id"].as_str() != Some(chart) {
-            return refuse(ctx, audit(), "the changes alter the chart id");
-        }
-        let ix = crate::IndexFields::from_chart_json(&json);
-        if let Err(e) = Chart::from_json_value(json) {
-            return refuse(ctx, audit(), &format!("the merged chart is invalid: {e}"));
-        }
-        ix
-    } else {
-        match doc.header() {
-            Ok(h) if h.id == chart => crate::IndexFields {
-                mrn: h.mrn,
-                family: h.family,
-                given: h.given,
-                birth_date: h.birth_date,
-            },
-            Ok(_) => return refuse(ctx, audit(), "the changes alter the chart id"),
-            Err(e) => return refuse(ctx, audit(), &format!("the merged chart is invalid: {e}")),
-        }
+    let ready = match ready {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(SyncOutcome::Applied { changed: false }),
+        Err(why) => return refuse(ctx, audit(), &why),
     };
-    let t_check = t0.elapsed();
-    let from = (heads_digest(&doc.head_bytes()) == digest).then_some(peer);
-    persist_doc(
+    let Ready {
+        write,
+        ix,
+        conflicts,
+    } = *ready;
+    let from = (heads_digest(&write.heads) == digest).then_some(peer);
+    write_doc(
         ctx.conn,
-        ctx.options,
         &Stored {
             chart_id: chart,
-            inc_seq,
-            inc_count,
+            inc_seq: p.inc_seq,
+            inc_count: p.inc_count,
         },
-        &mut doc,
+        write,
         &ix,
         now,
         from,
@@ -623,21 +775,13 @@ fn merge(
         &AuditEvent::new(now, "sync", "sync-receive")
             .chart(chart)
             .peer(peer)
-            .detail(format!("{} changes", merged.added)),
+            .detail(format!("{added} changes")),
     )?;
-    // Concurrent edits merged: file the clinically risky ones for review. A chart that does
-    // not read as records here was already refused above, so a failure is not expected; it
-    // is reported without holding back the merge (the data is kept either way).
-    match doc.review_merge(&merged) {
-        Ok(found) if !found.is_empty() => {
-            crate::workflow::file_conflicts(ctx, chart, peer, now, &found)?;
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(chart, error = %e, "conflict review skipped"),
+    if !conflicts.is_empty() {
+        crate::workflow::file_conflicts(ctx, chart, peer, now, &conflicts)?;
     }
     tracing::trace!(
-        load_us = t_load.as_micros() as u64,
-        checked_us = t_check.as_micros() as u64,
+        prepared = fresh,
         total_us = t0.elapsed().as_micros() as u64,
         "merged"
     );

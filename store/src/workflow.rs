@@ -57,6 +57,25 @@ pub(crate) fn index_referrals(
     Ok(())
 }
 
+/// Keeps a chart's due-list facts (None: removes them, so the due list reads the document).
+pub(crate) fn put_due_facts(
+    tx: &Connection,
+    chart_id: &str,
+    facts: Option<&str>,
+) -> Result<(), StoreError> {
+    match facts {
+        Some(f) => tx
+            .prepare_cached(
+                "INSERT INTO due_facts(chart_id, facts) VALUES (?1, ?2) ON CONFLICT(chart_id) DO UPDATE SET facts = excluded.facts",
+            )?
+            .execute(params![chart_id, f])?,
+        None => tx
+            .prepare_cached("DELETE FROM due_facts WHERE chart_id = ?1")?
+            .execute([chart_id])?,
+    };
+    Ok(())
+}
+
 /// Files the conflicts a merge raised (once each: the same conflict raised again by a later
 /// merge is not a new entry). Returns how many are new. The audit entry names the kind only.
 pub(crate) fn file_conflicts(
@@ -305,6 +324,35 @@ impl Store {
             ))?;
             let rows = st.query_map([], crate::read::row_to_entry)?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Every chart that is not a revoked copy, with its due-list facts when kept (None: read
+    /// the document). Reads the facts table and the revoked-copy index, not the documents.
+    pub fn due_facts(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        self.with_reader(|c| {
+            let revoked: std::collections::HashSet<String> = c
+                .prepare_cached(
+                    "SELECT id FROM charts WHERE origin IS NOT NULL AND revoked_ms IS NOT NULL",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut facts: std::collections::HashMap<String, String> = c
+                .prepare_cached("SELECT chart_id, facts FROM due_facts")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let ids: Vec<String> = c
+                .prepare_cached("SELECT id FROM charts ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(ids
+                .into_iter()
+                .filter(|id| !revoked.contains(id))
+                .map(|id| {
+                    let f = facts.remove(&id);
+                    (id, f)
+                })
+                .collect())
         })
     }
 }

@@ -25,6 +25,8 @@ pub struct NewChart {
     pub heads: Vec<[u8; 32]>,
     /// The ids of the referrals in the chart ([`chartmesh_core::ChartDoc::referral_ids`]).
     pub referrals: Vec<String>,
+    /// The chart's due-list facts as JSON ([`chartmesh_core::due::facts`]).
+    pub due_facts: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -418,6 +420,7 @@ fn insert(
         ])?;
         if n == 1 {
             crate::workflow::index_referrals(tx, &c.id, &c.referrals)?;
+            crate::workflow::put_due_facts(tx, &c.id, c.due_facts.as_deref())?;
             let mut ev = AuditEvent::new(c.time_ms, actor, "create").chart(&c.id);
             if let Some(o) = &c.origin {
                 ev = ev.peer(o.clone());
@@ -438,6 +441,45 @@ pub(crate) struct Stored<'a> {
     pub inc_count: i64,
 }
 
+/// What writing a changed document stores, computed from the document alone (so it can be
+/// prepared away from the writer): its new bytes, heads, referral ids and due-list facts.
+#[derive(Debug, Clone)]
+pub struct DocWrite {
+    pub(crate) heads: Vec<[u8; 32]>,
+    /// A new full save (compaction) or the changes since the last save.
+    pub(crate) body: DocBody,
+    pub(crate) referrals: Vec<String>,
+    pub(crate) facts: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum DocBody {
+    Full(Vec<u8>),
+    Incremental(Vec<u8>),
+}
+
+/// Takes the document's changes since its last `save_incremental` (or a full save when
+/// `inc_count` incremental rows have piled up) and what is indexed beside it.
+pub(crate) fn doc_write(doc: &mut ChartDoc, options: &StoreOptions, inc_count: i64) -> DocWrite {
+    let body = if inc_count as u32 + 1 >= options.compact_after {
+        DocBody::Full(doc.save())
+    } else {
+        DocBody::Incremental(doc.save_incremental())
+    };
+    // A chart whose due view does not read is still stored; its facts are then dropped and
+    // the due list reads its document instead.
+    let facts = doc
+        .due_view()
+        .ok()
+        .map(|c| serde_json::to_string(&chartmesh_core::due::facts(&c)).expect("facts serialize"));
+    DocWrite {
+        heads: doc.head_bytes(),
+        body,
+        referrals: doc.referral_ids(),
+        facts,
+    }
+}
+
 /// Persists the changes made to a loaded document since its last `save_incremental` (as an
 /// incremental row, or a new full save when enough have piled up), with its index fields,
 /// heads and a new change sequence number. `from_peer`: the peer whose sync wrote this
@@ -451,42 +493,57 @@ pub(crate) fn persist_doc(
     now: i64,
     from_peer: Option<&str>,
 ) -> Result<(), StoreError> {
+    let w = doc_write(doc, options, at.inc_count);
+    write_doc(tx, at, w, ix, now, from_peer)
+}
+
+/// Stores a [`DocWrite`] for the chart at `at` (see [`persist_doc`]).
+pub(crate) fn write_doc(
+    tx: &Connection,
+    at: &Stored<'_>,
+    w: DocWrite,
+    ix: &IndexFields,
+    now: i64,
+    from_peer: Option<&str>,
+) -> Result<(), StoreError> {
     let change_seq = crate::schema::take_seq(tx, 1)?;
-    let heads = heads_blob(&doc.head_bytes());
+    let heads = heads_blob(&w.heads);
     let chart_id = at.chart_id;
-    crate::workflow::index_referrals(tx, chart_id, &doc.referral_ids())?;
-    if at.inc_count as u32 + 1 >= options.compact_after {
-        let full = doc.save();
-        tx.execute("DELETE FROM chart_changes WHERE chart_id = ?1", [chart_id])?;
-        tx.prepare_cached(
-            "UPDATE charts SET doc = ?2, inc_count = 0, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9, heads = ?10, from_peer = ?11 WHERE id = ?1",
-        )?
-        .execute(params![chart_id, full, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix), change_seq, heads, from_peer])?;
-    } else {
-        let inc = doc.save_incremental();
-        let seq = at.inc_seq + 1;
-        if !inc.is_empty() {
-            // The heads this chunk starts from: a peer at exactly those heads needs only this
-            // chunk and the later ones, without loading the document.
-            let before: Option<Vec<u8>> = tx
-                .prepare_cached("SELECT heads FROM charts WHERE id = ?1")?
-                .query_row([chart_id], |r| r.get(0))
-                .optional()?
-                .flatten();
+    crate::workflow::index_referrals(tx, chart_id, &w.referrals)?;
+    crate::workflow::put_due_facts(tx, chart_id, w.facts.as_deref())?;
+    match w.body {
+        DocBody::Full(full) => {
+            tx.execute("DELETE FROM chart_changes WHERE chart_id = ?1", [chart_id])?;
             tx.prepare_cached(
-                "INSERT INTO chart_changes(chart_id, seq, data, heads_before) VALUES (?1, ?2, ?3, ?4)",
+                "UPDATE charts SET doc = ?2, inc_count = 0, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9, heads = ?10, from_peer = ?11 WHERE id = ?1",
             )?
-            .execute(params![chart_id, seq, inc, before])?;
+            .execute(params![chart_id, full, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(ix), change_seq, heads, from_peer])?;
         }
-        let (inc_seq, inc_count) = if inc.is_empty() {
-            (at.inc_seq, at.inc_count)
-        } else {
-            (seq, at.inc_count + 1)
-        };
-        tx.prepare_cached(
-            "UPDATE charts SET inc_seq = ?2, inc_count = ?12, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9, heads = ?10, from_peer = ?11 WHERE id = ?1",
-        )?
-        .execute(params![chart_id, inc_seq, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(&ix), change_seq, heads, from_peer, inc_count])?;
+        DocBody::Incremental(inc) => {
+            let seq = at.inc_seq + 1;
+            if !inc.is_empty() {
+                // The heads this chunk starts from: a peer at exactly those heads needs only
+                // this chunk and the later ones, without loading the document.
+                let before: Option<Vec<u8>> = tx
+                    .prepare_cached("SELECT heads FROM charts WHERE id = ?1")?
+                    .query_row([chart_id], |r| r.get(0))
+                    .optional()?
+                    .flatten();
+                tx.prepare_cached(
+                    "INSERT INTO chart_changes(chart_id, seq, data, heads_before) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![chart_id, seq, inc, before])?;
+            }
+            let (inc_seq, inc_count) = if inc.is_empty() {
+                (at.inc_seq, at.inc_count)
+            } else {
+                (seq, at.inc_count + 1)
+            };
+            tx.prepare_cached(
+                "UPDATE charts SET inc_seq = ?2, inc_count = ?12, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9, heads = ?10, from_peer = ?11 WHERE id = ?1",
+            )?
+            .execute(params![chart_id, inc_seq, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(ix), change_seq, heads, from_peer, inc_count])?;
+        }
     }
     Ok(())
 }

@@ -31,6 +31,7 @@ fn new_chart(c: &Chart) -> NewChart {
         time_ms: 1,
         heads: d.head_bytes(),
         referrals: Vec::new(),
+        due_facts: None,
     }
 }
 
@@ -279,4 +280,103 @@ fn an_online_backup_is_a_consistent_store_that_verifies() {
     assert!((50..=80).contains(&n), "backup holds {n} charts");
     assert!(copy.verify_audit().unwrap().is_ok());
     assert!(!dir.path().join("backup.db.partial").exists());
+}
+
+#[test]
+fn a_merge_prepared_off_the_writer_is_redone_when_the_chart_changed_meanwhile() {
+    use chartmesh_core::sync::Offered;
+    use chartmesh_store::{SyncItem, SyncOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db"), &key(), StoreOptions::default()).unwrap();
+    store
+        .insert_charts(vec![new_chart(&chart("c1", "A", "M1"))], "import".into())
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    let peer_meta = |author: &str| ChangeMeta {
+        practice: PracticeId::from_certificate_der(b"peer"),
+        author: author.into(),
+        action: "test".into(),
+        time_ms: 9,
+    };
+    let notes = |s: &Store| -> Vec<String> {
+        s.get("c1")
+            .unwrap()
+            .unwrap()
+            .doc
+            .to_chart()
+            .unwrap()
+            .notes
+            .into_iter()
+            .map(|n| n.id)
+            .collect()
+    };
+    let apply = |data: Vec<u8>, merge| {
+        let allow: chartmesh_store::ChangeCheck = Box::new(|_, _, _| Ok(()));
+        store
+            .apply_sync(
+                "peer".into(),
+                vec![SyncItem {
+                    chart: "c1".into(),
+                    kind: Offered::Returned { digest: 0 },
+                    data: Some(data),
+                    prepared: None,
+                    merge,
+                }],
+                allow,
+                10,
+            )
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap()
+    };
+
+    // The peer's change, merged off the writer; then a local edit lands first.
+    let mut peer = store.get("c1").unwrap().unwrap().doc;
+    let stored_heads = peer.head_bytes();
+    peer.append(&note("from-peer"), &peer_meta("Dr P")).unwrap();
+    let data = peer.changes_after(&stored_heads);
+    let prepared = store.prepare_merge("c1", &data, true).unwrap();
+    assert!(prepared.is_some());
+    let (m, e) = (meta("Dr X"), note("local"));
+    store
+        .edit("c1".into(), Box::new(move |d| d.append(&e, &m)), vec![])
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    // The stale preparation is not used: both notes survive.
+    assert_eq!(
+        apply(data, prepared),
+        vec![SyncOutcome::Applied { changed: true }]
+    );
+    let got = notes(&store);
+    assert!(
+        got.contains(&"local".to_string()) && got.contains(&"from-peer".to_string()),
+        "{got:?}"
+    );
+
+    // A fresh preparation is used as is, with the same result as merging in the writer.
+    let mut peer = store.get("c1").unwrap().unwrap().doc;
+    let stored_heads = peer.head_bytes();
+    peer.append(&note("second"), &peer_meta("Dr P")).unwrap();
+    let data = peer.changes_after(&stored_heads);
+    let prepared = store.prepare_merge("c1", &data, true).unwrap();
+    assert_eq!(
+        apply(data.clone(), prepared),
+        vec![SyncOutcome::Applied { changed: true }]
+    );
+    assert_eq!(notes(&store).len(), 3);
+    // Applying the same changes again changes nothing.
+    let prepared = store.prepare_merge("c1", &data, true).unwrap();
+    assert_eq!(
+        apply(data, prepared),
+        vec![SyncOutcome::Applied { changed: false }]
+    );
+    // Reopened, the store holds the merged chart.
+    drop(store);
+    let again = Store::open(&dir.path().join("s.db"), &key(), StoreOptions::default()).unwrap();
+    assert_eq!(notes(&again).len(), 3);
 }
