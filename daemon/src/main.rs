@@ -27,7 +27,24 @@ struct Args {
     name: String,
 }
 
+/// glibc serves allocations above a threshold with their own mmap, returned to the system
+/// on free; after the first such free it raises that threshold (up to 32 MB), so sync
+/// messages (up to ~0.5 MB each, thousands per initial sync) then come from the heap arenas
+/// and leave them fragmented. A fixed 128 KB threshold keeps large buffers out of the heap.
+/// Measured on the 10,000-chart bench (docs/PERFORMANCE.md): peak RSS of the receiving
+/// daemon ~62 → ~52 MB, of the sender ~49 → ~41 MB, import rate unchanged. (Capping the
+/// number of arenas instead also lowered RSS but stalled some imports.)
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called first thing in main, before any other thread exists; mallopt only sets
+    // a tunable of the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    tune_allocator();
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
