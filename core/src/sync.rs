@@ -84,6 +84,12 @@ pub enum Msg {
     },
     /// Either side, on its own stream: I have changes, pull from me.
     Nudge,
+    /// Either side, on its own stream, instead of a nudge when its new changes hold nothing
+    /// the other side may need (e.g. only changes that side just sent): nothing for you up to
+    /// `upto`; you may move your checkpoint of me there without pulling.
+    Caught {
+        upto: u64,
+    },
     /// Requester → custodian, first on a new stream: emergency access to a patient's chart
     /// (crate::emergency). Answered with one `EmergencyAnswer`; the stream then ends.
     EmergencyRequest {
@@ -178,6 +184,7 @@ impl Msg {
             Msg::Changes { .. } => "Changes",
             Msg::Done { .. } => "Done",
             Msg::Nudge => "Nudge",
+            Msg::Caught { .. } => "Caught",
             Msg::EmergencyRequest { .. } => "EmergencyRequest",
             Msg::EmergencyAnswer { .. } => "EmergencyAnswer",
         }

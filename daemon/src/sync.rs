@@ -367,12 +367,16 @@ impl SyncService {
             let svc = self.clone();
             tokio::spawn(async move {
                 while let Ok(mut recv) = conn.accept_uni().await {
-                    // A nudge: one tiny frame. Anything else is ignored.
-                    if let Ok(Some(bytes)) = chartmesh_net::read_frame(&mut recv, 64).await
-                        && matches!(Msg::decode(&bytes), Ok(Msg::Nudge))
-                    {
-                        tracing::debug!("nudged");
-                        svc.request_pull(&peer);
+                    // A nudge or a catch-up: one tiny frame. Anything else is ignored.
+                    if let Ok(Some(bytes)) = chartmesh_net::read_frame(&mut recv, 64).await {
+                        match Msg::decode(&bytes) {
+                            Ok(Msg::Nudge) => {
+                                tracing::debug!("nudged");
+                                svc.request_pull(&peer);
+                            }
+                            Ok(Msg::Caught { upto }) => svc.caught_up(&peer, upto as i64),
+                            _ => {}
+                        }
                     }
                 }
             })
@@ -497,6 +501,40 @@ impl SyncService {
         }
     }
 
+    /// The peer said nothing of its changes up to `upto` is for us: move our checkpoint of
+    /// it there, unless a pull is running or due (which moves it anyway).
+    fn caught_up(&self, peer: &PracticeId, upto: i64) {
+        let idle = {
+            let links = self.links.lock().unwrap();
+            links
+                .get(peer)
+                .is_some_and(|l| !l.pulling && !l.pull_again && l.pulled)
+        };
+        if !idle {
+            return;
+        }
+        tracing::debug!(upto, "caught up without a pull");
+        if let Ok(rx) = self
+            .node
+            .store
+            .set_checkpoint(&peer.to_string(), upto, now_ms())
+        {
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = rx.await {
+                    tracing::warn!(error = %e, "saving the sync checkpoint failed; the next pull starts earlier");
+                }
+            });
+        }
+    }
+
+    /// Nothing of ours up to `upto` is for this peer: it counts as served that far.
+    fn note_served(&self, peer: &PracticeId, upto: i64) {
+        let mut links = self.links.lock().unwrap();
+        if let Some(l) = links.get_mut(peer) {
+            l.served_upto = l.served_upto.max(upto);
+        }
+    }
+
     fn request_pull(&self, peer: &PracticeId) {
         let mut links = self.links.lock().unwrap();
         if let Some(link) = links.get_mut(peer) {
@@ -515,14 +553,35 @@ impl SyncService {
                 _ = self.shutdown.cancelled() => return,
                 r = changes.changed() => if r.is_err() { return },
             }
-            let conns: Vec<quinn::Connection> = {
+            let targets: Vec<(PracticeId, quinn::Connection, i64)> = {
                 let links = self.links.lock().unwrap();
-                links.values().filter_map(|l| l.conn.clone()).collect()
+                links
+                    .iter()
+                    .filter_map(|(id, l)| l.conn.clone().map(|c| (*id, c, l.served_upto)))
+                    .collect()
             };
-            for c in conns {
+            for (id, c, served) in targets {
+                let store = self.node.store.clone();
+                let svc = self.clone();
                 tokio::spawn(async move {
+                    // Nothing this peer may need since it last confirmed (e.g. only the
+                    // changes it just sent us): instead of a nudge, which would make it pull
+                    // for nothing, tell it so; it moves its checkpoint of us without a pull.
+                    let key = id.to_string();
+                    let state = blocking(move || {
+                        let upto = store.seq()?;
+                        Ok((upto, store.sync_pending(&key, served)?))
+                    })
+                    .await;
+                    let msg = match state {
+                        Ok((upto, false)) => {
+                            svc.note_served(&id, upto);
+                            Msg::Caught { upto: upto as u64 }
+                        }
+                        _ => Msg::Nudge,
+                    };
                     if let Ok(mut s) = c.open_uni().await {
-                        let _ = chartmesh_net::write_frame(&mut s, &Msg::Nudge.encode()).await;
+                        let _ = chartmesh_net::write_frame(&mut s, &msg.encode()).await;
                         let _ = s.finish();
                     }
                 });
@@ -701,18 +760,8 @@ impl SyncService {
                 out.finish().await?;
                 return Ok(());
             }
-            Ok(Msg::EmergencyRequest { .. }) => {
-                out.send(
-                    &Msg::Unsupported {
-                        version: PROTOCOL_VERSION,
-                    }
-                    .encode(),
-                )
-                .await?;
-                out.finish().await?;
-                return Ok(());
-            }
-            Ok(Msg::Pull { .. }) => {
+            // Another version of either request: say which this build speaks.
+            Ok(Msg::Pull { .. } | Msg::EmergencyRequest { .. }) => {
                 out.send(
                     &Msg::Unsupported {
                         version: PROTOCOL_VERSION,
@@ -1010,6 +1059,7 @@ impl SyncService {
         })
         .await?;
         let now = now_ms();
+        let t_prep = std::time::Instant::now();
         let prepared: Vec<SyncItem> = self
             .node
             .on_cpu(move || {
@@ -1060,6 +1110,10 @@ impl SyncService {
                 now_ms(),
             )
         });
+        tracing::debug!(
+            prepare_us = t_prep.elapsed().as_micros() as u64,
+            "batch prepared"
+        );
         let t = std::time::Instant::now();
         let outcomes = self
             .node

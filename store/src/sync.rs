@@ -171,7 +171,9 @@ impl Store {
         own: bool,
     ) -> Result<Option<PreparedMerge>, StoreError> {
         let options = self.inner.options.clone();
+        let t0 = std::time::Instant::now();
         self.with_reader(|c| {
+            let t_lease = t0.elapsed();
             let tx = c.unchecked_transaction()?;
             let Some(seq) = current_seq(&tx, chart)? else {
                 return Ok(None);
@@ -180,12 +182,20 @@ impl Store {
                 return Ok(None);
             };
             drop(tx);
+            let t_load = t0.elapsed();
+            let result = compute_merge(&mut doc, chart, data, own, &options, inc_count);
+            tracing::trace!(
+                lease_us = t_lease.as_micros() as u64,
+                load_us = t_load.as_micros() as u64,
+                total_us = t0.elapsed().as_micros() as u64,
+                "merge prepared"
+            );
             Ok(Some(PreparedMerge {
                 seq,
                 inc_seq,
                 inc_count,
                 own,
-                result: compute_merge(&mut doc, chart, data, own, &options, inc_count),
+                result,
             }))
         })
     }

@@ -472,6 +472,12 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// Renders a local HTML file in headless Chromium (Debian's `chromium` package) and returns
 /// the DOM as Chromium built it. Fails with what to install when Chromium is missing.
 pub fn chromium_dom(file: &Path) -> String {
+    chromium_dom_url(&format!("file://{}", file.display()))
+}
+
+/// Loads `url` (a file or a page on 127.0.0.1) in headless Chromium, lets its scripts run
+/// (up to 5 s of virtual time) and returns the DOM.
+pub fn chromium_dom_url(url: &str) -> String {
     let exe = std::env::var_os("CHROMIUM")
         .map(PathBuf::from)
         .or_else(|| {
@@ -490,8 +496,9 @@ pub fn chromium_dom(file: &Path) -> String {
             "--no-first-run",
             "--disable-dev-shm-usage",
             &format!("--user-data-dir={}", profile.path().display()),
+            "--virtual-time-budget=5000",
             "--dump-dom",
-            &format!("file://{}", file.display()),
+            url,
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -511,7 +518,7 @@ pub fn chromium_dom(file: &Path) -> String {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("chromium did not render {} within 120 s", file.display());
+            panic!("chromium did not render {url} within 120 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -207,6 +207,10 @@ fn disconnected_pair(mrn: &str) -> (Practice, Practice, String) {
     (a, b, chart)
 }
 
+fn med_add(p: &Practice, chart: &str, name: &str, dose: &str) {
+    p.cli_ok(&["med", "add", chart, "--name", name, "--dose", dose]);
+}
+
 fn reconnect(a: &Practice, b: &Practice) {
     a.cli_ok(&["sync", "resume", "--peer", &b.id()]);
     b.cli_ok(&["sync", "resume", "--peer", &a.id()]);
@@ -227,24 +231,8 @@ fn risky_concurrent_edits_land_in_the_conflict_inbox_on_both_sides() {
 
     // While apart: the same drug at two doses; the allergy removed at A while B prescribes
     // a penicillin (B still sees the allergy, so it needs an override there).
-    a.cli_ok(&[
-        "med",
-        "add",
-        &chart,
-        "--name",
-        "Metformin",
-        "--dose",
-        "500 mg",
-    ]);
-    b.cli_ok(&[
-        "med",
-        "add",
-        &chart,
-        "--name",
-        "Metformin",
-        "--dose",
-        "1000 mg",
-    ]);
+    med_add(&a, &chart, "Metformin", "500 mg");
+    med_add(&b, &chart, "Metformin", "1000 mg");
     a.cli_ok(&[
         "allergy",
         "remove",
@@ -319,24 +307,8 @@ fn risky_concurrent_edits_land_in_the_conflict_inbox_on_both_sides() {
 fn sequential_and_safe_concurrent_edits_do_not_raise_conflicts() {
     let (a, b, chart) = disconnected_pair("CONF-2");
     // Concurrent but safe: different drugs, nothing removed.
-    a.cli_ok(&[
-        "med",
-        "add",
-        &chart,
-        "--name",
-        "Metformin",
-        "--dose",
-        "500 mg",
-    ]);
-    b.cli_ok(&[
-        "med",
-        "add",
-        &chart,
-        "--name",
-        "Levothyroxine",
-        "--dose",
-        "50 mcg",
-    ]);
+    med_add(&a, &chart, "Metformin", "500 mg");
+    med_add(&b, &chart, "Levothyroxine", "50 mcg");
     reconnect(&a, &b);
     // Sequential: B changes its mind after seeing A's order (stops it, adds another dose).
     b.cli_ok(&[
