@@ -139,18 +139,23 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (chart_id, peer)
     );
     "#,
-    // 8: the due-list facts of each chart (chartmesh_core::due::facts as JSON), kept on every
-    // write, so a due list over every chart reads small rows instead of loading documents.
-    // Charts written before this migration have none until their next write (the due list
-    // reads their documents meanwhile).
+    // 8: documents in a table of their own. A chart's row held its document (~5 KB, spilling
+    // to overflow pages) before its bookkeeping columns, so reading `seq`, `heads` or
+    // `origin` walked (and decrypted) the document's pages, and every update of the
+    // bookkeeping rewrote the whole document. Now the row is small and the document is
+    // written only when it changes.
     r#"
-    -- A rowid table: its rows (~1.2 KB) fit in a leaf page; as WITHOUT ROWID (an index
-    -- b-tree, ~1 KB of local payload) each spilled to an overflow page of its own (+40 MB
-    -- at 10,000 charts).
-    CREATE TABLE due_facts (
+    CREATE TABLE chart_docs (
         chart_id TEXT PRIMARY KEY,
-        facts    TEXT NOT NULL
+        doc      BLOB NOT NULL
     );
+    INSERT INTO chart_docs(chart_id, doc) SELECT id, doc FROM charts;
+    ALTER TABLE charts DROP COLUMN doc;
+    -- The due-list facts of each chart (chartmesh_core::due::facts as JSON), kept on every
+    -- write, so a due list over every chart reads small rows instead of loading documents.
+    -- Charts written before this have none until their next write (the due list reads their
+    -- documents meanwhile).
+    ALTER TABLE charts ADD COLUMN due_facts TEXT;
     "#,
 ];
 
@@ -227,4 +232,53 @@ pub(crate) fn check_version(conn: &Connection) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written before documents moved to their own table (schema 7) is migrated
+    /// without loss: every document readable, bookkeeping kept.
+    #[test]
+    fn documents_move_to_their_own_table_without_loss() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..7] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 7).unwrap();
+        for (id, doc) in [("c1", vec![1u8, 2, 3]), ("c2", vec![7u8; 9000])] {
+            conn.execute(
+                "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq)
+                 VALUES (?1, ?2, NULL, 1, 2, 'M', 'F', 'G', '2000-01-01', 'f g', 5)",
+                rusqlite::params![id, doc],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        let v: u32 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        let docs: Vec<(String, Vec<u8>, i64)> = conn
+            .prepare("SELECT c.id, d.doc, c.seq FROM charts c JOIN chart_docs d ON d.chart_id = c.id ORDER BY c.id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            docs,
+            vec![
+                ("c1".to_string(), vec![1, 2, 3], 5),
+                ("c2".to_string(), vec![7; 9000], 5)
+            ]
+        );
+        // The document column is gone from the chart rows; no chart has due facts yet.
+        assert!(conn.prepare("SELECT doc FROM charts").is_err());
+        let facts: i64 = conn
+            .query_row("SELECT count(due_facts) FROM charts", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(facts, 0);
+    }
 }

@@ -336,7 +336,9 @@ impl Store {
     pub fn chart_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with_reader(|c| {
             let base: Option<(Vec<u8>, i64)> = c
-                .prepare_cached("SELECT doc, inc_count FROM charts WHERE id = ?1")?
+                .prepare_cached(
+                    "SELECT d.doc, c.inc_count FROM charts c JOIN chart_docs d ON d.chart_id = c.id WHERE c.id = ?1",
+                )?
                 .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             let Some((mut bytes, incs)) = base else {
@@ -603,12 +605,11 @@ fn apply_one(
             let from = (heads_digest(&nc.heads) == digest).then_some(peer);
             ctx.conn
                 .prepare_cached(
-                    "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq, heads, access, expires_ms, from_peer)
-                     VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                    "INSERT INTO charts(id, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq, heads, access, expires_ms, from_peer, due_facts)
+                     VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 )?
                 .execute(params![
                     nc.id,
-                    nc.doc,
                     peer,
                     now,
                     nc.index.mrn,
@@ -620,10 +621,11 @@ fn apply_one(
                     heads_blob(&nc.heads),
                     access_str(access),
                     expires_ms,
-                    from
+                    from,
+                    nc.due_facts
                 ])?;
+            crate::write::insert_doc(ctx.conn, &nc.id, &nc.doc)?;
             crate::workflow::index_referrals(ctx.conn, &nc.id, &nc.referrals)?;
-            crate::workflow::put_due_facts(ctx.conn, &nc.id, nc.due_facts.as_deref())?;
             ctx.audit(
                 &audit("sync-receive").detail(format!("new copy, access={}", access_str(access))),
             )?;

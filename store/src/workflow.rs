@@ -5,7 +5,8 @@
 //! Also the record of emergency access granted to this practice, and the removal of the
 //! charts it brought once it has ended.
 //!
-//! Owns: the `referral_index`, `conflicts` and `emergency_access` tables.
+//! Owns: the `referral_index`, `conflicts` and `emergency_access` tables and the charts'
+//! `due_facts` column.
 //! Must not touch: the documents themselves; referral steps are chart edits.
 
 use chartmesh_core::audit::AuditEvent;
@@ -54,25 +55,6 @@ pub(crate) fn index_referrals(
     for id in ids {
         st.execute(params![id, chart_id])?;
     }
-    Ok(())
-}
-
-/// Keeps a chart's due-list facts (None: removes them, so the due list reads the document).
-pub(crate) fn put_due_facts(
-    tx: &Connection,
-    chart_id: &str,
-    facts: Option<&str>,
-) -> Result<(), StoreError> {
-    match facts {
-        Some(f) => tx
-            .prepare_cached(
-                "INSERT INTO due_facts(chart_id, facts) VALUES (?1, ?2) ON CONFLICT(chart_id) DO UPDATE SET facts = excluded.facts",
-            )?
-            .execute(params![chart_id, f])?,
-        None => tx
-            .prepare_cached("DELETE FROM due_facts WHERE chart_id = ?1")?
-            .execute([chart_id])?,
-    };
     Ok(())
 }
 
@@ -328,31 +310,16 @@ impl Store {
     }
 
     /// Every chart that is not a revoked copy, with its due-list facts when kept (None: read
-    /// the document). Reads the facts table and the revoked-copy index, not the documents.
+    /// the document). One pass over the chart rows, which hold no documents.
     pub fn due_facts(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
         self.with_reader(|c| {
-            let revoked: std::collections::HashSet<String> = c
+            let rows = c
                 .prepare_cached(
-                    "SELECT id FROM charts WHERE origin IS NOT NULL AND revoked_ms IS NOT NULL",
+                    "SELECT id, due_facts FROM charts WHERE origin IS NULL OR revoked_ms IS NULL ORDER BY id",
                 )?
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            let mut facts: std::collections::HashMap<String, String> = c
-                .prepare_cached("SELECT chart_id, facts FROM due_facts")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            let ids: Vec<String> = c
-                .prepare_cached("SELECT id FROM charts ORDER BY id")?
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            Ok(ids
-                .into_iter()
-                .filter(|id| !revoked.contains(id))
-                .map(|id| {
-                    let f = facts.remove(&id);
-                    (id, f)
-                })
-                .collect())
+            Ok(rows)
         })
     }
 }

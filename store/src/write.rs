@@ -401,13 +401,12 @@ fn insert(
     let mut out = Vec::with_capacity(charts.len());
     let first_seq = crate::schema::take_seq(tx, charts.len() as i64)?;
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq, heads)
-         VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT(id) DO NOTHING",
+        "INSERT INTO charts(id, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq, heads, due_facts)
+         VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT(id) DO NOTHING",
     )?;
     for (seq, c) in (first_seq..).zip(charts) {
         let n = stmt.execute(params![
             c.id,
-            c.doc,
             c.origin,
             c.time_ms,
             c.index.mrn,
@@ -416,11 +415,12 @@ fn insert(
             c.index.birth_date,
             name_key(&c.index),
             seq,
-            heads_blob(&c.heads)
+            heads_blob(&c.heads),
+            c.due_facts
         ])?;
         if n == 1 {
+            insert_doc(tx, &c.id, &c.doc)?;
             crate::workflow::index_referrals(tx, &c.id, &c.referrals)?;
-            crate::workflow::put_due_facts(tx, &c.id, c.due_facts.as_deref())?;
             let mut ev = AuditEvent::new(c.time_ms, actor, "create").chart(&c.id);
             if let Some(o) = &c.origin {
                 ev = ev.peer(o.clone());
@@ -510,41 +510,48 @@ pub(crate) fn write_doc(
     let heads = heads_blob(&w.heads);
     let chart_id = at.chart_id;
     crate::workflow::index_referrals(tx, chart_id, &w.referrals)?;
-    crate::workflow::put_due_facts(tx, chart_id, w.facts.as_deref())?;
-    match w.body {
+    let (inc_seq, inc_count) = match w.body {
         DocBody::Full(full) => {
             tx.execute("DELETE FROM chart_changes WHERE chart_id = ?1", [chart_id])?;
-            tx.prepare_cached(
-                "UPDATE charts SET doc = ?2, inc_count = 0, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9, heads = ?10, from_peer = ?11 WHERE id = ?1",
-            )?
-            .execute(params![chart_id, full, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(ix), change_seq, heads, from_peer])?;
+            tx.prepare_cached("UPDATE chart_docs SET doc = ?2 WHERE chart_id = ?1")?
+                .execute(params![chart_id, full])?;
+            (at.inc_seq, 0)
         }
+        DocBody::Incremental(inc) if inc.is_empty() => (at.inc_seq, at.inc_count),
         DocBody::Incremental(inc) => {
             let seq = at.inc_seq + 1;
-            if !inc.is_empty() {
-                // The heads this chunk starts from: a peer at exactly those heads needs only
-                // this chunk and the later ones, without loading the document.
-                let before: Option<Vec<u8>> = tx
-                    .prepare_cached("SELECT heads FROM charts WHERE id = ?1")?
-                    .query_row([chart_id], |r| r.get(0))
-                    .optional()?
-                    .flatten();
-                tx.prepare_cached(
-                    "INSERT INTO chart_changes(chart_id, seq, data, heads_before) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![chart_id, seq, inc, before])?;
-            }
-            let (inc_seq, inc_count) = if inc.is_empty() {
-                (at.inc_seq, at.inc_count)
-            } else {
-                (seq, at.inc_count + 1)
-            };
+            // The heads this chunk starts from: a peer at exactly those heads needs only this
+            // chunk and the later ones, without loading the document.
+            let before: Option<Vec<u8>> = tx
+                .prepare_cached("SELECT heads FROM charts WHERE id = ?1")?
+                .query_row([chart_id], |r| r.get(0))
+                .optional()?
+                .flatten();
             tx.prepare_cached(
-                "UPDATE charts SET inc_seq = ?2, inc_count = ?12, updated_ms = ?3, mrn = ?4, family = ?5, given = ?6, birth_date = ?7, name_key = ?8, seq = ?9, heads = ?10, from_peer = ?11 WHERE id = ?1",
+                "INSERT INTO chart_changes(chart_id, seq, data, heads_before) VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![chart_id, inc_seq, now, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(ix), change_seq, heads, from_peer, inc_count])?;
+            .execute(params![chart_id, seq, inc, before])?;
+            (seq, at.inc_count + 1)
         }
-    }
+    };
+    tx.prepare_cached(
+        "UPDATE charts SET inc_seq = ?2, inc_count = ?3, updated_ms = ?4, seq = ?5, heads = ?6, from_peer = ?7, due_facts = ?8 WHERE id = ?1",
+    )?
+    .execute(params![chart_id, inc_seq, inc_count, now, change_seq, heads, from_peer, w.facts])?;
+    // The search index only when a demographic field changed (naming a column in SET
+    // rewrites its index entries even when the value is the same).
+    tx.prepare_cached(
+        "UPDATE charts SET mrn = ?2, family = ?3, given = ?4, birth_date = ?5, name_key = ?6 WHERE id = ?1
+         AND (mrn IS NOT ?2 OR family IS NOT ?3 OR given IS NOT ?4 OR birth_date IS NOT ?5)",
+    )?
+    .execute(params![chart_id, ix.mrn, ix.family, ix.given, ix.birth_date, name_key(ix)])?;
+    Ok(())
+}
+
+/// Stores a new chart's document (its row in `charts` is written by the caller).
+pub(crate) fn insert_doc(tx: &Connection, chart_id: &str, doc: &[u8]) -> Result<(), StoreError> {
+    tx.prepare_cached("INSERT INTO chart_docs(chart_id, doc) VALUES (?1, ?2)")?
+        .execute(params![chart_id, doc])?;
     Ok(())
 }
 
@@ -553,7 +560,9 @@ pub(crate) fn load_doc(
     id: &str,
 ) -> Result<Option<(ChartDoc, i64, i64)>, StoreError> {
     let row = conn
-        .prepare_cached("SELECT doc, inc_seq, inc_count FROM charts WHERE id = ?1")?
+        .prepare_cached(
+            "SELECT d.doc, c.inc_seq, c.inc_count FROM charts c JOIN chart_docs d ON d.chart_id = c.id WHERE c.id = ?1",
+        )?
         .query_row([id], |r| {
             Ok((
                 r.get::<_, Vec<u8>>(0)?,
