@@ -167,6 +167,31 @@ impl Referral {
     }
 }
 
+/// The practices that the steps new in `after` (compared with `before`) say they were taken
+/// at: each new event's practice, and each new referral's referring practice. A merge from a
+/// peer may only add steps claiming that peer (the store refuses anything else), so one
+/// practice cannot cancel, accept or complete a referral in another's name.
+pub fn claims_added(before: &Referrals, after: &Referrals) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, r) in after {
+        match before.get(id) {
+            None => {
+                out.push(r.from.clone());
+                out.extend(r.events.iter().map(|e| e.practice.clone()));
+            }
+            Some(old) => out.extend(
+                r.events
+                    .iter()
+                    .filter(|e| !old.events.contains(e))
+                    .map(|e| e.practice.clone()),
+            ),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// May `side` take `step` from status `s`? Ok(Some(next)) moves the status, Ok(None) keeps it
 /// (a consult note), Err says why not, in words for the user.
 pub fn transition(s: Status, step: Step, side: Option<Side>) -> Result<Option<Status>, String> {
@@ -245,6 +270,30 @@ mod tests {
         assert!(transition(Status::Requested, Step::Accept, Some(Side::Referrer)).is_err());
         assert!(transition(Status::Completed, Step::Cancel, Some(Side::Referrer)).is_err());
         assert!(transition(Status::Requested, Step::Accept, None).is_err());
+    }
+
+    #[test]
+    fn the_practices_claimed_by_new_steps_are_listed() {
+        let before: Referrals = [(
+            "r1".to_string(),
+            referral(&[(Step::Request, "2026-01-01T00:00:00Z", "A")]),
+        )]
+        .into();
+        let mut after = before.clone();
+        assert!(claims_added(&before, &after).is_empty());
+        after
+            .get_mut("r1")
+            .unwrap()
+            .events
+            .extend(referral(&[(Step::Cancel, "2026-01-02T00:00:00Z", "A")]).events);
+        assert_eq!(claims_added(&before, &after), vec!["A".to_string()]);
+        let mut r2 = referral(&[(Step::Request, "2026-01-03T00:00:00Z", "C")]);
+        r2.from = "C".into();
+        after.insert("r2".into(), r2);
+        assert_eq!(
+            claims_added(&before, &after),
+            vec!["A".to_string(), "C".to_string()]
+        );
     }
 
     #[test]

@@ -77,6 +77,8 @@ enum MergeResult {
     Merged {
         added: usize,
         actors: Vec<[u8; 16]>,
+        /// The practices named by referral steps the changes add.
+        referral_claims: Vec<String>,
         /// What to store (None when nothing was new), or why the result is refused.
         ready: Result<Option<Box<Ready>>, String>,
     },
@@ -100,6 +102,7 @@ fn compute_merge(
 ) -> MergeResult {
     // Mark what is stored, so only the merge's changes are saved.
     let _ = doc.save_incremental();
+    let referrals_before = doc.referrals().unwrap_or_default();
     let merged = match doc.merge(data) {
         Ok(m) => m,
         Err(e) => return MergeResult::Undecodable(e.to_string()),
@@ -107,6 +110,10 @@ fn compute_merge(
     if merged.missing_deps > 0 {
         return MergeResult::MissingDeps(merged.missing_deps);
     }
+    let referral_claims = match doc.referrals() {
+        Ok(after) => chartmesh_core::referral::claims_added(&referrals_before, &after),
+        Err(_) => Vec::new(),
+    };
     let ready = if merged.added == 0 {
         Ok(None)
     } else {
@@ -128,6 +135,7 @@ fn compute_merge(
     MergeResult::Merged {
         added: merged.added,
         actors: merged.actors,
+        referral_claims,
         ready,
     }
 }
@@ -738,7 +746,7 @@ fn merge(
             }
         }
     };
-    let (added, actors, ready) = match p.result {
+    let (added, actors, referral_claims, ready) = match p.result {
         MergeResult::Undecodable(e) => {
             return refuse(ctx, audit(), &format!("undecodable changes: {e}"));
         }
@@ -752,13 +760,24 @@ fn merge(
         MergeResult::Merged {
             added,
             actors,
+            referral_claims,
             ready,
-        } => (added, actors, ready),
+        } => (added, actors, referral_claims, ready),
     };
     if let Some(check) = check
         && let Err(r) = check(grants, chart, &actors)
     {
         return refuse(ctx, audit(), r.as_str());
+    }
+    // On our own chart, a peer may add referral steps only in its own name (its changes are
+    // all under its own actor, checked above). A copy held from its custodian carries the
+    // steps other practices took, relayed by the custodian, which checked them.
+    if check.is_some() && referral_claims.iter().any(|p| p != peer) {
+        return refuse(
+            ctx,
+            audit(),
+            "a referral step in the changes claims another practice",
+        );
     }
     let ready = match ready {
         Ok(Some(r)) => r,

@@ -380,3 +380,109 @@ fn a_merge_prepared_off_the_writer_is_redone_when_the_chart_changed_meanwhile() 
     let again = Store::open(&dir.path().join("s.db"), &key(), StoreOptions::default()).unwrap();
     assert_eq!(notes(&again).len(), 3);
 }
+
+#[test]
+fn a_peer_cannot_add_a_referral_step_in_another_practices_name() {
+    use chartmesh_core::referral::{Event, Referral, Step};
+    use chartmesh_core::sync::Offered;
+    use chartmesh_store::{SyncItem, SyncOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db"), &key(), StoreOptions::default()).unwrap();
+    store
+        .insert_charts(vec![new_chart(&chart("c1", "A", "M1"))], "import".into())
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    let me = meta("Dr A");
+    let (a, b) = (
+        me.practice.to_string(),
+        PracticeId::from_certificate_der(b"peer"),
+    );
+    let event = |step, practice: &str| Event {
+        step,
+        at: "2026-01-02T00:00:00Z".into(),
+        by: "x".into(),
+        practice: practice.into(),
+        note_id: None,
+    };
+    let r = Referral {
+        id: "ref-1".into(),
+        from: a.clone(),
+        to: b.to_string(),
+        reason: "r".into(),
+        specialty: None,
+        requested: "2026-01-01T00:00:00Z".into(),
+        requested_by: "Dr A".into(),
+        events: vec![event(Step::Request, &a)],
+    };
+    store
+        .edit(
+            "c1".into(),
+            Box::new(move |d| d.add_referral(&r, &me)),
+            vec![],
+        )
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    let peer_meta = ChangeMeta {
+        practice: b,
+        author: "Dr B".into(),
+        action: "test".into(),
+        time_ms: 9,
+    };
+    let apply = |data: Vec<u8>| {
+        let allow: chartmesh_store::ChangeCheck = Box::new(|_, _, _| Ok(()));
+        store
+            .apply_sync(
+                b.to_string(),
+                vec![SyncItem {
+                    chart: "c1".into(),
+                    kind: Offered::Returned { digest: 0 },
+                    data: Some(data),
+                    prepared: None,
+                    merge: None,
+                }],
+                allow,
+                10,
+            )
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap()
+    };
+    // The receiving practice "cancels" in the referrer's name: refused, nothing stored.
+    let mut forged = store.get("c1").unwrap().unwrap().doc;
+    let heads = forged.head_bytes();
+    forged
+        .add_referral_event("ref-1", &event(Step::Cancel, &a), None, &peer_meta)
+        .unwrap();
+    let out = apply(forged.changes_after(&heads));
+    assert!(
+        matches!(&out[0], SyncOutcome::Refused(why) if why.contains("another practice")),
+        "{out:?}"
+    );
+    let stored = store.get("c1").unwrap().unwrap().doc.referrals().unwrap();
+    assert_eq!(stored["ref-1"].events.len(), 1);
+    // In its own name it is applied.
+    let mut honest = store.get("c1").unwrap().unwrap().doc;
+    let heads = honest.head_bytes();
+    honest
+        .add_referral_event(
+            "ref-1",
+            &event(Step::Accept, &b.to_string()),
+            None,
+            &peer_meta,
+        )
+        .unwrap();
+    assert_eq!(
+        apply(honest.changes_after(&heads)),
+        vec![SyncOutcome::Applied { changed: true }]
+    );
+    let stored = store.get("c1").unwrap().unwrap().doc.referrals().unwrap();
+    assert_eq!(
+        stored["ref-1"].status(),
+        chartmesh_core::referral::Status::Accepted
+    );
+}
