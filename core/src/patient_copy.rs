@@ -130,10 +130,10 @@ table{{border-collapse:collapse;width:100%}}th,td{{text-align:left;padding:.3rem
 figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{margin:0}}}}</style></head><body>\n",
         n = esc(&name)
     );
-    let _ = write!(
+    let _ = writeln!(
         o,
         "<header><h1 id=\"patient\">{}</h1><p class=\"meta\">Born {} · {} · Record number (MRN) {}</p>\
-<p class=\"meta\">Your copy of your health record, made by {} on {}. Chart {}.</p></header>\n",
+<p class=\"meta\">Your copy of your health record, made by {} on {}. Chart {}.</p></header>",
         esc(&name),
         esc(&p.birth_date),
         opt(&p.sex),

@@ -17,6 +17,9 @@ use tokio::sync::oneshot;
 
 use crate::{Store, StoreError};
 
+/// Resolves, once durable, to the chart ids whose emergency copies were removed.
+pub type EmergencyEnd = oneshot::Receiver<Result<Vec<String>, StoreError>>;
+
 /// A referral id and the chart that holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReferralRef {
@@ -239,10 +242,7 @@ impl Store {
     /// expired and was not replaced by a lasting one). Each removal is audited. Returns the
     /// removed chart ids.
     /// None when nothing has ended (checked on a read connection, without the writer).
-    pub fn end_emergency_access(
-        &self,
-        now_ms: i64,
-    ) -> Result<Option<oneshot::Receiver<Result<Vec<String>, StoreError>>>, StoreError> {
+    pub fn end_emergency_access(&self, now_ms: i64) -> Result<Option<EmergencyEnd>, StoreError> {
         let due: bool = self.with_reader(|c| {
             Ok(c.prepare_cached(
                 "SELECT EXISTS(SELECT 1 FROM emergency_access WHERE expires_ms <= ?1)",
