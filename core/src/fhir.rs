@@ -379,6 +379,37 @@ pub fn chart_to_bundle(chart: &Chart, history: &[HistoryEntry]) -> Value {
         push(r);
     }
 
+    // Referrals between practices (chartmesh refer): one ServiceRequest each, the practices as
+    // identifiers, the whole record (with its steps) in an extension so it imports back whole.
+    for (rid, rf) in &chart.referrals {
+        let practice = |p: &str| json!({ "identifier": { "system": format!("{EXT}/practice-id"), "value": p } });
+        let mut r = json!({
+            "resourceType": "ServiceRequest",
+            "id": format!("{pid}-{rid}"),
+            "identifier": [{ "system": format!("{EXT}/referral-id"), "value": rid }],
+            "status": match rf.status() {
+                crate::referral::Status::Requested | crate::referral::Status::Accepted => "active",
+                crate::referral::Status::Completed => "completed",
+                crate::referral::Status::Declined | crate::referral::Status::Cancelled => "revoked",
+            },
+            "intent": "order",
+            "category": [{ "coding": [{ "system": "http://snomed.info/sct", "code": "3457005", "display": "Patient referral" }] }],
+            "subject": subject,
+            "authoredOn": rf.requested,
+            "requester": practice(&rf.from),
+            "performer": [practice(&rf.to)],
+            "reasonCode": [{ "text": rf.reason }],
+            "extension": [
+                ext_str("referral-status", rf.status().as_str()),
+                ext_str("referral-record", &serde_json::to_string(rf).expect("referrals serialize")),
+            ],
+        });
+        if let Some(sp) = &rf.specialty {
+            r["performerType"] = json!({ "text": sp });
+        }
+        push(r);
+    }
+
     // Provenance: one per change of the chart's history, naming the author and practice.
     let targets: Vec<Value> = vec![json!({ "reference": format!("Patient/{pid}") })];
     for (i, h) in history.iter().enumerate() {
@@ -1207,6 +1238,25 @@ impl<'a> Importer<'a> {
     }
 
     fn referral(&self, r: &Value, chart: &mut Chart) -> EntryResult {
+        // A referral between practices made with chartmesh: its record comes back whole.
+        let record = r["extension"].as_array().and_then(|e| {
+            e.iter()
+                .find(|x| x["url"] == format!("{EXT}/referral-record"))
+                .and_then(|x| x["valueString"].as_str())
+        });
+        if let Some(record) = record {
+            let rf: crate::referral::Referral = serde_json::from_str(record).map_err(|e| {
+                format!("ServiceRequest: the chartmesh referral record is not valid: {e}")
+            })?;
+            if chart.referrals.get(&rf.id).is_some_and(|x| x != &rf) {
+                return Err(format!(
+                    "skip: the chart already holds referral {} with other steps",
+                    rf.id
+                ));
+            }
+            chart.referrals.insert(rf.id.clone(), rf);
+            return Ok(());
+        }
         let is_referral = r["category"]
             .as_array()
             .is_some_and(|c| c.iter().any(|c| c["coding"][0]["code"] == "3457005"))

@@ -131,6 +131,30 @@ fn the_patient_copy_renders_in_chromium_and_its_ips_is_valid() {
         c["allergies"].as_array().unwrap().len()
     );
 
+    // The chart's full FHIR export carries the referral as a valid ServiceRequest too.
+    let fhir_dir = out.path().join("fhir");
+    a.cli_ok(&[
+        "export",
+        "--format",
+        "fhir",
+        "-o",
+        fhir_dir.to_str().unwrap(),
+        id,
+    ]);
+    let files = files_under(&fhir_dir);
+    let refs: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
+    let (ok, report) = validate_fhir(&refs);
+    assert!(ok, "{report}");
+    let bundle: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    assert!(
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["resource"]["resourceType"] == "ServiceRequest"
+                && e["resource"]["reasonCode"][0]["text"] == "palpitations on exertion")
+    );
+
     // The copy is audited as an export of that chart.
     let audit = a.get(&format!("/audit?chart={id}"));
     assert!(

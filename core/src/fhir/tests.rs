@@ -138,3 +138,45 @@ fn not_json_and_not_fhir_are_fatal_with_a_reason() {
             .contains("resourceType")
     );
 }
+
+#[test]
+fn referrals_between_practices_round_trip_through_a_bundle() {
+    use crate::referral::{Event, Referral, Step};
+    let mut c = chart();
+    let ev = |step, at: &str, p: &str| Event {
+        step,
+        at: at.into(),
+        by: "x".into(),
+        practice: p.into(),
+        note_id: None,
+    };
+    c.referrals.insert(
+        "ref-1".into(),
+        Referral {
+            id: "ref-1".into(),
+            from: "AAAA".into(),
+            to: "BBBB".into(),
+            reason: "murmur".into(),
+            specialty: Some("cardiology".into()),
+            requested: "2026-01-01T00:00:00.000Z".into(),
+            requested_by: "Dr A".into(),
+            events: vec![
+                ev(Step::Request, "2026-01-01T00:00:00.000Z", "AAAA"),
+                ev(Step::Accept, "2026-01-02T00:00:00.000Z", "BBBB"),
+            ],
+        },
+    );
+    let b = chart_to_bundle(&c, &[]);
+    let sr = b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["resource"]["id"] == "chart-000001-ref-1")
+        .unwrap();
+    assert_eq!(sr["resource"]["status"], "active");
+    assert_eq!(sr["resource"]["performerType"]["text"], "cardiology");
+    let back = import(&serde_json::to_vec(&b).unwrap(), "2026-01-01T00:00:00Z");
+    assert!(back.fatal.is_none());
+    assert_eq!(back.charts[0].referrals, c.referrals);
+    assert_eq!(back.charts[0], c);
+}
