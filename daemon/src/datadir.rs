@@ -203,7 +203,7 @@ pub fn daemon_store_key(
 /// it opens with `key`, has a schema this chartmesh knows, and its audit chain verifies.
 /// Returns (charts, audit entries), or what was wrong.
 fn verify_store_file(path: &Path, key: &chartmesh_store::StoreKey) -> Result<(u64, usize), String> {
-    let copy = chartmesh_store::Store::open_read_only(path, key).map_err(|e| e.to_string())?;
+    let copy = chartmesh_store::Store::open_to_check(path, key).map_err(|e| e.to_string())?;
     let charts = copy.count().map_err(|e| e.to_string())?;
     let entries = copy
         .verify_audit()

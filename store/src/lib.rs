@@ -114,11 +114,22 @@ impl Store {
 
     /// Opens an existing database for reading only (another process may be writing).
     pub fn open_read_only(path: &Path, key: &StoreKey) -> Result<Store, StoreError> {
+        Self::open_reader(path, key, false)
+    }
+
+    /// Opens a store file only to check it ([`Store::count`], [`Store::verify_audit`]): a
+    /// backup or an older store being upgraded may have any earlier schema (chartmeshd
+    /// migrates it when it opens it). Other reads need the current schema.
+    pub fn open_to_check(path: &Path, key: &StoreKey) -> Result<Store, StoreError> {
+        Self::open_reader(path, key, true)
+    }
+
+    fn open_reader(path: &Path, key: &StoreKey, older_ok: bool) -> Result<Store, StoreError> {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
         let readers = read::ReaderPool::new(path.to_path_buf(), key.clone());
-        readers.check_schema()?;
+        readers.check_schema(older_ok)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),

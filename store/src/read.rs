@@ -110,8 +110,8 @@ impl ReaderPool {
         self.idle.lock().unwrap().clear();
     }
 
-    pub(crate) fn check_schema(&self) -> Result<(), StoreError> {
-        crate::schema::check_version(&*self.lease()?)
+    pub(crate) fn check_schema(&self, older_ok: bool) -> Result<(), StoreError> {
+        crate::schema::check_version(&*self.lease()?, older_ok)
     }
 
     pub(crate) fn get(&self, id: &str) -> Result<Option<ChartRecord>, StoreError> {

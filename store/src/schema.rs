@@ -212,7 +212,8 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub(crate) fn check_version(conn: &Connection) -> Result<(), StoreError> {
+/// The file has a chartmesh schema this build knows; unless `older_ok`, the current one.
+pub(crate) fn check_version(conn: &Connection, older_ok: bool) -> Result<(), StoreError> {
     let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let known = MIGRATIONS.len() as u32;
     if version > known {
@@ -226,7 +227,7 @@ pub(crate) fn check_version(conn: &Connection) -> Result<(), StoreError> {
             "the database has no chartmesh schema".into(),
         ));
     }
-    if version < known {
+    if version < known && !older_ok {
         return Err(StoreError::Corrupt(format!(
             "the store has schema {version} and this chartmesh expects {known}; start chartmeshd once to upgrade it"
         )));
@@ -280,5 +281,50 @@ mod tests {
             .query_row("SELECT count(due_facts) FROM charts", [], |r| r.get(0))
             .unwrap();
         assert_eq!(facts, 0);
+    }
+
+    /// A store left by an earlier chartmesh (here schema 5, documents in the chart rows):
+    /// readable for checking (backups, upgrades) but not for other offline reads, and
+    /// migrated without loss when the daemon opens it.
+    #[test]
+    fn an_older_store_is_checked_then_migrated_on_open() {
+        use chartmesh_core::{ChangeMeta, Chart, ChartDoc, PracticeId};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let key = crate::StoreKey::from_bytes([3; 32]);
+        let c = Chart::from_json_slice(br#"{"id":"c1","type":"chart","schemaVersion":1,"patient":{"mrn":"M1","name":{"given":["Ana"],"family":"Old"},"birthDate":"1980-02-03"},"createdAt":"2021-07-03T11:45:00Z","updatedAt":"2025-02-14T16:05:00Z"}"#).unwrap();
+        let meta = ChangeMeta {
+            practice: PracticeId::from_certificate_der(b"p"),
+            author: "import".into(),
+            action: "create".into(),
+            time_ms: 1,
+        };
+        let doc = ChartDoc::create(&c, &meta).save();
+        {
+            let conn = Connection::open(&path).unwrap();
+            key.apply(&conn, &path).unwrap();
+            for sql in &MIGRATIONS[..5] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 5).unwrap();
+            conn.execute(
+                "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq)
+                 VALUES ('c1', ?1, NULL, 1, 1, 'M1', 'Old', 'Ana', '1980-02-03', 'old ana', 1)",
+                [&doc],
+            )
+            .unwrap();
+        }
+        let check = crate::Store::open_to_check(&path, &key).unwrap();
+        assert_eq!(check.count().unwrap(), 1);
+        assert!(check.verify_audit().unwrap().is_ok());
+        check.close();
+        match crate::Store::open_read_only(&path, &key) {
+            Err(e) => assert!(e.to_string().contains("start chartmeshd once"), "{e}"),
+            Ok(_) => panic!("an offline read of an old schema must ask for an upgrade"),
+        }
+        let store = crate::Store::open(&path, &key, crate::StoreOptions::default()).unwrap();
+        let rec = store.get("c1").unwrap().unwrap();
+        assert_eq!(rec.doc.to_chart().unwrap(), c);
+        store.close();
     }
 }
