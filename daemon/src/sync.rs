@@ -570,6 +570,8 @@ impl SyncService {
                     let key = id.to_string();
                     let state = blocking(move || {
                         let upto = store.seq()?;
+                        // What it confirmed before this connection counts too.
+                        let served = served.max(store.sync_peer_state(&key)?.served_upto);
                         Ok((upto, store.sync_pending(&key, served)?))
                     })
                     .await;
