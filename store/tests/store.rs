@@ -284,16 +284,9 @@ fn an_online_backup_is_a_consistent_store_that_verifies() {
 
 #[test]
 fn a_merge_prepared_off_the_writer_is_redone_when_the_chart_changed_meanwhile() {
-    use chartmesh_core::sync::Offered;
-    use chartmesh_store::{SyncItem, SyncOutcome};
+    use chartmesh_store::SyncOutcome;
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("s.db"), &key(), StoreOptions::default()).unwrap();
-    store
-        .insert_charts(vec![new_chart(&chart("c1", "A", "M1"))], "import".into())
-        .unwrap()
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
+    let store = store_with_one_chart(dir.path());
     let peer_meta = |author: &str| ChangeMeta {
         practice: PracticeId::from_certificate_der(b"peer"),
         author: author.into(),
@@ -312,26 +305,7 @@ fn a_merge_prepared_off_the_writer_is_redone_when_the_chart_changed_meanwhile() 
             .map(|n| n.id)
             .collect()
     };
-    let apply = |data: Vec<u8>, merge| {
-        let allow: chartmesh_store::ChangeCheck = Box::new(|_, _, _| Ok(()));
-        store
-            .apply_sync(
-                "peer".into(),
-                vec![SyncItem {
-                    chart: "c1".into(),
-                    kind: Offered::Returned { digest: 0 },
-                    data: Some(data),
-                    prepared: None,
-                    merge,
-                }],
-                allow,
-                10,
-            )
-            .unwrap()
-            .blocking_recv()
-            .unwrap()
-            .unwrap()
-    };
+    let apply = |data: Vec<u8>, merge| apply_returned(&store, "peer", data, merge);
 
     // The peer's change, merged off the writer; then a local edit lands first.
     let mut peer = store.get("c1").unwrap().unwrap().doc;
@@ -384,16 +358,9 @@ fn a_merge_prepared_off_the_writer_is_redone_when_the_chart_changed_meanwhile() 
 #[test]
 fn a_peer_cannot_add_a_referral_step_in_another_practices_name() {
     use chartmesh_core::referral::{Event, Referral, Step};
-    use chartmesh_core::sync::Offered;
-    use chartmesh_store::{SyncItem, SyncOutcome};
+    use chartmesh_store::SyncOutcome;
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("s.db"), &key(), StoreOptions::default()).unwrap();
-    store
-        .insert_charts(vec![new_chart(&chart("c1", "A", "M1"))], "import".into())
-        .unwrap()
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
+    let store = store_with_one_chart(dir.path());
     let me = meta("Dr A");
     let (a, b) = (
         me.practice.to_string(),
@@ -432,26 +399,7 @@ fn a_peer_cannot_add_a_referral_step_in_another_practices_name() {
         action: "test".into(),
         time_ms: 9,
     };
-    let apply = |data: Vec<u8>| {
-        let allow: chartmesh_store::ChangeCheck = Box::new(|_, _, _| Ok(()));
-        store
-            .apply_sync(
-                b.to_string(),
-                vec![SyncItem {
-                    chart: "c1".into(),
-                    kind: Offered::Returned { digest: 0 },
-                    data: Some(data),
-                    prepared: None,
-                    merge: None,
-                }],
-                allow,
-                10,
-            )
-            .unwrap()
-            .blocking_recv()
-            .unwrap()
-            .unwrap()
-    };
+    let apply = |data: Vec<u8>| apply_returned(&store, &b.to_string(), data, None);
     // The receiving practice "cancels" in the referrer's name: refused, nothing stored.
     let mut forged = store.get("c1").unwrap().unwrap().doc;
     let heads = forged.head_bytes();
@@ -485,4 +433,43 @@ fn a_peer_cannot_add_a_referral_step_in_another_practices_name() {
         stored["ref-1"].status(),
         chartmesh_core::referral::Status::Accepted
     );
+}
+
+/// A store in `dir` holding one own chart, `c1`.
+fn store_with_one_chart(dir: &std::path::Path) -> Store {
+    let store = Store::open(&dir.join("s.db"), &key(), StoreOptions::default()).unwrap();
+    store
+        .insert_charts(vec![new_chart(&chart("c1", "A", "M1"))], "import".into())
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    store
+}
+
+/// Applies a peer's changes to our chart `c1` as a pull would (consent allows them).
+fn apply_returned(
+    store: &Store,
+    peer: &str,
+    data: Vec<u8>,
+    merge: Option<chartmesh_store::PreparedMerge>,
+) -> Vec<chartmesh_store::SyncOutcome> {
+    let allow: chartmesh_store::ChangeCheck = Box::new(|_, _, _| Ok(()));
+    store
+        .apply_sync(
+            peer.into(),
+            vec![chartmesh_store::SyncItem {
+                chart: "c1".into(),
+                kind: chartmesh_core::sync::Offered::Returned { digest: 0 },
+                data: Some(data),
+                prepared: None,
+                merge,
+            }],
+            allow,
+            10,
+        )
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap()
 }
