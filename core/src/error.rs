@@ -29,6 +29,10 @@ pub enum CoreError {
     CorruptDocument(String),
     #[error("chart document does not have the expected shape: {0}")]
     Shape(String),
+    /// A change the chart's rules do not allow as the chart stands now (checked inside the
+    /// write, against the latest version): the message says why.
+    #[error("{0}")]
+    NotAllowed(String),
 }
 
 impl ValidationError {

@@ -128,6 +128,9 @@ impl IntoResponse for NodeError {
             }
             // A chart edit that was not possible (a rule checked inside the write): the
             // caller's mistake, not the store's; not logged (it may name chart content).
+            NodeError::Store(StoreError::Core(chartmesh_core::CoreError::NotAllowed(_))) => {
+                error(StatusCode::FORBIDDEN, "refused", &msg)
+            }
             NodeError::Store(StoreError::Core(_)) => {
                 error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &msg)
             }

@@ -553,11 +553,23 @@ impl Node {
             }
         }
         let added = e.to_json();
+        let unchecked_before_write = override_reason.is_none();
         let out = self
             .store
             .edit(
                 id.to_string(),
                 Box::new(move |doc| {
+                    // Checked again against the chart as the writer holds it: another
+                    // medication added meanwhile (here or by sync) must not slip past.
+                    if let Entry::Medication(m) = &e
+                        && unchecked_before_write
+                        && !chartmesh_core::alerts::check_new_medication(&doc.to_chart()?, m)
+                            .is_empty()
+                    {
+                        return Err(CoreError::NotAllowed(
+                            "medication not added: the chart changed while it was being added (another medication arrived) and it now raises alerts; run the command again to see them, and give --override REASON to add it anyway".into(),
+                        ));
+                    }
                     doc.append(&e, &meta)?;
                     if let Some(n) = &ack {
                         doc.append(n, &meta)?;

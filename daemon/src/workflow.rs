@@ -28,7 +28,7 @@ fn rfc3339_ms(ms: i64) -> String {
 }
 
 fn not_allowed(e: String) -> CoreError {
-    CoreError::Shape(e)
+    CoreError::NotAllowed(e)
 }
 
 impl Node {

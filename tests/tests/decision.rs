@@ -199,3 +199,44 @@ fn a_medication_that_arrives_by_sync_raises_its_alert_at_the_receiver() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn two_interacting_drugs_added_at_the_same_moment_are_not_both_added_without_an_override() {
+    let a = Practice::new("Race Clinic");
+    for round in 0..4 {
+        let c = a.cli_json(&[
+            "chart",
+            "create",
+            "--mrn",
+            &format!("RACE-{round}"),
+            "--family",
+            "Quill",
+            "--given",
+            "Bo",
+            "--birth-date",
+            "1950-05-05",
+        ]);
+        let id = c["id"].as_str().unwrap().to_string();
+        // Warfarin with ibuprofen is a listed interaction: whichever lands second must be
+        // refused, even when both were checked against the chart before either was written.
+        let outs: Vec<std::process::Output> = std::thread::scope(|s| {
+            let h: Vec<_> = [("Warfarin", "5 mg"), ("Ibuprofen", "400 mg")]
+                .into_iter()
+                .map(|(name, dose)| {
+                    let (a, id) = (&a, &id);
+                    s.spawn(move || a.cli(&["med", "add", id, "--name", name, "--dose", dose]))
+                })
+                .collect();
+            h.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let ok = outs.iter().filter(|o| o.status.success()).count();
+        assert_eq!(ok, 1, "exactly one is added: {outs:?}");
+        let refused = outs.iter().find(|o| !o.status.success()).unwrap();
+        assert_eq!(refused.status.code(), Some(5), "{refused:?}");
+        let meds = a.cli_json(&["chart", "show", &id])["medications"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert_eq!(meds, 1);
+    }
+}
