@@ -119,10 +119,11 @@ pub fn review(local: &View, peer: &View, merged: &View) -> Vec<Conflict> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn med(name: &str, dose: &str) -> Medication {
+    /// An active medication with a dose (also used by the document's merge tests).
+    pub(crate) fn med(name: &str, dose: &str) -> Medication {
         Medication {
             name: name.into(),
             code: None,

@@ -990,19 +990,7 @@ mod tests {
 
     #[test]
     fn a_merge_of_concurrent_risky_edits_is_reviewed_and_a_sequential_one_is_not() {
-        use crate::chart::Medication;
-        let med = |dose: &str| {
-            Entry::Medication(Medication {
-                name: "Metformin".into(),
-                code: None,
-                system: None,
-                dose: Some(dose.into()),
-                route: None,
-                frequency: None,
-                start: None,
-                status: Some("active".into()),
-            })
-        };
+        let med = |dose: &str| Entry::Medication(crate::conflicts::tests::med("Metformin", dose));
         let mut a = ChartDoc::create(&sample(), &meta(b"a", "import", 1));
         let mut b = ChartDoc::load(&a.save(), []).unwrap();
         a.append(&med("500 mg"), &meta(b"a", "Dr A", 2)).unwrap();

@@ -1151,11 +1151,11 @@ impl<'a> Importer<'a> {
         let category = r["category"][0]["coding"][0]["code"]
             .as_str()
             .map(str::to_string);
-        let mut made = Vec::new();
-        if !r["valueQuantity"].is_null() {
-            let (system, code, display) = code_of(&r["code"], "Observation.code")?;
-            let (value, unit) = quantity_of(&r["valueQuantity"], "Observation.valueQuantity")?;
-            made.push(Observation {
+        // One observation from a resource or one of its components (`at` names it in errors).
+        let one = |x: &Value, at: &str| -> Result<Observation, String> {
+            let (system, code, display) = code_of(&x["code"], &format!("{at}.code"))?;
+            let (value, unit) = quantity_of(&x["valueQuantity"], &format!("{at}.valueQuantity"))?;
+            Ok(Observation {
                 code,
                 system,
                 display,
@@ -1163,28 +1163,17 @@ impl<'a> Importer<'a> {
                 unit,
                 category: category.clone(),
                 date: date.clone(),
-            });
+            })
+        };
+        let mut made = Vec::new();
+        if !r["valueQuantity"].is_null() {
+            made.push(one(r, "Observation")?);
         }
         if let Some(components) = r["component"].as_array() {
             for (i, c) in components.iter().enumerate() {
-                if c["valueQuantity"].is_null() {
-                    continue;
+                if !c["valueQuantity"].is_null() {
+                    made.push(one(c, &format!("Observation.component[{i}]"))?);
                 }
-                let (system, code, display) =
-                    code_of(&c["code"], &format!("Observation.component[{i}].code"))?;
-                let (value, unit) = quantity_of(
-                    &c["valueQuantity"],
-                    &format!("Observation.component[{i}].valueQuantity"),
-                )?;
-                made.push(Observation {
-                    code,
-                    system,
-                    display,
-                    value,
-                    unit,
-                    category: category.clone(),
-                    date: date.clone(),
-                });
             }
         }
         if made.is_empty() {
