@@ -1,8 +1,18 @@
 //! Consent: who may receive which chart, and whose changes may be applied to it.
 //!
 //! A grant is chart × peer practice × access × purpose × optional expiry, with who recorded
-//! it and when. These rules are the single place that decides; the sync layer asks them on
-//! every outbound chart and every inbound change, keyed by the TLS-pinned peer identity.
+//! it and when. These rules are the single place that decides, on both sides of a grant:
+//!
+//! - the custodian (the practice whose chart it is): [`may_send`] a chart to a peer,
+//!   [`may_apply_change`] a peer's changes to its chart, [`may_grant`] (share or refer);
+//! - the holder of a copy received from its custodian: [`may_edit_held`] the copy here,
+//!   [`may_return`] its changes to the custodian, [`may_accept_copy`] from a peer;
+//! - referrals: [`may_claim_referral_steps`] (a practice acts only in its own name).
+//!
+//! The sync engine asks them on every item offered, sent and applied, keyed by the TLS-pinned
+//! peer identity; the store asks them inside the transaction that writes what they guard.
+//! SQL may pre-select candidates for speed, but nothing is sent, applied or edited on a SQL
+//! condition alone.
 
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
@@ -92,6 +102,10 @@ pub enum Refusal {
     ReadOnly,
     NotOurs,
     ForeignActor,
+    /// A referral step claimed in another practice's name.
+    ForeignClaim,
+    /// A chart id that is not a valid chart id.
+    InvalidId,
 }
 
 impl Refusal {
@@ -103,6 +117,8 @@ impl Refusal {
             Refusal::ReadOnly => "read-only",
             Refusal::NotOurs => "received-chart-not-reshareable",
             Refusal::ForeignActor => "change-under-another-practice",
+            Refusal::ForeignClaim => "referral-step-claims-another-practice",
+            Refusal::InvalidId => "invalid-chart-id",
         }
     }
 }
@@ -167,6 +183,63 @@ pub fn may_grant(chart_origin: Option<&str>) -> Result<(), Refusal> {
     }
 }
 
+/// How this practice holds a copy of another practice's chart (as recorded when the copy
+/// was received or its grant last changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held<'a> {
+    /// The practice whose chart it is.
+    pub custodian: &'a str,
+    pub access: Option<Access>,
+    pub expires_ms: Option<i64>,
+    pub revoked_ms: Option<i64>,
+}
+
+fn held_active(h: &Held<'_>, now_ms: i64) -> Result<(), Refusal> {
+    if h.revoked_ms.is_some() {
+        return Err(Refusal::Revoked);
+    }
+    if h.expires_ms.is_some_and(|e| now_ms >= e) {
+        return Err(Refusal::Expired);
+    }
+    Ok(())
+}
+
+/// May a copy held from its custodian be changed here? Only under an active read-write grant.
+pub fn may_edit_held(h: &Held<'_>, now_ms: i64) -> Result<(), Refusal> {
+    held_active(h, now_ms)?;
+    if h.access != Some(Access::ReadWrite) {
+        return Err(Refusal::ReadOnly);
+    }
+    Ok(())
+}
+
+/// May changes made here to a held copy be offered and sent back to `to`? Only to the
+/// copy's custodian, and only while the copy may be edited here (active, read-write).
+pub fn may_return(h: &Held<'_>, to: &str, now_ms: i64) -> Result<(), Refusal> {
+    if h.custodian != to {
+        return Err(Refusal::NotOurs);
+    }
+    may_edit_held(h, now_ms)
+}
+
+/// May a chart sent by a peer (its custodian, as the TLS-pinned identity proves) be filed
+/// here as its copy? Only under a valid chart id: the id becomes part of the copy's local key.
+pub fn may_accept_copy(chart_id: &str) -> Result<(), Refusal> {
+    crate::ids::ChartId::parse(chart_id)
+        .map(|_| ())
+        .map_err(|_| Refusal::InvalidId)
+}
+
+/// May a peer's changes add these referral steps (`claims`: the practices the new steps name)
+/// to one of this practice's charts? Only steps in the peer's own name. (A copy held from its
+/// custodian carries steps other practices took, relayed and checked by the custodian.)
+pub fn may_claim_referral_steps(claims: &[String], peer: &str) -> Result<(), Refusal> {
+    if claims.iter().any(|p| p != peer) {
+        return Err(Refusal::ForeignClaim);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +281,40 @@ mod tests {
         assert_eq!(applicable(&gs, "c1").unwrap().access, Access::ReadWrite);
         assert_eq!(applicable(&gs, "c2").unwrap().chart_id, ALL_CHARTS);
         assert!(applicable(&gs[1..], "c2").is_none());
+    }
+
+    #[test]
+    fn a_held_copy_is_edited_and_returned_only_under_an_active_read_write_grant() {
+        let rw = Held {
+            custodian: "A",
+            access: Some(Access::ReadWrite),
+            expires_ms: Some(100),
+            revoked_ms: None,
+        };
+        assert_eq!(may_edit_held(&rw, 10), Ok(()));
+        assert_eq!(may_return(&rw, "A", 10), Ok(()));
+        assert_eq!(may_return(&rw, "B", 10), Err(Refusal::NotOurs));
+        assert_eq!(may_edit_held(&rw, 100), Err(Refusal::Expired));
+        assert_eq!(may_return(&rw, "A", 100), Err(Refusal::Expired));
+        let ro = Held {
+            access: Some(Access::Read),
+            ..rw
+        };
+        assert_eq!(may_edit_held(&ro, 10), Err(Refusal::ReadOnly));
+        let revoked = Held {
+            revoked_ms: Some(5),
+            ..rw
+        };
+        assert_eq!(may_return(&revoked, "A", 10), Err(Refusal::Revoked));
+        assert_eq!(may_accept_copy("chart-1"), Ok(()));
+        for bad in ["*", "..\\x", "C:\\a", "a\u{1b}[31m", "", &"x".repeat(129)] {
+            assert_eq!(may_accept_copy(bad), Err(Refusal::InvalidId), "{bad:?}");
+        }
+        assert_eq!(may_claim_referral_steps(&["B".into()], "B"), Ok(()));
+        assert_eq!(
+            may_claim_referral_steps(&["B".into(), "A".into()], "B"),
+            Err(Refusal::ForeignClaim)
+        );
     }
 
     #[test]

@@ -41,6 +41,22 @@ impl fmt::Display for ChartId {
     }
 }
 
+/// The local key of a copy of another practice's chart: `CHART@CUSTODIAN`. Copies are keyed by
+/// (custodian, chart id), so two practices' charts with the same id never collide here, and
+/// no peer can take an id before its real custodian shares it. A chart id never contains
+/// `@`, so the key splits back unambiguously.
+pub fn copy_key(chart_id: &str, custodian: &str) -> String {
+    format!("{chart_id}@{custodian}")
+}
+
+/// Splits a local key into the chart id and, for a copy, its custodian.
+pub fn split_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once('@') {
+        Some((chart, custodian)) => (chart, Some(custodian)),
+        None => (key, None),
+    }
+}
+
 /// A practice's id: the SHA-256 of its certificate (DER). Shown as base32 in groups of four
 /// characters so that two people can read it to each other and compare.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

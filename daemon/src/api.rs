@@ -388,13 +388,19 @@ async fn export(
             .map(str::to_string)
             .collect()
     });
-    if let Some(ids) = &ids {
-        for id in ids {
-            if !matches!(st.node.store.chart_origin(id), Ok(Some(_))) {
-                return NodeError::NotFound(id.clone()).into_response();
+    let ids = match ids {
+        None => None,
+        Some(ids) => {
+            let mut keys = Vec::with_capacity(ids.len());
+            for id in ids {
+                match st.node.resolve(&id).await {
+                    Ok(k) => keys.push(k),
+                    Err(e) => return e.into_response(),
+                }
             }
+            Some(keys)
         }
-    }
+    };
     let actor = user(&headers);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let node = st.node.clone();
@@ -463,6 +469,7 @@ async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, NodeError> {
+    let id = st.node.resolve(&id).await?;
     Ok(Json(st.node.read_chart(&id, &user(&headers)).await?))
 }
 
@@ -470,6 +477,7 @@ async fn custody(
     State(st): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, NodeError> {
+    let id = st.node.resolve(&id).await?;
     let n = st.node.clone();
     tokio::task::spawn_blocking(move || n.custody(&id))
         .await
@@ -482,6 +490,7 @@ async fn history(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, NodeError> {
+    let id = st.node.resolve(&id).await?;
     let h = st.node.history(&id, &user(&headers)).await?;
     Ok(Json(json!({ "chart": id, "changes": h })))
 }
@@ -501,6 +510,7 @@ async fn append(
     Path((id, section)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), NodeError> {
+    let id = st.node.resolve(&id).await?;
     let body: AppendBody = json_body(&body)?;
     let author = body.author.unwrap_or_else(|| user(&headers));
     let added = st
@@ -545,7 +555,13 @@ async fn audit_list(
         ),
         None => None,
     };
-    let (chart, limit) = (q.chart.clone(), q.limit);
+    // A chart as a person names it; the log keeps what it was given if it no longer resolves
+    // (e.g. a copy since removed).
+    let chart = match q.chart.clone() {
+        Some(c) => Some(st.node.resolve(&c).await.unwrap_or(c)),
+        None => None,
+    };
+    let limit = q.limit;
     let entries = st
         .node
         .read(move |store| Ok(store.audit_entries(chart.as_deref(), since, limit)?))
@@ -601,7 +617,11 @@ async fn alerts(
 ) -> Result<Json<Value>, NodeError> {
     let node = st.node.clone();
     let actor = user(&headers);
-    let charts = tokio::task::spawn_blocking(move || node.alerts(q.chart.as_deref(), &actor))
+    let chart = match q.chart {
+        Some(c) => Some(st.node.resolve(&c).await?),
+        None => None,
+    };
+    let charts = tokio::task::spawn_blocking(move || node.alerts(chart.as_deref(), &actor))
         .await
         .map_err(|_| NodeError::Store(StoreError::Closed))??;
     Ok(Json(json!({ "charts": charts })))

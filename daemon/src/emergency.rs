@@ -203,7 +203,12 @@ impl Node {
                         )?
                         .await
                         .map_err(|_| StoreError::Closed)??;
-                    waiting.extend(charts.iter().cloned());
+                    // Copies are filed under (custodian, chart id).
+                    waiting.extend(
+                        charts
+                            .iter()
+                            .map(|c| chartmesh_core::ids::copy_key(c, &p.to_string())),
+                    );
                     (
                         format!(
                             "granted {} chart(s), read-only until {}",
@@ -251,9 +256,13 @@ impl Node {
         }
         for v in out.iter_mut() {
             if let Some(charts) = v["charts"].as_array() {
+                let peer = v["peer"].as_str().unwrap_or_default().to_string();
                 let arrived: Vec<&Value> = charts
                     .iter()
-                    .filter(|c| !waiting.iter().any(|w| Some(w.as_str()) == c.as_str()))
+                    .filter(|c| {
+                        let key = chartmesh_core::ids::copy_key(c.as_str().unwrap_or_default(), &peer);
+                        !waiting.contains(&key)
+                    })
                     .collect();
                 v["arrived"] = json!(arrived);
             }

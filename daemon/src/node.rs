@@ -113,6 +113,22 @@ impl Node {
         })
     }
 
+    /// The local key of a chart as a person names it (see `Store::resolve_chart`): an own
+    /// chart by its id, a copy by its id when it is the only copy of that id, or by
+    /// `CHART@PRACTICE` (a prefix of the practice id is enough).
+    pub async fn resolve(&self, typed: &str) -> Result<String, NodeError> {
+        let t = typed.to_string();
+        self.read(move |s| match s.resolve_chart(&t) {
+            Ok(Some(k)) => Ok(k),
+            Ok(None) => Err(NodeError::NotFound(t)),
+            Err(StoreError::Ambiguous(a, b)) => Err(NodeError::Invalid(
+                StoreError::Ambiguous(a, b).to_string(),
+            )),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+
     pub fn practice_id(&self) -> String {
         self.identity.id.to_string()
     }
@@ -754,18 +770,20 @@ impl Node {
         let Some(c) = held.get(id) else {
             return Err(NodeError::NotFound(id.to_string()));
         };
-        let Some(origin) = &c.origin else {
+        let Some(held) = c.held() else {
             return Ok(());
         };
+        let origin = held.custodian.to_string();
         let now = now_ms();
-        let why = if c.revoked_ms.is_some() {
-            Some("its custodian stopped sharing it; the copy here is read-only")
-        } else if c.expires_ms.is_some_and(|e| e <= now) {
-            Some("the grant it was shared under has expired; the copy here is read-only")
-        } else if c.access != Some(Access::ReadWrite) {
-            Some("it was shared with this practice for reading only")
-        } else {
-            None
+        let why = match consent::may_edit_held(&held, now) {
+            Ok(()) => None,
+            Err(consent::Refusal::Revoked) => {
+                Some("its custodian stopped sharing it; the copy here is read-only")
+            }
+            Err(consent::Refusal::Expired) => {
+                Some("the grant it was shared under has expired; the copy here is read-only")
+            }
+            Err(_) => Some("it was shared with this practice for reading only"),
         };
         match why {
             None => Ok(()),

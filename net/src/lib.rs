@@ -88,6 +88,11 @@ impl Endpoint {
         // each way costs ~3 KB, while larger packets did not measurably speed up a bulk sync
         // (docs/PERFORMANCE.md). Packets stay at QUIC's safe 1200 bytes.
         transport.mtu_discovery_config(None);
+        // A pull and an emergency request at a time each way, with room for a stream being
+        // torn down; control messages (nudges) are single tiny frames. The sync engine refuses
+        // more than it serves; this caps what a peer can make us hold.
+        transport.max_concurrent_bidi_streams(4u32.into());
+        transport.max_concurrent_uni_streams(8u32.into());
         let transport = Arc::new(transport);
         server.transport_config(transport.clone());
         let mut client = quinn::ClientConfig::new(Arc::new(
@@ -128,10 +133,16 @@ impl Endpoint {
                 addr,
                 message: e.to_string(),
             })?;
-        let connection = connecting.await.map_err(|e| NetError::Connect {
-            addr,
-            message: e.to_string(),
-        })?;
+        let connection = tokio::time::timeout(std::time::Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| NetError::Connect {
+                addr,
+                message: "no answer within 10 s".into(),
+            })?
+            .map_err(|e| NetError::Connect {
+                addr,
+                message: e.to_string(),
+            })?;
         let got = peer_id(&connection).ok_or(NetError::Unpaired)?;
         if got != peer {
             connection.close(quinn::VarInt::from_u32(1), b"unexpected practice");
@@ -147,17 +158,45 @@ impl Endpoint {
         Ok(PeerConnection { peer, connection })
     }
 
-    /// Waits for the next incoming connection whose handshake succeeds. Refused handshakes
-    /// (unpaired certificates) are reported through the pin set's refusal log.
-    pub async fn accept(&self) -> Option<PeerConnection> {
-        loop {
-            let incoming = self.endpoint.accept().await?;
-            match incoming.await {
-                Ok(connection) => match peer_id(&connection) {
-                    Some(peer) => return Some(PeerConnection { peer, connection }),
-                    None => connection.close(quinn::VarInt::from_u32(1), b"no certificate"),
-                },
-                Err(e) => tracing::debug!(error = %e, "incoming handshake failed"),
+    /// Waits for the next connection attempt (None once the endpoint is closed). Complete it
+    /// with [`Endpoint::handshake`] on a task of its own: handshakes must never wait behind
+    /// each other, or one stalled client (a bare Initial packet) holds up every practice.
+    pub async fn incoming(&self) -> Option<quinn::Incoming> {
+        self.endpoint.accept().await
+    }
+
+    /// Completes an incoming handshake within `timeout`, and names the practice it proved.
+    /// Unpaired certificates are refused during the handshake and reported through the pin
+    /// set's refusal log.
+    pub async fn handshake(
+        incoming: quinn::Incoming,
+        timeout: std::time::Duration,
+    ) -> Result<PeerConnection, NetError> {
+        let addr = incoming.remote_address();
+        let connecting = incoming.accept().map_err(|e| NetError::Connect {
+            addr,
+            message: e.to_string(),
+        })?;
+        let connection = match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(NetError::Connect {
+                    addr,
+                    message: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(NetError::Connect {
+                    addr,
+                    message: format!("handshake not completed within {timeout:?}"),
+                });
+            }
+        };
+        match peer_id(&connection) {
+            Some(peer) => Ok(PeerConnection { peer, connection }),
+            None => {
+                connection.close(quinn::VarInt::from_u32(1), b"no certificate");
+                Err(NetError::Unpaired)
             }
         }
     }

@@ -57,6 +57,11 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Abandons the stream at once: the reader sees it reset, not ended.
+    pub fn reset(mut self, code: u32) {
+        let _ = self.enc.get_mut().reset(quinn::VarInt::from_u32(code));
+    }
+
     /// Ends the stream cleanly (the reader sees the end after the last frame).
     pub async fn finish(mut self) -> Result<(), WireError> {
         self.enc.shutdown().await?;

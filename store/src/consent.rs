@@ -182,7 +182,7 @@ impl Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8)
                      ON CONFLICT(chart_id, peer) DO UPDATE SET access = excluded.access, purpose = excluded.purpose,
                         expires_ms = excluded.expires_ms, recorded_by = excluded.recorded_by,
-                        recorded_ms = excluded.recorded_ms, revoked_ms = NULL, seq = excluded.seq",
+                        recorded_ms = excluded.recorded_ms, revoked_ms = NULL, expired_ms = NULL, seq = excluded.seq",
                 )?;
                 for g in &grants {
                     st.execute(params![

@@ -36,6 +36,12 @@ pub enum StoreError {
     Closed,
     #[error("chart {0} not found")]
     NotFound(String),
+    #[error(
+        "chart {chart} would be {bytes} bytes, over the limit of 8 MiB for one chart: nothing was saved; keep long documents outside the chart (e.g. a summary note) or ask your administrator"
+    )]
+    TooLarge { chart: String, bytes: i64 },
+    #[error("{0:?} names several charts: {1}; give the full key (CHART@PRACTICE)")]
+    Ambiguous(String, String),
     #[error(transparent)]
     Core(#[from] chartmesh_core::CoreError),
     #[error("database error: {0}")]

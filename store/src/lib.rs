@@ -13,6 +13,13 @@
 //! A write is acknowledged only after its transaction is durable. Reads use their own
 //! connections and never wait for the writer.
 
+/// A named point where a test build can inject a failure or a crash (no-op otherwise).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! failpoint {
+    ($name:expr) => {};
+}
+
 mod consent;
 mod error;
 mod key;
@@ -26,11 +33,12 @@ pub use consent::Peer;
 pub use error::StoreError;
 pub use key::{StoreKey, is_plaintext, plaintext_count, rekey_copy};
 pub use read::{ChartRecord, ChartSummary};
-pub use sync::{ChangeCheck, PreparedMerge, SyncChart, SyncItem, SyncOutcome, SyncPeerState};
+pub use sync::{PreparedMerge, SyncChart, SyncItem, SyncOutcome, SyncPeerState, rotate_incarnation};
 pub use workflow::{ConflictRecord, ReferralRef};
 pub use write::{EditFn, EditOutcome, InsertOutcome, NewChart};
 
 use chartmesh_core::audit::AuditEvent;
+use rusqlite::params;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -234,6 +242,40 @@ impl Store {
             let mut st = c.prepare_cached("SELECT id FROM charts ORDER BY id")?;
             let rows = st.query_map([], |r| r.get::<_, String>(0))?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Resolves a chart as a person names it to its local key: the key itself (a chart of
+    /// this practice's own, or a copy's full `CHART@PRACTICE` key); else a chart id held
+    /// here only as one practice's copy; else `CHART@PREFIX` with the start of the
+    /// custodian's id. An id held as several copies is ambiguous: the error lists them.
+    pub fn resolve_chart(&self, typed: &str) -> Result<Option<String>, StoreError> {
+        self.with_reader(|c| {
+            let exact: bool = c
+                .prepare_cached("SELECT EXISTS(SELECT 1 FROM charts WHERE id = ?1)")?
+                .query_row([typed], |r| r.get(0))?;
+            if exact {
+                return Ok(Some(typed.to_string()));
+            }
+            // A chart id never contains '@': everything after it names the custodian.
+            let prefix = if typed.contains('@') {
+                typed.to_string()
+            } else {
+                format!("{typed}@")
+            };
+            // Keys starting with the prefix: a range on the primary key ('~' sorts after
+            // every character of a practice id).
+            let mut st = c.prepare_cached(
+                "SELECT id FROM charts WHERE id >= ?1 AND id < ?2 AND origin IS NOT NULL ORDER BY id LIMIT 6",
+            )?;
+            let hits: Vec<String> = st
+                .query_map(params![prefix, format!("{prefix}~")], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            match hits.len() {
+                0 => Ok(None),
+                1 => Ok(hits.into_iter().next()),
+                _ => Err(StoreError::Ambiguous(typed.to_string(), hits.join(", "))),
+            }
         })
     }
 

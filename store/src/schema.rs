@@ -157,6 +157,37 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- documents meanwhile).
     ALTER TABLE charts ADD COLUMN due_facts TEXT;
     "#,
+    // 9: sync protocol 2. Copies of other practices' charts are keyed by (custodian, chart
+    // id): the local key of a copy is `CHART@CUSTODIAN`, so two practices' charts with the
+    // same id never collide and no peer can take an id before its custodian shares it. The
+    // store's incarnation goes with each checkpoint (a checkpoint of a store since restored
+    // means nothing). A grant's expiry is recorded as an event with a sequence number, so
+    // peers learn of it on their next pull. Each chart's stored size is kept, so writes and
+    // merges past the size limit are refused without reading the document.
+    r#"
+    UPDATE chart_docs SET chart_id = chart_id || '@' ||
+        (SELECT origin FROM charts WHERE charts.id = chart_docs.chart_id)
+        WHERE chart_id IN (SELECT id FROM charts WHERE origin IS NOT NULL);
+    UPDATE chart_changes SET chart_id = chart_id || '@' ||
+        (SELECT origin FROM charts WHERE charts.id = chart_changes.chart_id)
+        WHERE chart_id IN (SELECT id FROM charts WHERE origin IS NOT NULL);
+    UPDATE referral_index SET chart_id = chart_id || '@' ||
+        (SELECT origin FROM charts WHERE charts.id = referral_index.chart_id)
+        WHERE chart_id IN (SELECT id FROM charts WHERE origin IS NOT NULL);
+    UPDATE conflicts SET chart_id = chart_id || '@' ||
+        (SELECT origin FROM charts WHERE charts.id = conflicts.chart_id)
+        WHERE chart_id IN (SELECT id FROM charts WHERE origin IS NOT NULL);
+    UPDATE emergency_access SET chart_id = chart_id || '@' || peer
+        WHERE instr(chart_id, '@') = 0;
+    UPDATE charts SET id = id || '@' || origin WHERE origin IS NOT NULL;
+    ALTER TABLE sync_peers ADD COLUMN checkpoint_inc INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE grants ADD COLUMN expired_ms INTEGER;
+    CREATE INDEX grants_expiry ON grants(expires_ms) WHERE expires_ms IS NOT NULL AND revoked_ms IS NULL AND expired_ms IS NULL;
+    ALTER TABLE charts ADD COLUMN doc_bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE charts SET doc_bytes =
+        coalesce((SELECT length(doc) FROM chart_docs WHERE chart_docs.chart_id = charts.id), 0) +
+        coalesce((SELECT sum(length(data)) FROM chart_changes WHERE chart_changes.chart_id = charts.id), 0);
+    "#,
 ];
 
 /// Takes `count` numbers of the change sequence; returns the first.
@@ -190,6 +221,7 @@ pub(crate) fn open_write_connection(
         "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA cache_size=-8000; PRAGMA journal_size_limit=16777216;",
     )?;
     migrate(&mut conn)?;
+    crate::sync::ensure_incarnation(&conn)?;
     Ok(conn)
 }
 

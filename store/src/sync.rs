@@ -1,13 +1,23 @@
-//! What the sync layer reads and writes: per chart its heads, sharing state and sequence; per
-//! peer its checkpoint; and the durable application of what a peer sent. The consent rules
-//! themselves are passed in by the caller (`chartmesh_core::consent`); this module only
-//! applies them inside the same transaction as the write they guard, with the grants as
-//! stored at that moment.
+//! What the sync engine (`chartmesh_core::sync`) asks of the store: answers to its queries
+//! ([`Store::answer`]), the durable application of what a peer sent ([`Store::apply_sync`],
+//! prepared off the writer with [`Store::prepare_sync`]), and its bookkeeping
+//! ([`Store::persist_sync`]): per peer the checkpoint of its store (with that store's
+//! incarnation) and what it confirmed of ours; per chart its heads, sharing state, sequence
+//! and size; grant expiry recorded as an event.
+//!
+//! SQL here only pre-selects candidates for speed. Every consent decision is
+//! `chartmesh_core::consent`'s: the engine decides what is offered and sent from the rows
+//! read here, and this module asks consent again inside the writer's transaction, with the
+//! grants as stored at that moment, before it writes anything a peer sent.
 
 use chartmesh_core::audit::AuditEvent;
-use chartmesh_core::consent::{Access, Grant, Refusal};
-use chartmesh_core::sync::{Offered, heads_digest};
-use chartmesh_core::{Chart, ChartDoc};
+use chartmesh_core::consent::{self, Access, Grant, Refusal};
+use chartmesh_core::ids::copy_key;
+use chartmesh_core::sync::{
+    Answer, Candidates, ChartRow, FetchItem, Fetched, Incarnation, Incoming, LocalChart,
+    MAX_CHART_BYTES, Offered, PeerRecord, Persist, Query, heads_digest,
+};
+use chartmesh_core::{Chart, ChartDoc, PracticeId};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use tokio::sync::oneshot;
@@ -15,11 +25,12 @@ use tokio::sync::oneshot;
 use crate::write::{
     DocWrite, NewChart, Stored, doc_write, heads_blob, heads_from_blob, load_doc, task, write_doc,
 };
-use crate::{Store, StoreError};
+use crate::{IndexFields, Store, StoreError};
 
-/// A chart as the sync layer sees it.
+/// A chart as the sync layer sees it (by local key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncChart {
+    /// The local key (the chart id, or `id@custodian` for a copy).
     pub id: String,
     pub seq: i64,
     pub heads: Vec<[u8; 32]>,
@@ -31,29 +42,57 @@ pub struct SyncChart {
     pub revoked_ms: Option<i64>,
 }
 
+impl SyncChart {
+    /// How this practice holds the chart, if it is a copy of another practice's.
+    pub fn held(&self) -> Option<consent::Held<'_>> {
+        self.origin.as_deref().map(|custodian| consent::Held {
+            custodian,
+            access: self.access,
+            expires_ms: self.expires_ms,
+            revoked_ms: self.revoked_ms,
+        })
+    }
+
+    fn row(self) -> ChartRow {
+        let chart = chartmesh_core::ids::split_key(&self.id).0.to_string();
+        ChartRow {
+            key: self.id,
+            chart,
+            seq: self.seq as u64,
+            heads: self.heads,
+            origin: self.origin,
+            access: self.access,
+            expires_ms: self.expires_ms,
+            revoked_ms: self.revoked_ms,
+        }
+    }
+}
+
 /// Sync bookkeeping of one peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncPeerState {
     /// The peer's change sequence applied here up to this number.
     pub checkpoint: i64,
+    /// The incarnation of the peer's store the checkpoint belongs to.
+    pub checkpoint_inc: u64,
     pub last_pull_ms: Option<i64>,
     /// Our change sequence the peer confirmed it holds.
     pub served_upto: i64,
     pub last_served_ms: Option<i64>,
 }
 
-/// One item of a pull to apply.
+/// One received item, prepared for the writer.
 #[derive(Debug, Clone)]
 pub struct SyncItem {
+    pub key: String,
     pub chart: String,
     pub kind: Offered,
     /// Changes to merge into an existing copy.
     pub data: Option<Vec<u8>>,
-    /// The full document, already loaded and validated by the caller, for a chart not held
-    /// here when the pull started.
-    pub prepared: Option<NewChart>,
-    /// The merge of `data` into the stored copy, computed by the caller off the writer
+    /// The full document, loaded and checked, for a chart not held here when prepared.
+    pub prepared: Option<Result<NewChart, String>>,
+    /// The merge of `data` into the stored chart, computed off the writer
     /// ([`Store::prepare_merge`]); used only if the chart was not written since.
     pub merge: Option<PreparedMerge>,
 }
@@ -65,6 +104,7 @@ pub struct PreparedMerge {
     seq: i64,
     inc_seq: i64,
     inc_count: i64,
+    doc_bytes: i64,
     /// Whether it was computed as one of this practice's own charts (validated in full).
     own: bool,
     result: MergeResult,
@@ -87,8 +127,19 @@ enum MergeResult {
 #[derive(Debug, Clone)]
 struct Ready {
     write: DocWrite,
-    ix: crate::IndexFields,
+    ix: IndexFields,
     conflicts: Vec<chartmesh_core::conflicts::Conflict>,
+}
+
+/// Loads a document (or changes) a peer sent, within the limits for peer documents.
+fn load_peer_doc(data: &[u8]) -> Result<ChartDoc, String> {
+    if data.len() > MAX_CHART_BYTES {
+        return Err(format!(
+            "a document of {} bytes, over the {MAX_CHART_BYTES}-byte limit",
+            data.len()
+        ));
+    }
+    ChartDoc::load(data, []).map_err(|e| e.to_string())
 }
 
 /// Merges `data` into the loaded document and computes everything the writer stores.
@@ -100,6 +151,12 @@ fn compute_merge(
     options: &crate::StoreOptions,
     inc_count: i64,
 ) -> MergeResult {
+    if data.len() > MAX_CHART_BYTES {
+        return MergeResult::Undecodable(format!(
+            "changes of {} bytes, over the {MAX_CHART_BYTES}-byte limit",
+            data.len()
+        ));
+    }
     // Mark what is stored, so only the merge's changes are saved.
     let _ = doc.save_incremental();
     let referrals_before = doc.referrals().unwrap_or_default();
@@ -143,8 +200,8 @@ fn compute_merge(
 
 /// Changes to one of our own charts are validated in full: the result must still be a valid
 /// chart. A copy held from its custodian is filed by its header (id and index fields), like
-/// a new copy (daemon::sync::prepare_new).
-fn index_of_merged(doc: &ChartDoc, chart: &str, own: bool) -> Result<crate::IndexFields, String> {
+/// a new copy ([`prepare_new`]).
+fn index_of_merged(doc: &ChartDoc, chart: &str, own: bool) -> Result<IndexFields, String> {
     if own {
         let json = doc
             .to_json()
@@ -152,12 +209,12 @@ fn index_of_merged(doc: &ChartDoc, chart: &str, own: bool) -> Result<crate::Inde
         if json["id"].as_str() != Some(chart) {
             return Err("the changes alter the chart id".into());
         }
-        let ix = crate::IndexFields::from_chart_json(&json);
+        let ix = IndexFields::from_chart_json(&json);
         Chart::from_json_value(json).map_err(|e| format!("the merged chart is invalid: {e}"))?;
         Ok(ix)
     } else {
         match doc.header() {
-            Ok(h) if h.id == chart => Ok(crate::IndexFields {
+            Ok(h) if h.id == chart => Ok(IndexFields {
                 mrn: h.mrn,
                 family: h.family,
                 given: h.given,
@@ -169,52 +226,118 @@ fn index_of_merged(doc: &ChartDoc, chart: &str, own: bool) -> Result<crate::Inde
     }
 }
 
+/// Loads a chart received whole from its custodian and checks what filing it needs: a
+/// complete automerge document (every change hash verified by the load) within the limits
+/// for peer documents, the chart id it was offered under, `type` chart, and the demographic
+/// fields of the search index. The full schema was validated where the chart was written;
+/// received copies are stored as sent and never merged into this practice's own charts
+/// (every change to those is validated in full). Measured: this check costs ~30 µs after the
+/// ~100 µs load, a full conversion and validation ~135 µs (core/examples/receive_cost.rs).
+fn prepare_new(key: &str, chart: &str, data: &[u8], now: i64) -> Result<NewChart, String> {
+    consent::may_accept_copy(chart).map_err(|r| r.as_str().to_string())?;
+    let mut doc = load_peer_doc(data)?;
+    if !doc.automerge().get_missing_deps(&[]).is_empty() {
+        return Err("incomplete document".into());
+    }
+    let h = doc.header().map_err(|e| e.to_string())?;
+    if h.id != chart {
+        return Err("the document is another chart".into());
+    }
+    Ok(NewChart {
+        id: key.to_string(),
+        doc: data.to_vec(),
+        index: IndexFields {
+            mrn: h.mrn,
+            family: h.family,
+            given: h.given,
+            birth_date: h.birth_date,
+        },
+        origin: None,
+        time_ms: now,
+        heads: doc.head_bytes(),
+        referrals: doc.referral_ids(),
+        due_facts: doc.due_view().ok().map(|c| {
+            serde_json::to_string(&chartmesh_core::due::facts(&c)).expect("facts serialize")
+        }),
+    })
+}
+
+fn current(conn: &Connection, key: &str) -> Result<Option<(i64, i64)>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT seq, doc_bytes FROM charts WHERE id = ?1")?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
 impl Store {
     /// Computes the merge of a peer's changes into the stored chart on the caller's thread
     /// (a read connection, one snapshot), so the writer only checks consent and stores it.
     /// None if the chart is not stored.
     pub fn prepare_merge(
         &self,
-        chart: &str,
+        key: &str,
         data: &[u8],
         own: bool,
     ) -> Result<Option<PreparedMerge>, StoreError> {
         let options = self.inner.options.clone();
-        let t0 = std::time::Instant::now();
+        let chart = chartmesh_core::ids::split_key(key).0.to_string();
         self.with_reader(|c| {
-            let t_lease = t0.elapsed();
             let tx = c.unchecked_transaction()?;
-            let Some(seq) = current_seq(&tx, chart)? else {
+            let Some((seq, doc_bytes)) = current(&tx, key)? else {
                 return Ok(None);
             };
-            let Some((mut doc, inc_seq, inc_count)) = load_doc(&tx, chart)? else {
+            let Some((mut doc, inc_seq, inc_count)) = load_doc(&tx, key)? else {
                 return Ok(None);
             };
             drop(tx);
-            let t_load = t0.elapsed();
-            let result = compute_merge(&mut doc, chart, data, own, &options, inc_count);
-            tracing::trace!(
-                lease_us = t_lease.as_micros() as u64,
-                load_us = t_load.as_micros() as u64,
-                total_us = t0.elapsed().as_micros() as u64,
-                "merge prepared"
-            );
+            let result = compute_merge(&mut doc, &chart, data, own, &options, inc_count);
             Ok(Some(PreparedMerge {
                 seq,
                 inc_seq,
                 inc_count,
+                doc_bytes,
                 own,
                 result,
             }))
         })
     }
+
+    /// Prepares one received item for the writer, on the caller's thread (CPU work: loading
+    /// and checking a new copy, or merging changes into the stored chart from a read
+    /// snapshot). Call it on a CPU pool; the writer then only checks consent and stores.
+    pub fn prepare_sync(&self, item: Incoming, now_ms: i64) -> SyncItem {
+        let held = current_seq_of(self, &item.key);
+        let prepared = match (&item.kind, &item.data, held) {
+            (Offered::Shared { .. }, Some(data), false) => {
+                Some(prepare_new(&item.key, &item.chart, data, now_ms))
+            }
+            _ => None,
+        };
+        let merge = match (&item.kind, &item.data, held) {
+            (Offered::Shared { .. } | Offered::Returned { .. }, Some(data), true) => self
+                .prepare_merge(&item.key, data, item.kind.returned())
+                .ok()
+                .flatten(),
+            _ => None,
+        };
+        let data = if prepared.is_some() { None } else { item.data };
+        SyncItem {
+            key: item.key,
+            chart: item.chart,
+            kind: item.kind,
+            data,
+            prepared,
+            merge,
+        }
+    }
 }
 
-fn current_seq(conn: &Connection, chart: &str) -> Result<Option<i64>, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT seq FROM charts WHERE id = ?1")?
-        .query_row([chart], |r| r.get(0))
-        .optional()?)
+fn current_seq_of(store: &Store, key: &str) -> bool {
+    store
+        .with_reader(|c| current(c, key))
+        .ok()
+        .flatten()
+        .is_some()
 }
 
 /// What became of one item.
@@ -232,11 +355,7 @@ pub enum SyncOutcome {
     Refused(String),
 }
 
-/// Decides whether a peer's changes to one of this practice's charts may be applied: given
-/// the peer's grants (as stored now), the chart id and the actors of the new changes.
-pub type ChangeCheck = Box<dyn Fn(&[Grant], &str, &[[u8; 16]]) -> Result<(), Refusal> + Send>;
-
-fn access_of(s: Option<String>) -> Option<Access> {
+pub(crate) fn access_of(s: Option<String>) -> Option<Access> {
     s.and_then(|s| s.parse().ok())
 }
 
@@ -285,54 +404,250 @@ fn query_sync(
     Ok(out)
 }
 
-impl Store {
-    /// Charts that changed after `since` and that `peer` may need (by the sequence index:
-    /// left to itself SQLite prefers the origin index and scans every chart, which made a
-    /// no-op reconnect grow with the number of charts): this practice's own charts
-    /// (consent is for the caller to check) and the peer's charts held here read-write. A
-    /// version the peer itself wrote and holds entirely is left out.
-    pub fn sync_changed_since(&self, peer: &str, since: i64) -> Result<Vec<SyncChart>, StoreError> {
-        self.with_reader(|c| {
-            query_sync(
-                c,
-                &format!(
-                    "{SYNC_COLUMNS} INDEXED BY charts_seq WHERE seq > ?2 AND (from_peer IS NULL OR from_peer != ?1)
-                     AND (origin IS NULL OR (origin = ?1 AND access = 'read-write' AND revoked_ms IS NULL))
-                     ORDER BY seq"
-                ),
-                params![peer, since],
-            )
-        })
-    }
+fn sync_chart(conn: &Connection, key: &str) -> Result<Option<SyncChart>, StoreError> {
+    Ok(query_sync(conn, &format!("{SYNC_COLUMNS} WHERE id = ?1"), [key])?
+        .into_iter()
+        .next())
+}
 
-    /// This practice's own charts (all of them, or the listed ones).
-    pub fn sync_own_charts(&self, ids: Option<&[String]>) -> Result<Vec<SyncChart>, StoreError> {
-        self.with_reader(|c| match ids {
-            None => query_sync(
-                c,
-                &format!("{SYNC_COLUMNS} WHERE origin IS NULL ORDER BY id"),
-                [],
-            ),
-            Some(ids) => {
-                let mut out = Vec::new();
-                for id in ids {
-                    out.extend(query_sync(
-                        c,
-                        &format!("{SYNC_COLUMNS} WHERE id = ?1 AND origin IS NULL"),
-                        [id],
-                    )?);
+fn seq_of(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get(0))?)
+}
+
+/// Whether anything changed after `since` that `peer` may need (a pre-selection: the engine
+/// decides what is offered).
+fn pending(conn: &Connection, peer: &str, since: i64) -> Result<bool, StoreError> {
+    let charts: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM charts INDEXED BY charts_seq WHERE seq > ?2 AND (from_peer IS NULL OR from_peer != ?1)
+             AND (origin IS NULL OR (origin = ?1 AND access = 'read-write' AND revoked_ms IS NULL)))",
+        )?
+        .query_row(params![peer, since], |r| r.get(0))?;
+    let grants: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM grants WHERE peer = ?1 AND seq > ?2)")?
+        .query_row(params![peer, since], |r| r.get(0))?;
+    Ok(charts || grants)
+}
+
+/// The stored document of a chart as bytes loadable by automerge (the full save followed by
+/// its incremental changes), without loading it.
+fn chart_bytes(c: &Connection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let base: Option<(Vec<u8>, i64)> = c
+        .prepare_cached(
+            "SELECT d.doc, c.inc_count FROM charts c JOIN chart_docs d ON d.chart_id = c.id WHERE c.id = ?1",
+        )?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((mut bytes, incs)) = base else {
+        return Ok(None);
+    };
+    if incs > 0 {
+        let mut st =
+            c.prepare_cached("SELECT data FROM chart_changes WHERE chart_id = ?1 ORDER BY seq")?;
+        let rows = st.query_map([key], |r| r.get::<_, Vec<u8>>(0))?;
+        for r in rows {
+            bytes.extend(r?);
+        }
+    }
+    Ok(Some(bytes))
+}
+
+/// The changes of a chart that a peer with heads `have` lacks.
+fn changes_after(c: &Connection, key: &str, have: &[[u8; 32]]) -> Result<Option<Vec<u8>>, StoreError> {
+    // Fast path: the peer is at the start of one of our stored chunks.
+    let mut want = have.to_vec();
+    want.sort_unstable();
+    let mut st = c.prepare_cached(
+        "SELECT heads_before, data FROM chart_changes WHERE chart_id = ?1 ORDER BY seq",
+    )?;
+    let rows = st.query_map([key], |r| {
+        Ok((r.get::<_, Option<Vec<u8>>>(0)?, r.get::<_, Vec<u8>>(1)?))
+    })?;
+    let mut out: Option<Vec<u8>> = None;
+    for row in rows {
+        let (before, data) = row?;
+        match &mut out {
+            Some(bytes) => bytes.extend(data),
+            None => {
+                if let Some(b) = before {
+                    let mut hb = heads_from_blob(&b);
+                    hb.sort_unstable();
+                    if !want.is_empty() && hb == want {
+                        out = Some(data);
+                    }
                 }
-                Ok(out)
             }
+        }
+    }
+    if out.is_some() {
+        return Ok(out);
+    }
+    Ok(load_doc(c, key)?.map(|(mut d, _, _)| d.changes_after(have)))
+}
+
+impl Store {
+    /// The store's incarnation (drawn when it was created; drawn again when it is restored
+    /// from a backup or found rolled back).
+    pub fn incarnation(&self) -> Result<Incarnation, StoreError> {
+        let v = self.get_meta("incarnation")?;
+        Ok(v.and_then(|s| s.parse().ok()).unwrap_or(0))
+    }
+
+    /// What this store remembers of a peer, for a new sync session with it.
+    pub fn peer_record(&self, peer: &str) -> Result<PeerRecord, StoreError> {
+        let s = self.sync_peer_state(peer)?;
+        Ok(PeerRecord {
+            checkpoint: s.checkpoint.max(0) as u64,
+            checkpoint_incarnation: s.checkpoint_inc,
+            served_upto: s.served_upto.max(0) as u64,
+            last_pull_ms: s.last_pull_ms,
         })
     }
 
-    /// The listed charts as held here (absent ones are left out).
-    pub fn sync_charts(&self, ids: &[&str]) -> Result<HashMap<String, SyncChart>, StoreError> {
+    /// Answers one of the sync engine's questions about `peer`. Each answer is read in one
+    /// read transaction (one snapshot).
+    pub fn answer(&self, peer: &str, query: &Query) -> Answer {
+        let r = self.with_reader(|c| {
+            let tx = c.unchecked_transaction()?;
+            let a = match query {
+                Query::Local { keys } => {
+                    let mut out = Vec::with_capacity(keys.len());
+                    for k in keys {
+                        out.push(sync_chart(&tx, k)?.map(|c| LocalChart {
+                            heads: c.heads,
+                            revoked: c.revoked_ms.is_some(),
+                            access: c.access,
+                            expires_ms: c.expires_ms,
+                        }));
+                    }
+                    Answer::Local(out)
+                }
+                Query::Candidates { since } => Answer::Candidates(candidates(&tx, peer, *since as i64)?),
+                Query::Fetch { items, budget } => fetch(&tx, peer, items, *budget)?,
+                Query::Pending { since } => Answer::Pending {
+                    upto: seq_of(&tx)? as u64,
+                    pending: pending(&tx, peer, *since as i64)?,
+                },
+            };
+            drop(tx);
+            Ok(a)
+        });
+        r.unwrap_or_else(|e| Answer::Failed(e.to_string()))
+    }
+}
+
+/// What may be offered to `peer` after `since` (the engine decides with consent): our own
+/// charts changed since (by the sequence index: left to itself SQLite prefers the origin
+/// index and scans every chart, which made a no-op reconnect grow with the number of charts)
+/// or whose grant changed since (every own chart when an all-charts grant changed), and the
+/// peer's charts held here read-write and changed here. A version the peer itself wrote and
+/// holds entirely is left out.
+fn candidates(c: &Connection, peer: &str, since: i64) -> Result<Candidates, StoreError> {
+    let upto = seq_of(c)? as u64;
+    let grants = crate::consent::grants_of(c, peer)?;
+    let changed_grants: Vec<String> = {
+        let mut st = c.prepare_cached(
+            "SELECT chart_id FROM grants WHERE peer = ?1 AND seq > ?2 ORDER BY seq",
+        )?;
+        let rows = st.query_map(params![peer, since], |r| r.get::<_, String>(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut own: Vec<SyncChart> = query_sync(
+        c,
+        &format!(
+            "{SYNC_COLUMNS} INDEXED BY charts_seq WHERE seq > ?2 AND origin IS NULL
+             AND (from_peer IS NULL OR from_peer != ?1) ORDER BY seq"
+        ),
+        params![peer, since],
+    )?;
+    let mut seen: std::collections::HashSet<String> = own.iter().map(|c| c.id.clone()).collect();
+    if changed_grants.iter().any(|g| g == consent::ALL_CHARTS) {
+        for row in query_sync(c, &format!("{SYNC_COLUMNS} WHERE origin IS NULL ORDER BY seq"), [])? {
+            if seen.insert(row.id.clone()) {
+                own.push(row);
+            }
+        }
+    } else {
+        for id in &changed_grants {
+            if seen.contains(id) {
+                continue;
+            }
+            if let Some(row) = sync_chart(c, id)?.filter(|r| r.origin.is_none()) {
+                seen.insert(row.id.clone());
+                own.push(row);
+            }
+        }
+    }
+    let returned = query_sync(
+        c,
+        &format!(
+            "{SYNC_COLUMNS} INDEXED BY charts_seq WHERE seq > ?2 AND origin = ?1
+             AND access = 'read-write' AND revoked_ms IS NULL
+             AND (from_peer IS NULL OR from_peer != ?1) ORDER BY seq"
+        ),
+        params![peer, since],
+    )?;
+    Ok(Candidates {
+        upto,
+        grants,
+        changed_grants,
+        own: own.into_iter().map(SyncChart::row).collect(),
+        returned: returned.into_iter().map(SyncChart::row).collect(),
+    })
+}
+
+/// Reads wanted charts until `budget` bytes are read. A chart that cannot be read (a damaged
+/// page) is answered with the error, alone; it is never sent.
+fn fetch(c: &Connection, peer: &str, items: &[FetchItem], budget: usize) -> Result<Answer, StoreError> {
+    let grants = crate::consent::grants_of(c, peer)?;
+    let mut out = Vec::with_capacity(items.len());
+    let mut bytes = 0usize;
+    let mut rest = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        if bytes >= budget {
+            rest.extend_from_slice(&items[i..]);
+            break;
+        }
+        let row = sync_chart(c, &item.key)?;
+        // Read the bytes only of a chart on the side the want names (own, or the peer's
+        // copy); whether it may leave is the engine's decision.
+        let side_ok = row.as_ref().is_some_and(|r| match &r.origin {
+            None => !item.returned,
+            Some(o) => item.returned && o == peer,
+        });
+        let data = if side_ok {
+            let r = if item.have.is_empty() {
+                chart_bytes(c, &item.key)
+            } else {
+                changes_after(c, &item.key, &item.have)
+            };
+            r.map_err(|e| e.to_string())
+        } else {
+            Ok(None)
+        };
+        if let Ok(Some(d)) = &data {
+            bytes += d.len();
+        }
+        out.push(Fetched {
+            item: item.clone(),
+            row: row.map(SyncChart::row),
+            data,
+        });
+    }
+    Ok(Answer::Fetched {
+        grants,
+        items: out,
+        rest,
+    })
+}
+
+impl Store {
+    /// The listed charts as held here, by local key (absent ones are left out).
+    pub fn sync_charts(&self, keys: &[&str]) -> Result<HashMap<String, SyncChart>, StoreError> {
         self.with_reader(|c| {
-            let mut out = HashMap::with_capacity(ids.len());
-            for id in ids {
-                for sc in query_sync(c, &format!("{SYNC_COLUMNS} WHERE id = ?1"), [id])? {
+            let mut out = HashMap::with_capacity(keys.len());
+            for k in keys {
+                if let Some(sc) = sync_chart(c, k)? {
                     out.insert(sc.id.clone(), sc);
                 }
             }
@@ -340,109 +655,23 @@ impl Store {
         })
     }
 
-    /// A chart's stored document as bytes loadable by automerge (the full save followed by
-    /// its incremental changes), without loading it.
-    pub fn chart_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.with_reader(|c| {
-            let base: Option<(Vec<u8>, i64)> = c
-                .prepare_cached(
-                    "SELECT d.doc, c.inc_count FROM charts c JOIN chart_docs d ON d.chart_id = c.id WHERE c.id = ?1",
-                )?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            let Some((mut bytes, incs)) = base else {
-                return Ok(None);
-            };
-            if incs > 0 {
-                let mut st = c.prepare_cached(
-                    "SELECT data FROM chart_changes WHERE chart_id = ?1 ORDER BY seq",
-                )?;
-                let rows = st.query_map([id], |r| r.get::<_, Vec<u8>>(0))?;
-                for r in rows {
-                    bytes.extend(r?);
-                }
-            }
-            Ok(Some(bytes))
-        })
-    }
-
-    /// The changes of a chart that a peer with heads `have` lacks.
-    pub fn chart_changes_after(
-        &self,
-        id: &str,
-        have: &[[u8; 32]],
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        self.with_reader(|c| {
-            // Fast path: the peer is at the start of one of our stored chunks.
-            let mut want = have.to_vec();
-            want.sort_unstable();
-            let mut st = c.prepare_cached(
-                "SELECT heads_before, data FROM chart_changes WHERE chart_id = ?1 ORDER BY seq",
-            )?;
-            let rows = st.query_map([id], |r| {
-                Ok((r.get::<_, Option<Vec<u8>>>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })?;
-            let mut out: Option<Vec<u8>> = None;
-            for row in rows {
-                let (before, data) = row?;
-                match &mut out {
-                    Some(bytes) => bytes.extend(data),
-                    None => {
-                        if let Some(b) = before {
-                            let mut hb = heads_from_blob(&b);
-                            hb.sort_unstable();
-                            if !want.is_empty() && hb == want {
-                                out = Some(data);
-                            }
-                        }
-                    }
-                }
-            }
-            if out.is_some() {
-                return Ok(out);
-            }
-            Ok(load_doc(c, id)?.map(|(mut d, _, _)| d.changes_after(have)))
-        })
-    }
-
     /// Whether anything changed after `since` that `peer` may need (cheap: existence only).
     pub fn sync_pending(&self, peer: &str, since: i64) -> Result<bool, StoreError> {
-        self.with_reader(|c| {
-            let charts: bool = c
-                .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM charts INDEXED BY charts_seq WHERE seq > ?2 AND (from_peer IS NULL OR from_peer != ?1)
-                     AND (origin IS NULL OR (origin = ?1 AND access = 'read-write' AND revoked_ms IS NULL)))",
-                )?
-                .query_row(params![peer, since], |r| r.get(0))?;
-            let grants: bool = c
-                .prepare_cached("SELECT EXISTS (SELECT 1 FROM grants WHERE peer = ?1 AND seq > ?2)")?
-                .query_row(params![peer, since], |r| r.get(0))?;
-            Ok(charts || grants)
-        })
-    }
-
-    /// Grants of `peer` recorded, changed, revoked after `since` (with their sequence).
-    pub fn grants_changed_since(&self, peer: &str, since: i64) -> Result<Vec<String>, StoreError> {
-        self.with_reader(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT chart_id FROM grants WHERE peer = ?1 AND seq > ?2 ORDER BY seq",
-            )?;
-            let rows = st.query_map(params![peer, since], |r| r.get::<_, String>(0))?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
+        self.with_reader(|c| pending(c, peer, since))
     }
 
     pub fn sync_peer_state(&self, peer: &str) -> Result<SyncPeerState, StoreError> {
         self.with_reader(|c| {
             Ok(c.prepare_cached(
-                "SELECT checkpoint, last_pull_ms, served_upto, last_served_ms FROM sync_peers WHERE peer = ?1",
+                "SELECT checkpoint, checkpoint_inc, last_pull_ms, served_upto, last_served_ms FROM sync_peers WHERE peer = ?1",
             )?
             .query_row([peer], |r| {
                 Ok(SyncPeerState {
                     checkpoint: r.get(0)?,
-                    last_pull_ms: r.get(1)?,
-                    served_upto: r.get(2)?,
-                    last_served_ms: r.get(3)?,
+                    checkpoint_inc: r.get::<_, i64>(1)? as u64,
+                    last_pull_ms: r.get(2)?,
+                    served_upto: r.get(3)?,
+                    last_served_ms: r.get(4)?,
                 })
             })
             .optional()?
@@ -450,8 +679,7 @@ impl Store {
         })
     }
 
-    /// Counts of charts shared each way with `peer`: (ours it may receive under an active
-    /// grant is for the caller; here) received from it and not revoked.
+    /// Charts received from `peer` and not revoked.
     pub fn received_count(&self, peer: &str) -> Result<u64, StoreError> {
         self.with_reader(|c| {
             Ok(c.query_row(
@@ -473,68 +701,117 @@ impl Store {
         })
     }
 
-    /// Records that everything `peer` offered up to `upto` is durable here.
-    pub fn set_checkpoint(
+    /// Records the engine's bookkeeping for `peer` (not awaited by the engine).
+    pub fn persist_sync(
         &self,
         peer: &str,
-        upto: i64,
-        now_ms: i64,
-    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        self.raise_sync_mark(peer, "checkpoint", "last_pull_ms", upto, now_ms)
-    }
-
-    /// Records that `peer` confirmed holding everything of ours up to `upto`.
-    pub fn set_served(
-        &self,
-        peer: &str,
-        upto: i64,
-        now_ms: i64,
-    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        self.raise_sync_mark(peer, "served_upto", "last_served_ms", upto, now_ms)
-    }
-
-    /// Raises one of a peer's sync marks (never lowers it) and stamps when.
-    fn raise_sync_mark(
-        &self,
-        peer: &str,
-        mark: &'static str,
-        stamp: &'static str,
-        upto: i64,
+        p: Persist,
         now_ms: i64,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
         let peer = peer.to_string();
         self.writer()?.send(task(tx, move |ctx| {
-            ctx.conn.execute(
-                &format!(
-                    "INSERT INTO sync_peers(peer, {mark}, {stamp}) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(peer) DO UPDATE SET {mark} = max({mark}, excluded.{mark}), {stamp} = excluded.{stamp}"
-                ),
-                params![peer, upto, now_ms],
-            )?;
+            match p {
+                Persist::Checkpoint { upto, incarnation } => {
+                    // A checkpoint of another incarnation replaces the old one whatever its
+                    // number; within one incarnation it only moves forward, except to reset.
+                    ctx.conn.execute(
+                        "INSERT INTO sync_peers(peer, checkpoint, checkpoint_inc, last_pull_ms) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(peer) DO UPDATE SET
+                            checkpoint = CASE WHEN checkpoint_inc != excluded.checkpoint_inc OR excluded.checkpoint = 0
+                                              THEN excluded.checkpoint ELSE max(checkpoint, excluded.checkpoint) END,
+                            checkpoint_inc = excluded.checkpoint_inc,
+                            last_pull_ms = excluded.last_pull_ms",
+                        params![peer, upto as i64, incarnation as i64, now_ms],
+                    )?;
+                }
+                Persist::Served { upto } => {
+                    ctx.conn.execute(
+                        "INSERT INTO sync_peers(peer, served_upto, last_served_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(peer) DO UPDATE SET served_upto = max(served_upto, excluded.served_upto),
+                            last_served_ms = excluded.last_served_ms",
+                        params![peer, upto as i64, now_ms],
+                    )?;
+                }
+                Persist::NewIncarnation { incarnation } => {
+                    set_incarnation(ctx.conn, incarnation)?;
+                }
+            }
             Ok(())
         }))?;
         Ok(rx)
     }
 
-    /// Applies what `peer` sent, item by item, in one transaction: new charts, merged
-    /// changes, grant updates and revocations. `check` decides on changes to this practice's
-    /// own charts. Every receipt and refusal is audited in the same transaction.
+    /// Records as events the expiry of every grant that has expired by `now_ms` and was not
+    /// recorded yet: each takes a sequence number, so peers learn of it on their next pull
+    /// (their copies are marked). Returns how many.
+    pub fn record_expiries(
+        &self,
+        now_ms: i64,
+    ) -> Result<oneshot::Receiver<Result<usize, StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer()?.send(task(tx, move |ctx| {
+            let due: Vec<(String, String)> = {
+                let mut st = ctx.conn.prepare_cached(
+                    "SELECT chart_id, peer FROM grants WHERE expires_ms IS NOT NULL AND expires_ms <= ?1
+                     AND revoked_ms IS NULL AND expired_ms IS NULL",
+                )?;
+                let rows = st.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            if due.is_empty() {
+                return Ok(0);
+            }
+            let seq = crate::schema::take_seq(ctx.conn, 1)?;
+            for (chart, peer) in &due {
+                ctx.conn.execute(
+                    "UPDATE grants SET expired_ms = ?3, seq = ?4 WHERE chart_id = ?1 AND peer = ?2",
+                    params![chart, peer, now_ms, seq],
+                )?;
+                ctx.audit(
+                    &AuditEvent::new(now_ms, "consent", "expire")
+                        .chart(chart.clone())
+                        .peer(peer.clone())
+                        .detail("the grant reached its expiry"),
+                )?;
+            }
+            Ok(due.len())
+        }))?;
+        Ok(rx)
+    }
+
+    /// When the next grant expires that is not recorded as expired yet.
+    pub fn next_expiry(&self) -> Result<Option<i64>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                "SELECT min(expires_ms) FROM grants WHERE expires_ms IS NOT NULL AND revoked_ms IS NULL AND expired_ms IS NULL",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )?)
+        })
+    }
+
+    /// Applies what `peer` sent, item by item, in one transaction: new copies, merged
+    /// changes, grant updates and revocations. Consent is decided inside the transaction by
+    /// `chartmesh_core::consent`, with the grants as stored now. Every receipt and refusal is
+    /// audited in the same transaction.
     pub fn apply_sync(
         &self,
         peer: String,
         items: Vec<SyncItem>,
-        check: ChangeCheck,
         now_ms: i64,
     ) -> Result<oneshot::Receiver<Result<Vec<SyncOutcome>, StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
+        let peer_id: PracticeId = peer
+            .parse()
+            .map_err(|_| StoreError::Io(format!("{peer:?} is not a practice id")))?;
         self.writer()?.send(task(tx, move |ctx| {
             let t = std::time::Instant::now();
             let grants = crate::consent::grants_of(ctx.conn, &peer)?;
             let mut out = Vec::with_capacity(items.len());
             let n = items.len();
             for item in items {
-                out.push(apply_one(ctx, &peer, item, &check, &grants, now_ms)?);
+                out.push(apply_one(ctx, &peer, &peer_id, item, &grants, now_ms)?);
             }
             tracing::debug!(
                 items = n,
@@ -547,6 +824,47 @@ impl Store {
     }
 }
 
+fn set_incarnation(conn: &Connection, incarnation: Incarnation) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES ('incarnation', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [incarnation.to_string()],
+    )?;
+    // What peers confirmed of the old incarnation says nothing of the new one.
+    conn.execute("UPDATE sync_peers SET served_upto = 0", [])?;
+    Ok(())
+}
+
+/// Gives the store at `path` a new incarnation (after it was restored from a backup, or
+/// otherwise rolled back): every peer's checkpoint of it is then void, and they pull
+/// everything again (unchanged charts compare equal and cost nothing).
+pub fn rotate_incarnation(path: &std::path::Path, key: &crate::StoreKey) -> Result<Incarnation, StoreError> {
+    let mut conn = crate::schema::open_write_connection(path, key)?;
+    let incarnation = new_incarnation();
+    let tx = conn.transaction()?;
+    set_incarnation(&tx, incarnation)?;
+    tx.commit()?;
+    Ok(incarnation)
+}
+
+/// A fresh random incarnation (never 0, which means "none").
+pub(crate) fn new_incarnation() -> Incarnation {
+    loop {
+        let n: u64 = rand::random();
+        if n != 0 {
+            return n;
+        }
+    }
+}
+
+/// Gives a store that has none an incarnation (a store created before protocol 2, or new).
+pub(crate) fn ensure_incarnation(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES ('incarnation', ?1) ON CONFLICT(key) DO NOTHING",
+        [new_incarnation().to_string()],
+    )?;
+    Ok(())
+}
+
 struct Row {
     origin: Option<String>,
     access: Option<String>,
@@ -557,15 +875,16 @@ struct Row {
 fn apply_one(
     ctx: &mut crate::write::TaskCtx<'_>,
     peer: &str,
+    peer_id: &PracticeId,
     item: SyncItem,
-    check: &ChangeCheck,
     grants: &[Grant],
     now: i64,
 ) -> Result<SyncOutcome, StoreError> {
+    crate::failpoint!("sync-apply-item");
     let row: Option<Row> = ctx
         .conn
         .prepare_cached("SELECT origin, access, expires_ms, revoked_ms FROM charts WHERE id = ?1")?
-        .query_row([&item.chart], |r| {
+        .query_row([&item.key], |r| {
             Ok(Row {
                 origin: r.get(0)?,
                 access: r.get(1)?,
@@ -576,20 +895,27 @@ fn apply_one(
         .optional()?;
     let audit = |action: &str| {
         AuditEvent::new(now, "sync", action)
-            .chart(&item.chart)
+            .chart(&item.key)
             .peer(peer)
     };
-    let from_peer_row = row
-        .as_ref()
-        .is_some_and(|r| r.origin.as_deref() == Some(peer));
+    // The key says which side the chart is on: a copy of the peer's chart is filed under
+    // `chart@peer`, one of our own under its id. Anything else is not this peer's to send.
+    let expected_key = if item.kind.returned() {
+        item.chart.clone()
+    } else {
+        copy_key(&item.chart, peer)
+    };
+    if item.key != expected_key {
+        return refuse(ctx, audit("refuse"), Refusal::NotOurs.as_str());
+    }
     match (item.kind, row) {
-        (Offered::Revoked, Some(r)) if from_peer_row => {
+        (Offered::Revoked, Some(r)) if r.origin.as_deref() == Some(peer) => {
             if r.revoked_ms.is_some() {
                 return Ok(SyncOutcome::Ignored);
             }
             ctx.conn.execute(
                 "UPDATE charts SET revoked_ms = ?2 WHERE id = ?1",
-                params![item.chart, now],
+                params![item.key, now],
             )?;
             ctx.audit(&audit("revoked").detail("the custodian stopped sharing this chart"))?;
             Ok(SyncOutcome::Revoked)
@@ -603,22 +929,34 @@ fn apply_one(
             },
             None,
         ) => {
-            let Some(nc) = item.prepared else {
-                return refuse(
-                    ctx,
-                    audit("refuse"),
-                    "a new chart arrived without its document",
-                );
+            if let Err(r) = consent::may_accept_copy(&item.chart) {
+                return refuse(ctx, audit("refuse"), r.as_str());
+            }
+            let nc = match item.prepared {
+                Some(Ok(nc)) => nc,
+                Some(Err(why)) => {
+                    return refuse(ctx, audit("refuse"), &format!("the document was refused: {why}"));
+                }
+                None => {
+                    return refuse(
+                        ctx,
+                        audit("refuse"),
+                        "a new chart arrived without its document",
+                    );
+                }
             };
+            if nc.doc.len() > MAX_CHART_BYTES {
+                return refuse(ctx, audit("refuse"), "the document is over the chart size limit");
+            }
             let seq = crate::schema::take_seq(ctx.conn, 1)?;
             let from = (heads_digest(&nc.heads) == digest).then_some(peer);
             ctx.conn
                 .prepare_cached(
-                    "INSERT INTO charts(id, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq, heads, access, expires_ms, from_peer, due_facts)
-                     VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                    "INSERT INTO charts(id, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq, heads, access, expires_ms, from_peer, due_facts, doc_bytes)
+                     VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 )?
                 .execute(params![
-                    nc.id,
+                    item.key,
                     peer,
                     now,
                     nc.index.mrn,
@@ -631,10 +969,12 @@ fn apply_one(
                     access_str(access),
                     expires_ms,
                     from,
-                    nc.due_facts
+                    nc.due_facts,
+                    nc.doc.len() as i64
                 ])?;
-            crate::write::insert_doc(ctx.conn, &nc.id, &nc.doc)?;
-            crate::workflow::index_referrals(ctx.conn, &nc.id, &nc.referrals)?;
+            crate::failpoint!("sync-apply-after-row");
+            crate::write::insert_doc(ctx.conn, &item.key, &nc.doc)?;
+            crate::workflow::index_referrals(ctx.conn, &item.key, &nc.referrals)?;
             ctx.audit(
                 &audit("sync-receive").detail(format!("new copy, access={}", access_str(access))),
             )?;
@@ -647,49 +987,38 @@ fn apply_one(
                 expires_ms,
             },
             Some(r),
-        ) if from_peer_row => {
+        ) if r.origin.as_deref() == Some(peer) => {
             let grant_changed = r.access.as_deref() != Some(access_str(access))
                 || r.expires_ms != expires_ms
                 || r.revoked_ms.is_some();
             if grant_changed {
                 ctx.conn.execute(
                     "UPDATE charts SET access = ?2, expires_ms = ?3, revoked_ms = NULL WHERE id = ?1",
-                    params![item.chart, access_str(access), expires_ms],
+                    params![item.key, access_str(access), expires_ms],
                 )?;
                 ctx.audit(
                     &audit("share-received").detail(format!("access={}", access_str(access))),
                 )?;
             }
             match item.data {
-                Some(data) => merge(
-                    ctx,
-                    peer,
-                    &item.chart,
-                    &data,
-                    digest,
-                    None,
-                    item.merge,
-                    grants,
-                    now,
-                ),
+                Some(data) => merge(ctx, peer, &item.key, &item.chart, &data, digest, None, item.merge, now),
                 None if grant_changed => Ok(SyncOutcome::Updated),
                 None => Ok(SyncOutcome::Ignored),
             }
         }
         (Offered::Shared { .. }, Some(_)) => {
-            // Our own chart, or one held from another practice, under the same id.
             refuse(ctx, audit("refuse"), Refusal::NotOurs.as_str())
         }
         (Offered::Returned { digest }, Some(r)) if r.origin.is_none() => match item.data {
             Some(data) => merge(
                 ctx,
                 peer,
+                &item.key,
                 &item.chart,
                 &data,
                 digest,
-                Some(check),
+                Some((peer_id, grants)),
                 item.merge,
-                grants,
                 now,
             ),
             None => Ok(SyncOutcome::Ignored),
@@ -707,43 +1036,43 @@ fn refuse(
     Ok(SyncOutcome::Refused(why.to_string()))
 }
 
+/// Merges a peer's changes into the chart stored under `key`. `own`: one of this practice's
+/// charts, changed by the peer under a grant (consent decides, with `grants` as stored now);
+/// None: our copy of the peer's own chart.
 #[allow(clippy::too_many_arguments)]
 fn merge(
     ctx: &mut crate::write::TaskCtx<'_>,
     peer: &str,
+    key: &str,
     chart: &str,
     data: &[u8],
     digest: u64,
-    check: Option<&ChangeCheck>,
+    own: Option<(&PracticeId, &[Grant])>,
     prepared: Option<PreparedMerge>,
-    grants: &[Grant],
     now: i64,
 ) -> Result<SyncOutcome, StoreError> {
-    let audit = || {
-        AuditEvent::new(now, "sync", "refuse")
-            .chart(chart)
-            .peer(peer)
-    };
+    let audit = || AuditEvent::new(now, "sync", "refuse").chart(key).peer(peer);
     let t0 = std::time::Instant::now();
-    let own = check.is_some();
+    let is_own = own.is_some();
     // A merge prepared off the writer is used only if nothing wrote the chart since it was
     // read; otherwise it is computed here from the stored version.
-    let current = current_seq(ctx.conn, chart)?;
+    let current = current(ctx.conn, key)?;
     let fresh = prepared
         .as_ref()
-        .is_some_and(|p| Some(p.seq) == current && p.own == own);
+        .is_some_and(|p| Some(p.seq) == current.map(|c| c.0) && p.own == is_own);
     let p = match prepared {
         Some(p) if fresh => p,
         _ => {
-            let Some((mut doc, inc_seq, inc_count)) = load_doc(ctx.conn, chart)? else {
+            let Some((mut doc, inc_seq, inc_count)) = load_doc(ctx.conn, key)? else {
                 return Ok(SyncOutcome::Ignored);
             };
             PreparedMerge {
-                seq: current.unwrap_or(0),
+                seq: current.map(|c| c.0).unwrap_or(0),
                 inc_seq,
                 inc_count,
-                own,
-                result: compute_merge(&mut doc, chart, data, own, ctx.options, inc_count),
+                doc_bytes: current.map(|c| c.1).unwrap_or(0),
+                own: is_own,
+                result: compute_merge(&mut doc, chart, data, is_own, ctx.options, inc_count),
             }
         }
     };
@@ -765,20 +1094,14 @@ fn merge(
             ready,
         } => (added, actors, referral_claims, ready),
     };
-    if let Some(check) = check
-        && let Err(r) = check(grants, chart, &actors)
-    {
-        return refuse(ctx, audit(), r.as_str());
-    }
-    // On our own chart, a peer may add referral steps only in its own name (its changes are
-    // all under its own actor, checked above). A copy held from its custodian carries the
-    // steps other practices took, relayed by the custodian, which checked them.
-    if check.is_some() && referral_claims.iter().any(|p| p != peer) {
-        return refuse(
-            ctx,
-            audit(),
-            "a referral step in the changes claims another practice",
-        );
+    if let Some((peer_id, grants)) = own {
+        // Changes to one of our charts: an active read-write grant, every change under the
+        // peer's own actor, and referral steps only in its own name.
+        if let Err(r) = consent::may_apply_change(consent::applicable(grants, chart), peer_id, &actors, now)
+            .and_then(|_| consent::may_claim_referral_steps(&referral_claims, peer))
+        {
+            return refuse(ctx, audit(), r.as_str());
+        }
     }
     let ready = match ready {
         Ok(Some(r)) => r,
@@ -790,27 +1113,37 @@ fn merge(
         ix,
         conflicts,
     } = *ready;
+    let size = write.stored_size(p.doc_bytes);
+    if size > MAX_CHART_BYTES as i64 {
+        return refuse(
+            ctx,
+            audit(),
+            &format!("the merged chart would be {size} bytes, over the {MAX_CHART_BYTES}-byte limit"),
+        );
+    }
     let from = (heads_digest(&write.heads) == digest).then_some(peer);
     write_doc(
         ctx.conn,
         &Stored {
-            chart_id: chart,
+            chart_id: key,
             inc_seq: p.inc_seq,
             inc_count: p.inc_count,
+            doc_bytes: p.doc_bytes,
         },
         write,
         &ix,
         now,
         from,
     )?;
+    crate::failpoint!("sync-apply-after-merge");
     ctx.audit(
         &AuditEvent::new(now, "sync", "sync-receive")
-            .chart(chart)
+            .chart(key)
             .peer(peer)
             .detail(format!("{added} changes")),
     )?;
     if !conflicts.is_empty() {
-        crate::workflow::file_conflicts(ctx, chart, peer, now, &conflicts)?;
+        crate::workflow::file_conflicts(ctx, key, peer, now, &conflicts)?;
     }
     tracing::trace!(
         prepared = fresh,

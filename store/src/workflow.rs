@@ -230,7 +230,9 @@ impl Store {
                      ON CONFLICT(chart_id, peer) DO UPDATE SET granted_ms = excluded.granted_ms, expires_ms = excluded.expires_ms, requester = excluded.requester",
                 )?;
                 for ch in &charts {
-                    st.execute(params![ch, peer, now_ms, expires_ms, requester])?;
+                    // Recorded by the local key the copy will be filed under.
+                    let key = chartmesh_core::ids::copy_key(ch, &peer);
+                    st.execute(params![key, peer, now_ms, expires_ms, requester])?;
                 }
                 Ok(charts.len() as u64)
             }),

@@ -401,8 +401,8 @@ fn insert(
     let mut out = Vec::with_capacity(charts.len());
     let first_seq = crate::schema::take_seq(tx, charts.len() as i64)?;
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO charts(id, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq, heads, due_facts)
-         VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT(id) DO NOTHING",
+        "INSERT INTO charts(id, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq, heads, due_facts, doc_bytes)
+         VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT(id) DO NOTHING",
     )?;
     for (seq, c) in (first_seq..).zip(charts) {
         let n = stmt.execute(params![
@@ -416,7 +416,8 @@ fn insert(
             name_key(&c.index),
             seq,
             heads_blob(&c.heads),
-            c.due_facts
+            c.due_facts,
+            c.doc.len() as i64
         ])?;
         if n == 1 {
             insert_doc(tx, &c.id, &c.doc)?;
@@ -439,6 +440,8 @@ pub(crate) struct Stored<'a> {
     pub chart_id: &'a str,
     pub inc_seq: i64,
     pub inc_count: i64,
+    /// The stored size of the document (full save plus incremental changes).
+    pub doc_bytes: i64,
 }
 
 /// What writing a changed document stores, computed from the document alone (so it can be
@@ -456,6 +459,16 @@ pub struct DocWrite {
 pub(crate) enum DocBody {
     Full(Vec<u8>),
     Incremental(Vec<u8>),
+}
+
+impl DocWrite {
+    /// The document's stored size after this write, from its size before.
+    pub(crate) fn stored_size(&self, before: i64) -> i64 {
+        match &self.body {
+            DocBody::Full(b) => b.len() as i64,
+            DocBody::Incremental(b) => before + b.len() as i64,
+        }
+    }
 }
 
 /// Takes the document's changes since its last `save_incremental` (or a full save when
@@ -506,9 +519,16 @@ pub(crate) fn write_doc(
     now: i64,
     from_peer: Option<&str>,
 ) -> Result<(), StoreError> {
+    let chart_id = at.chart_id;
+    let size = w.stored_size(at.doc_bytes);
+    if size > chartmesh_core::sync::MAX_CHART_BYTES as i64 {
+        return Err(StoreError::TooLarge {
+            chart: chart_id.to_string(),
+            bytes: size,
+        });
+    }
     let change_seq = crate::schema::take_seq(tx, 1)?;
     let heads = heads_blob(&w.heads);
-    let chart_id = at.chart_id;
     crate::workflow::index_referrals(tx, chart_id, &w.referrals)?;
     let (inc_seq, inc_count) = match w.body {
         DocBody::Full(full) => {
@@ -535,9 +555,9 @@ pub(crate) fn write_doc(
         }
     };
     tx.prepare_cached(
-        "UPDATE charts SET inc_seq = ?2, inc_count = ?3, updated_ms = ?4, seq = ?5, heads = ?6, from_peer = ?7, due_facts = ?8 WHERE id = ?1",
+        "UPDATE charts SET inc_seq = ?2, inc_count = ?3, updated_ms = ?4, seq = ?5, heads = ?6, from_peer = ?7, due_facts = ?8, doc_bytes = ?9 WHERE id = ?1",
     )?
-    .execute(params![chart_id, inc_seq, inc_count, now, change_seq, heads, from_peer, w.facts])?;
+    .execute(params![chart_id, inc_seq, inc_count, now, change_seq, heads, from_peer, w.facts, size])?;
     // The search index only when a demographic field changed (naming a column in SET
     // rewrites its index entries even when the value is the same).
     tx.prepare_cached(
@@ -597,6 +617,9 @@ fn apply_edit(
 ) -> Result<EditOutcome, StoreError> {
     let (mut doc, inc_seq, inc_count) =
         load_doc(tx, chart_id)?.ok_or_else(|| StoreError::NotFound(chart_id.to_string()))?;
+    let doc_bytes: i64 = tx
+        .prepare_cached("SELECT doc_bytes FROM charts WHERE id = ?1")?
+        .query_row([chart_id], |r| r.get(0))?;
     // Mark what is stored, so save_incremental returns only this edit's changes.
     let _ = doc.save_incremental();
     edit(&mut doc)?;
@@ -609,6 +632,7 @@ fn apply_edit(
             chart_id,
             inc_seq,
             inc_count,
+            doc_bytes,
         },
         &mut doc,
         &IndexFields::from_chart_json(&json),

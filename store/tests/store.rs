@@ -305,7 +305,8 @@ fn a_merge_prepared_off_the_writer_is_redone_when_the_chart_changed_meanwhile() 
             .map(|n| n.id)
             .collect()
     };
-    let apply = |data: Vec<u8>, merge| apply_returned(&store, "peer", data, merge);
+    let peer_id = PracticeId::from_certificate_der(b"peer").to_string();
+    let apply = |data: Vec<u8>, merge| apply_returned(&store, &peer_id, data, merge);
 
     // The peer's change, merged off the writer; then a local edit lands first.
     let mut peer = store.get("c1").unwrap().unwrap().doc;
@@ -408,7 +409,7 @@ fn a_peer_cannot_add_a_referral_step_in_another_practices_name() {
         .unwrap();
     let out = apply(forged.changes_after(&heads));
     assert!(
-        matches!(&out[0], SyncOutcome::Refused(why) if why.contains("another practice")),
+        matches!(&out[0], SyncOutcome::Refused(why) if why.contains("claims-another-practice")),
         "{out:?}"
     );
     let stored = store.get("c1").unwrap().unwrap().doc.referrals().unwrap();
@@ -447,25 +448,41 @@ fn store_with_one_chart(dir: &std::path::Path) -> Store {
     store
 }
 
-/// Applies a peer's changes to our chart `c1` as a pull would (consent allows them).
+/// Applies a peer's changes to our chart `c1` as a pull would, under a read-write grant of
+/// `c1` to that peer (consent is decided by the store with chartmesh_core::consent).
 fn apply_returned(
     store: &Store,
     peer: &str,
     data: Vec<u8>,
     merge: Option<chartmesh_store::PreparedMerge>,
 ) -> Vec<chartmesh_store::SyncOutcome> {
-    let allow: chartmesh_store::ChangeCheck = Box::new(|_, _, _| Ok(()));
+    let peer_id: PracticeId = peer.parse().unwrap();
+    store
+        .grant(vec![chartmesh_core::consent::Grant {
+            chart_id: "c1".into(),
+            peer: peer_id,
+            access: chartmesh_core::consent::Access::ReadWrite,
+            purpose: chartmesh_core::consent::Purpose::Referral,
+            expires_ms: None,
+            recorded_by: "admin".into(),
+            recorded_ms: 1,
+            revoked_ms: None,
+        }])
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
     store
         .apply_sync(
             peer.into(),
             vec![chartmesh_store::SyncItem {
+                key: "c1".into(),
                 chart: "c1".into(),
                 kind: chartmesh_core::sync::Offered::Returned { digest: 0 },
                 data: Some(data),
                 prepared: None,
                 merge,
             }],
-            allow,
             10,
         )
         .unwrap()

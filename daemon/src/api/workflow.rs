@@ -129,6 +129,7 @@ pub(super) async fn correct(
     Path((id, section, action)): Path<(String, String, String)>,
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
+    let id = st.node.resolve(&id).await?;
     match (section.as_str(), action.as_str()) {
         ("allergies", "remove") | ("medications", "stop") => {}
         _ => {
@@ -153,6 +154,7 @@ pub(super) async fn patient_copy(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, NodeError> {
+    let id = st.node.resolve(&id).await?;
     let c = st.node.patient_copy(&id, &user(&headers)).await?;
     Ok(Json(json!({ "chart": id, "html": c.html, "ips": c.ips })))
 }

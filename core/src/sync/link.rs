@@ -1,0 +1,326 @@
+//! The link to one peer: whether to dial, when (exponential back-off with jitter), which of
+//! two simultaneous connections both sides keep, and when a connection has proven itself.
+//!
+//! A connection counts as *good* only once the peer has spoken on it (a message read): a
+//! connection the peer closes straight after the handshake — it has not paired us yet, or it
+//! refuses us — is a failed dial, so the back-off keeps growing instead of redialling at once.
+
+use super::{ConnId, Rng};
+
+pub const BACKOFF_MIN_MS: u64 = 200;
+pub const BACKOFF_MAX_MS: u64 = 30_000;
+/// How soon to look for a peer that left on purpose (shut down, paused): it dials us when it
+/// is back, but it may come back at another address.
+pub const PEER_LEFT_RETRY_MS: u64 = 5_000;
+
+/// Application close codes of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// Shutting down.
+    Shutdown,
+    /// A protocol violation.
+    Protocol,
+    /// The other of two simultaneous connections is kept.
+    Duplicate,
+    /// Not paired (any more).
+    Unpaired,
+    /// Sync with the peer paused by an administrator.
+    Paused,
+}
+
+impl CloseCode {
+    pub fn code(self) -> u32 {
+        match self {
+            CloseCode::Shutdown => 0,
+            CloseCode::Protocol => 1,
+            CloseCode::Duplicate => 2,
+            CloseCode::Unpaired => 3,
+            CloseCode::Paused => 4,
+        }
+    }
+
+    pub fn from_code(c: u64) -> Option<CloseCode> {
+        Some(match c {
+            0 => CloseCode::Shutdown,
+            1 => CloseCode::Protocol,
+            2 => CloseCode::Duplicate,
+            3 => CloseCode::Unpaired,
+            4 => CloseCode::Paused,
+            _ => return None,
+        })
+    }
+
+    pub fn reason(self) -> &'static [u8] {
+        match self {
+            CloseCode::Shutdown => b"shutting down",
+            CloseCode::Protocol => b"protocol violation",
+            CloseCode::Duplicate => b"duplicate",
+            CloseCode::Unpaired => b"unpaired",
+            CloseCode::Paused => b"paused",
+        }
+    }
+}
+
+/// Why a connection ended, as the driver learnt it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// The peer closed it on purpose (shut down or paused); it dials us when it is back.
+    PeerLeft,
+    /// The peer refused us (not paired there, or it saw a protocol violation).
+    Refused,
+    /// This side closed it (paused, unpaired, shutting down, a duplicate).
+    Local,
+    /// Timed out, reset or a network error.
+    Lost(String),
+}
+
+impl Closed {
+    /// Classifies a close by the peer with an application code.
+    pub fn by_peer(code: u64) -> Closed {
+        match CloseCode::from_code(code) {
+            Some(CloseCode::Shutdown | CloseCode::Paused) => Closed::PeerLeft,
+            Some(CloseCode::Unpaired | CloseCode::Protocol) => Closed::Refused,
+            Some(CloseCode::Duplicate) => Closed::Local,
+            None => Closed::Lost(format!("closed by the peer with code {code}")),
+        }
+    }
+}
+
+/// Exponential back-off with ±25 % jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    current_ms: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            current_ms: BACKOFF_MIN_MS,
+        }
+    }
+}
+
+impl Backoff {
+    /// The next wait (jittered) and doubles the base for the one after.
+    pub fn next(&mut self, rng: &mut Rng) -> u64 {
+        let wait = jitter(self.current_ms, rng);
+        self.current_ms = (self.current_ms * 2).min(BACKOFF_MAX_MS);
+        wait
+    }
+
+    pub fn reset(&mut self) {
+        self.current_ms = BACKOFF_MIN_MS;
+    }
+
+    pub fn current_ms(&self) -> u64 {
+        self.current_ms
+    }
+}
+
+fn jitter(ms: u64, rng: &mut Rng) -> u64 {
+    (ms as f64 * (0.75 + rng.unit() * 0.5)) as u64
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Down,
+    Dialing,
+    Up,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Down { next_dial: Option<u64> },
+    Dialing,
+    Up { conn: ConnId, dialed: bool, good: bool },
+}
+
+/// What to do with a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Keep,
+    /// Keep the new one and close the old one (a duplicate).
+    Replace(ConnId),
+    /// Close the new one with this code.
+    Reject(super::CloseCode),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    state: State,
+    pub paused: bool,
+    backoff: Backoff,
+    /// Whether this practice's id is the smaller: then both sides keep the connection it dialled.
+    me_preferred: bool,
+    pub last_error: Option<String>,
+}
+
+impl Link {
+    pub fn new(me_preferred: bool, now: u64) -> Link {
+        Link {
+            state: State::Down {
+                next_dial: Some(now),
+            },
+            paused: false,
+            backoff: Backoff::default(),
+            me_preferred,
+            last_error: None,
+        }
+    }
+
+    pub fn state(&self) -> LinkState {
+        match self.state {
+            State::Down { .. } => LinkState::Down,
+            State::Dialing => LinkState::Dialing,
+            State::Up { .. } => LinkState::Up,
+        }
+    }
+
+    pub fn conn(&self) -> Option<ConnId> {
+        match self.state {
+            State::Up { conn, .. } => Some(conn),
+            _ => None,
+        }
+    }
+
+
+    pub fn backoff_ms(&self) -> u64 {
+        self.backoff.current_ms()
+    }
+
+    /// When the link wants attention next (a dial), if ever.
+    pub fn next_timeout(&self) -> Option<u64> {
+        match self.state {
+            State::Down { next_dial } if !self.paused => next_dial,
+            _ => None,
+        }
+    }
+
+    /// Whether to dial now; if so the link is dialling.
+    pub fn poll_dial(&mut self, now: u64) -> bool {
+        match self.state {
+            State::Down {
+                next_dial: Some(at),
+            } if !self.paused && at <= now => {
+                self.state = State::Dialing;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Dial as soon as possible (the peer's address changed, it was paired again, resumed).
+    pub fn dial_soon(&mut self, now: u64) {
+        if let State::Down { next_dial } = &mut self.state {
+            *next_dial = Some(now);
+            self.backoff.reset();
+        }
+    }
+
+    pub fn dial_failed(&mut self, now: u64, rng: &mut Rng, why: String) {
+        if let State::Dialing = self.state {
+            let wait = self.backoff.next(rng);
+            self.state = State::Down {
+                next_dial: Some(now + wait),
+            };
+        }
+        self.last_error = Some(why);
+    }
+
+    /// A connection was established (dialled by us or accepted). Both sides keep the one
+    /// dialled by the practice with the smaller id, so they agree without talking.
+    pub fn connected(&mut self, conn: ConnId, dialed: bool) -> Verdict {
+        if self.paused {
+            return Verdict::Reject(super::CloseCode::Paused);
+        }
+        let preferred = |dialed: bool| dialed == self.me_preferred;
+        let verdict = match self.state {
+            State::Up {
+                conn: existing,
+                dialed: ex_dialed,
+                ..
+            } => {
+                if preferred(dialed) && !preferred(ex_dialed) {
+                    Verdict::Replace(existing)
+                } else {
+                    return Verdict::Reject(super::CloseCode::Duplicate);
+                }
+            }
+            _ => Verdict::Keep,
+        };
+        self.state = State::Up {
+            conn,
+            dialed,
+            good: false,
+        };
+        verdict
+    }
+
+    /// The peer spoke on the live connection: it has proven itself.
+    pub fn proven(&mut self) {
+        if let State::Up { good, .. } = &mut self.state
+            && !*good
+        {
+            *good = true;
+            self.backoff.reset();
+            self.last_error = None;
+        }
+    }
+
+    /// A connection ended. Returns whether it was the live one.
+    pub fn lost(&mut self, now: u64, rng: &mut Rng, conn: ConnId, why: &Closed) -> bool {
+        let State::Up { conn: c, good, .. } = self.state else {
+            return false;
+        };
+        if c != conn {
+            return false;
+        }
+        let next_dial = match why {
+            Closed::Local => None,
+            Closed::PeerLeft => Some(now + jitter(PEER_LEFT_RETRY_MS, rng)),
+            // A connection the peer refused, or that never carried a message, is a failed
+            // dial: back off like an unreachable peer.
+            Closed::Refused => Some(now + self.backoff.next(rng)),
+            Closed::Lost(_) if !good => Some(now + self.backoff.next(rng)),
+            Closed::Lost(_) => {
+                self.backoff.reset();
+                Some(now + self.backoff.next(rng))
+            }
+        };
+        match why {
+            Closed::Refused => self.last_error = Some("the peer refused the connection: has it paired this practice (`chartmesh peer add`)?".into()),
+            Closed::Lost(e) => self.last_error = Some(format!("connection lost: {e}")),
+            _ => {}
+        }
+        self.state = State::Down {
+            next_dial: if self.paused { None } else { next_dial },
+        };
+        true
+    }
+
+    /// Pauses (returns the live connection to close) or resumes (dials at once).
+    pub fn set_paused(&mut self, now: u64, paused: bool) -> Option<ConnId> {
+        self.paused = paused;
+        if paused {
+            let conn = self.conn();
+            self.state = State::Down { next_dial: None };
+            conn
+        } else {
+            if let State::Down { .. } = self.state {
+                self.state = State::Down {
+                    next_dial: Some(now),
+                };
+                self.backoff.reset();
+            }
+            None
+        }
+    }
+
+    /// Stops for good (unpaired, shutting down): returns the live connection to close.
+    pub fn stop(&mut self) -> Option<ConnId> {
+        let conn = self.conn();
+        self.state = State::Down { next_dial: None };
+        self.paused = true;
+        conn
+    }
+}
