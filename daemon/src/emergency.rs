@@ -260,7 +260,8 @@ impl Node {
                 let arrived: Vec<&Value> = charts
                     .iter()
                     .filter(|c| {
-                        let key = chartmesh_core::ids::copy_key(c.as_str().unwrap_or_default(), &peer);
+                        let key =
+                            chartmesh_core::ids::copy_key(c.as_str().unwrap_or_default(), &peer);
                         !waiting.contains(&key)
                     })
                     .collect();

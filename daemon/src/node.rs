@@ -121,9 +121,9 @@ impl Node {
         self.read(move |s| match s.resolve_chart(&t) {
             Ok(Some(k)) => Ok(k),
             Ok(None) => Err(NodeError::NotFound(t)),
-            Err(StoreError::Ambiguous(a, b)) => Err(NodeError::Invalid(
-                StoreError::Ambiguous(a, b).to_string(),
-            )),
+            Err(StoreError::Ambiguous(a, b)) => {
+                Err(NodeError::Invalid(StoreError::Ambiguous(a, b).to_string()))
+            }
             Err(e) => Err(e.into()),
         })
         .await

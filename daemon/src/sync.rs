@@ -58,6 +58,8 @@ pub struct PeerStatus {
     pub pending_changes: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// While not connected: the current base of the redial back-off (ms).
+    pub backoff_ms: u64,
 }
 
 /// What happened, for a peer's task to hand to its session.
@@ -412,7 +414,9 @@ impl SyncService {
             if due && let Ok(rx) = self.node.store.record_expiries(now) {
                 match rx.await {
                     Ok(Ok(n)) if n > 0 => tracing::info!(grants = n, "grants expired"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "recording grant expiry failed; retrying"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "recording grant expiry failed; retrying")
+                    }
                     _ => {}
                 }
             }
@@ -471,11 +475,12 @@ impl SyncService {
                     handles.get(&p.id).map(|h| h.status.lock().unwrap().clone())
                 };
                 let connected = s.as_ref().is_some_and(|s| s.link == LinkState::Up);
-                let served = s
-                    .as_ref()
-                    .map(|s| s.served_upto as i64)
-                    .unwrap_or(0)
-                    .max(store.sync_peer_state(&key).map(|x| x.served_upto).unwrap_or(0));
+                let served = s.as_ref().map(|s| s.served_upto as i64).unwrap_or(0).max(
+                    store
+                        .sync_peer_state(&key)
+                        .map(|x| x.served_upto)
+                        .unwrap_or(0),
+                );
                 // In sync: our last pull is complete and nothing it could need changed here
                 // since its last complete pull (our own writes of its changes do not count).
                 let in_sync = connected
@@ -502,6 +507,7 @@ impl SyncService {
                         0
                     },
                     pending_changes: (seq - served).max(0),
+                    backoff_ms: s.as_ref().map_or(0, |s| s.backoff_ms),
                     last_error: s.and_then(|s| s.last_error),
                 }
             })
@@ -572,10 +578,7 @@ impl PeerTask {
             if stopping && self.conns.is_empty() {
                 return;
             }
-            let wake = self
-                .session
-                .poll_timeout()
-                .map(|t| self.svc.instant_of(t));
+            let wake = self.session.poll_timeout().map(|t| self.svc.instant_of(t));
             let ev = tokio::select! {
                 ev = rx.recv() => ev,
                 _ = async { tokio::time::sleep_until(wake.expect("a timer")).await }, if wake.is_some() => {
@@ -665,14 +668,16 @@ impl PeerTask {
             Event::Pause(p) => self.session.set_paused(now, p),
             Event::DialSoon => self.session.dial_soon(now),
             Event::Stop(_) => {}
-            Event::Emergency { request, reply } => match self.session.request_emergency(now, request) {
-                Ok(id) => {
-                    self.emergencies.insert(id, reply);
+            Event::Emergency { request, reply } => {
+                match self.session.request_emergency(now, request) {
+                    Ok(id) => {
+                        self.emergencies.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            }
             Event::EmergencyDecision { stream, answer } => {
                 self.session.handle_emergency_decision(now, stream, answer)
             }
@@ -694,7 +699,15 @@ impl PeerTask {
                 io.read.add_permits(1);
             }
         }
-        *self.status.lock().unwrap() = self.session.status();
+        let status = self.session.status();
+        let mut shown = self.status.lock().unwrap();
+        if status.last_error.is_some() && status.last_error != shown.last_error {
+            tracing::info!(
+                error = status.last_error.as_deref().unwrap_or(""),
+                "sync with the peer failed; retrying"
+            );
+        }
+        *shown = status;
     }
 
     fn execute(&mut self, o: Output) {
@@ -721,7 +734,11 @@ impl PeerTask {
                 }
             }
             Output::Open { stream } => {
-                let Some(conn) = self.session.conn().and_then(|c| self.conns.get(&c)).cloned()
+                let Some(conn) = self
+                    .session
+                    .conn()
+                    .and_then(|c| self.conns.get(&c))
+                    .cloned()
                 else {
                     let _ = self.tx.send(Event::StreamEnd {
                         stream,
@@ -731,7 +748,9 @@ impl PeerTask {
                 };
                 let limit = self.session.read_limit(stream);
                 let io = self.spawn_stream(stream, limit, async move {
-                    conn.open_bi().await.map_err(|e| format!("opening a stream: {e}"))
+                    conn.open_bi()
+                        .await
+                        .map_err(|e| format!("opening a stream: {e}"))
                 });
                 self.streams.insert(stream, io);
             }
@@ -742,7 +761,11 @@ impl PeerTask {
             Output::Finish { stream } => self.write(stream, WriteCmd::Finish),
             Output::Reset { stream } => self.write(stream, WriteCmd::Reset),
             Output::Control { msg } => {
-                let Some(conn) = self.session.conn().and_then(|c| self.conns.get(&c)).cloned()
+                let Some(conn) = self
+                    .session
+                    .conn()
+                    .and_then(|c| self.conns.get(&c))
+                    .cloned()
                 else {
                     return;
                 };
@@ -780,7 +803,9 @@ impl PeerTask {
                     Err(e) => tracing::warn!(error = %e, "saving sync bookkeeping failed"),
                 }
                 if let Persist::NewIncarnation { incarnation } = p {
-                    tracing::warn!("this store was found rolled back: peers will pull everything again");
+                    tracing::warn!(
+                        "this store was found rolled back: peers will pull everything again"
+                    );
                     let me = self.peer;
                     let peers = self.svc.peers.lock().unwrap();
                     for (id, h) in peers.iter() {
@@ -893,7 +918,9 @@ impl PeerTask {
             let Ok(recv) = recv_rx.await else { return };
             let mut inp = FrameReader::new(recv, limit);
             loop {
-                let Ok(p) = permits.acquire().await else { return };
+                let Ok(p) = permits.acquire().await else {
+                    return;
+                };
                 p.forget();
                 let ev = match inp.recv().await {
                     Ok(Some(b)) => match Msg::decode(&b, limit) {
@@ -994,13 +1021,20 @@ async fn dial(svc: &SyncService, peer: PracticeId) -> Result<PeerConnection, Str
     let a = addrs
         .next()
         .ok_or_else(|| format!("{addr} resolves to no address"))?;
-    svc.endpoint.connect(a, peer).await.map_err(|e| e.to_string())
+    svc.endpoint
+        .connect(a, peer)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Applies one batch durably: each item prepared on the CPU pool (loading a new copy,
 /// merging changes from a read snapshot), then written in one transaction by the store,
 /// which asks consent again inside it.
-async fn apply(node: &Node, peer: String, plan: chartmesh_core::sync::ApplyPlan) -> Result<(), String> {
+async fn apply(
+    node: &Node,
+    peer: String,
+    plan: chartmesh_core::sync::ApplyPlan,
+) -> Result<(), String> {
     let now = now_ms();
     let store = node.store.clone();
     let t = std::time::Instant::now();
@@ -1013,7 +1047,10 @@ async fn apply(node: &Node, peer: String, plan: chartmesh_core::sync::ApplyPlan)
                 .collect::<Vec<_>>()
         })
         .await;
-    tracing::debug!(prepare_us = t.elapsed().as_micros() as u64, "batch prepared");
+    tracing::debug!(
+        prepare_us = t.elapsed().as_micros() as u64,
+        "batch prepared"
+    );
     let outcomes = node
         .store
         .apply_sync(peer, items, now)

@@ -33,7 +33,9 @@ pub use consent::Peer;
 pub use error::StoreError;
 pub use key::{StoreKey, is_plaintext, plaintext_count, rekey_copy};
 pub use read::{ChartRecord, ChartSummary};
-pub use sync::{PreparedMerge, SyncChart, SyncItem, SyncOutcome, SyncPeerState, rotate_incarnation};
+pub use sync::{
+    PreparedMerge, SyncChart, SyncItem, SyncOutcome, SyncPeerState, rotate_incarnation,
+};
 pub use workflow::{ConflictRecord, ReferralRef};
 pub use write::{EditFn, EditOutcome, InsertOutcome, NewChart};
 

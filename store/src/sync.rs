@@ -405,9 +405,11 @@ fn query_sync(
 }
 
 fn sync_chart(conn: &Connection, key: &str) -> Result<Option<SyncChart>, StoreError> {
-    Ok(query_sync(conn, &format!("{SYNC_COLUMNS} WHERE id = ?1"), [key])?
-        .into_iter()
-        .next())
+    Ok(
+        query_sync(conn, &format!("{SYNC_COLUMNS} WHERE id = ?1"), [key])?
+            .into_iter()
+            .next(),
+    )
 }
 
 fn seq_of(conn: &Connection) -> Result<i64, StoreError> {
@@ -453,7 +455,11 @@ fn chart_bytes(c: &Connection, key: &str) -> Result<Option<Vec<u8>>, StoreError>
 }
 
 /// The changes of a chart that a peer with heads `have` lacks.
-fn changes_after(c: &Connection, key: &str, have: &[[u8; 32]]) -> Result<Option<Vec<u8>>, StoreError> {
+fn changes_after(
+    c: &Connection,
+    key: &str,
+    have: &[[u8; 32]],
+) -> Result<Option<Vec<u8>>, StoreError> {
     // Fast path: the peer is at the start of one of our stored chunks.
     let mut want = have.to_vec();
     want.sort_unstable();
@@ -522,7 +528,9 @@ impl Store {
                     }
                     Answer::Local(out)
                 }
-                Query::Candidates { since } => Answer::Candidates(candidates(&tx, peer, *since as i64)?),
+                Query::Candidates { since } => {
+                    Answer::Candidates(candidates(&tx, peer, *since as i64)?)
+                }
                 Query::Fetch { items, budget } => fetch(&tx, peer, items, *budget)?,
                 Query::Pending { since } => Answer::Pending {
                     upto: seq_of(&tx)? as u64,
@@ -562,7 +570,11 @@ fn candidates(c: &Connection, peer: &str, since: i64) -> Result<Candidates, Stor
     )?;
     let mut seen: std::collections::HashSet<String> = own.iter().map(|c| c.id.clone()).collect();
     if changed_grants.iter().any(|g| g == consent::ALL_CHARTS) {
-        for row in query_sync(c, &format!("{SYNC_COLUMNS} WHERE origin IS NULL ORDER BY seq"), [])? {
+        for row in query_sync(
+            c,
+            &format!("{SYNC_COLUMNS} WHERE origin IS NULL ORDER BY seq"),
+            [],
+        )? {
             if seen.insert(row.id.clone()) {
                 own.push(row);
             }
@@ -598,7 +610,12 @@ fn candidates(c: &Connection, peer: &str, since: i64) -> Result<Candidates, Stor
 
 /// Reads wanted charts until `budget` bytes are read. A chart that cannot be read (a damaged
 /// page) is answered with the error, alone; it is never sent.
-fn fetch(c: &Connection, peer: &str, items: &[FetchItem], budget: usize) -> Result<Answer, StoreError> {
+fn fetch(
+    c: &Connection,
+    peer: &str,
+    items: &[FetchItem],
+    budget: usize,
+) -> Result<Answer, StoreError> {
     let grants = crate::consent::grants_of(c, peer)?;
     let mut out = Vec::with_capacity(items.len());
     let mut bytes = 0usize;
@@ -837,7 +854,10 @@ fn set_incarnation(conn: &Connection, incarnation: Incarnation) -> Result<(), St
 /// Gives the store at `path` a new incarnation (after it was restored from a backup, or
 /// otherwise rolled back): every peer's checkpoint of it is then void, and they pull
 /// everything again (unchanged charts compare equal and cost nothing).
-pub fn rotate_incarnation(path: &std::path::Path, key: &crate::StoreKey) -> Result<Incarnation, StoreError> {
+pub fn rotate_incarnation(
+    path: &std::path::Path,
+    key: &crate::StoreKey,
+) -> Result<Incarnation, StoreError> {
     let mut conn = crate::schema::open_write_connection(path, key)?;
     let incarnation = new_incarnation();
     let tx = conn.transaction()?;
@@ -935,7 +955,11 @@ fn apply_one(
             let nc = match item.prepared {
                 Some(Ok(nc)) => nc,
                 Some(Err(why)) => {
-                    return refuse(ctx, audit("refuse"), &format!("the document was refused: {why}"));
+                    return refuse(
+                        ctx,
+                        audit("refuse"),
+                        &format!("the document was refused: {why}"),
+                    );
                 }
                 None => {
                     return refuse(
@@ -946,7 +970,11 @@ fn apply_one(
                 }
             };
             if nc.doc.len() > MAX_CHART_BYTES {
-                return refuse(ctx, audit("refuse"), "the document is over the chart size limit");
+                return refuse(
+                    ctx,
+                    audit("refuse"),
+                    "the document is over the chart size limit",
+                );
             }
             let seq = crate::schema::take_seq(ctx.conn, 1)?;
             let from = (heads_digest(&nc.heads) == digest).then_some(peer);
@@ -1001,7 +1029,17 @@ fn apply_one(
                 )?;
             }
             match item.data {
-                Some(data) => merge(ctx, peer, &item.key, &item.chart, &data, digest, None, item.merge, now),
+                Some(data) => merge(
+                    ctx,
+                    peer,
+                    &item.key,
+                    &item.chart,
+                    &data,
+                    digest,
+                    None,
+                    item.merge,
+                    now,
+                ),
                 None if grant_changed => Ok(SyncOutcome::Updated),
                 None => Ok(SyncOutcome::Ignored),
             }
@@ -1097,8 +1135,9 @@ fn merge(
     if let Some((peer_id, grants)) = own {
         // Changes to one of our charts: an active read-write grant, every change under the
         // peer's own actor, and referral steps only in its own name.
-        if let Err(r) = consent::may_apply_change(consent::applicable(grants, chart), peer_id, &actors, now)
-            .and_then(|_| consent::may_claim_referral_steps(&referral_claims, peer))
+        if let Err(r) =
+            consent::may_apply_change(consent::applicable(grants, chart), peer_id, &actors, now)
+                .and_then(|_| consent::may_claim_referral_steps(&referral_claims, peer))
         {
             return refuse(ctx, audit(), r.as_str());
         }
@@ -1118,7 +1157,9 @@ fn merge(
         return refuse(
             ctx,
             audit(),
-            &format!("the merged chart would be {size} bytes, over the {MAX_CHART_BYTES}-byte limit"),
+            &format!(
+                "the merged chart would be {size} bytes, over the {MAX_CHART_BYTES}-byte limit"
+            ),
         );
     }
     let from = (heads_digest(&write.heads) == digest).then_some(peer);

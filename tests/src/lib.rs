@@ -2,6 +2,8 @@
 //! their own data directories, the real `chartmesh` CLI, and the benchmark charts.
 //! Waiting is always on a condition with a deadline, never a bare sleep.
 
+pub mod raw_peer;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -214,6 +216,11 @@ impl Practice {
             Duration::from_secs(30),
             || me.try_get("/status").is_ok(),
         );
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILL: no shutdown, no flush.

@@ -130,9 +130,15 @@ pub enum LinkState {
 
 #[derive(Debug, Clone)]
 enum State {
-    Down { next_dial: Option<u64> },
+    Down {
+        next_dial: Option<u64>,
+    },
     Dialing,
-    Up { conn: ConnId, dialed: bool, good: bool },
+    Up {
+        conn: ConnId,
+        dialed: bool,
+        good: bool,
+    },
 }
 
 /// What to do with a new connection.
@@ -182,7 +188,6 @@ impl Link {
             _ => None,
         }
     }
-
 
     pub fn backoff_ms(&self) -> u64 {
         self.backoff.current_ms()

@@ -84,12 +84,14 @@ pub struct ChartRow {
 impl ChartRow {
     /// How this practice holds the chart, if it is a copy of another practice's.
     pub fn held(&self) -> Option<crate::consent::Held<'_>> {
-        self.origin.as_deref().map(|custodian| crate::consent::Held {
-            custodian,
-            access: self.access,
-            expires_ms: self.expires_ms,
-            revoked_ms: self.revoked_ms,
-        })
+        self.origin
+            .as_deref()
+            .map(|custodian| crate::consent::Held {
+                custodian,
+                access: self.access,
+                expires_ms: self.expires_ms,
+                revoked_ms: self.revoked_ms,
+            })
     }
 }
 
@@ -138,7 +140,10 @@ pub enum Query {
     Candidates { since: u64 },
     /// Responder: read these charts, in order, until `budget` bytes are read; the rest is
     /// answered as not read.
-    Fetch { items: Vec<FetchItem>, budget: usize },
+    Fetch {
+        items: Vec<FetchItem>,
+        budget: usize,
+    },
     /// Whether anything changed after `since` that the peer may need (a pre-selection:
     /// a wrong "yes" costs a pull, never a disclosure).
     Pending { since: u64 },
@@ -211,12 +216,20 @@ pub enum Output {
     /// Dial the peer; report with `handle_connected` or `handle_dial_failed`.
     Dial,
     /// Close a connection with this code.
-    Close { conn: ConnId, code: CloseCode },
+    Close {
+        conn: ConnId,
+        code: CloseCode,
+    },
     /// Open a bidirectional stream on the live connection, known as `stream`; report failure
     /// with `handle_stream_end`.
-    Open { stream: StreamId },
+    Open {
+        stream: StreamId,
+    },
     /// Write one message on a stream; report with `handle_sent` once written.
-    Send { stream: StreamId, msg: Msg },
+    Send {
+        stream: StreamId,
+        msg: Msg,
+    },
     /// Append `audit` durably, then write the message (a chart never leaves unaudited).
     SendAudited {
         stream: StreamId,
@@ -224,15 +237,27 @@ pub enum Output {
         audit: Vec<AuditEvent>,
     },
     /// End our side of a stream after what was sent.
-    Finish { stream: StreamId },
+    Finish {
+        stream: StreamId,
+    },
     /// Abandon a stream at once, both directions.
-    Reset { stream: StreamId },
+    Reset {
+        stream: StreamId,
+    },
     /// Send one control message on a new unidirectional stream.
-    Control { msg: Msg },
+    Control {
+        msg: Msg,
+    },
     /// Ask the store; answer with `handle_answer(task, …)`.
-    Query { task: TaskId, query: Query },
+    Query {
+        task: TaskId,
+        query: Query,
+    },
     /// Apply durably; report with `handle_applied(task, …)`.
-    Apply { task: TaskId, plan: ApplyPlan },
+    Apply {
+        task: TaskId,
+        plan: ApplyPlan,
+    },
     Persist(Persist),
     /// Append these audit entries.
     Audit(Vec<AuditEvent>),
@@ -243,7 +268,12 @@ pub enum Output {
         request: crate::emergency::Request,
     },
     /// The answer (or failure) of an emergency request made with `request_emergency`.
-    EmergencyDone { id: u64, result: EmergencyResult },
+    EmergencyDone {
+        id: u64,
+        result: EmergencyResult,
+    },
     /// A pull from the peer completed (for logs and status).
-    Pulled { stats: PullStats },
+    Pulled {
+        stats: PullStats,
+    },
 }

@@ -81,7 +81,12 @@ pub(crate) struct Puller {
 impl Puller {
     /// Starts a pull on `stream` (just opened) from the checkpoint `since` of the responder's
     /// store `incarnation`.
-    pub fn start(ctx: &mut Ctx<'_>, stream: StreamId, since: u64, incarnation: Incarnation) -> Puller {
+    pub fn start(
+        ctx: &mut Ctx<'_>,
+        stream: StreamId,
+        since: u64,
+        incarnation: Incarnation,
+    ) -> Puller {
         ctx.push(Output::Open { stream });
         ctx.push(Output::Send {
             stream,

@@ -101,7 +101,8 @@ impl Responder {
     }
 
     pub fn owns_task(&self, task: TaskId) -> bool {
-        self.fetching == Some(task) || matches!(self.state, State::Planning { task: t, .. } if t == task)
+        self.fetching == Some(task)
+            || matches!(self.state, State::Planning { task: t, .. } if t == task)
     }
 
     pub fn handle_message(&mut self, ctx: &mut Ctx<'_>, msg: Msg) -> Result<Step, ProtocolError> {
@@ -244,9 +245,21 @@ impl Responder {
         };
     }
 
-    pub fn handle_answer(&mut self, ctx: &mut Ctx<'_>, task: TaskId, answer: Answer) -> Result<Step, String> {
+    pub fn handle_answer(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        task: TaskId,
+        answer: Answer,
+    ) -> Result<Step, String> {
         match (&self.state, answer) {
-            (State::Planning { task: t, since, checked }, Answer::Candidates(c)) if *t == task => {
+            (
+                State::Planning {
+                    task: t,
+                    since,
+                    checked,
+                },
+                Answer::Candidates(c),
+            ) if *t == task => {
                 if *checked && c.upto < *since {
                     return Ok(Step::RolledBack);
                 }
@@ -320,7 +333,8 @@ impl Responder {
             self.fetching = Some(task);
         }
         while self.writes < MAX_WRITES && !self.pending.is_empty() {
-            let room = OFFER_WINDOW as u64 - (self.sent_items - self.credited).min(OFFER_WINDOW as u64);
+            let room =
+                OFFER_WINDOW as u64 - (self.sent_items - self.credited).min(OFFER_WINDOW as u64);
             if room == 0 {
                 break;
             }
@@ -333,7 +347,8 @@ impl Responder {
                     i.chart.clone()
                 };
                 if !matches!(i.kind, Offered::Revoked) {
-                    self.offered.insert((i.chart.clone(), i.kind.returned()), key);
+                    self.offered
+                        .insert((i.chart.clone(), i.kind.returned()), key);
                 }
             }
             self.sent_items += n as u64;

@@ -27,7 +27,7 @@ pub const MAX_SERVED_STREAMS: usize = 2;
 /// How long an emergency request waits for its answer.
 pub const EMERGENCY_TIMEOUT_MS: u64 = 15_000;
 /// Protocol violations of one kind are audited once per this interval, with a count.
-pub const REFUSAL_AUDIT_INTERVAL_MS: u64 = 600_000;
+pub const REFUSAL_AUDIT_INTERVAL_MS: u64 = super::throttle::REFUSAL_INTERVAL_MS;
 /// Violations within one interval past which the connection is closed.
 pub const MAX_VIOLATIONS: u32 = 20;
 
@@ -68,12 +68,6 @@ struct EmergencyCall {
     deadline: u64,
 }
 
-struct Throttle {
-    since: u64,
-    count: u32,
-    suppressed: u32,
-}
-
 pub struct PeerSession {
     peer: PracticeId,
     peer_key: String,
@@ -95,7 +89,11 @@ pub struct PeerSession {
     recheck: bool,
     emergencies: HashMap<u64, EmergencyCall>,
     next_emergency: u64,
-    throttle: HashMap<&'static str, Throttle>,
+    /// Refusals audited once per interval per kind, with a count.
+    throttle: super::throttle::RefusalThrottle,
+    /// Violations in the current interval (since `violations_since`).
+    violations: u32,
+    violations_since: u64,
     stopped: bool,
 }
 
@@ -131,7 +129,9 @@ impl PeerSession {
             recheck: false,
             emergencies: HashMap::new(),
             next_emergency: 0,
-            throttle: HashMap::new(),
+            throttle: Default::default(),
+            violations: 0,
+            violations_since: 0,
             stopped: false,
         }
     }
@@ -157,7 +157,14 @@ impl PeerSession {
         self.out.pop_front()
     }
 
-    fn ctx(&mut self, now: Time) -> (Ctx<'_>, &mut Option<Puller>, &mut HashMap<StreamId, Responder>) {
+    fn ctx(
+        &mut self,
+        now: Time,
+    ) -> (
+        Ctx<'_>,
+        &mut Option<Puller>,
+        &mut HashMap<StreamId, Responder>,
+    ) {
         (
             Ctx {
                 out: &mut self.out,
@@ -194,11 +201,7 @@ impl PeerSession {
         for e in self.emergencies.values() {
             min(Some(e.deadline));
         }
-        for th in self.throttle.values() {
-            if th.suppressed > 0 {
-                min(Some(th.since + REFUSAL_AUDIT_INTERVAL_MS));
-            }
-        }
+        min(self.throttle.next_flush());
         t
     }
 
@@ -235,23 +238,15 @@ impl PeerSession {
         for id in late {
             self.end_emergency(
                 id,
-                Err(format!("no answer within {} s", EMERGENCY_TIMEOUT_MS / 1000)),
+                Err(format!(
+                    "no answer within {} s",
+                    EMERGENCY_TIMEOUT_MS / 1000
+                )),
                 true,
             );
         }
-        let flush: Vec<&'static str> = self
-            .throttle
-            .iter()
-            .filter(|(_, th)| th.since + REFUSAL_AUDIT_INTERVAL_MS <= t)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in flush {
-            if let Some(th) = self.throttle.remove(k)
-                && th.suppressed > 0
-            {
-                self.audit_refusal_now(now, k, th.suppressed);
-            }
-        }
+        let reports = self.throttle.flush(t);
+        self.audit_reports(now, reports);
     }
 
     // ---- the link ----
@@ -482,10 +477,8 @@ impl PeerSession {
                     && upto > self.record.checkpoint
                 {
                     self.record.checkpoint = upto;
-                    self.out.push_back(Output::Persist(Persist::Checkpoint {
-                        upto,
-                        incarnation,
-                    }));
+                    self.out
+                        .push_back(Output::Persist(Persist::Checkpoint { upto, incarnation }));
                 }
             }
             _ => {}
@@ -533,7 +526,12 @@ impl PeerSession {
         }
     }
 
-    fn after_pull_step(&mut self, now: Time, stream: StreamId, step: Result<PullStep, ProtocolError>) {
+    fn after_pull_step(
+        &mut self,
+        now: Time,
+        stream: StreamId,
+        step: Result<PullStep, ProtocolError>,
+    ) {
         match step {
             Ok(PullStep::Continue) => {}
             Ok(PullStep::Complete {
@@ -546,7 +544,9 @@ impl PeerSession {
                 self.pulled = true;
                 self.link.proven();
                 self.record.last_pull_ms = Some(now.wall_ms);
-                if upto != self.record.checkpoint || incarnation != self.record.checkpoint_incarnation {
+                if upto != self.record.checkpoint
+                    || incarnation != self.record.checkpoint_incarnation
+                {
                     self.record.checkpoint = upto;
                     self.record.checkpoint_incarnation = incarnation;
                     self.out
@@ -563,7 +563,11 @@ impl PeerSession {
                     upto: 0,
                     incarnation: self.record.checkpoint_incarnation,
                 }));
-                self.fail_pull(now, stream, "the peer's store was rolled back; pulling everything again");
+                self.fail_pull(
+                    now,
+                    stream,
+                    "the peer's store was rolled back; pulling everything again",
+                );
             }
             Err(e) => {
                 self.violation(now, "pull", &e);
@@ -574,7 +578,12 @@ impl PeerSession {
 
     // ---- the peer's pulls of us ----
 
-    fn after_serve_step(&mut self, now: Time, stream: StreamId, step: Result<ServeStep, ProtocolError>) {
+    fn after_serve_step(
+        &mut self,
+        now: Time,
+        stream: StreamId,
+        step: Result<ServeStep, ProtocolError>,
+    ) {
         match step {
             Ok(ServeStep::Continue) => {}
             Ok(ServeStep::Finished) => {
@@ -609,39 +618,36 @@ impl PeerSession {
         }
     }
 
-    /// A protocol violation by the peer: audited once per interval per kind with a count;
-    /// too many close the connection.
-    fn violation(&mut self, now: Time, kind: &'static str, err: &ProtocolError) {
+    /// A protocol violation by the peer: each kind audited once per interval, repeats with a
+    /// count; too many in one interval close the connection.
+    fn violation(&mut self, now: Time, role: &'static str, err: &ProtocolError) {
         let t = now.mono_ms;
-        if self
-            .throttle
-            .get(kind)
-            .is_some_and(|th| th.since + REFUSAL_AUDIT_INTERVAL_MS <= t)
+        // The kind is the message without its numbers, so "5120 unsettled" and "4097
+        // unsettled" count as one kind.
+        let kind: String = format!("{role}: {err}")
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .take(120)
+            .collect();
+        let reports = self.throttle.note(&kind, t);
+        let reports = reports
+            .into_iter()
+            .map(|mut r| {
+                if r.first {
+                    r.key = format!("protocol: {err}");
+                }
+                r
+            })
+            .collect();
+        self.audit_reports(now, reports);
+        if self.violations_since + REFUSAL_AUDIT_INTERVAL_MS <= t {
+            self.violations = 0;
+            self.violations_since = t;
+        }
+        self.violations += 1;
+        if self.violations >= MAX_VIOLATIONS
+            && let Some(conn) = self.link.conn()
         {
-            let th = self.throttle.remove(kind).expect("present");
-            if th.suppressed > 0 {
-                self.audit_refusal_now(now, kind, th.suppressed);
-            }
-        }
-        let th = self.throttle.entry(kind).or_insert(Throttle {
-            since: t,
-            count: 0,
-            suppressed: 0,
-        });
-        th.count += 1;
-        let first = th.count == 1;
-        if !first {
-            th.suppressed += 1;
-        }
-        let too_many = th.count >= MAX_VIOLATIONS;
-        if first {
-            self.out.push_back(Output::Audit(vec![
-                AuditEvent::new(now.wall_ms, "sync", "refuse")
-                    .peer(self.peer_key.clone())
-                    .detail(format!("protocol: {err}")),
-            ]));
-        }
-        if too_many && let Some(conn) = self.link.conn() {
             self.out.push_back(Output::Close {
                 conn,
                 code: CloseCode::Protocol,
@@ -652,15 +658,29 @@ impl PeerSession {
         }
     }
 
-    fn audit_refusal_now(&mut self, now: Time, kind: &'static str, n: u32) {
-        self.out.push_back(Output::Audit(vec![
-            AuditEvent::new(now.wall_ms, "sync", "refuse")
-                .peer(self.peer_key.clone())
-                .detail(format!(
-                    "protocol ({kind}): {n} more violations in the last {} min",
-                    REFUSAL_AUDIT_INTERVAL_MS / 60_000
-                )),
-        ]));
+    fn audit_reports(&mut self, now: Time, reports: Vec<super::throttle::Report>) {
+        if reports.is_empty() {
+            return;
+        }
+        let events = reports
+            .into_iter()
+            .map(|r| {
+                let detail = if r.first {
+                    r.key
+                } else {
+                    format!(
+                        "protocol ({}): {} more in the last {} min",
+                        r.key,
+                        r.count,
+                        REFUSAL_AUDIT_INTERVAL_MS / 60_000
+                    )
+                };
+                AuditEvent::new(now.wall_ms, "sync", "refuse")
+                    .peer(self.peer_key.clone())
+                    .detail(detail)
+            })
+            .collect();
+        self.out.push_back(Output::Audit(events));
     }
 
     // ---- the store ----
@@ -744,7 +764,10 @@ impl PeerSession {
     fn nudge_decision(&mut self, now: Time, answer: Answer) {
         if self.link.state() == LinkState::Up {
             match answer {
-                Answer::Pending { pending: false, upto } => {
+                Answer::Pending {
+                    pending: false,
+                    upto,
+                } => {
                     // Nothing it may need since it last confirmed (e.g. only the changes it
                     // just sent us): it moves its checkpoint without a pull.
                     self.served_mem = self.served_mem.max(upto);

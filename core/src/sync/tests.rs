@@ -1,1 +1,589 @@
+//! The engine's state transitions, driven by hand: no tokio, no sockets, no store. Each test
+//! plays the other side (and the store) message by message and checks what the session asks
+//! its driver to do.
 
+use super::*;
+use crate::consent::{Access, Grant, Purpose};
+use crate::ids::PracticeId;
+
+fn ids() -> (PracticeId, PracticeId) {
+    let a = PracticeId::from_certificate_der(b"a");
+    let b = PracticeId::from_certificate_der(b"b");
+    (a, b)
+}
+
+fn t(ms: u64) -> Time {
+    Time {
+        mono_ms: ms,
+        wall_ms: 1_000_000 + ms as i64,
+    }
+}
+
+fn drain(s: &mut PeerSession) -> Vec<Output> {
+    std::iter::from_fn(|| s.poll_output()).collect()
+}
+
+/// A session of `me` with `peer`, connected (dialled by us), its first pull opened.
+fn connected(me: PracticeId, peer: PracticeId) -> (PeerSession, Vec<Output>) {
+    let mut s = PeerSession::new(me, peer, PeerRecord::default(), 42, 7, t(0));
+    s.handle_timeout(t(0));
+    assert_eq!(drain(&mut s), vec![Output::Dial]);
+    s.handle_connected(t(1), 1, true);
+    let out = drain(&mut s);
+    (s, out)
+}
+
+fn pull_stream(out: &[Output]) -> StreamId {
+    out.iter()
+        .find_map(|o| match o {
+            Output::Send {
+                stream,
+                msg: Msg::Pull { .. },
+            } => Some(*stream),
+            _ => None,
+        })
+        .expect("a pull was started")
+}
+
+fn offer(charts: impl Iterator<Item = String>, digest: u64) -> Msg {
+    Msg::Offer {
+        items: charts
+            .map(|c| OfferItem {
+                chart: c,
+                kind: Offered::Shared {
+                    digest,
+                    access: Access::Read,
+                    expires_ms: None,
+                },
+            })
+            .collect(),
+    }
+}
+
+fn query_task(out: &[Output]) -> (TaskId, Query) {
+    out.iter()
+        .find_map(|o| match o {
+            Output::Query { task, query } => Some((*task, query.clone())),
+            _ => None,
+        })
+        .expect("a store query")
+}
+
+fn refused(out: &[Output], needle: &str) -> bool {
+    out.iter().any(|o| match o {
+        Output::Audit(evs) => evs
+            .iter()
+            .any(|e| e.action == "refuse" && e.detail.as_deref().unwrap_or("").contains(needle)),
+        _ => false,
+    })
+}
+
+#[test]
+fn a_connection_starts_a_pull_and_tells_the_peer_what_is_pending() {
+    let (a, b) = ids();
+    let (_, out) = connected(a, b);
+    assert!(matches!(out[0], Output::Open { .. }));
+    assert!(matches!(
+        out[1],
+        Output::Send {
+            msg: Msg::Pull {
+                version: PROTOCOL_VERSION,
+                since: 0,
+                incarnation: 0
+            },
+            ..
+        }
+    ));
+    // And the nudge decision is asked of the store.
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Query {
+            query: Query::Pending { since: 0 },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn the_puller_stops_a_responder_that_overruns_the_offer_window() {
+    let (a, b) = ids();
+    let (mut s, out) = connected(a, b);
+    let stream = pull_stream(&out);
+    let mut n = 0;
+    for page in 0..4 {
+        assert!(s.wants_read(stream));
+        s.handle_message(
+            t(2),
+            stream,
+            offer((0..OFFER_CHUNK).map(|i| format!("c-{page}-{i}")), 9),
+        );
+        assert!(!s.wants_read(stream), "reading waits for the lookup");
+        let out = drain(&mut s);
+        let (task, q) = query_task(&out);
+        let Query::Local { keys } = q else { panic!() };
+        n += keys.len();
+        s.handle_answer(t(3), task, Answer::Local(vec![None; keys.len()]));
+        let out = drain(&mut s);
+        // Everything is wanted: no credit yet.
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                msg: Msg::Want { .. },
+                ..
+            }
+        )));
+        assert!(!out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                msg: Msg::Credit { .. },
+                ..
+            }
+        )));
+    }
+    assert_eq!(n, OFFER_WINDOW);
+    s.handle_message(t(4), stream, offer((0..1).map(|i| format!("over-{i}")), 9));
+    let out = drain(&mut s);
+    assert!(out.contains(&Output::Reset { stream }), "{out:?}");
+    assert!(refused(&out, "unsettled"), "{out:?}");
+    assert!(!s.has_stream(stream));
+}
+
+#[test]
+fn credit_is_returned_as_offered_items_settle() {
+    let (a, b) = ids();
+    let (mut s, out) = connected(a, b);
+    let stream = pull_stream(&out);
+    s.handle_message(
+        t(2),
+        stream,
+        offer((0..OFFER_CHUNK).map(|i| format!("c-{i}")), 9),
+    );
+    let (task, _) = query_task(&drain(&mut s));
+    // All held with the same digest: settled at once, credited.
+    let same = LocalChart {
+        heads: vec![],
+        revoked: false,
+        access: Some(Access::Read),
+        expires_ms: None,
+    };
+    // heads_digest(&[]) must equal the offered digest for "same": offer it that way.
+    let _ = same;
+    s.handle_answer(t(3), task, Answer::Local(vec![None; OFFER_CHUNK]));
+    let out = drain(&mut s);
+    let wants: Vec<WantItem> = out
+        .iter()
+        .flat_map(|o| match o {
+            Output::Send {
+                msg: Msg::Want { items },
+                ..
+            } => items.clone(),
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(wants.len(), OFFER_CHUNK);
+    // Deliver them all as unavailable: settled, and credit goes back.
+    s.handle_message(
+        t(4),
+        stream,
+        Msg::Changes {
+            items: wants
+                .iter()
+                .map(|w| Delivery {
+                    chart: w.chart.clone(),
+                    returned: false,
+                    data: None,
+                })
+                .collect(),
+        },
+    );
+    let out = drain(&mut s);
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Send { msg: Msg::Credit { items }, .. } if *items as usize == OFFER_CHUNK)),
+        "{out:?}"
+    );
+    // The offer ends: everything settled, the pull completes with Done and a checkpoint.
+    s.handle_message(
+        t(5),
+        stream,
+        Msg::OfferEnd {
+            upto: 7,
+            incarnation: 3,
+        },
+    );
+    let out = drain(&mut s);
+    assert!(out.contains(&Output::Send {
+        stream,
+        msg: Msg::Done { upto: 7 }
+    }));
+    assert!(out.contains(&Output::Persist(Persist::Checkpoint {
+        upto: 7,
+        incarnation: 3
+    })));
+}
+
+fn grant(chart: &str, peer: PracticeId, access: Access, expires: Option<i64>) -> Grant {
+    Grant {
+        chart_id: chart.into(),
+        peer,
+        access,
+        purpose: Purpose::Continuity,
+        expires_ms: expires,
+        recorded_by: "admin".into(),
+        recorded_ms: 0,
+        revoked_ms: None,
+    }
+}
+
+fn row(key: &str, seq: u64, origin: Option<&str>) -> ChartRow {
+    ChartRow {
+        key: key.into(),
+        chart: crate::ids::split_key(key).0.into(),
+        seq,
+        heads: vec![[seq as u8; 32]],
+        origin: origin.map(str::to_string),
+        access: origin.map(|_| Access::ReadWrite),
+        expires_ms: None,
+        revoked_ms: None,
+    }
+}
+
+/// The responder side: B pulls from A. Returns A's session and the stream B's pull is on.
+fn serving(grants: Vec<Grant>, own: Vec<ChartRow>) -> (PeerSession, StreamId, Vec<Output>) {
+    let (a, b) = ids();
+    let (mut s, _) = connected(a, b);
+    let stream = s.handle_stream_accepted(t(2)).expect("served");
+    s.handle_message(
+        t(2),
+        stream,
+        Msg::Pull {
+            version: PROTOCOL_VERSION,
+            since: 0,
+            incarnation: 0,
+        },
+    );
+    let (task, q) = query_task(&drain(&mut s));
+    assert_eq!(q, Query::Candidates { since: 0 });
+    s.handle_answer(
+        t(3),
+        task,
+        Answer::Candidates(Candidates {
+            upto: 10,
+            grants,
+            changed_grants: vec![],
+            own,
+            returned: vec![],
+        }),
+    );
+    let out = drain(&mut s);
+    // The driver reports each message written.
+    for o in &out {
+        if let Output::Send { stream: st, .. } = o {
+            s.handle_sent(t(3), *st);
+        }
+    }
+    (s, stream, out)
+}
+
+#[test]
+fn the_responder_offers_only_what_consent_allows_and_refuses_wants_for_anything_else() {
+    let (_, b) = ids();
+    let expired = grant("c3", b, Access::Read, Some(1_000_000));
+    let (mut s, stream, out) = serving(
+        vec![grant("c1", b, Access::Read, None), expired],
+        vec![row("c1", 1, None), row("c2", 2, None), row("c3", 3, None)],
+    );
+    let offered: Vec<String> = out
+        .iter()
+        .flat_map(|o| match o {
+            Output::Send {
+                msg: Msg::Offer { items },
+                ..
+            } => items.iter().map(|i| i.chart.clone()).collect(),
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(offered, vec!["c1"], "only the chart under an active grant");
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            msg: Msg::OfferEnd {
+                upto: 10,
+                incarnation: 42
+            },
+            ..
+        }
+    )));
+    // Wanting a chart not offered (granted or not) ends the stream with one refusal.
+    s.handle_message(
+        t(4),
+        stream,
+        Msg::Want {
+            items: vec![WantItem {
+                chart: "c2".into(),
+                returned: false,
+                have: vec![],
+            }],
+        },
+    );
+    let out = drain(&mut s);
+    assert!(out.contains(&Output::Reset { stream }));
+    assert!(refused(&out, "not offered"), "{out:?}");
+}
+
+#[test]
+fn a_chart_is_decided_again_when_read_and_too_large_ones_are_unavailable_alone() {
+    let (_, b) = ids();
+    let (mut s, stream, _) = serving(
+        vec![grant("*", b, Access::Read, None)],
+        vec![row("c1", 1, None), row("c2", 2, None), row("c3", 3, None)],
+    );
+    s.handle_message(
+        t(4),
+        stream,
+        Msg::Want {
+            items: ["c1", "c2", "c3"]
+                .iter()
+                .map(|c| WantItem {
+                    chart: c.to_string(),
+                    returned: false,
+                    have: vec![],
+                })
+                .collect(),
+        },
+    );
+    let (task, q) = query_task(&drain(&mut s));
+    let Query::Fetch { items, .. } = q else {
+        panic!("{q:?}")
+    };
+    // Meanwhile c2's grant was revoked (the fetch reads the grants anew), and c3 is too big.
+    let mut c2_revoked = grant("c2", b, Access::Read, None);
+    c2_revoked.revoked_ms = Some(1);
+    let fetched = items
+        .into_iter()
+        .map(|item| {
+            let data = match item.chart.as_str() {
+                "c3" => vec![0u8; MAX_CHART_BYTES + 1],
+                _ => vec![1, 2, 3],
+            };
+            Fetched {
+                row: Some(row(&item.key, 1, None)),
+                item,
+                data: Ok(Some(data)),
+            }
+        })
+        .collect();
+    s.handle_answer(
+        t(5),
+        task,
+        Answer::Fetched {
+            grants: vec![grant("*", b, Access::Read, None), c2_revoked],
+            items: fetched,
+            rest: vec![],
+        },
+    );
+    let out = drain(&mut s);
+    let (msg, audit) = out
+        .iter()
+        .find_map(|o| match o {
+            Output::SendAudited { msg, audit, .. } => Some((msg, audit)),
+            _ => None,
+        })
+        .expect("changes sent after their audit");
+    let Msg::Changes { items } = msg else {
+        panic!()
+    };
+    let sent: Vec<(&str, bool)> = items
+        .iter()
+        .map(|d| (d.chart.as_str(), d.data.is_some()))
+        .collect();
+    assert_eq!(sent, vec![("c1", true), ("c2", false), ("c3", false)]);
+    let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, vec!["sync-send", "refuse", "refuse"]);
+    assert!(audit[2].detail.as_deref().unwrap().contains("over the"));
+}
+
+#[test]
+fn a_refused_or_silent_connection_backs_off_like_an_unreachable_peer() {
+    let (a, b) = ids();
+    let mut s = PeerSession::new(a, b, PeerRecord::default(), 1, 7, t(0));
+    let mut now = 0;
+    let mut waits = Vec::new();
+    for i in 0..8u64 {
+        s.handle_timeout(t(now));
+        assert_eq!(drain(&mut s), vec![Output::Dial], "attempt {i}");
+        // The handshake completes, then the peer closes it at once (it has not paired us).
+        s.handle_connected(t(now + 1), i + 1, true);
+        drain(&mut s);
+        s.handle_connection_lost(t(now + 2), i + 1, Closed::Refused);
+        let next = s.poll_timeout().expect("a redial is planned");
+        waits.push(next - (now + 2));
+        now = next;
+    }
+    // 200 ms doubling to 30 s, each ±25 %.
+    assert!(waits[0] >= 150 && waits[0] <= 250, "{waits:?}");
+    assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+    assert!(waits[7] >= 19_000, "{waits:?}");
+    // A connection on which the peer spoke resets the back-off.
+    s.handle_timeout(t(now));
+    drain(&mut s);
+    s.handle_connected(t(now), 99, true);
+    s.handle_control(t(now + 1), Msg::Nudge);
+    s.handle_connection_lost(t(now + 2), 99, Closed::Lost("timeout".into()));
+    assert!(s.poll_timeout().unwrap() - (now + 2) <= 250);
+}
+
+#[test]
+fn both_sides_keep_the_connection_dialled_by_the_smaller_id() {
+    let (a, b) = ids();
+    let (small, big) = if a < b { (a, b) } else { (b, a) };
+    // At the smaller practice: its own dial is kept, the other's closed as a duplicate.
+    let (mut s, _) = connected(small, big);
+    s.handle_connected(t(5), 2, false);
+    assert_eq!(
+        drain(&mut s),
+        vec![Output::Close {
+            conn: 2,
+            code: CloseCode::Duplicate
+        }]
+    );
+    // At the bigger practice: the smaller's dial replaces its own.
+    let (mut s, _) = connected(big, small);
+    s.handle_connected(t(5), 2, false);
+    let out = drain(&mut s);
+    assert_eq!(
+        out[0],
+        Output::Close {
+            conn: 1,
+            code: CloseCode::Duplicate
+        }
+    );
+    assert_eq!(s.conn(), Some(2));
+}
+
+#[test]
+fn a_rolled_back_responder_is_pulled_again_from_nothing() {
+    let (a, b) = ids();
+    let record = PeerRecord {
+        checkpoint: 50,
+        checkpoint_incarnation: 9,
+        served_upto: 0,
+        last_pull_ms: None,
+    };
+    let mut s = PeerSession::new(a, b, record, 42, 7, t(0));
+    s.handle_timeout(t(0));
+    drain(&mut s);
+    s.handle_connected(t(1), 1, true);
+    let out = drain(&mut s);
+    let stream = pull_stream(&out);
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            msg: Msg::Pull {
+                since: 50,
+                incarnation: 9,
+                ..
+            },
+            ..
+        }
+    )));
+    // Same incarnation, but it ends before our checkpoint: it was rolled back unknowingly.
+    s.handle_message(
+        t(2),
+        stream,
+        Msg::OfferEnd {
+            upto: 40,
+            incarnation: 9,
+        },
+    );
+    let out = drain(&mut s);
+    assert!(out.contains(&Output::Persist(Persist::Checkpoint {
+        upto: 0,
+        incarnation: 9
+    })));
+    s.handle_timeout(t(2 + session::PULL_RETRY_MS));
+    let out = drain(&mut s);
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                msg: Msg::Pull { since: 0, .. },
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_responder_asked_from_past_its_sequence_takes_a_new_incarnation() {
+    let (a, b) = ids();
+    let (mut s, _) = connected(a, b);
+    let stream = s.handle_stream_accepted(t(2)).unwrap();
+    s.handle_message(
+        t(2),
+        stream,
+        Msg::Pull {
+            version: PROTOCOL_VERSION,
+            since: 100,
+            incarnation: 42,
+        },
+    );
+    let (task, _) = query_task(&drain(&mut s));
+    s.handle_answer(
+        t(3),
+        task,
+        Answer::Candidates(Candidates {
+            upto: 60,
+            ..Default::default()
+        }),
+    );
+    let out = drain(&mut s);
+    let inc = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Persist(Persist::NewIncarnation { incarnation }) => Some(*incarnation),
+            _ => None,
+        })
+        .expect("a new incarnation");
+    assert_ne!(inc, 42);
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Query {
+            query: Query::Candidates { since: 0 },
+            ..
+        }
+    )));
+    assert_eq!(s.incarnation(), inc);
+}
+
+#[test]
+fn decoding_refuses_bad_ids_long_lists_and_too_many_heads() {
+    let bad_id = Msg::Offer {
+        items: vec![OfferItem {
+            chart: "../x".into(),
+            kind: Offered::Revoked,
+        }],
+    };
+    assert!(Msg::decode(&bad_id.encode(), MAX_MESSAGE).is_err());
+    let heads = Msg::Want {
+        items: vec![WantItem {
+            chart: "c".into(),
+            returned: false,
+            have: vec![[0; 32]; MAX_HEADS + 1],
+        }],
+    };
+    assert!(Msg::decode(&heads.encode(), MAX_REQUEST).is_err());
+    let long = Msg::Want {
+        items: (0..WANT_CHUNK + 1)
+            .map(|i| WantItem {
+                chart: format!("c{i}"),
+                returned: false,
+                have: vec![],
+            })
+            .collect(),
+    };
+    assert!(Msg::decode(&long.encode(), MAX_REQUEST).is_err());
+    let ok = Msg::Done { upto: 3 };
+    assert_eq!(Msg::decode(&ok.encode(), 64).unwrap(), ok);
+    assert!(Msg::decode(&[0u8; 100], 64).is_err());
+}

@@ -50,7 +50,11 @@ impl RefusalThrottle {
                 // Bounded: a flood of distinct keys (certificates are free to make) keeps at
                 // most this many windows; the oldest is closed early.
                 if self.keys.len() >= 4096
-                    && let Some(oldest) = self.keys.iter().min_by_key(|(_, w)| w.since).map(|(k, _)| k.clone())
+                    && let Some(oldest) = self
+                        .keys
+                        .iter()
+                        .min_by_key(|(_, w)| w.since)
+                        .map(|(k, _)| k.clone())
                 {
                     let w = self.keys.remove(&oldest).expect("present");
                     if w.suppressed > 0 {
@@ -76,6 +80,15 @@ impl RefusalThrottle {
             }
         }
         out
+    }
+
+    /// When the earliest window with repeats to report ends.
+    pub fn next_flush(&self) -> Option<u64> {
+        self.keys
+            .values()
+            .filter(|w| w.suppressed > 0)
+            .map(|w| w.since + REFUSAL_INTERVAL_MS)
+            .min()
     }
 
     /// Closes the windows that ended by `now`: their repeats, to audit as one entry each.

@@ -84,33 +84,53 @@ pub enum Msg {
         incarnation: Incarnation,
     },
     /// Responder → puller: the version is not spoken here; the stream ends.
-    Unsupported { version: u32 },
+    Unsupported {
+        version: u32,
+    },
     /// Responder → puller: part of the offer (at most [`OFFER_CHUNK`] items).
-    Offer { items: Vec<OfferItem> },
+    Offer {
+        items: Vec<OfferItem>,
+    },
     /// Responder → puller: the offer is complete and covers my changes up to `upto` of
     /// my store's `incarnation`.
-    OfferEnd { upto: u64, incarnation: Incarnation },
+    OfferEnd {
+        upto: u64,
+        incarnation: Incarnation,
+    },
     /// Puller → responder: this many more offered items are settled here; offer more.
-    Credit { items: u32 },
+    Credit {
+        items: u32,
+    },
     /// Puller → responder: send me what I lack of these offered charts.
-    Want { items: Vec<WantItem> },
+    Want {
+        items: Vec<WantItem>,
+    },
     /// Responder → puller: answers to wants.
-    Changes { items: Vec<Delivery> },
+    Changes {
+        items: Vec<Delivery>,
+    },
     /// Puller → responder: everything offered up to `upto` is durable here.
-    Done { upto: u64 },
+    Done {
+        upto: u64,
+    },
     /// Either side, on its own stream: I have changes, pull from me.
     Nudge,
     /// Either side, on its own stream, instead of a nudge when its new changes hold nothing
     /// the other side may need: nothing for you up to `upto` of my `incarnation`; you may
     /// move your checkpoint of me there without pulling.
-    Caught { upto: u64, incarnation: Incarnation },
+    Caught {
+        upto: u64,
+        incarnation: Incarnation,
+    },
     /// Requester → custodian, first on a new stream: emergency access to a patient's chart
     /// (crate::emergency). Answered with one `EmergencyAnswer`; the stream then ends.
     EmergencyRequest {
         version: u32,
         request: crate::emergency::Request,
     },
-    EmergencyAnswer { answer: crate::emergency::Answer },
+    EmergencyAnswer {
+        answer: crate::emergency::Answer,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
