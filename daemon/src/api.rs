@@ -137,6 +137,12 @@ impl IntoResponse for NodeError {
             NodeError::Store(StoreError::Locked) => {
                 error(StatusCode::SERVICE_UNAVAILABLE, "busy", &msg)
             }
+            NodeError::Store(StoreError::TooLarge { .. }) => {
+                error(StatusCode::PAYLOAD_TOO_LARGE, "too-large", &msg)
+            }
+            NodeError::Store(StoreError::Ambiguous(..)) => {
+                error(StatusCode::UNPROCESSABLE_ENTITY, "ambiguous", &msg)
+            }
             NodeError::Store(_) => {
                 tracing::error!(error = %msg, "store error");
                 error(StatusCode::INTERNAL_SERVER_ERROR, "store", &msg)

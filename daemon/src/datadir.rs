@@ -326,6 +326,10 @@ pub fn restore(dir: &Path, backup: &Path) -> Result<Restored, RestoreError> {
     let store = store_path(dir);
     let incoming = dir.join("store.db.restoring");
     std::fs::copy(backup, &incoming).map_err(io(&incoming))?;
+    // The restored store is a new incarnation: peers' checkpoints of this store were taken
+    // of writes the backup may not hold, so they must pull everything again (unchanged
+    // charts compare equal and cost nothing) instead of skipping what is written from now.
+    chartmesh_store::rotate_incarnation(&incoming, &key).map_err(|e| bad(e.to_string()))?;
     std::fs::File::open(&incoming)
         .and_then(|f| f.sync_all())
         .map_err(io(&incoming))?;

@@ -966,6 +966,13 @@ impl PeerTask {
                     Closed::by_peer(a.error_code.into_inner())
                 }
                 quinn::ConnectionError::LocallyClosed => Closed::Local,
+                // A TLS alert after the handshake: the peer refused our certificate (it has
+                // not paired us, or unpaired us).
+                quinn::ConnectionError::ConnectionClosed(c)
+                    if (0x100..0x200).contains(&u64::from(c.error_code)) =>
+                {
+                    Closed::Refused
+                }
                 e => Closed::Lost(e.to_string()),
             };
             let _ = tx.send(Event::ConnectionLost { conn: id, why });

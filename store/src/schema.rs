@@ -280,6 +280,7 @@ mod tests {
             conn.execute_batch(sql).unwrap();
         }
         conn.pragma_update(None, "user_version", 7).unwrap();
+        // (Migrated to the end, including later migrations.)
         for (id, doc) in [("c1", vec![1u8, 2, 3]), ("c2", vec![7u8; 9000])] {
             conn.execute(
                 "INSERT INTO charts(id, doc, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq)
@@ -313,6 +314,74 @@ mod tests {
             .query_row("SELECT count(due_facts) FROM charts", [], |r| r.get(0))
             .unwrap();
         assert_eq!(facts, 0);
+    }
+
+    /// Copies received from other practices are re-keyed `CHART@CUSTODIAN` by migration 9,
+    /// with every row that names them; this practice's own charts keep their ids.
+    #[test]
+    fn received_copies_are_rekeyed_by_custodian_without_loss() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..8] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 8).unwrap();
+        for (id, origin) in [("own-1", None), ("c-9", Some("PEER-A"))] {
+            conn.execute(
+                "INSERT INTO charts(id, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq)
+                 VALUES (?1, ?2, 1, 2, 'M', 'F', 'G', '2000-01-01', 'f g', 5)",
+                rusqlite::params![id, origin],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO chart_docs(chart_id, doc) VALUES (?1, ?2)",
+                rusqlite::params![id, vec![1u8; 10]],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO chart_changes(chart_id, seq, data) VALUES (?1, 1, ?2)",
+                rusqlite::params![id, vec![2u8; 5]],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO referral_index(referral_id, chart_id) VALUES (?1, ?2)",
+                rusqlite::params![format!("ref-{id}"), id],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO emergency_access(chart_id, peer, granted_ms, expires_ms, requester) VALUES ('c-9', 'PEER-A', 1, 2, 'x')",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let rows: Vec<(String, i64)> = conn
+            .prepare("SELECT c.id, c.doc_bytes FROM charts c JOIN chart_docs d ON d.chart_id = c.id ORDER BY c.id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![("c-9@PEER-A".to_string(), 15), ("own-1".to_string(), 15)]
+        );
+        for (table, col) in [
+            ("chart_changes", "chart_id"),
+            ("referral_index", "chart_id"),
+        ] {
+            let ids: Vec<String> = conn
+                .prepare(&format!("SELECT {col} FROM {table} ORDER BY {col}"))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(ids, vec!["c-9@PEER-A", "own-1"], "{table}");
+        }
+        let e: String = conn
+            .query_row("SELECT chart_id FROM emergency_access", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(e, "c-9@PEER-A");
     }
 
     /// A store left by an earlier chartmesh (here schema 5, documents in the chart rows):

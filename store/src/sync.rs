@@ -863,6 +863,8 @@ pub fn rotate_incarnation(
     let tx = conn.transaction()?;
     set_incarnation(&tx, incarnation)?;
     tx.commit()?;
+    // Leave a single self-contained file, as a backup is.
+    let _: String = conn.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))?;
     Ok(incarnation)
 }
 

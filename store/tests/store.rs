@@ -490,3 +490,64 @@ fn apply_returned(
         .unwrap()
         .unwrap()
 }
+
+/// A write that would take a chart past the size limit is refused whole, with an error that
+/// says so; the chart stays as it was and can still be written within the limit.
+#[test]
+fn a_write_past_the_chart_size_limit_is_refused_and_loses_nothing() {
+    use chartmesh_core::sync::MAX_CHART_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_one_chart(dir.path());
+    let mut x: u64 = 88172645463325252;
+    let mut big = |i: usize| {
+        let text: String = (0..1_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b"abcdefghijklmnopqrstuvwxyz234567"[(x % 32) as usize])
+            })
+            .collect();
+        Entry::Note(Note {
+            id: format!("big-{i}"),
+            author: "Dr X".into(),
+            date: "2024-01-01T00:00:00Z".into(),
+            text,
+        })
+    };
+    let mut written = 0;
+    let err = loop {
+        let (m, e) = (meta("Dr X"), big(written));
+        match store
+            .edit("c1".into(), Box::new(move |d| d.append(&e, &m)), vec![])
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+        {
+            Ok(_) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 40, "no limit was applied");
+    };
+    assert!(
+        matches!(&err, chartmesh_store::StoreError::TooLarge { bytes, .. } if *bytes > MAX_CHART_BYTES as i64),
+        "{err}"
+    );
+    assert!(err.to_string().contains("over the limit"), "{err}");
+    let notes = store
+        .get("c1")
+        .unwrap()
+        .unwrap()
+        .doc
+        .to_chart()
+        .unwrap()
+        .notes;
+    assert_eq!(notes.len(), written, "the refused note was not kept");
+    let (m, e) = (meta("Dr X"), note("small"));
+    store
+        .edit("c1".into(), Box::new(move |d| d.append(&e, &m)), vec![])
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .expect("a small write still fits");
+}
