@@ -865,6 +865,7 @@ impl PeerTask {
         let (recv_tx, recv_rx) = oneshot::channel::<quinn::RecvStream>();
         let tx = self.tx.clone();
         let node = self.svc.node.clone();
+        let peer = self.key.clone();
         let writer = tokio::spawn(async move {
             let (send, recv) = match open.await {
                 Ok(s) => s,
@@ -882,13 +883,21 @@ impl PeerTask {
                 let bytes = match cmd {
                     WriteCmd::Send(b) => b,
                     WriteCmd::SendAudited(b, audit) => {
-                        // A chart never leaves unaudited: if the audit cannot be written,
-                        // nothing is sent.
-                        if node.audit(audit).await.is_err() {
+                        // A chart never leaves unaudited, and the store decides each chart
+                        // again as it audits: a grant revoked since the chart was read
+                        // stops the message here.
+                        let audited = match node.store.audit_sends(&peer, audit, now_ms()) {
+                            Ok(rx) => rx.await.ok().and_then(Result::ok),
+                            Err(_) => None,
+                        };
+                        if audited != Some(true) {
                             out.reset(1);
                             let _ = tx.send(Event::StreamEnd {
                                 stream,
-                                why: Some("the audit log could not be written".into()),
+                                why: Some(match audited {
+                                    Some(false) => "a grant changed before the message left".into(),
+                                    _ => "the audit log could not be written".into(),
+                                }),
                             });
                             return;
                         }

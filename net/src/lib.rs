@@ -165,6 +165,18 @@ impl Endpoint {
         self.endpoint.accept().await
     }
 
+    /// Waits for the next connection whose handshake succeeds, one handshake at a time (for
+    /// tests and tools; a daemon completes each handshake on its own task).
+    pub async fn accept(&self) -> Option<PeerConnection> {
+        loop {
+            let incoming = self.incoming().await?;
+            match Self::handshake(incoming, std::time::Duration::from_secs(10)).await {
+                Ok(pc) => return Some(pc),
+                Err(e) => tracing::debug!(error = %e, "incoming handshake failed"),
+            }
+        }
+    }
+
     /// Completes an incoming handshake within `timeout`, and names the practice it proved.
     /// Unpaired certificates are refused during the handshake and reported through the pin
     /// set's refusal log.

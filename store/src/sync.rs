@@ -797,6 +797,65 @@ impl Store {
         Ok(rx)
     }
 
+    /// Appends the audit entries of a message about to leave for `peer`, deciding each chart
+    /// it sends again inside the writer's transaction (`chartmesh_core::consent`): a
+    /// revocation or expiry committed after the chart was read for sending stops it here, so
+    /// it takes effect from the next message after it is recorded. Returns false — and
+    /// audits the refusal instead of the send — when any chart of the message may no longer
+    /// leave; the message must then not be sent.
+    pub fn audit_sends(
+        &self,
+        peer: &str,
+        events: Vec<AuditEvent>,
+        now_ms: i64,
+    ) -> Result<oneshot::Receiver<Result<bool, StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let peer = peer.to_string();
+        self.writer()?.send(task(tx, move |ctx| {
+            let grants = crate::consent::grants_of(ctx.conn, &peer)?;
+            let mut refused = Vec::new();
+            for e in events.iter().filter(|e| e.action == "sync-send") {
+                let key = e.chart_id.as_deref().unwrap_or_default();
+                let row = sync_chart(ctx.conn, key)?;
+                let allowed = match row.as_ref().map(|r| (r, r.held())) {
+                    Some((_, None)) => {
+                        consent::may_send(consent::applicable(&grants, key), None, now_ms)
+                    }
+                    Some((_, Some(h))) => consent::may_return(&h, &peer, now_ms),
+                    None => Err(Refusal::NoGrant),
+                };
+                if let Err(r) = allowed {
+                    refused.push(
+                        AuditEvent::new(now_ms, "sync", "refuse")
+                            .chart(key)
+                            .peer(peer.clone())
+                            .detail(format!("not sent: {} since it was read for sending", r.as_str())),
+                    );
+                }
+            }
+            if refused.is_empty() {
+                for e in &events {
+                    ctx.audit(e)?;
+                }
+                return Ok(true);
+            }
+            for e in events.iter().filter(|e| e.action != "sync-send").chain(&refused) {
+                ctx.audit(e)?;
+            }
+            Ok(false)
+        }))?;
+        Ok(rx)
+    }
+
+    /// The change sequence number of `peer`'s grant of `chart_id` (or `*`), if recorded.
+    pub fn grant_seq(&self, peer: &str, chart_id: &str) -> Result<Option<i64>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached("SELECT seq FROM grants WHERE peer = ?1 AND chart_id = ?2")?
+                .query_row(params![peer, chart_id], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
     /// When the next grant expires that is not recorded as expired yet.
     pub fn next_expiry(&self) -> Result<Option<i64>, StoreError> {
         self.with_reader(|c| {

@@ -69,7 +69,7 @@ pub(crate) struct Puller {
     /// An `Offer` waiting for the store's answer about its charts.
     lookup: Option<(TaskId, Vec<OfferItem>)>,
     /// Applies handed to the store: task → (items, bytes).
-    applying: HashMap<TaskId, (u64, usize)>,
+    applying: std::collections::BTreeMap<TaskId, (u64, usize)>,
     apply_bytes: usize,
     unsettled: u64,
     settled_uncredited: u64,
@@ -103,7 +103,7 @@ impl Puller {
             upto: None,
             wanted: HashMap::new(),
             lookup: None,
-            applying: HashMap::new(),
+            applying: Default::default(),
             apply_bytes: 0,
             unsettled: 0,
             settled_uncredited: 0,

@@ -5,7 +5,7 @@
 //! [`PeerSession::poll_output`] in order, and the next timer with [`PeerSession::poll_timeout`].
 //! Nothing here blocks, reads a clock or touches a socket or the store.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use super::link::{Link, Verdict};
 use super::puller::{Ctx, Puller, Step as PullStep};
@@ -18,6 +18,9 @@ use super::{
 use crate::audit::AuditEvent;
 use crate::ids::PracticeId;
 
+/// While connected, a pull runs at least this often even without a nudge: a safety net
+/// (costing three small messages when nothing changed) should a nudge ever go astray.
+pub const PERIODIC_PULL_MS: u64 = 600_000;
 /// A pull that failed while the connection lives is tried again after this long.
 pub const PULL_RETRY_MS: u64 = 1_000;
 /// A stream on which the peer says nothing for this long, while we wait on it, is abandoned.
@@ -79,15 +82,17 @@ pub struct PeerSession {
     out: VecDeque<Output>,
     next_task: TaskId,
     next_stream: StreamId,
-    streams: HashMap<StreamId, Role>,
+    streams: BTreeMap<StreamId, Role>,
     pull: Option<Puller>,
     pull_due: bool,
     pull_retry_at: Option<u64>,
     pulled: bool,
-    serves: HashMap<StreamId, Responder>,
+    /// When the last pull completed (monotonic), for the periodic pull.
+    last_pull_done: u64,
+    serves: BTreeMap<StreamId, Responder>,
     pending_check: Option<TaskId>,
     recheck: bool,
-    emergencies: HashMap<u64, EmergencyCall>,
+    emergencies: BTreeMap<u64, EmergencyCall>,
     next_emergency: u64,
     /// Refusals audited once per interval per kind, with a count.
     throttle: super::throttle::RefusalThrottle,
@@ -119,15 +124,16 @@ impl PeerSession {
             out: VecDeque::new(),
             next_task: 0,
             next_stream: 0,
-            streams: HashMap::new(),
+            streams: BTreeMap::new(),
             pull: None,
             pull_due: false,
             pull_retry_at: None,
             pulled: false,
-            serves: HashMap::new(),
+            last_pull_done: now.mono_ms,
+            serves: BTreeMap::new(),
             pending_check: None,
             recheck: false,
-            emergencies: HashMap::new(),
+            emergencies: BTreeMap::new(),
             next_emergency: 0,
             throttle: Default::default(),
             violations: 0,
@@ -163,7 +169,7 @@ impl PeerSession {
     ) -> (
         Ctx<'_>,
         &mut Option<Puller>,
-        &mut HashMap<StreamId, Responder>,
+        &mut BTreeMap<StreamId, Responder>,
     ) {
         (
             Ctx {
@@ -189,6 +195,9 @@ impl PeerSession {
         };
         if self.link.state() == LinkState::Up {
             min(self.pull_retry_at);
+            if self.pull.is_none() {
+                min(Some(self.last_pull_done + PERIODIC_PULL_MS));
+            }
             if let Some(p) = &self.pull {
                 min(Some(p.last_activity + STALL_MS));
             }
@@ -212,6 +221,14 @@ impl PeerSession {
         }
         if self.pull_retry_at.is_some_and(|r| r <= t) {
             self.pull_retry_at = None;
+            self.maybe_pull(now);
+        }
+        if self.link.state() == LinkState::Up
+            && self.pull.is_none()
+            && self.last_pull_done + PERIODIC_PULL_MS <= t
+        {
+            self.last_pull_done = t;
+            self.pull_due = true;
             self.maybe_pull(now);
         }
         if let Some(p) = &self.pull
@@ -542,6 +559,7 @@ impl PeerSession {
                 self.pull = None;
                 self.streams.remove(&stream);
                 self.pulled = true;
+                self.last_pull_done = now.mono_ms;
                 self.link.proven();
                 self.record.last_pull_ms = Some(now.wall_ms);
                 if upto != self.record.checkpoint

@@ -2,14 +2,14 @@
 //! practice) that is refused again and again — every redial of an unpaired practice, every
 //! garbage stream — leaves one audit entry per interval, not one per attempt.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// The interval over which repeated refusals of one key are counted into one entry.
 pub const REFUSAL_INTERVAL_MS: u64 = 600_000;
 
 #[derive(Debug, Default)]
 pub struct RefusalThrottle {
-    keys: HashMap<String, Window>,
+    keys: BTreeMap<String, Window>,
 }
 
 #[derive(Debug)]
