@@ -829,7 +829,10 @@ impl Store {
                         AuditEvent::new(now_ms, "sync", "refuse")
                             .chart(key)
                             .peer(peer.clone())
-                            .detail(format!("not sent: {} since it was read for sending", r.as_str())),
+                            .detail(format!(
+                                "not sent: {} since it was read for sending",
+                                r.as_str()
+                            )),
                     );
                 }
             }
@@ -839,7 +842,11 @@ impl Store {
                 }
                 return Ok(true);
             }
-            for e in events.iter().filter(|e| e.action != "sync-send").chain(&refused) {
+            for e in events
+                .iter()
+                .filter(|e| e.action != "sync-send")
+                .chain(&refused)
+            {
                 ctx.audit(e)?;
             }
             Ok(false)
@@ -850,9 +857,11 @@ impl Store {
     /// The change sequence number of `peer`'s grant of `chart_id` (or `*`), if recorded.
     pub fn grant_seq(&self, peer: &str, chart_id: &str) -> Result<Option<i64>, StoreError> {
         self.with_reader(|c| {
-            Ok(c.prepare_cached("SELECT seq FROM grants WHERE peer = ?1 AND chart_id = ?2")?
-                .query_row(params![peer, chart_id], |r| r.get(0))
-                .optional()?)
+            Ok(
+                c.prepare_cached("SELECT seq FROM grants WHERE peer = ?1 AND chart_id = ?2")?
+                    .query_row(params![peer, chart_id], |r| r.get(0))
+                    .optional()?,
+            )
         })
     }
 

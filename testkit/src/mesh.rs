@@ -15,7 +15,6 @@ use chartmesh_core::{ChangeMeta, Chart, ChartDoc};
 use chartmesh_store::{IndexFields, NewChart, Store, StoreOptions};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-
 /// Wall-clock time at virtual time 0.
 pub const EPOCH_MS: i64 = 1_800_000_000_000;
 
@@ -169,7 +168,6 @@ pub struct Mesh {
     shares_all: BTreeSet<usize>,
     trace: VecDeque<String>,
     _template: tempfile::TempDir,
-
 }
 
 /// A temporary directory, in memory where the machine has one (fsync is then free: the
@@ -177,7 +175,9 @@ pub struct Mesh {
 fn tempdir() -> tempfile::TempDir {
     let shm = std::path::Path::new("/dev/shm");
     if shm.is_dir()
-        && let Ok(d) = tempfile::Builder::new().prefix("chartmesh-sim").tempdir_in(shm)
+        && let Ok(d) = tempfile::Builder::new()
+            .prefix("chartmesh-sim")
+            .tempdir_in(shm)
     {
         return d;
     }
@@ -239,7 +239,6 @@ impl Mesh {
             shares_all: BTreeSet::new(),
             trace: VecDeque::new(),
             _template: template_dir,
-
         };
         for i in 0..n {
             m.start_node(i);
@@ -272,7 +271,10 @@ impl Mesh {
 
     fn violation(&mut self, s: String) {
         self.note(format!("VIOLATION {s}"));
-        self.stats.violations.push(s);
+        // The first few say it all.
+        if self.stats.violations.len() < 5 {
+            self.stats.violations.push(s);
+        }
     }
 
     fn draw(&mut self, range: (u64, u64)) -> u64 {
@@ -670,8 +672,7 @@ impl Mesh {
                 if matches!(what, Inbound::End(_)) {
                     return;
                 }
-                let accepted = self
-                    .nodes[to]
+                let accepted = self.nodes[to]
                     .sessions
                     .get_mut(&from)
                     .and_then(|s| s.handle_stream_accepted(now));
@@ -873,6 +874,7 @@ impl Mesh {
                 }
             },
             Output::Send { stream, msg } => {
+                self.check_offer(node, peer, &msg);
                 self.send_stream(node, peer, stream, msg);
                 if let Some(s) = self.session(node, peer) {
                     s.handle_sent(now, stream);
@@ -890,7 +892,11 @@ impl Mesh {
                     .unwrap();
                 if !ok {
                     if let Some(conn) = self.conn_of(node, peer) {
-                        self.conns.get_mut(&conn).unwrap().reset.insert((node, stream));
+                        self.conns
+                            .get_mut(&conn)
+                            .unwrap()
+                            .reset
+                            .insert((node, stream));
                         self.schedule(
                             self.now + 1,
                             Ev::End {
@@ -915,7 +921,13 @@ impl Mesh {
             Output::Finish { stream } => {
                 if let Some(conn) = self.conn_of(node, peer) {
                     let c = self.conns.get_mut(&conn).unwrap();
-                    let at = c.fifo.get(&(node, stream)).copied().unwrap_or(0).max(self.now) + 1;
+                    let at = c
+                        .fifo
+                        .get(&(node, stream))
+                        .copied()
+                        .unwrap_or(0)
+                        .max(self.now)
+                        + 1;
                     self.schedule(
                         at,
                         Ev::End {
@@ -929,7 +941,11 @@ impl Mesh {
             }
             Output::Reset { stream } => {
                 if let Some(conn) = self.conn_of(node, peer) {
-                    self.conns.get_mut(&conn).unwrap().reset.insert((node, stream));
+                    self.conns
+                        .get_mut(&conn)
+                        .unwrap()
+                        .reset
+                        .insert((node, stream));
                     self.schedule(
                         self.now + 1,
                         Ev::End {
@@ -1061,10 +1077,16 @@ impl Mesh {
         let store = self.store(node).clone();
         let q = &request.query;
         let matches = store
-            .find_own_charts(q.mrn.as_deref(), q.family.as_deref(), q.birth_date.as_deref())
+            .find_own_charts(
+                q.mrn.as_deref(),
+                q.family.as_deref(),
+                q.birth_date.as_deref(),
+            )
             .unwrap_or_default();
         let wall = self.wall();
-        let policy = chartmesh_core::emergency::Policy::Allow { duration_ms: 30_000 };
+        let policy = chartmesh_core::emergency::Policy::Allow {
+            duration_ms: 30_000,
+        };
         let answer = chartmesh_core::emergency::decide(policy, request, &matches, wall);
         if let chartmesh_core::emergency::Answer::Granted { charts, expires_ms } = &answer {
             let existing = store.grants(Some(&self.nodes[peer].id)).unwrap();
@@ -1083,7 +1105,12 @@ impl Mesh {
                 })
                 .collect();
             if !grants.is_empty() {
-                store.grant(grants).unwrap().blocking_recv().unwrap().unwrap();
+                store
+                    .grant(grants)
+                    .unwrap()
+                    .blocking_recv()
+                    .unwrap()
+                    .unwrap();
             }
             self.note(format!("emergency {node} grants {charts:?} to {peer}"));
         }
@@ -1111,18 +1138,53 @@ impl Mesh {
                 let key = copy_key(&d.chart, &peer_key);
                 let held = store.sync_charts(&[key.as_str()]).unwrap();
                 held.get(&key)
-                    .and_then(|c| c.held().map(|h| consent::may_return(&h, &peer_key, wall)))
-                    .is_some_and(|r| r.is_ok())
+                    .is_some_and(|c| oracle::may_return(c, &peer_key, wall))
             } else {
                 let held = store.sync_charts(&[d.chart.as_str()]).unwrap();
                 held.get(&d.chart).is_some_and(|c| c.origin.is_none())
-                    && consent::may_send(consent::applicable(&grants, &d.chart), None, wall)
-                        .is_ok()
+                    && oracle::may_send(&grants, &d.chart, wall)
             };
             if !ok {
                 self.violation(format!(
                     "{} sent by {node} to {peer} without consent (returned={})",
                     d.chart, d.returned
+                ));
+            }
+        }
+    }
+
+    /// Invariant: an offer names a chart of the sender's only under a grant in force (or, as
+    /// revoked, one whose grant exists but ended), and a copy only to its custodian while
+    /// held read-write: chart ids are not disclosed either.
+    fn check_offer(&mut self, node: usize, peer: usize, msg: &Msg) {
+        let Msg::Offer { items } = msg else {
+            return;
+        };
+        let wall = self.wall();
+        let peer_key = self.nodes[peer].key.clone();
+        let store = self.store(node).clone();
+        let grants = store.grants(Some(&self.nodes[peer].id)).unwrap();
+        for i in items {
+            let ok = match i.kind {
+                chartmesh_core::sync::Offered::Shared { .. } => {
+                    oracle::may_send(&grants, &i.chart, wall)
+                }
+                chartmesh_core::sync::Offered::Revoked => {
+                    oracle::grant(&grants, &i.chart).is_some()
+                }
+                chartmesh_core::sync::Offered::Returned { .. } => {
+                    let key = copy_key(&i.chart, &peer_key);
+                    store
+                        .sync_charts(&[key.as_str()])
+                        .unwrap()
+                        .get(&key)
+                        .is_some_and(|c| oracle::may_return(c, &peer_key, wall))
+                }
+            };
+            if !ok {
+                self.violation(format!(
+                    "{} offered by {node} to {peer} as {:?} without consent",
+                    i.chart, i.kind
                 ));
             }
         }
@@ -1149,7 +1211,7 @@ impl Mesh {
             }
             let held = custodian.sync_charts(&[chart.as_str()]).unwrap();
             let Some(c) = held.get(&chart) else { continue };
-            let Some(g) = consent::applicable(&grants, &chart) else {
+            let Some(g) = oracle::grant(&grants, &chart) else {
                 continue;
             };
             // Only what the offer up to `upto` covered: the chart and its grant as they
@@ -1158,7 +1220,7 @@ impl Mesh {
                 .grant_seq(&me.to_string(), &g.chart_id)
                 .unwrap()
                 .unwrap_or(i64::MAX);
-            if c.seq as u64 > upto || grant_seq as u64 > upto || !g.is_active(wall) {
+            if c.seq as u64 > upto || grant_seq as u64 > upto || !oracle::in_force(g, wall) {
                 continue;
             }
             let key = copy_key(&chart, &peer_key);
@@ -1231,7 +1293,10 @@ impl Mesh {
         if canary {
             self.canaries.insert((node, id.clone()));
         }
-        self.note(format!("create {id} at {node}{}", if canary { " (canary)" } else { "" }));
+        self.note(format!(
+            "create {id} at {node}{}",
+            if canary { " (canary)" } else { "" }
+        ));
         Some(id)
     }
 
@@ -1268,7 +1333,11 @@ impl Mesh {
         });
         let meta = self.meta(node, "add note");
         let r = store
-            .edit(key.to_string(), Box::new(move |d| d.append(&entry, &meta)), vec![])
+            .edit(
+                key.to_string(),
+                Box::new(move |d| d.append(&entry, &meta)),
+                vec![],
+            )
             .unwrap()
             .blocking_recv()
             .unwrap();
@@ -1284,7 +1353,14 @@ impl Mesh {
     }
 
     /// Records a grant of `chart` (or every chart) at `node` to `peer`.
-    pub fn share(&mut self, node: usize, chart: Option<&str>, peer: usize, rw: bool, expires_in: Option<u64>) {
+    pub fn share(
+        &mut self,
+        node: usize,
+        chart: Option<&str>,
+        peer: usize,
+        rw: bool,
+        expires_in: Option<u64>,
+    ) {
         if !self.is_up(node) {
             return;
         }
@@ -1304,7 +1380,11 @@ impl Mesh {
             chart_id: chart_id.clone(),
             peer: self.nodes[peer].id,
             access: if rw { Access::ReadWrite } else { Access::Read },
-            purpose: if rw { Purpose::Referral } else { Purpose::Continuity },
+            purpose: if rw {
+                Purpose::Referral
+            } else {
+                Purpose::Continuity
+            },
             expires_ms: expires_in.map(|e| wall + e as i64),
             recorded_by: "sim".into(),
             recorded_ms: wall,
@@ -1316,7 +1396,9 @@ impl Mesh {
             .blocking_recv()
             .unwrap()
             .unwrap();
-        self.note(format!("share {chart_id} {node} -> {peer} rw={rw} expires={expires_in:?}"));
+        self.note(format!(
+            "share {chart_id} {node} -> {peer} rw={rw} expires={expires_in:?}"
+        ));
     }
 
     pub fn revoke(&mut self, node: usize, chart: Option<&str>, peer: usize) {
@@ -1413,10 +1495,10 @@ impl Mesh {
                     continue;
                 }
                 let grants = cstore.grants(Some(&self.nodes[holder].id)).unwrap();
-                let g = consent::applicable(&grants, &chart);
+                let g = oracle::grant(&grants, &chart);
                 let key = copy_key(&chart, &self.nodes[custodian].key);
                 let held = self.store(holder).get(&key).unwrap();
-                match (g.filter(|g| g.is_active(wall)), held) {
+                match (g.filter(|g| oracle::in_force(g, wall)), held) {
                     (Some(_), Some(mut h)) => {
                         let h_heads = sorted(h.doc.head_bytes());
                         if h_heads != c_heads {
@@ -1484,6 +1566,38 @@ impl Mesh {
     }
 }
 
+/// The consent rules as the product brief states them, written here independently of
+/// `chartmesh_core::consent` so that a bug there cannot hide from the checks: a grant of
+/// the chart itself wins over an all-charts grant; it is in force if not revoked and not
+/// past its expiry.
+mod oracle {
+    use chartmesh_core::consent::{Access, Grant};
+
+    pub fn grant<'a>(grants: &'a [Grant], chart: &str) -> Option<&'a Grant> {
+        grants
+            .iter()
+            .find(|g| g.chart_id == chart)
+            .or_else(|| grants.iter().find(|g| g.chart_id == "*"))
+    }
+
+    pub fn in_force(g: &Grant, now: i64) -> bool {
+        g.revoked_ms.is_none() && g.expires_ms.is_none_or(|e| now < e)
+    }
+
+    /// May the custodian send its chart to the peer whose grants these are?
+    pub fn may_send(grants: &[Grant], chart: &str, now: i64) -> bool {
+        grant(grants, chart).is_some_and(|g| in_force(g, now))
+    }
+
+    /// May the holder send its changes of a copy back to `to`?
+    pub fn may_return(c: &chartmesh_store::SyncChart, to: &str, now: i64) -> bool {
+        c.origin.as_deref() == Some(to)
+            && c.access == Some(Access::ReadWrite)
+            && c.revoked_ms.is_none()
+            && c.expires_ms.is_none_or(|e| now < e)
+    }
+}
+
 fn sorted(mut v: Vec<[u8; 32]>) -> Vec<[u8; 32]> {
     v.sort_unstable();
     v
@@ -1492,4 +1606,3 @@ fn sorted(mut v: Vec<[u8; 32]>) -> Vec<[u8; 32]> {
 fn automerge_hash(h: &[u8; 32]) -> automerge::ChangeHash {
     automerge::ChangeHash(*h)
 }
-

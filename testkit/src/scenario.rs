@@ -24,11 +24,20 @@ use chartmesh_core::ids::copy_key;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// A new chart; a canary is never shared.
-    Create { at: usize, canary: bool },
+    Create {
+        at: usize,
+        canary: bool,
+    },
     /// A note added to one of the practice's own charts.
-    Edit { at: usize, chart: usize },
+    Edit {
+        at: usize,
+        chart: usize,
+    },
     /// A note added to a copy the practice holds (only if it may: read-write, active).
-    EditCopy { at: usize, chart: usize },
+    EditCopy {
+        at: usize,
+        chart: usize,
+    },
     /// A grant of one chart (or all, `chart` None) to a peer.
     Share {
         chart: Option<usize>,
@@ -36,16 +45,37 @@ pub enum Op {
         rw: bool,
         expires_in_ms: Option<u64>,
     },
-    Revoke { chart: Option<usize>, to: usize },
+    Revoke {
+        chart: Option<usize>,
+        to: usize,
+    },
     /// Break-glass: `at` asks the custodian of `chart` for it by MRN.
-    Emergency { at: usize, chart: usize },
-    Crash { at: usize },
-    Restart { at: usize },
-    Partition { a: usize, b: usize },
-    Heal { a: usize, b: usize },
+    Emergency {
+        at: usize,
+        chart: usize,
+    },
+    Crash {
+        at: usize,
+    },
+    Restart {
+        at: usize,
+    },
+    Partition {
+        a: usize,
+        b: usize,
+    },
+    Heal {
+        a: usize,
+        b: usize,
+    },
     /// The live connection between two practices breaks.
-    Flap { a: usize, b: usize },
-    Wait { ms: u64 },
+    Flap {
+        a: usize,
+        b: usize,
+    },
+    Wait {
+        ms: u64,
+    },
 }
 
 /// Practices in a scenario.
