@@ -308,6 +308,33 @@ pub fn emergency(c: &Client, cmd: EmergencyCmd, j: bool) -> anyhow::Result<()> {
             if !granted {
                 return Err(crate::client::CliError::Reported(5).into());
             }
+            // Granted is not enough: say so when a granted chart has not arrived.
+            let missing: Vec<String> = v["answers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["outcome"] == "granted")
+                .flat_map(|a| {
+                    let arrived = a["arrived"].as_array().cloned().unwrap_or_default();
+                    a["charts"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(move |c| !arrived.contains(c))
+                        .filter_map(|c| c.as_str().map(str::to_string))
+                })
+                .collect();
+            if !missing.is_empty() {
+                let msg = format!(
+                    "access was granted but {} has not arrived yet; check `chartmesh status` for the sync with that practice",
+                    missing.join(", ")
+                );
+                if j {
+                    return Err(crate::client::CliError::Reported(1).into());
+                }
+                return Err(crate::client::CliError::Failed(msg).into());
+            }
         }
         EmergencyCmd::Log => {
             let v = c.get("/emergency/log")?;

@@ -187,7 +187,8 @@ impl Node {
             requester: requester.to_string(),
         };
         let mut out = Vec::new();
-        let mut waiting: Vec<String> = Vec::new();
+        // (custodian, chart id there) of every granted chart not here yet.
+        let mut waiting: Vec<(String, String)> = Vec::new();
         for p in peers {
             let now = now_ms();
             let answer = sync.ask_emergency(&p, request.clone()).await;
@@ -203,7 +204,7 @@ impl Node {
                         )?
                         .await
                         .map_err(|_| StoreError::Closed)??;
-                    waiting.extend(charts.iter().cloned());
+                    waiting.extend(charts.iter().map(|c| (p.to_string(), c.clone())));
                     (
                         format!(
                             "granted {} chart(s), read-only until {}",
@@ -238,10 +239,16 @@ impl Node {
         let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
         while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
             let ids = waiting.clone();
+            // Looked up by custodian: a received copy's key need not be the chart id.
             let present = self
                 .read(move |s| {
-                    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    Ok(s.sync_charts(&refs)?.into_keys().collect::<Vec<_>>())
+                    let mut here = Vec::new();
+                    for (peer, chart) in ids {
+                        if s.received_copy_key(&peer, &chart)?.is_some() {
+                            here.push((peer, chart));
+                        }
+                    }
+                    Ok(here)
                 })
                 .await?;
             waiting.retain(|c| !present.contains(c));
@@ -250,10 +257,15 @@ impl Node {
             }
         }
         for v in out.iter_mut() {
+            let peer = v["peer"].as_str().unwrap_or_default().to_string();
             if let Some(charts) = v["charts"].as_array() {
                 let arrived: Vec<&Value> = charts
                     .iter()
-                    .filter(|c| !waiting.iter().any(|w| Some(w.as_str()) == c.as_str()))
+                    .filter(|c| {
+                        !waiting
+                            .iter()
+                            .any(|(p, w)| *p == peer && Some(w.as_str()) == c.as_str())
+                    })
                     .collect();
                 v["arrived"] = json!(arrived);
             }
