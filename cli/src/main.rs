@@ -710,7 +710,19 @@ fn run(cli: Cli) -> Result<()> {
             let body = json!({ "charts": chart_ids, "all": all, "peer": from });
             let v = Client::connect(&dir, &user)?.post_json("/revoke", &body)?;
             print(j, &v, |v| {
-                println!("Revoked {} grant(s) of {from}", v["revoked"])
+                println!("Revoked {} grant(s) of {from}", v["revoked"]);
+                let not: Vec<&str> = v["notShared"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str())
+                    .collect();
+                if !not.is_empty() {
+                    println!(
+                        "Not shared with {from}, nothing to revoke: {}",
+                        not.join(", ")
+                    );
+                }
             });
         }
         Cmd::Shares => {

@@ -315,8 +315,10 @@ async fn revoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
-    let n = st.node.revoke(json_body(&body)?, &user(&headers)).await?;
-    Ok(Json(json!({ "revoked": n })))
+    let r = st.node.revoke(json_body(&body)?, &user(&headers)).await?;
+    Ok(Json(
+        serde_json::to_value(r).expect("revocation serializes"),
+    ))
 }
 
 #[derive(Deserialize)]

@@ -1245,7 +1245,11 @@ impl Node {
         Ok(grants)
     }
 
-    pub async fn revoke(&self, req: ShareRequest, by: &str) -> Result<u64, NodeError> {
+    pub async fn revoke(
+        &self,
+        req: ShareRequest,
+        by: &str,
+    ) -> Result<chartmesh_store::Revoked, NodeError> {
         let peer = parse_peer(&req.peer)?;
         let charts = match (req.all, req.charts.is_empty()) {
             (true, true) => None,
@@ -1256,6 +1260,17 @@ impl Node {
                 ));
             }
         };
+        if let Some(ids) = &charts {
+            // A name that is neither a chart here nor a grant's chart is a mistake.
+            let grants = self.store.grants(Some(&peer))?;
+            for id in ids {
+                if self.store.chart_origin(id)?.is_none()
+                    && !grants.iter().any(|g| &g.chart_id == id)
+                {
+                    return Err(NodeError::NotFound(id.clone()));
+                }
+            }
+        }
         Ok(self
             .store
             .revoke(peer, charts, by, now_ms())?

@@ -22,7 +22,7 @@ mod sync;
 mod workflow;
 mod write;
 
-pub use consent::Peer;
+pub use consent::{Peer, Revoked};
 pub use error::StoreError;
 pub use key::{StoreKey, is_plaintext, plaintext_count, rekey_copy};
 pub use read::{ChartRecord, ChartSummary};

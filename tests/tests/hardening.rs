@@ -149,3 +149,107 @@ fn an_expired_emergency_copy_is_removed_whole_and_the_chart_can_come_again() {
     assert!(!b.log().contains("UNIQUE constraint failed"), "{}", b.log());
     b.cli_ok(&["audit", "verify"]);
 }
+
+/// Issue 11, item 7: revoking one chart shared under `share --all` printed "Revoked 0
+/// grant(s)", exit 0, was audited as a revoke, and the chart kept syncing. Now the chart's
+/// own revoked grant wins over `*`: the count is true, the audit says what happened, the
+/// copy at the peer is marked revoked and later edits stop travelling while the rest sync.
+#[test]
+fn revoking_one_chart_under_an_all_charts_grant_stops_that_chart_only() {
+    let a = Practice::new("Revoke Custodian");
+    let b = Practice::new("Revoke Peer");
+    pair(&a, &b);
+    a.import_first(6);
+    let id_b = b.id();
+    a.cli_ok(&["share", "--all", "--with", &id_b, "--purpose", "replica"]);
+    wait_until(
+        "the shared charts to arrive",
+        Duration::from_secs(60),
+        || holds(&b, "chart-000006"),
+    );
+    a.sync_wait(&b, 60);
+
+    let out = a.cli_ok(&["revoke", "chart-000002", "--from", &id_b]);
+    assert!(out.contains("Revoked 1 grant"), "{out}");
+    // Revoking it again, or a chart never shared, revokes nothing and says so.
+    let v = a.cli_json(&["revoke", "chart-000002", "--from", &id_b]);
+    assert_eq!(v["revoked"], 0, "{v}");
+    assert_eq!(v["notShared"], serde_json::json!(["chart-000002"]), "{v}");
+    assert_eq!(
+        a.cli(&["revoke", "no-such-chart", "--from", &id_b])
+            .status
+            .code(),
+        Some(4)
+    );
+    // The shares list shows the exception beside the all-charts grant.
+    let shares = a.get("/shares");
+    let list = shares["shares"].as_array().unwrap();
+    let one = list
+        .iter()
+        .find(|g| g["chartId"] == "chart-000002")
+        .unwrap();
+    assert_eq!(one["active"], false, "{one}");
+    assert!(
+        list.iter()
+            .any(|g| g["chartId"] == "*" && g["active"] == true)
+    );
+    // Audited once, truthfully.
+    let revokes = actions(&a, "revoke");
+    assert_eq!(revokes.len(), 1, "{revokes:?}");
+    assert_eq!(revokes[0]["chart_id"], "chart-000002");
+    assert!(
+        revokes[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("all-charts"),
+        "{revokes:?}"
+    );
+
+    // The peer marks its copy revoked; later edits of that chart stay home, others travel.
+    wait_until(
+        "the copy to be marked revoked",
+        Duration::from_secs(60),
+        || b.get("/charts/chart-000002/custody")["status"] == "revoked",
+    );
+    a.cli_ok(&["note", "add", "chart-000002", "--text", "after revocation"]);
+    a.cli_ok(&["note", "add", "chart-000003", "--text", "still shared"]);
+    wait_until(
+        "the edit of chart-000003 to arrive",
+        Duration::from_secs(60),
+        || {
+            b.get("/charts/chart-000003")["notes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["text"] == "still shared")
+        },
+    );
+    a.sync_wait(&b, 60);
+    let copy = b.get("/charts/chart-000002");
+    assert!(
+        !copy["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["text"] == "after revocation"),
+        "a revoked chart kept syncing"
+    );
+    assert_eq!(
+        b.get("/charts/chart-000001/custody")["status"],
+        "shared-with-us"
+    );
+
+    // Shared by name again, it travels again.
+    a.cli_ok(&["share", "chart-000002", "--with", &id_b]);
+    wait_until(
+        "the re-shared chart to catch up",
+        Duration::from_secs(60),
+        || {
+            b.get("/charts/chart-000002")["notes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["text"] == "after revocation")
+        },
+    );
+}
