@@ -222,14 +222,14 @@ pub fn correct(
 pub fn patient_copy(c: &Client, chart: &str, dir: &std::path::Path) -> anyhow::Result<Value> {
     use anyhow::Context;
     let v = c.get(&format!("/charts/{}/patient-copy", enc(chart)))?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::output::create_private_dir(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let html = dir.join("summary.html");
     let ips = dir.join("ips.json");
+    // Readable by this user only: a patient's record.
     let write = |path: &std::path::Path, bytes: &[u8]| -> anyhow::Result<()> {
-        let tmp = path.with_extension("partial");
-        std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        crate::output::write_private(path, bytes)
+            .with_context(|| format!("cannot write {}", path.display()))
     };
     write(&html, v["html"].as_str().unwrap_or("").as_bytes())?;
     write(

@@ -104,7 +104,7 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("opening {}", lock_path.display()))?;
     if !lock.try_lock_exclusive().unwrap_or(false) {
         bail!(
-            "another chartmeshd is already running on {}; stop it first (one daemon per data directory)",
+            "another chartmeshd is already running on {} (or an offline chartmesh command is reading it); stop it first (one daemon per data directory)",
             dir.display()
         );
     }

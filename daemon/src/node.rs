@@ -90,6 +90,8 @@ pub struct Node {
     pub peers_changed: tokio::sync::Notify,
     /// The running sync service, once started.
     pub sync: std::sync::OnceLock<Arc<crate::sync::SyncService>>,
+    /// Rate limits of emergency requests (`crate::emergency`).
+    pub(crate) emergency_limits: crate::emergency::Limits,
 }
 
 impl Node {
@@ -110,6 +112,7 @@ impl Node {
             pool,
             peers_changed: tokio::sync::Notify::new(),
             sync: std::sync::OnceLock::new(),
+            emergency_limits: Default::default(),
         })
     }
 
@@ -384,8 +387,8 @@ impl Node {
         Ok(h)
     }
 
-    /// Searches the index. Audited with the number of results (not the query, which may
-    /// itself be a patient's name).
+    /// Searches the index. Audited with each chart the answer disclosed (not the query,
+    /// which may itself be a patient's name).
     pub async fn search(
         &self,
         q: &str,
@@ -396,27 +399,22 @@ impl Node {
         let res = self
             .read(move |store| Ok(store.search(&query, limit)?))
             .await?;
-        self.audit(vec![
+        let mut audit = vec![
             AuditEvent::new(now_ms(), actor, "search").detail(format!("results={}", res.len())),
-        ])
-        .await?;
+        ];
+        audit.extend(crate::guard::disclosed(
+            actor,
+            "search",
+            "listed in search results",
+            res.iter().map(|c| c.id.as_str()),
+        ));
+        self.audit(audit).await?;
         Ok(res)
     }
 
     /// Writes a consistent, still encrypted copy of the store to `path` while the daemon runs.
     pub async fn backup(&self, path: std::path::PathBuf, actor: &str) -> Result<u64, NodeError> {
-        if !path.is_absolute() {
-            return Err(NodeError::Invalid(format!(
-                "backup path {} must be absolute (the daemon may run in another directory)",
-                path.display()
-            )));
-        }
-        if path.is_dir() {
-            return Err(NodeError::Invalid(format!(
-                "{} is a directory; give a file name for the backup",
-                path.display()
-            )));
-        }
+        crate::datadir::check_backup_target(&self.data_dir, &path).map_err(NodeError::Invalid)?;
         // Recorded before the copy is taken, so the backup's own log shows it.
         self.audit(vec![AuditEvent::new(now_ms(), actor, "backup")])
             .await?;
@@ -594,6 +592,7 @@ impl Node {
         &self,
         today: time::Date,
         within_days: u32,
+        list_patients: bool,
         actor: &str,
     ) -> Result<DueReport, NodeError> {
         use chartmesh_core::due;
@@ -663,7 +662,7 @@ impl Node {
                     e.1 += 1;
                 }
             }
-            if !items.is_empty() {
+            if !items.is_empty() && list_patients {
                 patients.push(DuePatient {
                     chart: id,
                     patient: name,
@@ -671,10 +670,18 @@ impl Node {
                 });
             }
         }
-        self.audit(vec![
-            AuditEvent::new(now_ms(), actor, "read").detail(format!("due list charts={charts}")),
-        ])
-        .await?;
+        // The counts disclose no one; each patient listed is audited by chart.
+        let mut audit = vec![AuditEvent::new(now_ms(), actor, "read").detail(format!(
+            "due list charts={charts} patients listed={}",
+            patients.len()
+        ))];
+        audit.extend(crate::guard::disclosed(
+            actor,
+            "read",
+            "listed in the due list",
+            patients.iter().map(|p| p.chart.as_str()),
+        ));
+        self.audit(audit).await?;
         let rules = due::RULES
             .iter()
             .map(|r| {
@@ -733,7 +740,17 @@ impl Node {
         if let Some(c) = chart {
             ev = ev.chart(c);
         }
-        match self.store.audit(vec![ev]) {
+        let mut events = vec![ev];
+        if chart.is_none() {
+            // Every patient listed with alerts is disclosed: audited by chart.
+            events.extend(crate::guard::disclosed(
+                actor,
+                "read",
+                "listed with medication alerts",
+                out.iter().filter_map(|c| c["chart"].as_str()),
+            ));
+        }
+        match self.store.audit(events) {
             Ok(rx) => {
                 if let Ok(Err(e)) = rx.blocking_recv() {
                     return Err(e.into());

@@ -277,6 +277,79 @@ impl ReaderPool {
     }
 }
 
+/// What `chartmesh restore` compares between a backup and the store it would replace:
+/// paired practices, consent grants, when each chart was last written, and the audit log's
+/// length. Read from any schema a backup may have (missing tables read as empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreOverview {
+    /// (practice id, name)
+    pub peers: Vec<(String, String)>,
+    pub grants: Vec<GrantState>,
+    /// (chart id, last written in ms)
+    pub charts: Vec<(String, i64)>,
+    pub audit_entries: i64,
+}
+
+/// A consent grant as stored, for comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantState {
+    pub chart_id: String,
+    pub peer: String,
+    pub access: String,
+    pub purpose: String,
+    pub expires_ms: Option<i64>,
+    pub recorded_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+impl ReaderPool {
+    pub(crate) fn overview(&self) -> Result<StoreOverview, StoreError> {
+        let conn = self.lease()?;
+        let tx = conn.unchecked_transaction()?;
+        let has = |t: &str| -> Result<bool, StoreError> {
+            Ok(tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+                [t],
+                |r| r.get(0),
+            )?)
+        };
+        let mut o = StoreOverview::default();
+        if has("peers")? {
+            o.peers = tx
+                .prepare("SELECT id, name FROM peers ORDER BY id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+        }
+        if has("grants")? {
+            o.grants = tx
+                .prepare(
+                    "SELECT chart_id, peer, access, purpose, expires_ms, recorded_ms, revoked_ms FROM grants ORDER BY peer, chart_id",
+                )?
+                .query_map([], |r| {
+                    Ok(GrantState {
+                        chart_id: r.get(0)?,
+                        peer: r.get(1)?,
+                        access: r.get(2)?,
+                        purpose: r.get(3)?,
+                        expires_ms: r.get(4)?,
+                        recorded_ms: r.get(5)?,
+                        revoked_ms: r.get(6)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+        }
+        o.charts = tx
+            .prepare("SELECT id, updated_ms FROM charts ORDER BY id")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        o.audit_entries = tx.query_row("SELECT count(*) FROM audit", [], |r| r.get(0))?;
+        tx.finish()?;
+        Ok(o)
+    }
+}
+
 pub(crate) const AUDIT_COLUMNS: &str =
     "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit";
 
