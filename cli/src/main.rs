@@ -654,17 +654,17 @@ fn run(cli: Cli) -> Result<()> {
                 std::io::stdin().read_line(&mut answer)?;
                 matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES")
             } else {
+                let msg = "nothing was changed: a restore drops what is listed; run it from a terminal to be asked, or add --yes";
                 if j {
                     println!(
                         "{}",
-                        serde_json::to_string_pretty(&json!({ "restored": false, "plan": plan }))?
+                        serde_json::to_string_pretty(
+                            &json!({ "restored": false, "plan": plan, "error": msg, "exitCode": 2 })
+                        )?
                     );
+                    return Err(CliError::Reported(2).into());
                 }
-                return Err(CliError::Usage(
-                    "nothing was changed: a restore drops what is listed; run it from a terminal to be asked, or add --yes"
-                        .into(),
-                )
-                .into());
+                return Err(CliError::Usage(msg.into()).into());
             };
             if !go {
                 return Err(

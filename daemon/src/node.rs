@@ -414,7 +414,13 @@ impl Node {
 
     /// Writes a consistent, still encrypted copy of the store to `path` while the daemon runs.
     pub async fn backup(&self, path: std::path::PathBuf, actor: &str) -> Result<u64, NodeError> {
-        crate::datadir::check_backup_target(&self.data_dir, &path).map_err(NodeError::Invalid)?;
+        if let Err(why) = crate::datadir::check_backup_target(&self.data_dir, &path) {
+            self.audit(vec![
+                AuditEvent::new(now_ms(), actor, "refuse").detail(format!("backup: {why}")),
+            ])
+            .await?;
+            return Err(NodeError::Invalid(why));
+        }
         // Recorded before the copy is taken, so the backup's own log shows it.
         self.audit(vec![AuditEvent::new(now_ms(), actor, "backup")])
             .await?;

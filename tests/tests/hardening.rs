@@ -253,3 +253,126 @@ fn revoking_one_chart_under_an_all_charts_grant_stops_that_chart_only() {
         },
     );
 }
+
+/// Also found by hand: `sync wait` without `--peer` exited 0 "in sync" while the only
+/// paired practice was offline. Now it waits for every paired practice that is not paused
+/// and, on timeout, exits 1 naming who is offline.
+#[test]
+fn sync_wait_waits_for_every_paired_unpaused_peer_and_names_who_is_offline() {
+    let a = Practice::new("Waiting Clinic");
+    let mut b = Practice::new("Sleepy Clinic");
+    pair(&a, &b);
+    a.sync_wait(&b, 60);
+    b.stop();
+    let out = a.cli(&["sync", "wait", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Sleepy Clinic") && err.contains("offline"),
+        "{err}"
+    );
+    // --connected waits only for the peers connected now.
+    a.cli_ok(&["sync", "wait", "--connected", "--timeout", "5"]);
+    // Back online: in sync again.
+    b.start();
+    a.cli_ok(&["sync", "wait", "--timeout", "60"]);
+    // A paused peer is not waited for.
+    a.cli_ok(&["sync", "pause", "--peer", &b.id()]);
+    b.stop();
+    a.cli_ok(&["sync", "wait", "--timeout", "5"]);
+    // An unknown peer is a usage error at once, not a wait.
+    let out = a.cli(&["sync", "wait", "--peer", "AAAA-BBBB", "--timeout", "30"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// Issue 11, item 12 (operator part): a restore of a backup taken before pairing dropped the
+/// peers and grants recorded since without a word. Now it lists what it would drop and goes
+/// on only when confirmed: asked on a terminal, `--yes` in scripts, refused otherwise.
+#[test]
+fn restore_says_what_it_drops_and_needs_confirmation() {
+    let mut a = Practice::new("Restore Clinic");
+    let b = Practice::new("Restore Partner");
+    a.import_first(5);
+    let backup = a.dir.parent().unwrap().join("before-pairing.db");
+    a.cli_ok(&["backup", backup.to_str().unwrap()]);
+    pair(&a, &b);
+    a.cli_ok(&["share", "chart-000001", "--with", &b.id()]);
+    a.cli_ok(&["note", "add", "chart-000002", "--text", "after the backup"]);
+    a.cli_ok(&[
+        "chart",
+        "create",
+        "--id",
+        "chart-new",
+        "--mrn",
+        "NEW1",
+        "--family",
+        "Later",
+        "--given",
+        "Ana",
+        "--birth-date",
+        "1990-01-01",
+    ]);
+    a.stop();
+
+    // Not a terminal, no --yes: the plan is shown, nothing is changed.
+    let out = a.cli(&["restore", backup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    for what in [
+        "Restore Partner",
+        "chart-000001 with",
+        "charts created or received (1): chart-new",
+        "charts changed, back to their state in the backup (1): chart-000002",
+        "audit log entries",
+    ] {
+        assert!(said.contains(what), "{what:?} missing from:\n{said}");
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    let out = a.cli(&["--json", "restore", backup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["restored"], false);
+    assert_eq!(v["plan"]["peersDropped"][0][1], "Restore Partner", "{v}");
+    assert_eq!(v["plan"]["chartsCreated"], serde_json::json!(["chart-new"]));
+
+    // On a terminal it asks; "n" changes nothing.
+    let mut child = KillOnDrop(
+        std::process::Command::new("script")
+            .args(["-q", "-e", "-c"])
+            .arg(format!(
+                "{} --data-dir {} restore {}",
+                bin("chartmesh").display(),
+                a.dir.display(),
+                backup.display()
+            ))
+            .arg("/dev/null")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("script (util-linux) runs"),
+    );
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"n\n").unwrap();
+    drop(child.stdin.take());
+    let mut said = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut said).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains("[y/N]") && said.contains("cancelled"),
+        "{said}"
+    );
+    a.start();
+    assert_eq!(a.get("/status")["charts"], 6);
+    assert_eq!(a.get("/peers")["peers"].as_array().unwrap().len(), 1);
+    a.stop();
+
+    // --yes: restored; the replaced store is kept.
+    let v = a.cli_json(&["restore", "--yes", backup.to_str().unwrap()]);
+    assert_eq!(v["restored"], true);
+    assert!(Path::new(v["previous"].as_str().unwrap()).exists());
+    a.start();
+    assert_eq!(a.get("/status")["charts"], 5);
+    assert!(a.get("/peers")["peers"].as_array().unwrap().is_empty());
+    a.cli_ok(&["audit", "verify"]);
+}
