@@ -412,7 +412,7 @@ fn main() {
                 println!("{}", json!({ "error": msg, "exitCode": code }));
             } else {
                 // Messages may quote stored text (a chart id, a name): escaped.
-                eprintln!("chartmesh: {}", output::esc(&msg));
+                eprintln!("chartmesh: {}", output::esc_message(&msg));
             }
             code
         }

@@ -8,7 +8,6 @@ use anyhow::Result;
 use chartmesh_core::audit::AuditEvent;
 use chartmesh_daemon::datadir;
 use chartmesh_store::{Store, StoreOptions};
-use fs4::fs_std::FileExt;
 use std::path::Path;
 
 use crate::client::CliError;
@@ -36,21 +35,14 @@ impl Offline {
                 dir.display()
             ))
         };
-        let lock_path = dir.join(datadir::LOCK);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
+        let lock = datadir::try_lock(dir)
             .map_err(|e| {
                 CliError::Failed(format!(
                     "cannot open {} ({e}); offline reads are audited, so they need write access to the data directory",
-                    lock_path.display()
+                    dir.join(datadir::LOCK).display()
                 ))
-            })?;
-        if !lock.try_lock_exclusive().unwrap_or(false) {
-            return Err(running().into());
-        }
+            })?
+            .ok_or_else(running)?;
         let path = datadir::store_path(dir);
         let key = datadir::store_key(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
         // A store of an older schema (or plaintext) is refused untouched: chartmeshd

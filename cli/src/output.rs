@@ -36,6 +36,15 @@ pub fn esc(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Like [`esc`], but line breaks stay: for the CLI's own messages, which may span lines and
+/// quote stored text.
+pub fn esc_message(s: &str) -> String {
+    s.split('\n')
+        .map(|l| esc(l).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A copy of `v` with every string (and object key) passed through [`esc`], for printing.
 pub fn escaped(v: &Value) -> Value {
     match v {
@@ -104,6 +113,7 @@ mod tests {
         assert_eq!(esc("x\0y\nz"), "x\\u{0}y\\nz");
         assert_eq!(esc("\u{202e}evil"), "\\u{202e}evil");
         assert_eq!(esc("\u{2066}i\u{2069}"), "\\u{2066}i\\u{2069}");
+        assert_eq!(esc_message("one\ntwo\u{1b}"), "one\ntwo\\u{1b}");
         let v = serde_json::json!({"a\u{7}": ["\u{9b}x", 3]});
         assert_eq!(escaped(&v), serde_json::json!({"a\\u{7}": ["\\u{9b}x", 3]}));
     }

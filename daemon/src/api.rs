@@ -322,6 +322,10 @@ async fn add_peer(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), NodeError> {
     let b: AddPeer = json_body(&body)?;
+    if let Some(n) = &b.name {
+        crate::guard::check_name("--name", n).map_err(NodeError::Invalid)?;
+    }
+    crate::guard::check_name("--addr", &b.addr).map_err(NodeError::Invalid)?;
     let p = st
         .node
         .add_peer(&b.id, &b.addr, b.name, &user(&headers))

@@ -256,6 +256,18 @@ fn encrypt_plaintext_store(
     Ok(key)
 }
 
+/// Takes the directory's daemon lock (`chartmeshd.lock`, created if missing): Some(file)
+/// holding it until dropped, or None if a daemon (or an offline command) holds it.
+pub fn try_lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use fs4::fs_std::FileExt;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK))?;
+    Ok(lock.try_lock_exclusive().unwrap_or(false).then_some(lock))
+}
+
 /// Whether a daemon holds this directory's lock right now.
 pub fn daemon_running(dir: &Path) -> bool {
     use fs4::fs_std::FileExt;

@@ -404,7 +404,7 @@ impl Node {
         ];
         audit.extend(crate::guard::disclosed(
             actor,
-            "search",
+            "read",
             "listed in search results",
             res.iter().map(|c| c.id.as_str()),
         ));

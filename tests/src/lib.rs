@@ -96,6 +96,16 @@ pub fn pair(a: &Practice, b: &Practice) {
     }
 }
 
+/// Waits until `a` sees `b` connected.
+pub fn wait_connected(a: &Practice, b: &Practice) {
+    let id = b.id();
+    wait_until("the practices to connect", Duration::from_secs(60), || {
+        a.get("/sync")["peers"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["id"] == id && p["connected"] == true))
+    });
+}
+
 /// A child process killed (and reaped) when dropped, so a failing test cannot leave it
 /// running.
 pub struct KillOnDrop(pub Child);
@@ -309,6 +319,17 @@ impl Practice {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+
+    /// Sets the emergency policy (`allow`/`deny`) and its duration in the config, and
+    /// restarts the daemon on it.
+    pub fn set_emergency_policy(&mut self, policy: &str, duration: &str) {
+        let path = self.dir.join("config.toml");
+        let mut v: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["emergency"]["policy"] = policy.into();
+        v["emergency"]["duration"] = duration.into();
+        std::fs::write(&path, toml::to_string(&v).unwrap()).unwrap();
+        self.restart();
     }
 
     pub fn restart(&mut self) {

@@ -43,24 +43,6 @@ fn rows_of(dir: &Path, chart: &str) -> Vec<(String, i64)> {
     out
 }
 
-fn set_emergency_policy(p: &mut Practice, policy: &str, duration: &str) {
-    let path = p.dir.join("config.toml");
-    let mut v: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v["emergency"]["policy"] = policy.into();
-    v["emergency"]["duration"] = duration.into();
-    std::fs::write(&path, toml::to_string(&v).unwrap()).unwrap();
-    p.restart();
-}
-
-fn connected(a: &Practice, b: &Practice) {
-    let id = b.id();
-    wait_until("the practices to connect", Duration::from_secs(60), || {
-        a.get("/sync")["peers"]
-            .as_array()
-            .is_some_and(|ps| ps.iter().any(|p| p["id"] == id && p["connected"] == true))
-    });
-}
-
 /// Whether `p` holds a readable copy of `chart` (by its id as shown to users).
 fn holds(p: &Practice, chart: &str) -> bool {
     p.try_get(&format!("/charts/{chart}"))
@@ -89,12 +71,12 @@ fn an_expired_emergency_copy_is_removed_whole_and_the_chart_can_come_again() {
     let b = Practice::new("Expiry ER");
     pair(&a, &b);
     a.import_first(10);
-    set_emergency_policy(&mut a, "allow", "3s");
+    a.set_emergency_policy("allow", "3s");
     let mrn = a.get("/charts/chart-000004")["patient"]["mrn"]
         .as_str()
         .unwrap()
         .to_string();
-    connected(&b, &a);
+    wait_connected(&b, &a);
     let request =
         |reason: &str| b.cli_json(&["emergency", "request", "--mrn", &mrn, "--reason", reason]);
     let v = request("collapsed in the waiting room");
@@ -335,7 +317,33 @@ fn restore_says_what_it_drops_and_needs_confirmation() {
     assert_eq!(v["plan"]["peersDropped"][0][1], "Restore Partner", "{v}");
     assert_eq!(v["plan"]["chartsCreated"], serde_json::json!(["chart-new"]));
 
-    // On a terminal it asks; "n" changes nothing.
+    // On a terminal it asks; "n" changes nothing. (`script` gives the CLI a terminal.)
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping the terminal prompt check: `script` (util-linux) is not installed");
+    } else {
+        answer_no_on_a_terminal(&a, &backup);
+    }
+    a.start();
+    assert_eq!(a.get("/status")["charts"], 6);
+    assert_eq!(a.get("/peers")["peers"].as_array().unwrap().len(), 1);
+    a.stop();
+
+    // --yes: restored; the replaced store is kept.
+    let v = a.cli_json(&["restore", "--yes", backup.to_str().unwrap()]);
+    assert_eq!(v["restored"], true);
+    assert!(Path::new(v["previous"].as_str().unwrap()).exists());
+    a.start();
+    assert_eq!(a.get("/status")["charts"], 5);
+    assert!(a.get("/peers")["peers"].as_array().unwrap().is_empty());
+    a.cli_ok(&["audit", "verify"]);
+}
+
+/// Runs `chartmesh restore` on a terminal (`script`) and answers "n" to its question.
+fn answer_no_on_a_terminal(a: &Practice, backup: &Path) {
     let mut child = KillOnDrop(
         std::process::Command::new("script")
             .args(["-q", "-e", "-c"])
@@ -362,17 +370,58 @@ fn restore_says_what_it_drops_and_needs_confirmation() {
         said.contains("[y/N]") && said.contains("cancelled"),
         "{said}"
     );
-    a.start();
-    assert_eq!(a.get("/status")["charts"], 6);
-    assert_eq!(a.get("/peers")["peers"].as_array().unwrap().len(), 1);
-    a.stop();
+}
 
-    // --yes: restored; the replaced store is kept.
-    let v = a.cli_json(&["restore", "--yes", backup.to_str().unwrap()]);
-    assert_eq!(v["restored"], true);
-    assert!(Path::new(v["previous"].as_str().unwrap()).exists());
-    a.start();
-    assert_eq!(a.get("/status")["charts"], 5);
-    assert!(a.get("/peers")["peers"].as_array().unwrap().is_empty());
-    a.cli_ok(&["audit", "verify"]);
+/// Issue 11, item 9: emergency requests were not rate-limited. A custodian answers one
+/// practice at most 20 times an hour; past that it denies without a lookup, and audits the
+/// refusals once a minute with a count, not once per request.
+#[test]
+fn a_custodian_rate_limits_emergency_requests_per_practice() {
+    let a = Practice::new("Limit Custodian");
+    let b = Practice::new("Limit ER");
+    pair(&a, &b);
+    wait_connected(&b, &a);
+    let mut whys = Vec::new();
+    for i in 0..24 {
+        // Four users, six requests each: within each user's own limit at B.
+        let user = format!("dr-{}", i / 6);
+        let out = std::process::Command::new(bin("chartmesh"))
+            .args([
+                "--data-dir",
+                b.dir.to_str().unwrap(),
+                "--user",
+                &user,
+                "--json",
+            ])
+            .args(["emergency", "request", "--mrn", "M1", "--reason", "test"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(5), "request {i}: {out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        whys.push(v["answers"][0]["why"].as_str().unwrap().to_string());
+    }
+    assert!(
+        whys[..20].iter().all(|w| w.contains("does not allow")),
+        "{whys:?}"
+    );
+    assert!(
+        whys[20..]
+            .iter()
+            .all(|w| w.contains("too many emergency requests")),
+        "{whys:?}"
+    );
+    let refused = actions(&a, "emergency-refused");
+    assert_eq!(
+        refused.len(),
+        21,
+        "20 answered, one entry for the refusals past the limit"
+    );
+    assert!(
+        refused[20]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("over the limit of 20"),
+        "{:?}",
+        refused[20]
+    );
 }

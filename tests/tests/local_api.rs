@@ -297,7 +297,9 @@ fn reads_are_audited_by_chart_and_exports_are_owner_only() {
     assert!(!ids.is_empty(), "{found}");
     for id in &ids {
         assert!(
-            audit_of(&a, id).iter().any(|e| e["action"] == "search"),
+            audit_of(&a, id)
+                .iter()
+                .any(|e| e["action"] == "read" && e["detail"] == "listed in search results"),
             "{id} was listed but its audit trail does not say so"
         );
     }
@@ -569,50 +571,50 @@ fn the_cli_is_quiet_when_its_output_pipe_closes() {
     let a = Practice::new("Pipe Clinic");
     a.import_first(200);
     // The reader is gone before anything is written.
-    let mut child = KillOnDrop(
-        Command::new(bin("chartmesh"))
-            .args(["--data-dir", a.dir.to_str().unwrap(), "status"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    drop(child.stdout.take());
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_ne!(status.code(), Some(101), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.is_empty(), "{err}");
-    // `chartmesh export | head -1`: far more output than a pipe holds.
-    let mut child = KillOnDrop(
-        Command::new(bin("chartmesh"))
-            .args(["--data-dir", a.dir.to_str().unwrap(), "export"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    assert!(first.contains("chart-000001"));
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = closed_pipe(&a, &["status"], false);
     assert_ne!(status.code(), Some(101), "{err}");
     assert!(!err.contains("panicked") && err.is_empty(), "{err}");
+    // `chartmesh export | head -1`: far more output than a pipe holds.
+    let (status, err) = closed_pipe(&a, &["export"], true);
+    assert_ne!(status.code(), Some(101), "{err}");
+    assert!(!err.contains("panicked") && err.is_empty(), "{err}");
+}
+
+/// Runs the CLI with its stdout a pipe that is closed at once, or after the first line has
+/// been read; returns how it ended and what it wrote to stderr.
+fn closed_pipe(
+    a: &Practice,
+    args: &[&str],
+    read_first_line: bool,
+) -> (std::process::ExitStatus, String) {
+    let mut child = KillOnDrop(
+        Command::new(bin("chartmesh"))
+            .args(["--data-dir", a.dir.to_str().unwrap()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.stdout.take().unwrap();
+    if read_first_line {
+        let mut first = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.contains("chart-000001"), "{first}");
+    } else {
+        drop(stdout);
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
 }
 
 /// A failing test leaves no daemon and no temporary directory behind: the fixture kills
