@@ -1283,16 +1283,20 @@ impl Node {
                 ));
             }
         };
-        if let Some(ids) = &charts {
+        if let Some(ids) = charts.clone() {
             // A name that is neither a chart here nor a grant's chart is a mistake.
-            let grants = self.store.grants(Some(&peer))?;
-            for id in ids {
-                if self.store.chart_origin(id)?.is_none()
-                    && !grants.iter().any(|g| &g.chart_id == id)
-                {
-                    return Err(NodeError::NotFound(id.clone()));
+            self.read(move |store| {
+                let grants = store.grants(Some(&peer))?;
+                for id in ids {
+                    if store.chart_origin(&id)?.is_none()
+                        && !grants.iter().any(|g| g.chart_id == id)
+                    {
+                        return Err(NodeError::NotFound(id));
+                    }
                 }
-            }
+                Ok(())
+            })
+            .await?;
         }
         Ok(self
             .store
