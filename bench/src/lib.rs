@@ -85,7 +85,8 @@ impl Daemon {
             .unwrap_or(0)
     }
 
-    /// Stops the daemon and returns its peak RSS (KiB).
+    /// Stops the daemon and returns its peak RSS (KiB). (A run that fails before this
+    /// still stops it: see the `Drop`.)
     fn stop_keep_rss(mut self) -> Result<u64> {
         let rss = self.peak_rss_kb();
         let _ = Command::new("kill")
@@ -96,6 +97,15 @@ impl Daemon {
             bail!("chartmeshd in {} exited with {st}", self.dir.display());
         }
         Ok(rss)
+    }
+}
+
+/// A daemon left running by a failed run (an early `?`, a panic) is killed, never left
+/// behind. After a clean stop this does nothing (the child was already waited for).
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -133,7 +133,7 @@ fn print_report(path: &Path, r: &Value) {
 
 /// Writes one `<chart-id>.json` Bundle per chart into `dir`.
 pub fn export(client: &Client, ids: &[String], dir: &Path) -> Result<usize> {
-    std::fs::create_dir_all(dir)
+    crate::output::create_private_dir(dir)
         .map_err(|e| CliError::Failed(format!("cannot create {}: {e}", dir.display())))?;
     let n = client.export_lines(ids, "fhir", &mut |line| {
         let v: Value = serde_json::from_slice(line)?;
@@ -145,7 +145,7 @@ pub fn export(client: &Client, ids: &[String], dir: &Path) -> Result<usize> {
             .into());
         }
         let path = dir.join(format!("{id}.json"));
-        std::fs::write(&path, serde_json::to_vec_pretty(&v["bundle"])?)
+        crate::output::write_private(&path, &serde_json::to_vec_pretty(&v["bundle"])?)
             .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", path.display())))?;
         Ok(())
     })?;

@@ -15,6 +15,9 @@ use chartmesh_core::MAX_CHART_JSON_BYTES;
 const CHUNK_RECORDS: usize = 250;
 const CHUNK_BYTES: usize = 4 * 1024 * 1024;
 const IN_FLIGHT: usize = 3;
+/// The most record errors kept and listed (the first ones, by file and line); the rest are
+/// counted, so a file of millions of bad lines cannot fill memory or the terminal.
+const MAX_LISTED: usize = 1000;
 
 struct Chunk {
     file: usize,
@@ -27,6 +30,29 @@ struct Totals {
     imported: u64,
     unchanged: u64,
     errors: Vec<Value>,
+    /// Errors counted but not kept.
+    not_listed: usize,
+}
+
+impl Totals {
+    fn push_error(&mut self, e: Value) {
+        self.errors.push(e);
+        if self.errors.len() >= 2 * MAX_LISTED {
+            self.keep_first();
+        }
+    }
+
+    /// Keeps the first [`MAX_LISTED`] errors by file and line; counts the others.
+    fn keep_first(&mut self) {
+        self.errors.sort_by(|a, b| {
+            (a["fileIndex"].as_u64(), a["line"].as_u64())
+                .cmp(&(b["fileIndex"].as_u64(), b["line"].as_u64()))
+        });
+        if self.errors.len() > MAX_LISTED {
+            self.not_listed += self.errors.len() - MAX_LISTED;
+            self.errors.truncate(MAX_LISTED);
+        }
+    }
 }
 
 pub fn run(client: &Client, files: &[PathBuf], author: &str, json_out: bool) -> Result<()> {
@@ -75,6 +101,7 @@ pub fn run(client: &Client, files: &[PathBuf], author: &str, json_out: bool) -> 
                 Ok(report) => {
                     totals.imported += report["imported"].as_u64().unwrap_or(0);
                     totals.unchanged += report["unchanged"].as_u64().unwrap_or(0);
+                    totals.not_listed += report["errorsNotListed"].as_u64().unwrap_or(0) as usize;
                     for e in report["errors"].as_array().cloned().unwrap_or_default() {
                         let idx = e["index"].as_u64().unwrap_or(0) as usize;
                         let mut message = e["message"].as_str().unwrap_or("").to_string();
@@ -84,7 +111,8 @@ pub fn run(client: &Client, files: &[PathBuf], author: &str, json_out: bool) -> 
                                 chunk.lines.get(d as usize).copied().unwrap_or(0)
                             ));
                         }
-                        totals.errors.push(json!({
+                        totals.push_error(json!({
+                            "fileIndex": chunk.file,
                             "file": files[chunk.file].display().to_string(),
                             "line": chunk.lines.get(idx).copied().unwrap_or(0),
                             "id": e["id"],
@@ -102,7 +130,11 @@ pub fn run(client: &Client, files: &[PathBuf], author: &str, json_out: bool) -> 
             }
         }
         match reader.join().expect("reader thread") {
-            Ok(local_errors) => totals.errors.extend(local_errors),
+            Ok(local_errors) => {
+                for e in local_errors {
+                    totals.push_error(e);
+                }
+            }
             Err(e) => read_error = Some(e),
         }
         bar.finish_and_clear();
@@ -116,11 +148,14 @@ pub fn run(client: &Client, files: &[PathBuf], author: &str, json_out: bool) -> 
     if let Some(e) = read_error {
         return Err(e);
     }
-    totals.errors.sort_by(|a, b| {
-        (a["file"].as_str(), a["line"].as_u64()).cmp(&(b["file"].as_str(), b["line"].as_u64()))
-    });
-    let failed = totals.errors.len();
-    let summary = json!({ "imported": totals.imported, "unchanged": totals.unchanged, "failed": failed, "errors": totals.errors });
+    totals.keep_first();
+    for e in &mut totals.errors {
+        if let Some(o) = e.as_object_mut() {
+            o.remove("fileIndex");
+        }
+    }
+    let failed = totals.errors.len() + totals.not_listed;
+    let summary = json!({ "imported": totals.imported, "unchanged": totals.unchanged, "failed": failed, "errors": totals.errors, "errorsNotListed": totals.not_listed });
     if json_out {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -135,10 +170,18 @@ pub fn run(client: &Client, files: &[PathBuf], author: &str, json_out: bool) -> 
                 .map(|f| format!("{f}: "))
                 .unwrap_or_default();
             eprintln!(
-                "{}:{}{id}: {field}{}",
+                "{}:{}{}: {}{}",
                 e["file"].as_str().unwrap_or(""),
                 e["line"],
-                e["message"].as_str().unwrap_or("")
+                crate::output::esc(&id),
+                crate::output::esc(&field),
+                crate::output::esc(e["message"].as_str().unwrap_or(""))
+            );
+        }
+        if totals.not_listed > 0 {
+            eprintln!(
+                "… and {} more record error(s) not listed (the first {MAX_LISTED} are above)",
+                totals.not_listed
             );
         }
         println!(
@@ -191,7 +234,7 @@ fn read_files(
             }
             if line.len() > MAX_CHART_JSON_BYTES {
                 bar.inc(n as u64);
-                local.push(too_large(path, lineno, line.len()));
+                local.push(too_large(path, fi, lineno, line.len()));
                 continue;
             }
             if line.last() != Some(&b'\n') {
@@ -220,8 +263,9 @@ fn read_files(
     Ok(local)
 }
 
-fn too_large(path: &Path, line: usize, len: usize) -> Value {
+fn too_large(path: &Path, file_index: usize, line: usize, len: usize) -> Value {
     json!({
+        "fileIndex": file_index,
         "file": path.display().to_string(),
         "line": line,
         "id": Value::Null,

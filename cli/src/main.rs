@@ -7,6 +7,8 @@
 mod client;
 mod fhir;
 mod import;
+mod offline;
+mod output;
 mod workflow;
 
 use anyhow::Result;
@@ -150,13 +152,20 @@ enum Cmd {
     /// Write a consistent copy of the store to FILE (online, while the daemon runs). The copy
     /// stays encrypted with the store key: keep a copy of store.key apart from your backups.
     Backup { file: PathBuf },
-    /// Replace the store with a backup (stop the daemon first). The backup is verified first
-    /// and the replaced store is kept beside it.
-    Restore { file: PathBuf },
+    /// Replace the store with a backup (stop the daemon first). The backup is verified first,
+    /// what the restore would drop (practices, grants, charts written since the backup) is
+    /// listed and must be confirmed; the replaced store is kept beside it.
+    Restore {
+        file: PathBuf,
+        /// Go on without asking (in scripts); without it, a terminal is asked and anything
+        /// else is refused.
+        #[arg(long)]
+        yes: bool,
+    },
     /// The store's encryption key.
     #[command(subcommand)]
     Key(KeyCmd),
-    /// Print the address of the console page (with the token) to open in a browser.
+    /// Print a single-use sign-in link to the console page, to open in a browser.
     Console,
     /// Sync with paired practices.
     #[command(subcommand)]
@@ -178,14 +187,18 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum SyncCmd {
-    /// Wait until every connected peer (or each --peer, which must be connected) is in sync
-    /// both ways. Exit 0 when in sync, 1 on timeout.
+    /// Wait until every paired practice that is not paused (or each --peer) is connected and
+    /// in sync both ways. Exit 0 when in sync; on timeout exit 1 naming who is offline or
+    /// not in sync yet.
     Wait {
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
         /// A peer that must be connected and in sync (repeatable).
         #[arg(long = "peer", value_name = "PEER_ID")]
         peers: Vec<String>,
+        /// Only the peers connected now (do not wait for offline ones to come back).
+        #[arg(long, conflicts_with = "peers")]
+        connected: bool,
     },
     /// Stop syncing with a peer (work offline from it) until `sync resume`.
     Pause {
@@ -383,6 +396,7 @@ enum AuditCmd {
 }
 
 fn main() {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     let json_out = cli.json;
     let code = match run(cli) {
@@ -397,7 +411,8 @@ fn main() {
             } else if json_out {
                 println!("{}", json!({ "error": msg, "exitCode": code }));
             } else {
-                eprintln!("chartmesh: {msg}");
+                // Messages may quote stored text (a chart id, a name): escaped.
+                eprintln!("chartmesh: {}", output::esc_message(&msg));
             }
             code
         }
@@ -405,11 +420,35 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Prints `v` as JSON, or in words by `human`, which gets a copy with every string escaped
+/// for the terminal (text from the store may hold control or bidi characters).
 pub(crate) fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
     if json_out {
         println!("{}", serde_json::to_string_pretty(v).expect("json"));
     } else {
-        human(v);
+        human(&output::escaped(v));
+    }
+}
+
+/// When the reader of our output goes away (`chartmesh status | head -1`), stop quietly as
+/// other command-line tools do, instead of panicking on the failed write.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; it restores the default
+    // disposition of SIGPIPE (terminate), which Rust's runtime sets to ignore.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    #[cfg(not(unix))]
+    {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info.to_string();
+            if msg.contains("failed printing to std") {
+                std::process::exit(1);
+            }
+            default(info)
+        }));
     }
 }
 
@@ -478,11 +517,12 @@ fn run(cli: Cli) -> Result<()> {
             });
         }
         Cmd::Report(ReportCmd::Population { today }) => {
+            // Counts only: no patient is listed (nor disclosed) for a population report.
             let q = today
                 .as_ref()
-                .map(|t| format!("?today={}", enc(t)))
+                .map(|t| format!("&today={}", enc(t)))
                 .unwrap_or_default();
-            let mut v = Client::connect(&dir, &user)?.get(&format!("/due{q}"))?;
+            let mut v = Client::connect(&dir, &user)?.get(&format!("/due?patients=false{q}"))?;
             if let Some(o) = v.as_object_mut() {
                 o.remove("patients");
             }
@@ -575,7 +615,10 @@ fn run(cli: Cli) -> Result<()> {
                 Client::connect(&dir, &user)?
                     .post_json("/backup", &json!({ "path": file.display().to_string() }))?
             } else {
-                let bytes = offline_store(&dir)?.backup_to(&file)?;
+                datadir::check_backup_target(&dir, &file).map_err(CliError::Failed)?;
+                let off = offline::Offline::open(&dir, &user, "a backup")?;
+                off.audit([("backup".to_string(), None, "backup".to_string())])?;
+                let bytes = off.store.backup_to(&file)?;
                 json!({ "path": file.display().to_string(), "bytes": bytes })
             };
             print(j, &v, |v| {
@@ -590,16 +633,53 @@ fn run(cli: Cli) -> Result<()> {
                 );
             });
         }
-        Cmd::Restore { file } => {
+        Cmd::Restore { file, yes } => {
+            if datadir::daemon_running(&dir) {
+                return Err(store_file_error(datadir::RestoreError::Running(
+                    dir.display().to_string(),
+                ))
+                .into());
+            }
+            let plan = datadir::restore_plan(&dir, &file).map_err(store_file_error)?;
+            if !j {
+                print_restore_plan(&file, &plan);
+            }
+            let go = if yes || !plan.drops_anything() {
+                true
+            } else if std::io::IsTerminal::is_terminal(&std::io::stdin())
+                && std::io::IsTerminal::is_terminal(&std::io::stderr())
+            {
+                eprint!("Restore this backup and drop what is listed above? [y/N] ");
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES")
+            } else {
+                let msg = "nothing was changed: a restore drops what is listed; run it from a terminal to be asked, or add --yes";
+                if j {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &json!({ "restored": false, "plan": plan, "error": msg, "exitCode": 2 })
+                        )?
+                    );
+                    return Err(CliError::Reported(2).into());
+                }
+                return Err(CliError::Usage(msg.into()).into());
+            };
+            if !go {
+                return Err(
+                    CliError::Failed("restore cancelled; nothing was changed".into()).into(),
+                );
+            }
             let r = datadir::restore(&dir, &file).map_err(store_file_error)?;
-            let v = serde_json::to_value(&r)?;
+            let v = json!({ "restored": true, "charts": r.charts, "auditEntries": r.audit_entries, "previous": r.previous, "plan": plan });
             print(j, &v, |_| {
                 println!(
                     "Restored {} charts; audit log verified ({} entries).",
                     r.charts, r.audit_entries
                 );
                 if let Some(p) = &r.previous {
-                    println!("The store it replaced is kept as {p}.");
+                    println!("The store it replaced is kept as {}.", output::esc(p));
                 }
             });
         }
@@ -710,7 +790,19 @@ fn run(cli: Cli) -> Result<()> {
             let body = json!({ "charts": chart_ids, "all": all, "peer": from });
             let v = Client::connect(&dir, &user)?.post_json("/revoke", &body)?;
             print(j, &v, |v| {
-                println!("Revoked {} grant(s) of {from}", v["revoked"])
+                println!("Revoked {} grant(s) of {from}", v["revoked"]);
+                let not: Vec<&str> = v["notShared"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str())
+                    .collect();
+                if !not.is_empty() {
+                    println!(
+                        "Not shared with {from}, nothing to revoke: {}",
+                        not.join(", ")
+                    );
+                }
             });
         }
         Cmd::Shares => {
@@ -861,15 +953,21 @@ fn run(cli: Cli) -> Result<()> {
                 });
                 return Ok(());
             }
+            // Offline: the store is opened (and the export audited) before the file is made.
+            let off = if offline {
+                Some(offline::Offline::open(&dir, &user, "an export")?)
+            } else {
+                None
+            };
             let mut out: Box<dyn Write> = match &output {
                 Some(p) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(p)
+                    output::create_private(p)
                         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
-            let n = if offline {
-                offline_export(&dir, &chart_ids, &mut out)?
+            let n = if let Some(off) = &off {
+                offline_export(off, &chart_ids, &mut out)?
             } else {
                 Client::connect(&dir, &user)?.export(&chart_ids, &mut out)?
             };
@@ -880,7 +978,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Chart(ChartCmd::Show { id, offline }) => {
             let v = if offline {
-                offline_chart(&dir, &id)?
+                offline_chart(&dir, &user, &id)?
             } else {
                 Client::connect(&dir, &user)?.get(&format!("/charts/{}", enc(&id)))?
             };
@@ -1073,52 +1171,87 @@ fn run(cli: Cli) -> Result<()> {
                 )
             });
         }
-        Cmd::Sync(SyncCmd::Wait { timeout, peers }) => {
+        Cmd::Sync(SyncCmd::Wait {
+            timeout,
+            peers,
+            connected,
+        }) => {
             let client = Client::connect(&dir, &user)?;
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(timeout);
+            let same = |x: &str, id: &str| x == id || x.replace('-', "") == id.replace('-', "");
             loop {
                 let v = client.get("/sync")?;
                 let list = v["peers"].as_array().cloned().unwrap_or_default();
-                let find = |id: &str| {
-                    list.iter().find(|p| {
-                        p["id"]
-                            .as_str()
-                            .is_some_and(|x| x == id || x.replace('-', "") == id.replace('-', ""))
-                    })
-                };
-                let ok = if peers.is_empty() {
-                    v["inSync"].as_bool() == Some(true)
-                } else {
-                    peers.iter().all(|id| {
-                        find(id).is_some_and(|p| {
-                            p["connected"].as_bool() == Some(true)
-                                && p["inSync"].as_bool() == Some(true)
+                let is = |p: &Value, k: &str| p[k].as_bool() == Some(true);
+                // Who must be connected and in sync: the named peers; else every paired peer
+                // not paused (or, with --connected, those connected now).
+                let mut must: Vec<&Value> = Vec::new();
+                for id in &peers {
+                    match list
+                        .iter()
+                        .find(|p| p["id"].as_str().is_some_and(|x| same(x, id)))
+                    {
+                        Some(p) => must.push(p),
+                        None => {
+                            return Err(CliError::Usage(format!(
+                                "practice {} is not paired (chartmesh peer list)",
+                                output::esc(id)
+                            ))
+                            .into());
+                        }
+                    }
+                }
+                if peers.is_empty() {
+                    must = list
+                        .iter()
+                        .filter(|p| {
+                            if connected {
+                                is(p, "connected")
+                            } else {
+                                !is(p, "paused")
+                            }
                         })
-                    })
-                };
-                if ok {
+                        .collect();
+                }
+                let behind: Vec<&Value> = must
+                    .into_iter()
+                    .filter(|p| !(is(p, "connected") && is(p, "inSync")))
+                    .collect();
+                if behind.is_empty() {
                     print(j, &v, |_| println!("in sync"));
                     break;
                 }
                 if std::time::Instant::now() >= deadline {
-                    let behind: Vec<String> = list
+                    let names: Vec<String> = behind
                         .iter()
-                        .filter(|p| p["inSync"].as_bool() != Some(true))
                         .map(|p| {
-                            format!(
-                                "{} ({})",
-                                p["name"].as_str().unwrap_or(""),
-                                if p["connected"].as_bool() == Some(true) {
-                                    "connected, syncing"
-                                } else {
-                                    "not connected"
+                            let name = output::esc(p["name"].as_str().unwrap_or("")).into_owned();
+                            let id: String =
+                                p["id"].as_str().unwrap_or("").chars().take(9).collect();
+                            let state = if is(p, "connected") {
+                                "connected, not in sync yet".to_string()
+                            } else {
+                                match p["lastError"].as_str() {
+                                    Some(e) => format!("offline: {}", output::esc(e)),
+                                    None => "offline".to_string(),
                                 }
-                            )
+                            };
+                            format!("{name} ({id}): {state}")
                         })
                         .collect();
+                    if j {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&json!({
+                                "inSync": false,
+                                "waitingFor": behind,
+                            }))?
+                        );
+                        return Err(CliError::Reported(1).into());
+                    }
                     return Err(CliError::Failed(format!(
                         "not in sync after {timeout}s: {}",
-                        behind.join(", ")
+                        names.join("; ")
                     ))
                     .into());
                 }
@@ -1190,13 +1323,25 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Console => {
+            // A single-use sign-in link (valid two minutes): the page then holds an HttpOnly
+            // session cookie, never the API token.
+            let client = Client::connect(&dir, &user)?;
+            let v = client.post_json("/session/link", &json!({}))?;
             let addr = datadir::api_address(&dir).ok_or_else(|| {
                 CliError::Unreachable(format!("no daemon configured in {}", dir.display()))
             })?;
-            let token = datadir::read_token(&dir).map_err(|e| {
-                anyhow::anyhow!("cannot read the API token in {}: {e}", dir.display())
-            })?;
-            println!("http://{addr}/#token={token}");
+            let url = format!("http://{addr}{}", v["path"].as_str().unwrap_or("/"));
+            print(
+                j,
+                &json!({ "url": url, "expiresInSeconds": v["expiresInSeconds"] }),
+                |_| {
+                    println!("{url}");
+                    eprintln!(
+                        "Open it in a browser on this computer within {} seconds; it works once.",
+                        v["expiresInSeconds"]
+                    );
+                },
+            );
         }
     }
     Ok(())
@@ -1299,6 +1444,101 @@ fn print_chart(v: &Value) {
     });
 }
 
+/// Says what a restore would drop (ids and names escaped; long lists cut with a count).
+fn print_restore_plan(file: &std::path::Path, p: &datadir::RestorePlan) {
+    fn list(items: &[String]) -> String {
+        let shown: Vec<String> = items
+            .iter()
+            .take(20)
+            .map(|i| output::esc(i).into_owned())
+            .collect();
+        if items.len() > shown.len() {
+            format!(
+                "{} and {} more",
+                shown.join(", "),
+                items.len() - shown.len()
+            )
+        } else {
+            shown.join(", ")
+        }
+    }
+    println!(
+        "{} is a good backup: {} charts, audit log verified ({} entries).",
+        file.display(),
+        p.backup_charts,
+        p.backup_audit_entries
+    );
+    if let Some(e) = &p.current_unreadable {
+        println!(
+            "The store now cannot be read ({}), so what the restore drops cannot be listed.",
+            output::esc(e)
+        );
+        return;
+    }
+    if !p.drops_anything() {
+        println!("The store now holds nothing the backup does not: nothing is dropped.");
+        return;
+    }
+    println!("Restoring it drops what was written since the backup:");
+    if !p.peers_dropped.is_empty() {
+        let peers: Vec<String> = p
+            .peers_dropped
+            .iter()
+            .map(|(id, name)| format!("{name} ({})", id.chars().take(9).collect::<String>()))
+            .collect();
+        println!(
+            "  paired practices ({}): {} (pair again after the restore)",
+            peers.len(),
+            list(&peers)
+        );
+    }
+    if !p.grants_changed.is_empty() {
+        let grants: Vec<String> = p
+            .grants_changed
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} with {} ({}, {}{})",
+                    g.chart_id,
+                    g.peer.chars().take(9).collect::<String>(),
+                    g.access,
+                    g.purpose,
+                    if g.revoked_ms.is_some() {
+                        ", revoked"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        println!(
+            "  consent grants recorded, changed or revoked ({}): {}",
+            grants.len(),
+            list(&grants)
+        );
+    }
+    if !p.charts_created.is_empty() {
+        println!(
+            "  charts created or received ({}): {}",
+            p.charts_created.len(),
+            list(&p.charts_created)
+        );
+    }
+    if !p.charts_changed.is_empty() {
+        println!(
+            "  charts changed, back to their state in the backup ({}): {}",
+            p.charts_changed.len(),
+            list(&p.charts_changed)
+        );
+    }
+    if p.audit_entries_since > 0 {
+        println!("  audit log entries: {}", p.audit_entries_since);
+    }
+    println!(
+        "Nothing is deleted: the store now is kept beside the restored one (store.db.before-restore-<time>)."
+    );
+}
+
 /// Exit codes for restore and key rotation: 6 a backup that does not verify, 5 a running daemon.
 fn store_file_error(e: datadir::RestoreError) -> CliError {
     match e {
@@ -1314,20 +1554,44 @@ fn offline_store(dir: &std::path::Path) -> Result<chartmesh_store::Store> {
     chartmesh_store::Store::open_read_only(&path, &key).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn offline_chart(dir: &std::path::Path, id: &str) -> Result<Value> {
-    let store = offline_store(dir)?;
-    match store.get(id)? {
-        Some(rec) => Ok(rec.doc.to_json()?),
-        None => Err(CliError::NotFound(format!("chart {id} not found")).into()),
-    }
+/// `chart show --offline`: read, audited, then shown.
+fn offline_chart(dir: &std::path::Path, user: &str, id: &str) -> Result<Value> {
+    let off = offline::Offline::open(dir, user, "a chart read")?;
+    let json = match off.store.get(id)? {
+        Some(rec) => rec.doc.to_json()?,
+        None => return Err(CliError::NotFound(format!("chart {id} not found")).into()),
+    };
+    off.audit([(
+        "read".to_string(),
+        Some(id.to_string()),
+        "chart".to_string(),
+    )])?;
+    Ok(json)
 }
 
-fn offline_export(dir: &std::path::Path, ids: &[String], out: &mut dyn Write) -> Result<usize> {
-    let store = offline_store(dir)?;
+/// `export --offline`: every chart to export is audited before the first line is written.
+fn offline_export(off: &offline::Offline, ids: &[String], out: &mut dyn Write) -> Result<usize> {
+    let store = &off.store;
+    let ids: Vec<String> = if ids.is_empty() {
+        store.chart_ids()?
+    } else {
+        for id in ids {
+            if store.chart_origin(id)?.is_none() {
+                return Err(CliError::NotFound(format!("chart {id} not found")).into());
+            }
+        }
+        ids.to_vec()
+    };
+    off.audit(ids.iter().map(|id| {
+        (
+            "export".to_string(),
+            Some(id.clone()),
+            "format=jsonl".to_string(),
+        )
+    }))?;
     let mut n = 0;
-    let ids_opt = if ids.is_empty() { None } else { Some(ids) };
     let mut write_err = None;
-    let r = store.for_each_chart(ids_opt, &mut |rec| {
+    let r = store.for_each_chart(Some(&ids), &mut |rec| {
         let json = rec.doc.to_json()?;
         let mut line = chartmesh_core::canonical::to_canonical(&json);
         line.push('\n');

@@ -222,14 +222,14 @@ pub fn correct(
 pub fn patient_copy(c: &Client, chart: &str, dir: &std::path::Path) -> anyhow::Result<Value> {
     use anyhow::Context;
     let v = c.get(&format!("/charts/{}/patient-copy", enc(chart)))?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::output::create_private_dir(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let html = dir.join("summary.html");
     let ips = dir.join("ips.json");
+    // Readable by this user only: a patient's record.
     let write = |path: &std::path::Path, bytes: &[u8]| -> anyhow::Result<()> {
-        let tmp = path.with_extension("partial");
-        std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        crate::output::write_private(path, bytes)
+            .with_context(|| format!("cannot write {}", path.display()))
     };
     write(&html, v["html"].as_str().unwrap_or("").as_bytes())?;
     write(
@@ -307,6 +307,33 @@ pub fn emergency(c: &Client, cmd: EmergencyCmd, j: bool) -> anyhow::Result<()> {
             });
             if !granted {
                 return Err(crate::client::CliError::Reported(5).into());
+            }
+            // Granted is not enough: say so when a granted chart has not arrived.
+            let missing: Vec<String> = v["answers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["outcome"] == "granted")
+                .flat_map(|a| {
+                    let arrived = a["arrived"].as_array().cloned().unwrap_or_default();
+                    a["charts"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(move |c| !arrived.contains(c))
+                        .filter_map(|c| c.as_str().map(str::to_string))
+                })
+                .collect();
+            if !missing.is_empty() {
+                let msg = format!(
+                    "access was granted but {} has not arrived yet; check `chartmesh status` for the sync with that practice",
+                    missing.join(", ")
+                );
+                if j {
+                    return Err(crate::client::CliError::Reported(1).into());
+                }
+                return Err(crate::client::CliError::Failed(msg).into());
             }
         }
         EmergencyCmd::Log => {

@@ -1,12 +1,14 @@
 //! The local JSON API and console page, on 127.0.0.1 only. Every `/api` route needs the
-//! bearer token kept in the data directory (`api-token`, mode 0600). The caller's user name
-//! (`X-Chartmesh-User`) is recorded as the actor in the audit log and as the author of edits.
+//! bearer token kept in the data directory (`api-token`, mode 0600), or the console's
+//! session cookie (`console`: loopback `Host` only, origin checks, strict CSP). The caller's
+//! user name (`X-Chartmesh-User`) is recorded as the actor in the audit log and as the
+//! author of edits; names and other free text are bounded and plain (`crate::guard`).
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -17,23 +19,34 @@ use std::sync::Arc;
 use crate::node::{Node, NodeError};
 use chartmesh_store::StoreError;
 
+mod console;
 mod workflow;
 
 /// The largest import request: a few thousand charts. The CLI sends smaller chunks.
 pub const MAX_IMPORT_BODY: usize = 64 * 1024 * 1024;
+/// A JSONL import is taken in parts of this many records, so memory stays bounded by the
+/// part, whatever the body holds (a body of millions of bad one-byte lines included).
+const IMPORT_PART: usize = 512;
+/// The most record errors listed in an import's answer; the rest are counted
+/// (`errorsNotListed`).
+pub const MAX_LISTED_ERRORS: usize = 1000;
 
 #[derive(Clone)]
 pub struct ApiState {
     pub node: Arc<Node>,
     pub token_hash: [u8; 32],
+    pub sessions: Arc<console::Sessions>,
 }
 
 pub fn router(node: Arc<Node>, token: &str) -> Router {
     let state = ApiState {
         node,
         token_hash: Sha256::digest(token.as_bytes()).into(),
+        sessions: Arc::default(),
     };
     let api = Router::new()
+        .route("/session", post(console::open_session))
+        .route("/session/link", post(console::sign_in_link))
         .route("/status", get(status))
         .route(
             "/import",
@@ -69,32 +82,68 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/backup", post(backup))
         .route("/alerts", get(alerts))
         .route("/due", get(due))
+        .layer(middleware::from_fn(check_actor))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route("/", get(console))
+        .route("/", get(console::page))
+        .route("/console.js", get(console::script))
+        .route("/console.css", get(console::style))
+        .route("/login", get(console::login))
         .nest("/api/v1", api)
+        .layer(middleware::from_fn(console::loopback_only))
         .with_state(state)
 }
 
+/// The bearer token, or the console's session cookie (with an origin check on requests
+/// that change something).
 async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let h: [u8; 32] = Sha256::digest(given.as_bytes()).into();
-    // Compare digests in constant time.
-    let diff = h
-        .iter()
-        .zip(st.token_hash.iter())
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if diff != 0 {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong API token: the token is in the data directory's api-token file",
-        );
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(given) = given {
+        let h: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+        // Compare digests in constant time.
+        let diff = h
+            .iter()
+            .zip(st.token_hash.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff == 0 {
+            return next.run(req).await;
+        }
+    } else if let Some(session) = console::session_cookie(req.headers())
+        && st.sessions.valid(session)
+    {
+        if !console::cookie_request_allowed(req.method(), req.headers()) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "refused",
+                "a change through the console must come from the console page itself",
+            );
+        }
+        // The session may open another session, never a sign-in link.
+        if req.uri().path() != "/session/link" {
+            return next.run(req).await;
+        }
+    }
+    error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong API token: the token is in the data directory's api-token file",
+    )
+}
+
+/// The acting user's name (`X-Chartmesh-User`) must be plain and bounded: it goes into the
+/// audit log and into charts as an author.
+async fn check_actor(req: Request, next: Next) -> Response {
+    if let Some(v) = req.headers().get("x-chartmesh-user") {
+        let checked = std::str::from_utf8(v.as_bytes())
+            .map_err(|_| "the user name (--user, X-Chartmesh-User) is not UTF-8 text".to_string())
+            .and_then(|s| crate::guard::check_name("the user name (--user, X-Chartmesh-User)", s));
+        if let Err(m) = checked {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &m);
+        }
     }
     next.run(req).await
 }
@@ -151,11 +200,12 @@ impl IntoResponse for NodeError {
     }
 }
 
+/// The acting user (checked by `check_actor`), else `api`.
 fn user(headers: &HeaderMap) -> String {
     headers
         .get("x-chartmesh-user")
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.trim().is_empty() && s.len() <= 200)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .filter(|s| !s.trim().is_empty())
         .unwrap_or("api")
         .to_string()
 }
@@ -187,7 +237,8 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?
 }
 
-/// Per-peer sync state, and whether every connected peer is in sync (`chartmesh sync wait`).
+/// Per-peer sync state, and whether every paired peer that is not paused is connected and
+/// in sync (`chartmesh sync wait`); `connectedInSync` counts only the connected ones.
 async fn sync_status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     let n = st.node.clone();
     let peers = tokio::task::spawn_blocking(move || {
@@ -195,8 +246,14 @@ async fn sync_status(State(st): State<ApiState>) -> Result<Json<Value>, NodeErro
     })
     .await
     .map_err(|_| NodeError::Store(chartmesh_store::StoreError::Closed))?;
-    let all = peers.iter().filter(|p| p.connected).all(|p| p.in_sync);
-    Ok(Json(json!({ "inSync": all, "peers": peers })))
+    let all = peers
+        .iter()
+        .filter(|p| !p.paused)
+        .all(|p| p.connected && p.in_sync);
+    let connected = peers.iter().filter(|p| p.connected).all(|p| p.in_sync);
+    Ok(Json(
+        json!({ "inSync": all, "connectedInSync": connected, "peers": peers }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -271,6 +328,10 @@ async fn add_peer(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), NodeError> {
     let b: AddPeer = json_body(&body)?;
+    if let Some(n) = &b.name {
+        crate::guard::check_name("--name", n).map_err(NodeError::Invalid)?;
+    }
+    crate::guard::check_name("--addr", &b.addr).map_err(NodeError::Invalid)?;
     let p = st
         .node
         .add_peer(&b.id, &b.addr, b.name, &user(&headers))
@@ -321,8 +382,10 @@ async fn revoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
-    let n = st.node.revoke(json_body(&body)?, &user(&headers)).await?;
-    Ok(Json(json!({ "revoked": n })))
+    let r = st.node.revoke(json_body(&body)?, &user(&headers)).await?;
+    Ok(Json(
+        serde_json::to_value(r).expect("revocation serializes"),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -330,9 +393,16 @@ struct ImportQuery {
     author: Option<String>,
 }
 
-/// The author recorded for imported charts: `?author=`, else the calling user.
-fn import_author(q: ImportQuery, headers: &HeaderMap) -> String {
-    q.author.unwrap_or_else(|| user(headers))
+/// The author recorded for imported charts: `?author=` (plain and bounded), else the
+/// calling user.
+fn import_author(q: ImportQuery, headers: &HeaderMap) -> Result<String, NodeError> {
+    match q.author {
+        Some(a) => {
+            crate::guard::check_name("author", &a).map_err(NodeError::Invalid)?;
+            Ok(a)
+        }
+        None => Ok(user(headers)),
+    }
 }
 
 async fn import_fhir(
@@ -343,26 +413,73 @@ async fn import_fhir(
 ) -> Result<Json<Value>, NodeError> {
     let report = st
         .node
-        .import_fhir(body, &import_author(q, &headers))
+        .import_fhir(body, &import_author(q, &headers)?)
         .await?;
     Ok(Json(
         serde_json::to_value(report).expect("report serializes"),
     ))
 }
 
+/// A JSONL import, taken in parts of [`IMPORT_PART`] records (each part's good records
+/// durable before the next part is read), with at most [`MAX_LISTED_ERRORS`] errors listed
+/// and the rest counted: memory and the answer stay bounded whatever the body holds.
 async fn import(
     State(st): State<ApiState>,
     headers: HeaderMap,
     Query(q): Query<ImportQuery>,
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
-    let report = st
-        .node
-        .import_jsonl(body, &import_author(q, &headers))
-        .await?;
-    Ok(Json(
-        serde_json::to_value(report).expect("report serializes"),
-    ))
+    let author = import_author(q, &headers)?;
+    let mut report = crate::node::ImportReport::default();
+    let mut not_listed = 0usize;
+    let mut offset = 0usize;
+    for (part, records) in import_parts(&body, IMPORT_PART) {
+        let r = st.node.import_jsonl(part, &author).await?;
+        report.imported += r.imported;
+        report.unchanged += r.unchanged;
+        report.failed += r.failed;
+        for mut e in r.errors {
+            if report.errors.len() >= MAX_LISTED_ERRORS {
+                not_listed += 1;
+                continue;
+            }
+            e.index += offset;
+            e.duplicate_of = e.duplicate_of.map(|d| d + offset);
+            report.errors.push(e);
+        }
+        offset += records;
+    }
+    let mut v = serde_json::to_value(report).expect("report serializes");
+    v["errorsNotListed"] = not_listed.into();
+    Ok(Json(v))
+}
+
+/// Splits a JSONL body into parts of at most `max` records (non-blank lines), without
+/// copying; returns each part with its number of records.
+fn import_parts(body: &Bytes, max: usize) -> Vec<(Bytes, usize)> {
+    let mut parts = Vec::new();
+    let (mut start, mut line_start, mut records) = (0usize, 0usize, 0usize);
+    for (i, b) in body.iter().enumerate() {
+        if *b != b'\n' {
+            continue;
+        }
+        if !body[line_start..i].iter().all(|b| b.is_ascii_whitespace()) {
+            records += 1;
+        }
+        line_start = i + 1;
+        if records == max {
+            parts.push((body.slice(start..line_start), records));
+            start = line_start;
+            records = 0;
+        }
+    }
+    if !body[line_start..].iter().all(|b| b.is_ascii_whitespace()) {
+        records += 1;
+    }
+    if records > 0 {
+        parts.push((body.slice(start..), records));
+    }
+    parts
 }
 
 #[derive(Deserialize)]
@@ -519,6 +636,10 @@ async fn append(
     let id = st.node.resolve(&id).await?;
     let body: AppendBody = json_body(&body)?;
     let author = body.author.unwrap_or_else(|| user(&headers));
+    crate::guard::check_name("author", &author).map_err(NodeError::Invalid)?;
+    if let Some(a) = body.entry.get("author").and_then(Value::as_str) {
+        crate::guard::check_name("the entry's author", a).map_err(NodeError::Invalid)?;
+    }
     let added = st
         .node
         .append(
@@ -589,6 +710,8 @@ struct DueQuery {
     /// YYYY-MM-DD; default: today (UTC).
     today: Option<String>,
     within: Option<u32>,
+    /// false: counts only (the population report), no patient listed.
+    patients: Option<bool>,
 }
 
 async fn due(
@@ -608,7 +731,11 @@ async fn due(
     if within > 3660 {
         return Err(NodeError::Invalid("within is at most 3660 days".into()));
     }
-    Ok(Json(st.node.due(today, within, &user(&headers)).await?))
+    Ok(Json(
+        st.node
+            .due(today, within, q.patients.unwrap_or(true), &user(&headers))
+            .await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -666,6 +793,19 @@ async fn audit_verify(State(st): State<ApiState>) -> Result<Json<Value>, NodeErr
     ))
 }
 
-async fn console() -> Html<&'static str> {
-    Html(include_str!("console.html"))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_import_body_is_cut_into_parts_of_whole_records() {
+        let body = Bytes::from_static(b"a\n\n  \nb\nc\nd");
+        let parts = import_parts(&body, 2);
+        let got: Vec<(&[u8], usize)> = parts.iter().map(|(b, n)| (&b[..], *n)).collect();
+        assert_eq!(got, vec![(&b"a\n\n  \nb\n"[..], 2), (&b"c\nd"[..], 2)]);
+        assert!(import_parts(&Bytes::from_static(b"\n \n"), 2).is_empty());
+        let parts = import_parts(&Bytes::from_static(b"x\ny\n"), 512);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].1, 2);
+    }
 }

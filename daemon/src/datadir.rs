@@ -256,6 +256,18 @@ fn encrypt_plaintext_store(
     Ok(key)
 }
 
+/// Takes the directory's daemon lock (`chartmeshd.lock`, created if missing): Some(file)
+/// holding it until dropped, or None if a daemon (or an offline command) holds it.
+pub fn try_lock(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use fs4::fs_std::FileExt;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK))?;
+    Ok(lock.try_lock_exclusive().unwrap_or(false).then_some(lock))
+}
+
 /// Whether a daemon holds this directory's lock right now.
 pub fn daemon_running(dir: &Path) -> bool {
     use fs4::fs_std::FileExt;
@@ -273,6 +285,53 @@ pub fn daemon_running(dir: &Path) -> bool {
         }
         _ => true,
     }
+}
+
+/// Checks where a backup is to be written, before anything is written: an absolute path to
+/// a file that does not exist yet, in a directory that exists, outside the data directory
+/// (a backup there is lost with the data, and could overwrite the store's own files, such
+/// as `store.key`). Returns what was wrong and what to do.
+pub fn check_backup_target(data_dir: &Path, dest: &Path) -> Result<(), String> {
+    if !dest.is_absolute() {
+        return Err(format!(
+            "the backup path {} must be absolute (the daemon may run in another directory)",
+            dest.display()
+        ));
+    }
+    let Some(name) = dest.file_name() else {
+        return Err(format!(
+            "{} does not name a file; give a file name for the backup, e.g. {}",
+            dest.display(),
+            Path::new("/media/usb/chartmesh-2026-12-01.db").display()
+        ));
+    };
+    if std::fs::symlink_metadata(dest).is_ok() {
+        return Err(format!(
+            "{} already exists; a backup never replaces a file: choose a new file name",
+            dest.display()
+        ));
+    }
+    let parent = dest.parent().unwrap_or(Path::new("/"));
+    let parent = std::fs::canonicalize(parent).map_err(|_| {
+        format!(
+            "the directory {} does not exist; create it first (mkdir -p {}) or choose another place",
+            parent.display(),
+            parent.display()
+        )
+    })?;
+    if !parent.is_dir() {
+        return Err(format!("{} is not a directory", parent.display()));
+    }
+    if let Ok(data) = std::fs::canonicalize(data_dir)
+        && parent.join(name).starts_with(&data)
+    {
+        return Err(format!(
+            "{} is inside the data directory {}; write backups to another directory, ideally another disk (a USB stick, a network share)",
+            dest.display(),
+            data.display()
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +359,109 @@ pub struct Restored {
     pub audit_entries: usize,
     /// Where the store that was replaced was kept (nothing is deleted).
     pub previous: Option<String>,
+}
+
+/// What restoring a backup would drop, compared with the store it replaces: the paired
+/// practices, consent grants and charts written since the backup, and the audit entries
+/// after it (all kept in the replaced store file, which a restore never deletes).
+#[derive(Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestorePlan {
+    pub backup_charts: u64,
+    pub backup_audit_entries: usize,
+    /// The store now: charts held (None if it could not be read; see `current_unreadable`).
+    pub current_charts: Option<u64>,
+    pub current_unreadable: Option<String>,
+    /// Practices paired now that the backup does not have: (id, name).
+    pub peers_dropped: Vec<(String, String)>,
+    /// Grants as they are now that the backup does not have in this state (recorded,
+    /// changed or revoked since); each goes back to the backup's state, or away.
+    pub grants_changed: Vec<chartmesh_store::GrantState>,
+    /// Charts created here or received since the backup: gone after the restore.
+    pub charts_created: Vec<String>,
+    /// Charts written since the backup: back to their state in the backup.
+    pub charts_changed: Vec<String>,
+    /// Audit entries written since the backup (kept in the replaced store file).
+    pub audit_entries_since: i64,
+}
+
+impl RestorePlan {
+    /// Whether the restore drops anything at all.
+    pub fn drops_anything(&self) -> bool {
+        self.current_unreadable.is_some()
+            || !self.peers_dropped.is_empty()
+            || !self.grants_changed.is_empty()
+            || !self.charts_created.is_empty()
+            || !self.charts_changed.is_empty()
+            || self.audit_entries_since > 0
+    }
+}
+
+/// Checks a backup (as [`restore`] does) and compares it with the current store, without
+/// changing anything: what a restore would drop.
+pub fn restore_plan(dir: &Path, backup: &Path) -> Result<RestorePlan, RestoreError> {
+    let bad = |reason: String| RestoreError::BadBackup {
+        file: backup.display().to_string(),
+        reason,
+    };
+    let key = store_key(dir).map_err(|e| bad(e.to_string()))?;
+    let (backup_charts, backup_audit_entries) = verify_store_file(backup, &key).map_err(bad)?;
+    let then = chartmesh_store::Store::open_to_check(backup, &key)
+        .and_then(|s| {
+            let o = s.overview();
+            s.close();
+            o
+        })
+        .map_err(|e| bad(e.to_string()))?;
+    let mut plan = RestorePlan {
+        backup_charts,
+        backup_audit_entries,
+        ..Default::default()
+    };
+    let store = store_path(dir);
+    if !store.exists() {
+        return Ok(plan);
+    }
+    let now = match chartmesh_store::Store::open_to_check(&store, &key).and_then(|s| {
+        let o = s.overview();
+        s.close();
+        o
+    }) {
+        Ok(o) => o,
+        Err(e) => {
+            plan.current_unreadable = Some(e.to_string());
+            return Ok(plan);
+        }
+    };
+    plan.current_charts = Some(now.charts.len() as u64);
+    let then_peers: std::collections::HashSet<&str> =
+        then.peers.iter().map(|(id, _)| id.as_str()).collect();
+    plan.peers_dropped = now
+        .peers
+        .iter()
+        .filter(|(id, _)| !then_peers.contains(id.as_str()))
+        .cloned()
+        .collect();
+    plan.grants_changed = now
+        .grants
+        .iter()
+        .filter(|g| !then.grants.contains(g))
+        .cloned()
+        .collect();
+    let then_charts: std::collections::HashMap<&str, i64> = then
+        .charts
+        .iter()
+        .map(|(id, t)| (id.as_str(), *t))
+        .collect();
+    for (id, t) in &now.charts {
+        match then_charts.get(id.as_str()) {
+            None => plan.charts_created.push(id.clone()),
+            Some(before) if t > before => plan.charts_changed.push(id.clone()),
+            Some(_) => {}
+        }
+    }
+    plan.audit_entries_since = (now.audit_entries - then.audit_entries).max(0);
+    Ok(plan)
 }
 
 /// Replaces the store with a backup, with the daemon stopped. The backup is checked first

@@ -22,6 +22,72 @@ use crate::{now_ms, rfc3339};
 /// How long the requester waits for granted charts to arrive before answering.
 const ARRIVAL_WAIT: Duration = Duration::from_secs(20);
 
+/// Emergency requests one user may make here in [`ACTOR_WINDOW`].
+pub const ACTOR_REQUESTS: usize = 6;
+pub const ACTOR_WINDOW: Duration = Duration::from_secs(600);
+/// Emergency requests a paired practice may have answered here in [`PEER_WINDOW`].
+pub const PEER_REQUESTS: usize = 20;
+pub const PEER_WINDOW: Duration = Duration::from_secs(3600);
+/// Refusals of one practice over its limit are audited at most once in this interval,
+/// with how many were refused since.
+const REFUSAL_AUDIT_EVERY: Duration = Duration::from_secs(60);
+
+/// The rate limits of emergency requests: per user asking here, per practice asking us.
+pub struct Limits {
+    by_actor: crate::guard::RateLimit,
+    by_peer: crate::guard::RateLimit,
+    /// Per practice over its limit: when its refusals were last audited, and how many
+    /// were refused since.
+    refused: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            by_actor: crate::guard::RateLimit::new(ACTOR_REQUESTS, ACTOR_WINDOW),
+            by_peer: crate::guard::RateLimit::new(PEER_REQUESTS, PEER_WINDOW),
+            refused: Default::default(),
+        }
+    }
+}
+
+impl Limits {
+    /// A refusal over the per-practice limit: Some(count refused since the last audit
+    /// entry) when one is due now, None while within the interval.
+    fn refusal_to_audit(&self, peer: &str) -> Option<u64> {
+        let mut m = self.refused.lock().unwrap();
+        let now = std::time::Instant::now();
+        if m.len() > 1024 {
+            m.retain(|_, (t, _)| now.duration_since(*t) < REFUSAL_AUDIT_EVERY);
+        }
+        let e = m
+            .entry(peer.to_string())
+            .or_insert((now - REFUSAL_AUDIT_EVERY, 0));
+        e.1 += 1;
+        if now.duration_since(e.0) >= REFUSAL_AUDIT_EVERY {
+            let n = e.1;
+            *e = (now, 0);
+            Some(n)
+        } else {
+            None
+        }
+    }
+}
+
+/// The requester's name and reason as a paired practice sent them, checked like local input:
+/// plain text, bounded.
+fn check_request(request: &Request) -> Result<(), String> {
+    crate::guard::check_name("the requester's name", &request.requester)?;
+    crate::guard::check_text("the reason", &request.reason, emergency::MAX_REASON)?;
+    if request.reason.len() > emergency::MAX_REASON {
+        return Err(format!(
+            "the reason is longer than {} bytes",
+            emergency::MAX_REASON
+        ));
+    }
+    Ok(())
+}
+
 impl Node {
     /// Custodian side: answers a paired practice's request by this practice's policy. An
     /// allowed request becomes read-only grants (purpose emergency) that expire by
@@ -29,6 +95,39 @@ impl Node {
     /// answer is audited with the requester and the reason.
     pub async fn emergency_answer(&self, peer: &PracticeId, request: Request) -> Answer {
         let now = now_ms();
+        // Over the per-practice limit: refused without a lookup; audited once a minute with
+        // the count, so a flood of requests cannot flood the log.
+        if !self.emergency_limits.by_peer.allow(&peer.to_string()) {
+            if let Some(n) = self.emergency_limits.refusal_to_audit(&peer.to_string()) {
+                let _ = self
+                    .audit(vec![
+                        AuditEvent::new(now, "emergency", "emergency-refused").peer(peer.to_string()).detail(format!(
+                            "over the limit of {PEER_REQUESTS} requests per {} min from this practice; {n} refused",
+                            PEER_WINDOW.as_secs() / 60
+                        )),
+                    ])
+                    .await;
+            }
+            return Answer::Denied {
+                why: "too many emergency requests from your practice; try again later".into(),
+            };
+        }
+        // Names and reasons from a peer are held to the same bounds as local input, and a
+        // bad one is audited by its size only.
+        if let Err(why) = check_request(&request) {
+            let _ = self
+                .audit(vec![
+                    AuditEvent::new(now, "emergency", "emergency-refused")
+                        .peer(peer.to_string())
+                        .detail(format!(
+                            "malformed request ({why}); requester {} bytes, reason {} bytes",
+                            request.requester.len(),
+                            request.reason.len()
+                        )),
+                ])
+                .await;
+            return Answer::Denied { why };
+        }
         let policy = self
             .config
             .emergency
@@ -158,6 +257,36 @@ impl Node {
                 "give the reason for emergency access (--reason)".into(),
             ));
         }
+        crate::guard::check_text("--reason", reason, emergency::MAX_REASON)
+            .map_err(NodeError::Invalid)?;
+        if reason.len() > emergency::MAX_REASON {
+            return Err(NodeError::Invalid(format!(
+                "--reason is longer than {} bytes",
+                emergency::MAX_REASON
+            )));
+        }
+        for (what, v) in [
+            ("--mrn", &query.mrn),
+            ("--family", &query.family),
+            ("--birth-date", &query.birth_date),
+        ] {
+            if let Some(v) = v {
+                crate::guard::check_name(what, v).map_err(NodeError::Invalid)?;
+            }
+        }
+        if !self.emergency_limits.by_actor.allow(requester) {
+            self.audit(vec![AuditEvent::new(now_ms(), requester, "refuse").detail(
+                format!(
+                    "emergency request over the limit of {ACTOR_REQUESTS} per {} min for one user",
+                    ACTOR_WINDOW.as_secs() / 60
+                ),
+            )])
+            .await?;
+            return Err(NodeError::Refused(format!(
+                "{requester} has made {ACTOR_REQUESTS} emergency requests in the last {} minutes, the most allowed; wait, or ask a colleague to review (chartmesh emergency log)",
+                ACTOR_WINDOW.as_secs() / 60
+            )));
+        }
         let sync = self
             .sync
             .get()
@@ -187,7 +316,8 @@ impl Node {
             requester: requester.to_string(),
         };
         let mut out = Vec::new();
-        let mut waiting: Vec<String> = Vec::new();
+        // (custodian, chart id there) of every granted chart not here yet.
+        let mut waiting: Vec<(String, String)> = Vec::new();
         for p in peers {
             let now = now_ms();
             let answer = sync.ask_emergency(&p, request.clone()).await;
@@ -203,12 +333,7 @@ impl Node {
                         )?
                         .await
                         .map_err(|_| StoreError::Closed)??;
-                    // Copies are filed under (custodian, chart id).
-                    waiting.extend(
-                        charts
-                            .iter()
-                            .map(|c| chartmesh_core::ids::copy_key(c, &p.to_string())),
-                    );
+                    waiting.extend(charts.iter().map(|c| (p.to_string(), c.clone())));
                     (
                         format!(
                             "granted {} chart(s), read-only until {}",
@@ -243,10 +368,16 @@ impl Node {
         let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
         while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
             let ids = waiting.clone();
+            // Looked up by custodian: a received copy's key need not be the chart id.
             let present = self
                 .read(move |s| {
-                    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    Ok(s.sync_charts(&refs)?.into_keys().collect::<Vec<_>>())
+                    let mut here = Vec::new();
+                    for (peer, chart) in ids {
+                        if s.received_copy_key(&peer, &chart)?.is_some() {
+                            here.push((peer, chart));
+                        }
+                    }
+                    Ok(here)
                 })
                 .await?;
             waiting.retain(|c| !present.contains(c));
@@ -255,14 +386,14 @@ impl Node {
             }
         }
         for v in out.iter_mut() {
+            let peer = v["peer"].as_str().unwrap_or_default().to_string();
             if let Some(charts) = v["charts"].as_array() {
-                let peer = v["peer"].as_str().unwrap_or_default().to_string();
                 let arrived: Vec<&Value> = charts
                     .iter()
                     .filter(|c| {
-                        let key =
-                            chartmesh_core::ids::copy_key(c.as_str().unwrap_or_default(), &peer);
-                        !waiting.contains(&key)
+                        !waiting
+                            .iter()
+                            .any(|(p, w)| *p == peer && Some(w.as_str()) == c.as_str())
                     })
                     .collect();
                 v["arrived"] = json!(arrived);

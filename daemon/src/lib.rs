@@ -13,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod datadir;
 pub mod emergency;
+pub mod guard;
 pub mod identity;
 pub mod node;
 pub mod patient_copy;

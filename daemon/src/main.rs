@@ -8,7 +8,6 @@ use chartmesh_daemon::identity::Identity;
 use chartmesh_daemon::node::Node;
 use chartmesh_store::{Store, StoreOptions};
 use clap::Parser;
-use fs4::fs_std::FileExt;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -95,19 +94,14 @@ async fn run(args: Args) -> Result<()> {
         tracing::info!(data_dir = %dir.display(), practice = %id, "created a new data directory");
     }
 
-    let lock_path = dir.join(datadir::LOCK);
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
-    if !lock.try_lock_exclusive().unwrap_or(false) {
+    let lock = datadir::try_lock(&dir)
+        .with_context(|| format!("opening {}", dir.join(datadir::LOCK).display()))?;
+    let Some(lock) = lock else {
         bail!(
-            "another chartmeshd is already running on {}; stop it first (one daemon per data directory)",
+            "another chartmeshd is already running on {} (or an offline chartmesh command is reading it); stop it first (one daemon per data directory)",
             dir.display()
         );
-    }
+    };
 
     let identity = Identity::load(&dir)?;
     let key = datadir::daemon_store_key(&dir).context("loading the store key")?;

@@ -90,6 +90,8 @@ pub struct Node {
     pub peers_changed: tokio::sync::Notify,
     /// The running sync service, once started.
     pub sync: std::sync::OnceLock<Arc<crate::sync::SyncService>>,
+    /// Rate limits of emergency requests (`crate::emergency`).
+    pub(crate) emergency_limits: crate::emergency::Limits,
 }
 
 impl Node {
@@ -110,6 +112,7 @@ impl Node {
             pool,
             peers_changed: tokio::sync::Notify::new(),
             sync: std::sync::OnceLock::new(),
+            emergency_limits: Default::default(),
         })
     }
 
@@ -400,8 +403,8 @@ impl Node {
         Ok(h)
     }
 
-    /// Searches the index. Audited with the number of results (not the query, which may
-    /// itself be a patient's name).
+    /// Searches the index. Audited with each chart the answer disclosed (not the query,
+    /// which may itself be a patient's name).
     pub async fn search(
         &self,
         q: &str,
@@ -412,26 +415,27 @@ impl Node {
         let res = self
             .read(move |store| Ok(store.search(&query, limit)?))
             .await?;
-        self.audit(vec![
+        let mut audit = vec![
             AuditEvent::new(now_ms(), actor, "search").detail(format!("results={}", res.len())),
-        ])
-        .await?;
+        ];
+        audit.extend(crate::guard::disclosed(
+            actor,
+            "read",
+            "listed in search results",
+            res.iter().map(|c| c.id.as_str()),
+        ));
+        self.audit(audit).await?;
         Ok(res)
     }
 
     /// Writes a consistent, still encrypted copy of the store to `path` while the daemon runs.
     pub async fn backup(&self, path: std::path::PathBuf, actor: &str) -> Result<u64, NodeError> {
-        if !path.is_absolute() {
-            return Err(NodeError::Invalid(format!(
-                "backup path {} must be absolute (the daemon may run in another directory)",
-                path.display()
-            )));
-        }
-        if path.is_dir() {
-            return Err(NodeError::Invalid(format!(
-                "{} is a directory; give a file name for the backup",
-                path.display()
-            )));
+        if let Err(why) = crate::datadir::check_backup_target(&self.data_dir, &path) {
+            self.audit(vec![
+                AuditEvent::new(now_ms(), actor, "refuse").detail(format!("backup: {why}")),
+            ])
+            .await?;
+            return Err(NodeError::Invalid(why));
         }
         // Recorded before the copy is taken, so the backup's own log shows it.
         self.audit(vec![AuditEvent::new(now_ms(), actor, "backup")])
@@ -610,6 +614,7 @@ impl Node {
         &self,
         today: time::Date,
         within_days: u32,
+        list_patients: bool,
         actor: &str,
     ) -> Result<DueReport, NodeError> {
         use chartmesh_core::due;
@@ -679,7 +684,7 @@ impl Node {
                     e.1 += 1;
                 }
             }
-            if !items.is_empty() {
+            if !items.is_empty() && list_patients {
                 patients.push(DuePatient {
                     chart: id,
                     patient: name,
@@ -687,10 +692,18 @@ impl Node {
                 });
             }
         }
-        self.audit(vec![
-            AuditEvent::new(now_ms(), actor, "read").detail(format!("due list charts={charts}")),
-        ])
-        .await?;
+        // The counts disclose no one; each patient listed is audited by chart.
+        let mut audit = vec![AuditEvent::new(now_ms(), actor, "read").detail(format!(
+            "due list charts={charts} patients listed={}",
+            patients.len()
+        ))];
+        audit.extend(crate::guard::disclosed(
+            actor,
+            "read",
+            "listed in the due list",
+            patients.iter().map(|p| p.chart.as_str()),
+        ));
+        self.audit(audit).await?;
         let rules = due::RULES
             .iter()
             .map(|r| {
@@ -749,7 +762,17 @@ impl Node {
         if let Some(c) = chart {
             ev = ev.chart(c);
         }
-        match self.store.audit(vec![ev]) {
+        let mut events = vec![ev];
+        if chart.is_none() {
+            // Every patient listed with alerts is disclosed: audited by chart.
+            events.extend(crate::guard::disclosed(
+                actor,
+                "read",
+                "listed with medication alerts",
+                out.iter().filter_map(|c| c["chart"].as_str()),
+            ));
+        }
+        match self.store.audit(events) {
             Ok(rx) => {
                 if let Ok(Err(e)) = rx.blocking_recv() {
                     return Err(e.into());
@@ -1263,7 +1286,11 @@ impl Node {
         Ok(grants)
     }
 
-    pub async fn revoke(&self, req: ShareRequest, by: &str) -> Result<u64, NodeError> {
+    pub async fn revoke(
+        &self,
+        req: ShareRequest,
+        by: &str,
+    ) -> Result<chartmesh_store::Revoked, NodeError> {
         let peer = parse_peer(&req.peer)?;
         let charts = match (req.all, req.charts.is_empty()) {
             (true, true) => None,
@@ -1274,6 +1301,21 @@ impl Node {
                 ));
             }
         };
+        if let Some(ids) = charts.clone() {
+            // A name that is neither a chart here nor a grant's chart is a mistake.
+            self.read(move |store| {
+                let grants = store.grants(Some(&peer))?;
+                for id in ids {
+                    if store.chart_origin(&id)?.is_none()
+                        && !grants.iter().any(|g| g.chart_id == id)
+                    {
+                        return Err(NodeError::NotFound(id));
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        }
         Ok(self
             .store
             .revoke(peer, charts, by, now_ms())?

@@ -520,14 +520,17 @@ fn shared_count(
     grants: &[chartmesh_core::consent::Grant],
     now: i64,
 ) -> usize {
-    let active: Vec<_> = grants.iter().filter(|g| g.is_active(now)).collect();
-    if active
-        .iter()
-        .any(|g| g.chart_id == chartmesh_core::consent::ALL_CHARTS)
-    {
-        return store.own_count().unwrap_or(0) as usize;
+    use chartmesh_core::consent::ALL_CHARTS;
+    let active = |g: &&chartmesh_core::consent::Grant| g.is_active(now);
+    if grants.iter().filter(active).any(|g| g.chart_id == ALL_CHARTS) {
+        // Every own chart, less those whose own grant (which wins over `*`) has ended.
+        let ended = grants
+            .iter()
+            .filter(|g| g.chart_id != ALL_CHARTS && !g.is_active(now))
+            .count();
+        return (store.own_count().unwrap_or(0) as usize).saturating_sub(ended);
     }
-    active.len()
+    grants.iter().filter(active).count()
 }
 
 /// What a stream's writer task is told.

@@ -56,6 +56,28 @@ fn row_to_grant(r: &rusqlite::Row<'_>) -> rusqlite::Result<Grant> {
 
 const GRANT_COLUMNS: &str = "SELECT chart_id, peer, access, purpose, expires_ms, recorded_by, recorded_ms, revoked_ms FROM grants";
 
+/// What a revocation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revoked {
+    /// Grants that were in force and are revoked now (with `--all`: every grant of the peer).
+    pub revoked: u64,
+    /// The listed charts that stopped being shared.
+    pub charts: Vec<String>,
+    /// The listed charts that were not shared with the peer (nothing to revoke).
+    pub not_shared: Vec<String>,
+}
+
+/// Whether `id` is one of this practice's own charts (not a received copy).
+fn own_chart(c: &Connection, id: &str) -> Result<bool, StoreError> {
+    Ok(
+        c.prepare_cached("SELECT origin IS NULL FROM charts WHERE id = ?1")?
+            .query_row([id], |r| r.get::<_, bool>(0))
+            .optional()?
+            .unwrap_or(false),
+    )
+}
+
 /// A peer's grants as stored now (inside the caller's transaction).
 pub(crate) fn grants_of(c: &Connection, peer: &str) -> Result<Vec<Grant>, StoreError> {
     let mut st = c.prepare_cached(&format!(
@@ -202,55 +224,89 @@ impl Store {
         )
     }
 
-    /// Revokes the peer's grants of the listed charts, or all its grants. Returns how many
-    /// active grants were revoked.
+    /// Revokes the peer's grants of the listed charts, or all its grants. A listed chart
+    /// shared only under the peer's all-charts grant gets a revoked grant of its own, which
+    /// wins over `*` (`consent::applicable` prefers a chart's own grant), so it stops being
+    /// sent while the others still are. Each revocation is audited in the same transaction,
+    /// saying which kind it was; a chart that was not shared is reported, not audited.
     pub fn revoke(
         &self,
         peer: PracticeId,
         charts: Option<Vec<String>>,
         by: &str,
         now_ms: i64,
-    ) -> Result<oneshot::Receiver<Result<u64, StoreError>>, StoreError> {
-        let audit = match &charts {
-            Some(ids) => ids
-                .iter()
-                .map(|id| {
-                    AuditEvent::new(now_ms, by, "revoke")
-                        .chart(id)
-                        .peer(peer.to_string())
-                })
-                .collect(),
-            None => vec![
-                AuditEvent::new(now_ms, by, "revoke")
-                    .chart(ALL_CHARTS)
-                    .peer(peer.to_string())
-                    .detail("all"),
-            ],
-        };
-        self.exec(
-            Box::new(move |c: &Connection| {
-                let p = peer.to_string();
-                let seq = crate::schema::take_seq(c, 1)?;
-                let n = match charts {
-                    None => c.execute(
-                        "UPDATE grants SET revoked_ms = ?2, seq = ?3 WHERE peer = ?1 AND revoked_ms IS NULL",
-                        params![p, now_ms, seq],
-                    )?,
-                    Some(ids) => {
-                        let mut st = c.prepare_cached(
-                            "UPDATE grants SET revoked_ms = ?3, seq = ?4 WHERE peer = ?1 AND chart_id = ?2 AND revoked_ms IS NULL",
+    ) -> Result<oneshot::Receiver<Result<Revoked, StoreError>>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let by = by.to_string();
+        self.writer()?.send(crate::write::task(tx, move |ctx| {
+            let p = peer.to_string();
+            let seq = crate::schema::take_seq(ctx.conn, 1)?;
+            let mut out = Revoked::default();
+            let Some(ids) = charts else {
+                let n = ctx.conn.execute(
+                    "UPDATE grants SET revoked_ms = ?2, seq = ?3 WHERE peer = ?1 AND revoked_ms IS NULL",
+                    params![p, now_ms, seq],
+                )?;
+                if n > 0 {
+                    ctx.audit(
+                        &AuditEvent::new(now_ms, &by, "revoke")
+                            .chart(ALL_CHARTS)
+                            .peer(&p)
+                            .detail(format!("all: {n} grant(s)")),
+                    )?;
+                }
+                out.revoked = n as u64;
+                return Ok(out);
+            };
+            let all = grants_of(ctx.conn, &p)?
+                .into_iter()
+                .find(|g| g.chart_id == ALL_CHARTS && g.is_active(now_ms));
+            for id in ids {
+                let own: Option<(Option<i64>,)> = ctx
+                    .conn
+                    .prepare_cached("SELECT revoked_ms FROM grants WHERE peer = ?1 AND chart_id = ?2")?
+                    .query_row(params![p, id], |r| Ok((r.get(0)?,)))
+                    .optional()?;
+                let detail = match (own, &all) {
+                    // The chart's own grant, still in force.
+                    (Some((None,)), _) => {
+                        ctx.conn.execute(
+                            "UPDATE grants SET revoked_ms = ?3, seq = ?4 WHERE peer = ?1 AND chart_id = ?2",
+                            params![p, id, now_ms, seq],
                         )?;
-                        let mut n = 0;
-                        for id in ids {
-                            n += st.execute(params![p, id, now_ms, seq])?;
-                        }
-                        n
+                        "grant of this chart".to_string()
+                    }
+                    // Shared only under `*`: record this chart's exception (one of our own
+                    // charts only; `*` never covers a received copy).
+                    (None, Some(g)) if own_chart(ctx.conn, &id)? => {
+                        ctx.conn.execute(
+                            "INSERT INTO grants(chart_id, peer, access, purpose, expires_ms, recorded_by, recorded_ms, revoked_ms, seq)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+                            params![id, p, access_str(g.access), purpose_str(g.purpose), g.expires_ms, by, now_ms, seq],
+                        )?;
+                        format!(
+                            "exception to the all-charts grant ({} {})",
+                            access_str(g.access),
+                            purpose_str(g.purpose)
+                        )
+                    }
+                    _ => {
+                        out.not_shared.push(id);
+                        continue;
                     }
                 };
-                Ok(n as u64)
-            }),
-            audit,
-        )
+                ctx.audit(
+                    &AuditEvent::new(now_ms, &by, "revoke")
+                        .chart(&id)
+                        .peer(&p)
+                        .detail(detail),
+                )?;
+                out.revoked += 1;
+                out.charts.push(id);
+            }
+            Ok(out)
+        }))?;
+        Ok(rx)
     }
 
     /// Grants, optionally of one peer, revoked ones included (they say when).

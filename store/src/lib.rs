@@ -29,10 +29,10 @@ mod sync;
 mod workflow;
 mod write;
 
-pub use consent::Peer;
+pub use consent::{Peer, Revoked};
 pub use error::StoreError;
 pub use key::{StoreKey, is_plaintext, plaintext_count, rekey_copy};
-pub use read::{ChartRecord, ChartSummary};
+pub use read::{ChartRecord, ChartSummary, GrantState, StoreOverview};
 pub use sync::{
     PreparedMerge, SyncChart, SyncItem, SyncOutcome, SyncPeerState, rotate_incarnation,
 };
@@ -308,6 +308,12 @@ impl Store {
         self.inner.readers.audit_entries(chart, since_ms, limit)
     }
 
+    /// Paired practices, grants, charts' last writes and the audit log's length, from one
+    /// snapshot, whatever the schema (for comparing a backup with the store it would replace).
+    pub fn overview(&self) -> Result<StoreOverview, StoreError> {
+        self.inner.readers.overview()
+    }
+
     /// Recomputes the whole audit chain; the error says where it first breaks.
     pub fn verify_audit(
         &self,
@@ -317,13 +323,13 @@ impl Store {
 
     /// Writes a consistent copy of the store to `dest` while the store stays in use: one
     /// read snapshot copied page by page (still encrypted with the same key), written to a
-    /// temporary file, synced, then renamed into place. Returns the bytes written.
+    /// temporary file readable by its owner only (0600), synced, then given its name. An
+    /// existing `dest` is never replaced (the caller checks first; a file appearing
+    /// meanwhile is still not overwritten). Returns the bytes written.
     pub fn backup_to(&self, dest: &Path) -> Result<u64, StoreError> {
         let key = self.inner.readers.key().clone();
-        let mut tmp = dest.as_os_str().to_owned();
-        tmp.push(".partial");
-        let tmp = PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
+        let io = |e: std::io::Error| StoreError::Io(format!("writing {}: {e}", dest.display()));
+        let tmp = private_temp_file(dest).map_err(io)?;
         let result = self.with_reader(|src| {
             let mut out = rusqlite::Connection::open(&tmp)?;
             key.apply(&out, &tmp)?;
@@ -344,15 +350,16 @@ impl Store {
             drop(out);
             Ok(())
         });
-        if let Err(e) = result {
+        let placed = result.and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io)?;
+            place_no_clobber(&tmp, dest).map_err(io)
+        });
+        if let Err(e) = placed {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        let io = |e: std::io::Error| StoreError::Io(format!("writing {}: {e}", dest.display()));
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&tmp, dest).map_err(io)?;
         if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
         }
@@ -375,6 +382,61 @@ impl Store {
         self.inner.readers.close_idle();
         if let Some(w) = &self.inner.writer {
             w.close();
+        }
+    }
+}
+
+/// A new, empty file beside `dest` readable by its owner only (`DEST.partial-<random>`):
+/// never an existing file.
+fn private_temp_file(dest: &Path) -> std::io::Result<PathBuf> {
+    loop {
+        let mut name = dest.as_os_str().to_owned();
+        name.push(format!(".partial-{:08x}", rand_u32()));
+        let tmp = PathBuf::from(name);
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        match opts.open(&tmp) {
+            Ok(_) => return Ok(tmp),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u32
+}
+
+/// Gives `tmp` the name `dest` unless `dest` exists: a hard link fails if the name is
+/// taken, atomically; where links are not supported (FAT USB sticks), a rename after a check.
+fn place_no_clobber(tmp: &Path, dest: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(tmp, dest) {
+        Ok(()) => std::fs::remove_file(tmp),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the file already exists; a backup never replaces a file, choose a new name",
+        )),
+        Err(_) => {
+            if std::fs::symlink_metadata(dest).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the file already exists; a backup never replaces a file, choose a new name",
+                ));
+            }
+            std::fs::rename(tmp, dest)
         }
     }
 }

@@ -250,17 +250,22 @@ impl ReaderPool {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Recomputes the chain. The entries and the recorded head are read in one read
+    /// transaction (one WAL snapshot): read apart, a commit landing between the two reads
+    /// looks exactly like a truncated log.
     pub(crate) fn verify_audit(&self) -> Result<Result<usize, ChainBreak>, StoreError> {
         let conn = self.lease()?;
-        let mut stmt = conn.prepare(&format!("{AUDIT_COLUMNS} ORDER BY rowid"))?;
-        let entries: Vec<AuditEntry> = stmt
+        let tx = conn.unchecked_transaction()?;
+        let entries: Vec<AuditEntry> = tx
+            .prepare(&format!("{AUDIT_COLUMNS} ORDER BY rowid"))?
             .query_map([], row_to_entry)?
             .collect::<Result<_, _>>()?;
-        let head = conn
+        let head = tx
             .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| {
                 r.get::<_, String>(0)
             })
             .optional()?;
+        tx.finish()?;
         let head = head.and_then(|h| {
             let (s, hash) = h.split_once(':')?;
             Some((s.parse::<i64>().ok()?, hash.to_string()))
@@ -269,6 +274,79 @@ impl ReaderPool {
             &entries,
             head.as_ref().map(|(s, h)| (*s, h.as_str())),
         ))
+    }
+}
+
+/// What `chartmesh restore` compares between a backup and the store it would replace:
+/// paired practices, consent grants, when each chart was last written, and the audit log's
+/// length. Read from any schema a backup may have (missing tables read as empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreOverview {
+    /// (practice id, name)
+    pub peers: Vec<(String, String)>,
+    pub grants: Vec<GrantState>,
+    /// (chart id, last written in ms)
+    pub charts: Vec<(String, i64)>,
+    pub audit_entries: i64,
+}
+
+/// A consent grant as stored, for comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantState {
+    pub chart_id: String,
+    pub peer: String,
+    pub access: String,
+    pub purpose: String,
+    pub expires_ms: Option<i64>,
+    pub recorded_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+impl ReaderPool {
+    pub(crate) fn overview(&self) -> Result<StoreOverview, StoreError> {
+        let conn = self.lease()?;
+        let tx = conn.unchecked_transaction()?;
+        let has = |t: &str| -> Result<bool, StoreError> {
+            Ok(tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+                [t],
+                |r| r.get(0),
+            )?)
+        };
+        let mut o = StoreOverview::default();
+        if has("peers")? {
+            o.peers = tx
+                .prepare("SELECT id, name FROM peers ORDER BY id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+        }
+        if has("grants")? {
+            o.grants = tx
+                .prepare(
+                    "SELECT chart_id, peer, access, purpose, expires_ms, recorded_ms, revoked_ms FROM grants ORDER BY peer, chart_id",
+                )?
+                .query_map([], |r| {
+                    Ok(GrantState {
+                        chart_id: r.get(0)?,
+                        peer: r.get(1)?,
+                        access: r.get(2)?,
+                        purpose: r.get(3)?,
+                        expires_ms: r.get(4)?,
+                        recorded_ms: r.get(5)?,
+                        revoked_ms: r.get(6)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+        }
+        o.charts = tx
+            .prepare("SELECT id, updated_ms FROM charts ORDER BY id")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        o.audit_entries = tx.query_row("SELECT count(*) FROM audit", [], |r| r.get(0))?;
+        tx.finish()?;
+        Ok(o)
     }
 }
 
@@ -289,4 +367,70 @@ pub(crate) fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry
         prev_hash: r.get(7)?,
         hash: r.get(8)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use chartmesh_core::audit::AuditEvent;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// `audit verify` while the log grows: the entries and the recorded head must come from
+    /// one snapshot, or a commit landing between the two reads looks like a truncated log.
+    #[test]
+    fn audit_verify_reads_one_snapshot_while_writers_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let key = crate::StoreKey::from_bytes([9; 32]);
+        let store = crate::Store::open(&path, &key, crate::StoreOptions::default()).unwrap();
+        // A log long enough that reading it takes a while.
+        for chunk in 0..20 {
+            let events = (0..1000)
+                .map(|i| AuditEvent::new(chunk * 1000 + i, "seed", "read").chart("c1"))
+                .collect();
+            store
+                .audit(events)
+                .unwrap()
+                .blocking_recv()
+                .unwrap()
+                .unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let (store, stop) = (store.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0i64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let ev = AuditEvent::new(n, format!("writer-{w}"), "read").chart("c2");
+                        store
+                            .audit(vec![ev])
+                            .unwrap()
+                            .blocking_recv()
+                            .unwrap()
+                            .unwrap();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for _ in 0..40 {
+            match store.verify_audit().unwrap() {
+                Ok(_) => {}
+                Err(b) => failures.push(format!("entry {}: {}", b.seq, b.reason)),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let written: i64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+        assert!(written > 0, "the writers wrote nothing during the checks");
+        assert!(
+            failures.is_empty(),
+            "{} of 40 checks reported tampering that did not happen: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(3)]
+        );
+        store.close();
+    }
 }

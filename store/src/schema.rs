@@ -157,7 +157,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- documents meanwhile).
     ALTER TABLE charts ADD COLUMN due_facts TEXT;
     "#,
-    // 9: sync protocol 2. Copies of other practices' charts are keyed by (custodian, chart
+    // 9: rows left behind by emergency expiry before it removed copies whole: documents,
+    // changes and referral index rows of charts no longer held (a later share of the same
+    // chart then failed on chart_docs' primary key, forever), and their open conflicts.
+    r#"
+    DELETE FROM chart_docs WHERE chart_id NOT IN (SELECT id FROM charts);
+    DELETE FROM chart_changes WHERE chart_id NOT IN (SELECT id FROM charts);
+    DELETE FROM referral_index WHERE chart_id NOT IN (SELECT id FROM charts);
+    DELETE FROM conflicts WHERE resolved_ms IS NULL AND chart_id NOT IN (SELECT id FROM charts);
+    "#,
+    // 10: sync protocol 2. Copies of other practices' charts are keyed by (custodian, chart
     // id): the local key of a copy is `CHART@CUSTODIAN`, so two practices' charts with the
     // same id never collide and no peer can take an id before its custodian shares it. The
     // store's incarnation goes with each checkpoint (a checkpoint of a store since restored
@@ -316,7 +325,7 @@ mod tests {
         assert_eq!(facts, 0);
     }
 
-    /// Copies received from other practices are re-keyed `CHART@CUSTODIAN` by migration 9,
+    /// Copies received from other practices are re-keyed `CHART@CUSTODIAN` by migration 10,
     /// with every row that names them; this practice's own charts keep their ids.
     #[test]
     fn received_copies_are_rekeyed_by_custodian_without_loss() {
@@ -382,6 +391,54 @@ mod tests {
             .query_row("SELECT chart_id FROM emergency_access", [], |r| r.get(0))
             .unwrap();
         assert_eq!(e, "c-9@PEER-A");
+    }
+
+    /// Emergency expiry used to leave a removed copy's document (and changes, referral
+    /// index rows, open conflicts) behind; the migration removes exactly those orphans.
+    #[test]
+    fn orphans_of_removed_copies_are_cleaned_and_held_charts_kept() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..8] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 8).unwrap();
+        conn.execute_batch(
+            "INSERT INTO charts(id, origin, created_ms, updated_ms, mrn, family, given, birth_date, name_key, seq)
+               VALUES ('held', NULL, 1, 1, 'M', 'F', 'G', '2000-01-01', 'f g', 1);
+             INSERT INTO chart_docs(chart_id, doc) VALUES ('held', x'01'), ('gone', x'02');
+             INSERT INTO chart_changes(chart_id, seq, data) VALUES ('held', 1, x'03'), ('gone', 1, x'04');
+             INSERT INTO referral_index(referral_id, chart_id) VALUES ('r1', 'held'), ('r2', 'gone');
+             INSERT INTO conflicts(chart_id, detected_ms, kind, summary) VALUES ('held', 1, 'k', 's'), ('gone', 1, 'k', 's');
+             INSERT INTO conflicts(chart_id, detected_ms, kind, summary, resolved_ms) VALUES ('gone', 1, 'k2', 's', 5);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        for table in ["chart_docs", "chart_changes", "referral_index"] {
+            assert_eq!(
+                count(&format!(
+                    "SELECT count(*) FROM {table} WHERE chart_id = 'gone'"
+                )),
+                0,
+                "{table}"
+            );
+            assert_eq!(
+                count(&format!(
+                    "SELECT count(*) FROM {table} WHERE chart_id = 'held'"
+                )),
+                1,
+                "{table}"
+            );
+        }
+        // Open conflicts of a chart no longer held go; the reviewed one stays as history.
+        assert_eq!(
+            count("SELECT count(*) FROM conflicts WHERE chart_id = 'gone'"),
+            1
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM conflicts WHERE chart_id = 'held'"),
+            1
+        );
     }
 
     /// A store left by an earlier chartmesh (here schema 5, documents in the chart rows):

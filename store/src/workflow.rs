@@ -92,6 +92,38 @@ pub(crate) fn file_conflicts(
     Ok(new)
 }
 
+/// The copy of `custodian`'s chart `chart` held here: its key in `charts` (the custodian's
+/// id, or `ID@CUSTODIAN` where received copies are keyed by custodian) and the end of the
+/// grant it is held under. Looked up by origin, never by assuming key == chart id.
+fn received_copy(
+    c: &Connection,
+    custodian: &str,
+    chart: &str,
+) -> Result<Option<(String, Option<i64>)>, StoreError> {
+    Ok(c.prepare_cached(
+        "SELECT id, expires_ms FROM charts WHERE origin = ?1 AND (id = ?2 OR id = ?2 || '@' || ?1)
+             ORDER BY id LIMIT 1",
+    )?
+    .query_row(params![custodian, chart], |r| Ok((r.get(0)?, r.get(1)?)))
+    .optional()?)
+}
+
+/// Removes every row of a held copy (its key in `charts`): the chart row with its search
+/// index fields and due facts, its document and incremental changes, its referral index
+/// rows and its open conflicts. Audit entries stay.
+pub(crate) fn remove_copy(c: &Connection, key: &str) -> Result<(), StoreError> {
+    for sql in [
+        "DELETE FROM chart_changes WHERE chart_id = ?1",
+        "DELETE FROM chart_docs WHERE chart_id = ?1",
+        "DELETE FROM referral_index WHERE chart_id = ?1",
+        "DELETE FROM conflicts WHERE chart_id = ?1 AND resolved_ms IS NULL",
+        "DELETE FROM charts WHERE id = ?1",
+    ] {
+        c.prepare_cached(sql)?.execute([key])?;
+    }
+    Ok(())
+}
+
 const CONFLICT_COLUMNS: &str = "SELECT id, chart_id, peer, detected_ms, kind, summary, resolved_ms, resolved_by, resolution FROM conflicts";
 
 fn conflict_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConflictRecord> {
@@ -241,8 +273,8 @@ impl Store {
     }
 
     /// Removes the charts held by emergency access that has ended (the custodian's grant
-    /// expired and was not replaced by a lasting one). Each removal is audited. Returns the
-    /// removed chart ids.
+    /// expired and was not replaced by a lasting one): every row of each copy, in the same
+    /// transaction as its audit entry. Returns the removed copies' keys in the store.
     /// None when nothing has ended (checked on a read connection, without the writer).
     pub fn end_emergency_access(&self, now_ms: i64) -> Result<Option<EmergencyEnd>, StoreError> {
         let due: bool = self.with_reader(|c| {
@@ -267,27 +299,17 @@ impl Store {
             for (chart, peer) in ended {
                 // Still held under an expiring grant from that custodian: remove it. A
                 // copy since shared without an end (or not held at all) stays.
-                let held: Option<Option<i64>> = ctx
-                    .conn
-                    .prepare_cached("SELECT expires_ms FROM charts WHERE id = ?1 AND origin = ?2")?
-                    .query_row(params![chart, peer], |r| r.get(0))
-                    .optional()?;
-                if let Some(Some(exp)) = held
+                if let Some((key, Some(exp))) = received_copy(ctx.conn, &peer, &chart)?
                     && exp <= now_ms
                 {
-                    ctx.conn
-                        .execute("DELETE FROM chart_changes WHERE chart_id = ?1", [&chart])?;
-                    ctx.conn
-                        .execute("DELETE FROM referral_index WHERE chart_id = ?1", [&chart])?;
-                    ctx.conn
-                        .execute("DELETE FROM charts WHERE id = ?1", [&chart])?;
+                    remove_copy(ctx.conn, &key)?;
                     ctx.audit(
                         &AuditEvent::new(now_ms, "emergency", "emergency-expired")
-                            .chart(&chart)
+                            .chart(&key)
                             .peer(&peer)
                             .detail("emergency access ended; the copy was removed"),
                     )?;
-                    removed.push(chart.clone());
+                    removed.push(key);
                 }
                 ctx.conn.execute(
                     "DELETE FROM emergency_access WHERE chart_id = ?1 AND peer = ?2",
@@ -297,6 +319,15 @@ impl Store {
             Ok(removed)
         }))?;
         Ok(Some(rx))
+    }
+
+    /// The key under which the copy of `custodian`'s chart `chart` is held here, if it is.
+    pub fn received_copy_key(
+        &self,
+        custodian: &str,
+        chart: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.with_reader(|c| Ok(received_copy(c, custodian, chart)?.map(|(k, _)| k)))
     }
 
     /// The audit entries of emergency access, both as requester and as custodian, oldest first.

@@ -1,6 +1,10 @@
 //! Shared fixtures for the end-to-end tests: real `chartmeshd` processes on 127.0.0.1 with
 //! their own data directories, the real `chartmesh` CLI, and the benchmark charts.
 //! Waiting is always on a condition with a deadline, never a bare sleep.
+//!
+//! Nothing is left behind, on any path: a [`Practice`] kills its daemon and removes its
+//! temporary directory when dropped (also while a failed test unwinds), and any other
+//! process a test starts is held in a [`KillOnDrop`].
 
 pub mod raw_peer;
 
@@ -94,6 +98,69 @@ pub fn pair(a: &Practice, b: &Practice) {
     }
 }
 
+/// Waits until `a` sees `b` connected.
+pub fn wait_connected(a: &Practice, b: &Practice) {
+    let id = b.id();
+    wait_until("the practices to connect", Duration::from_secs(60), || {
+        a.get("/sync")["peers"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["id"] == id && p["connected"] == true))
+    });
+}
+
+/// A child process killed (and reaped) when dropped, so a failing test cannot leave it
+/// running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+/// Processes named `name` whose parent is this test process and that are still running
+/// (not exited and waiting to be reaped). Linux only (reads /proc); empty elsewhere.
+pub fn live_children(name: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...; comm may hold spaces, so split after the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let mut rest = stat[close + 1..].split_whitespace();
+        let (state, ppid) = (rest.next(), rest.next().and_then(|p| p.parse::<u32>().ok()));
+        if comm == name && ppid == Some(me) && state != Some("Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// One practice: a data directory and, while started, its daemon process.
 pub struct Practice {
     pub dir: PathBuf,
@@ -132,6 +199,11 @@ impl Practice {
         );
         p.start();
         p
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// The practice id.
@@ -218,11 +290,6 @@ impl Practice {
         );
     }
 
-    /// The daemon's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
     /// SIGKILL: no shutdown, no flush.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -254,6 +321,17 @@ impl Practice {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+
+    /// Sets the emergency policy (`allow`/`deny`) and its duration in the config, and
+    /// restarts the daemon on it.
+    pub fn set_emergency_policy(&mut self, policy: &str, duration: &str) {
+        let path = self.dir.join("config.toml");
+        let mut v: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["emergency"]["policy"] = policy.into();
+        v["emergency"]["duration"] = duration.into();
+        std::fs::write(&path, toml::to_string(&v).unwrap()).unwrap();
+        self.restart();
     }
 
     pub fn restart(&mut self) {

@@ -66,4 +66,10 @@ fn bench_runs_at_small_n_and_checks_its_checksums() {
     };
     let err = chartmesh_bench::run(&bad).unwrap_err().to_string();
     assert!(err.contains("checksum"), "{err}");
+    // The failed run stopped its daemons: none is left running.
+    let left = chartmesh_tests::live_children("chartmeshd");
+    assert!(
+        left.is_empty(),
+        "daemons left running by a failed run: {left:?}"
+    );
 }

@@ -166,17 +166,19 @@ fn no_patient_name_or_note_text_is_readable_in_the_data_directory() {
 fn a_backup_taken_during_an_import_restores_to_a_store_that_verifies() {
     let mut a = Practice::new("Backup Clinic");
     let file = bench_data().join("charts-10000.jsonl");
-    let mut import = Command::new(bin("chartmesh"))
-        .args([
-            "--data-dir",
-            a.dir.to_str().unwrap(),
-            "import",
-            file.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut import = KillOnDrop(
+        Command::new(bin("chartmesh"))
+            .args([
+                "--data-dir",
+                a.dir.to_str().unwrap(),
+                "import",
+                file.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_until(
         "the import to be under way",
         Duration::from_secs(120),
@@ -197,7 +199,7 @@ fn a_backup_taken_during_an_import_restores_to_a_store_that_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
     a.stop();
-    let r = a.cli_json(&["restore", backup.to_str().unwrap()]);
+    let r = a.cli_json(&["restore", "--yes", backup.to_str().unwrap()]);
     let restored = r["charts"].as_u64().unwrap();
     assert!(restored > 0 && restored <= 10000, "{r}");
     let previous = r["previous"].as_str().unwrap();

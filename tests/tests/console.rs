@@ -1,6 +1,7 @@
 //! The console page, rendered by headless Chromium against a real daemon: it signs in with
-//! the token from the address, and shows the practice, its work lists (referrals, the
-//! conflict inbox, who is due) as the API reports them.
+//! the single-use link `chartmesh console` prints (a session cookie, never the token in the
+//! page), and shows the practice, its work lists (referrals, the conflict inbox, who is
+//! due) as the API reports them.
 
 use chartmesh_tests::*;
 
@@ -20,7 +21,11 @@ fn the_console_shows_the_practice_and_its_work_lists() {
     ]);
     let addr = std::fs::read_to_string(a.dir.join("api.addr")).unwrap();
     let page = format!("http://{}/", addr.trim());
-    let dom = chromium_dom_url(&format!("{page}#token={}", a.token()));
+    let link = a.cli_json(&["console"])["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dom = chromium_dom_url(&link);
     assert!(
         dom.contains("Console Clinic"),
         "the practice name is missing"
@@ -35,8 +40,12 @@ fn the_console_shows_the_practice_and_its_work_lists() {
     let due = a.get("/due?within=30");
     let first = due["patients"][0]["patient"].as_str().unwrap();
     assert!(dom.contains(first), "due patient {first} missing");
-    // A wrong token shows the sign-in box, not data.
-    let dom = chromium_dom_url(&format!("{page}#token=wrong"));
+    // Without a session (a fresh browser, or the used link again) the page shows the
+    // sign-in box, not data.
+    let dom = chromium_dom_url(&page);
     assert!(!dom.contains("suspected sleep apnoea"));
-    assert!(dom.contains("The token was not accepted."));
+    assert!(dom.contains("Not signed in"), "{dom}");
+    let dom = chromium_dom_url(&link);
+    assert!(!dom.contains("suspected sleep apnoea"));
+    assert!(dom.contains("already used or has expired"), "{dom}");
 }

@@ -6,26 +6,6 @@ use chartmesh_tests::*;
 use serde_json::Value;
 use std::time::Duration;
 
-/// Sets the custodian's emergency policy in its config and restarts it.
-fn set_policy(p: &mut Practice, policy: &str, duration: &str) {
-    let path = p.dir.join("config.toml");
-    let cfg = std::fs::read_to_string(&path).unwrap();
-    let mut v: toml::Value = toml::from_str(&cfg).unwrap();
-    v["emergency"]["policy"] = policy.into();
-    v["emergency"]["duration"] = duration.into();
-    std::fs::write(&path, toml::to_string(&v).unwrap()).unwrap();
-    p.restart();
-}
-
-fn connected(a: &Practice, b: &Practice) {
-    let id = b.id();
-    wait_until("the practices to connect", Duration::from_secs(60), || {
-        a.get("/sync")["peers"]
-            .as_array()
-            .is_some_and(|ps| ps.iter().any(|p| p["id"] == id && p["connected"] == true))
-    });
-}
-
 fn actions(entries: &Value) -> Vec<String> {
     entries["entries"]
         .as_array()
@@ -45,7 +25,7 @@ fn denied_by_default_and_audited_on_both_sides() {
         .as_str()
         .unwrap()
         .to_string();
-    connected(&b, &a);
+    wait_connected(&b, &a);
     let out = b.cli(&[
         "--json",
         "emergency",
@@ -100,7 +80,7 @@ fn allowed_access_is_read_only_expires_and_is_audited_on_both_sides() {
     let b = Practice::new("County ER");
     pair(&a, &b);
     a.import_first(20);
-    set_policy(&mut a, "allow", "10s");
+    a.set_emergency_policy("allow", "10s");
     let chart = a.cli_json(&["chart", "show", "chart-000005"]);
     let (family, birth) = (
         chart["patient"]["name"]["family"]
@@ -109,7 +89,7 @@ fn allowed_access_is_read_only_expires_and_is_audited_on_both_sides() {
             .to_string(),
         chart["patient"]["birthDate"].as_str().unwrap().to_string(),
     );
-    connected(&b, &a);
+    wait_connected(&b, &a);
 
     // By family name and birth date; the command returns once the chart is here.
     let v = b.cli_json(&[

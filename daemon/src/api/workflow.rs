@@ -9,7 +9,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiState, json_body, user};
+use crate::guard::{check_name, check_text};
 use crate::node::NodeError;
+
+/// The longest reason, resolution or correction note accepted, in characters.
+const MAX_REASON: usize = 2000;
 
 #[derive(Deserialize)]
 pub(super) struct ReferBody {
@@ -25,6 +29,10 @@ pub(super) async fn refer(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), NodeError> {
     let b: ReferBody = json_body(&body)?;
+    check_text("reason", &b.reason, MAX_REASON).map_err(NodeError::Invalid)?;
+    if let Some(s) = &b.specialty {
+        check_name("specialty", s).map_err(NodeError::Invalid)?;
+    }
     let r = st
         .node
         .refer(
@@ -108,6 +116,7 @@ pub(super) async fn resolve_conflict(
     body: Bytes,
 ) -> Result<Json<Value>, NodeError> {
     let b: ResolveBody = json_body(&body)?;
+    check_text("the resolution (--note)", &b.resolution, MAX_REASON).map_err(NodeError::Invalid)?;
     let c = st
         .node
         .resolve_conflict(id, &b.resolution, &user(&headers))
@@ -139,6 +148,8 @@ pub(super) async fn correct(
         }
     }
     let b: CorrectBody = json_body(&body)?;
+    check_name("the substance or medication name", &b.target).map_err(NodeError::Invalid)?;
+    check_text("reason", &b.reason, MAX_REASON).map_err(NodeError::Invalid)?;
     let n = st
         .node
         .correct(&id, &section, &b.target, &b.reason, &user(&headers))
