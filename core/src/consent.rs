@@ -183,6 +183,12 @@ pub fn may_grant(chart_origin: Option<&str>) -> Result<(), Refusal> {
     }
 }
 
+/// Does an emergency access to `chart` need a grant of its own? Not when a grant in force
+/// already covers it: break-glass never replaces (so never narrows) an existing grant.
+pub fn emergency_grant_needed(grants: &[Grant], chart_id: &str, now_ms: i64) -> bool {
+    !applicable(grants, chart_id).is_some_and(|g| g.is_active(now_ms))
+}
+
 /// How this practice holds a copy of another practice's chart (as recorded when the copy
 /// was received or its grant last changed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -203,7 +203,7 @@ impl Node {
         let mut new = Vec::new();
         let mut audit = Vec::new();
         for c in charts {
-            let already = consent::applicable(&existing, c).is_some_and(|g| g.is_active(now));
+            let already = !consent::emergency_grant_needed(&existing, c, now);
             audit.push(
                 AuditEvent::new(now, "emergency", "emergency-access")
                     .chart(c)

@@ -522,7 +522,11 @@ fn shared_count(
 ) -> usize {
     use chartmesh_core::consent::ALL_CHARTS;
     let active = |g: &&chartmesh_core::consent::Grant| g.is_active(now);
-    if grants.iter().filter(active).any(|g| g.chart_id == ALL_CHARTS) {
+    if grants
+        .iter()
+        .filter(active)
+        .any(|g| g.chart_id == ALL_CHARTS)
+    {
         // Every own chart, less those whose own grant (which wins over `*`) has ended.
         let ended = grants
             .iter()

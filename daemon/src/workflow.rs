@@ -63,12 +63,15 @@ impl Node {
         let key = chart.to_string();
         match self.read(move |s| Ok(s.chart_origin(&key)?)).await? {
             None => return Err(NodeError::NotFound(chart.to_string())),
-            Some(Some(origin)) => {
-                return Err(NodeError::Refused(format!(
-                    "chart {chart} is held from practice {origin}; only its custodian can refer it"
-                )));
+            // A referral is a grant: only of a chart this practice holds as its own.
+            Some(origin) => {
+                if chartmesh_core::consent::may_grant(origin.as_deref()).is_err() {
+                    return Err(NodeError::Refused(format!(
+                        "chart {chart} is held from practice {}; only its custodian can refer it",
+                        origin.unwrap_or_default()
+                    )));
+                }
             }
-            Some(None) => {}
         }
         let now = now_ms();
         let me = self.practice_id();

@@ -1092,7 +1092,7 @@ impl Mesh {
             let existing = store.grants(Some(&self.nodes[peer].id)).unwrap();
             let grants: Vec<Grant> = charts
                 .iter()
-                .filter(|c| !consent::applicable(&existing, c).is_some_and(|g| g.is_active(wall)))
+                .filter(|c| consent::emergency_grant_needed(&existing, c, wall))
                 .map(|c| Grant {
                     chart_id: c.clone(),
                     peer: self.nodes[peer].id,
