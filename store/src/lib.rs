@@ -15,6 +15,7 @@
 
 mod consent;
 mod error;
+pub mod failpoint;
 mod key;
 mod read;
 mod schema;
@@ -100,6 +101,7 @@ impl Default for StoreOptions {
 impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
     pub fn open(path: &Path, key: &StoreKey, options: StoreOptions) -> Result<Store, StoreError> {
+        failpoint::setup_from_env();
         let conn = schema::open_write_connection(path, key)?;
         let writer = write::WriterHandle::spawn(conn, options.clone())?;
         Ok(Store {
