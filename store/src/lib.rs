@@ -16,6 +16,7 @@
 mod consent;
 mod error;
 pub mod failpoint;
+pub mod integrity;
 mod key;
 mod read;
 mod schema;

@@ -354,6 +354,11 @@ impl Writer {
         };
         match result {
             Ok(()) => {
+                if head.seq != head_before.seq
+                    && let Some(path) = self.conn.path()
+                {
+                    crate::integrity::record_commit(std::path::Path::new(path), head.seq);
+                }
                 self.head = head;
                 // Committed but nobody answered yet: a crash here must still keep the batch.
                 for name in std::iter::once("write.after_commit".to_string())
