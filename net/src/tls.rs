@@ -294,3 +294,100 @@ pub(crate) fn client_config(
     c.enable_early_data = false;
     Ok(c)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(window: Option<(i32, i32)>) -> (Credentials, PracticeId) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["chartmesh".to_string()]).unwrap();
+        if let Some((from, to)) = window {
+            p.not_before = rcgen::date_time_ymd(from, 1, 1);
+            p.not_after = rcgen::date_time_ymd(to, 1, 1);
+        }
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        let id = PracticeId::from_certificate_der(&der);
+        (
+            Credentials {
+                cert_der: der,
+                key_der: key.serialize_der(),
+            },
+            id,
+        )
+    }
+
+    /// A pinned certificate outside its validity dates is refused, with the reason kept
+    /// for the audit log; inside them it is accepted.
+    #[test]
+    fn validity_dates_are_checked_for_pinned_certificates() {
+        let now = UnixTime::now();
+        let cases = [
+            (None, None),
+            (Some((2000, 2001)), Some("expired")),
+            (Some((2999, 3000)), Some("not-yet-valid")),
+        ];
+        for (window, refused) in cases {
+            let (c, id) = creds(window);
+            let pins = PinSet::new([id]);
+            let r = pins.check(&CertificateDer::from(c.cert_der), "client", now);
+            assert_eq!(r.is_err(), refused.is_some(), "{window:?}");
+            let got = pins.take_refusals();
+            assert_eq!(got.first().map(|r| r.reason), refused);
+            if let Some(r) = got.first() {
+                assert!(r.describe().contains("clock"), "{}", r.describe());
+            }
+        }
+        // Unpaired: refused as such whatever its dates.
+        let (c, _) = creds(None);
+        let pins = PinSet::default();
+        assert!(
+            pins.check(&CertificateDer::from(c.cert_der), "server", now)
+                .is_err()
+        );
+        assert_eq!(pins.take_refusals()[0].reason, "not-paired");
+    }
+
+    /// A client offering only TLS 1.2 is refused in its first flight: the server never
+    /// reads application data from it. (Over QUIC such a client cannot even be built.)
+    #[test]
+    fn a_tls12_only_client_is_refused_before_any_application_byte() {
+        let (server_creds, server_id) = creds(None);
+        let (client_creds, client_id) = creds(None);
+        let server = server_config(&server_creds, PinSet::new([client_id])).unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        let provider = provider();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinned {
+                pins: PinSet::new([server_id]),
+                provider,
+            }))
+            .with_client_auth_cert(
+                vec![CertificateDer::from(client_creds.cert_der.clone())],
+                key(&client_creds),
+            )
+            .unwrap();
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = rustls::ClientConnection::new(
+            Arc::new(client),
+            ServerName::try_from("chartmesh").unwrap(),
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut client.writer(), b"application bytes").unwrap();
+        let mut wire = Vec::new();
+        client.write_tls(&mut wire).unwrap();
+        server.read_tls(&mut &wire[..]).unwrap();
+        let e = server.process_new_packets().unwrap_err();
+        assert!(
+            matches!(e, rustls::Error::PeerIncompatible(_)),
+            "{e:?}"
+        );
+        let mut buf = [0u8; 64];
+        let read = std::io::Read::read(&mut server.reader(), &mut buf);
+        assert!(!matches!(read, Ok(n) if n > 0), "application bytes were read");
+        assert!(server.is_handshaking());
+    }
+}
