@@ -75,7 +75,31 @@ fn recorded_head(store: &Path) -> Option<i64> {
 pub const RECOVERY: &str = "chartmeshd will not serve or send anything from it. Keep the data directory as it is, then restore the latest backup with `chartmesh restore BACKUP` (daemon stopped); charts received from other practices come back from their custodians at the next sync, and charts written here since the backup must be entered or imported again. See docs/OPERATIONS.md";
 
 fn damaged(what: String) -> StoreError {
-    StoreError::Corrupt(format!("the chart store is damaged: {what}. {RECOVERY}"))
+    StoreError::Damaged(format!("the chart store is damaged: {what}. {RECOVERY}"))
+}
+
+/// With a key that does not open the first page: are the other pages' HMACs good? Then the
+/// key is right and the first page is damaged; with a wrong key no page verifies.
+fn first_page_damaged(path: &Path, key: &StoreKey) -> bool {
+    let Ok(conn) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return false;
+    };
+    let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE;");
+    if conn
+        .execute_batch(&format!("PRAGMA key = \"x'{}'\";", key.to_hex()))
+        .is_err()
+    {
+        return false;
+    }
+    let pages = std::fs::metadata(path).map(|m| m.len() / 4096).unwrap_or(0);
+    let failed = conn
+        .prepare("PRAGMA cipher_integrity_check")
+        .and_then(|mut st| {
+            st.query_map([], |r| r.get::<_, String>(0))
+                .map(|rows| rows.filter_map(Result::ok).count() as u64)
+        })
+        .unwrap_or(u64::MAX);
+    pages > 1 && failed < pages
 }
 
 /// Checks the store at `path` before it is opened for writing (see the module docs).
@@ -96,6 +120,9 @@ pub fn check_store(path: &Path, key: &StoreKey) -> Result<Option<IntegrityReport
         true,
     );
     key.apply(&conn, path).map_err(|e| match e {
+        StoreError::WrongKey(p) if first_page_damaged(path, key) => {
+            damaged(format!("its first page does not verify ({})", p.display()))
+        }
         StoreError::WrongKey(p) => StoreError::WrongKey(p),
         other => damaged(format!("its first page does not read ({other})")),
     })?;

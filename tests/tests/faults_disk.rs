@@ -94,7 +94,7 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_when_space_is_f
     assert!(a.running(), "the daemon died on a full disk; log: {}", a.log());
 
     // An edit is refused the same way (or kept, if it still fit): never half-written.
-    let chart = &acked[0];
+    let chart = acked[0].clone();
     let (s, v) = a
         .post(&format!("/charts/{chart}/notes"), &note_body("full-1"), "t")
         .unwrap();
