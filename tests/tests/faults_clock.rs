@@ -78,6 +78,10 @@ fn practices_a_day_apart_pair_sync_and_honour_grant_expiry_as_documented() {
     let behind = skewed("Behind Clinic", &lib, "-1d");
     // The faked clock is in effect: the skewed daemons stamp their audit entries a day off.
     for (p, sign) in [(&ahead, 1i64), (&behind, -1)] {
+        p.cli_ok(&[
+            "chart", "create", "--mrn", "MRN-SKEW", "--family", "Skew", "--given", "Ann",
+            "--birth-date", "1970-01-01",
+        ]);
         let t = p.get("/audit?limit=5")["entries"][0]["time_ms"].as_i64().unwrap();
         let off = (t - now_ms()) * sign;
         assert!(off > 23 * 3_600_000 && off < 25 * 3_600_000, "offset {off} ms");
