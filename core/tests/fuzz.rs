@@ -16,7 +16,8 @@ use proptest::sample::Index;
 use std::path::Path;
 use std::sync::OnceLock;
 
-const CHART: &str = r#"{"id":"chart-fuzz","type":"chart","schemaVersion":1,"patient":{"mrn":"MRN-1","name":{"given":["Ana","B"],"family":"Fuzz"},"birthDate":"1980-02-03","sex":"female"},"conditions":[{"id":"c1","code":"44054006","system":"http://snomed.info/sct","display":"Diabetes","onset":"2020-01-01"}],"allergies":[{"id":"a1","substance":"Penicillin","reaction":"Rash","severity":"moderate"}],"medications":[{"id":"m1","name":"Metformin","dose":"500 mg","route":"oral","frequency":"twice daily","start":"2020-01-02"}],"observations":[{"id":"o1","code":"8480-6","display":"Systolic","value":128,"unit":"mm[Hg]","date":"2024-01-01T10:00:00Z"}],"notes":[{"id":"n1","author":"Dr A","date":"2024-01-01T10:00:00Z","text":"Well."}],"immunizations":[{"id":"i1","vaccine":"Influenza","date":"2024-10-01"}],"createdAt":"2021-07-03T11:45:00Z","updatedAt":"2025-02-14T16:05:00Z"}"#;
+/// A real chart (the first of the benchmark set), also replayed as a fixture.
+const CHART: &str = include_str!("fuzz-fixtures/jsonl_line/bench-chart-000001.json");
 
 fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES")
@@ -142,7 +143,7 @@ fn sync_msg(bytes: &[u8]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(1000)))]
 
     #[test]
     fn sync_message_decoding(input in prop::collection::vec(any::<u8>(), 0..512)) {
@@ -175,7 +176,7 @@ proptest! {
 
 proptest! {
     // A FHIR import of a 12-entry Bundle costs milliseconds: fewer cases by default.
-    #![proptest_config(ProptestConfig::with_cases(cases(64)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(200)))]
 
     #[test]
     fn fhir_bundle(m in mutation()) {
