@@ -38,7 +38,10 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     (
         prop::collection::vec((any::<Index>(), 1u8..=255), 0..6),
         prop::option::weighted(0.2, any::<Index>()),
-        prop::option::weighted(0.2, (any::<Index>(), prop::collection::vec(any::<u8>(), 1..16))),
+        prop::option::weighted(
+            0.2,
+            (any::<Index>(), prop::collection::vec(any::<u8>(), 1..16)),
+        ),
     )
         .prop_map(|(flips, cut, insert)| Mutation { flips, cut, insert })
 }
@@ -74,10 +77,16 @@ fn doc_seeds() -> &'static Vec<Vec<u8>> {
         let mut doc = ChartDoc::create(&chart, &meta);
         let full = doc.save();
         let _ = doc.save_incremental();
-        doc.put_root_str("updatedAt", "2026-01-01T00:00:00Z").unwrap();
+        doc.put_root_str("updatedAt", "2026-01-01T00:00:00Z")
+            .unwrap();
         doc.automerge().commit();
         let inc = doc.save_incremental();
-        vec![full.clone(), inc.clone(), [full, inc].concat(), doc.automerge().save()]
+        vec![
+            full.clone(),
+            inc.clone(),
+            [full, inc].concat(),
+            doc.automerge().save(),
+        ]
     })
 }
 
@@ -184,11 +193,14 @@ proptest! {
     }
 }
 
+/// A fuzz target: takes any bytes, must not panic.
+type Target = fn(&[u8]);
+
 /// Inputs kept from earlier findings (`tests/fuzz-fixtures/<target>/`), replayed every run.
 #[test]
 fn fixtures_replay() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-fixtures");
-    let targets: [(&str, fn(&[u8])); 4] = [
+    let targets: [(&str, Target); 4] = [
         ("sync_msg", sync_msg),
         ("peer_doc", load_doc),
         ("jsonl_line", chart_line),

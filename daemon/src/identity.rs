@@ -103,8 +103,7 @@ mod tests {
     fn the_certificate_tolerates_clock_skew_and_does_not_expire() {
         use x509_parser::prelude::FromDer;
         let id = Identity::generate("Skew Clinic").unwrap();
-        let (_, cert) =
-            x509_parser::certificate::X509Certificate::from_der(&id.cert_der).unwrap();
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&id.cert_der).unwrap();
         let (nb, na) = (
             cert.validity().not_before.timestamp(),
             cert.validity().not_after.timestamp(),

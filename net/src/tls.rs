@@ -381,13 +381,13 @@ mod tests {
         client.write_tls(&mut wire).unwrap();
         server.read_tls(&mut &wire[..]).unwrap();
         let e = server.process_new_packets().unwrap_err();
-        assert!(
-            matches!(e, rustls::Error::PeerIncompatible(_)),
-            "{e:?}"
-        );
+        assert!(matches!(e, rustls::Error::PeerIncompatible(_)), "{e:?}");
         let mut buf = [0u8; 64];
         let read = std::io::Read::read(&mut server.reader(), &mut buf);
-        assert!(!matches!(read, Ok(n) if n > 0), "application bytes were read");
+        assert!(
+            !matches!(read, Ok(n) if n > 0),
+            "application bytes were read"
+        );
         assert!(server.is_handshaking());
     }
 }

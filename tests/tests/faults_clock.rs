@@ -69,7 +69,9 @@ fn rfc3339(ms: i64) -> String {
 #[test]
 fn practices_a_day_apart_pair_sync_and_honour_grant_expiry_as_documented() {
     let Some(lib) = libfaketime() else {
-        println!("SKIPPED: clock-skew test needs libfaketime (Debian package faketime; .ci/run installs it)");
+        println!(
+            "SKIPPED: clock-skew test needs libfaketime (Debian package faketime; .ci/run installs it)"
+        );
         return;
     };
     let a = Practice::new("True Clock Clinic");
@@ -79,12 +81,25 @@ fn practices_a_day_apart_pair_sync_and_honour_grant_expiry_as_documented() {
     // The faked clock is in effect: the skewed daemons stamp their audit entries a day off.
     for (p, sign) in [(&ahead, 1i64), (&behind, -1)] {
         p.cli_ok(&[
-            "chart", "create", "--mrn", "MRN-SKEW", "--family", "Skew", "--given", "Ann",
-            "--birth-date", "1970-01-01",
+            "chart",
+            "create",
+            "--mrn",
+            "MRN-SKEW",
+            "--family",
+            "Skew",
+            "--given",
+            "Ann",
+            "--birth-date",
+            "1970-01-01",
         ]);
-        let t = p.get("/audit?limit=5")["entries"][0]["time_ms"].as_i64().unwrap();
+        let t = p.get("/audit?limit=5")["entries"][0]["time_ms"]
+            .as_i64()
+            .unwrap();
         let off = (t - now_ms()) * sign;
-        assert!(off > 23 * 3_600_000 && off < 25 * 3_600_000, "offset {off} ms");
+        assert!(
+            off > 23 * 3_600_000 && off < 25 * 3_600_000,
+            "offset {off} ms"
+        );
     }
     for p in [&ahead, &behind] {
         pair(&a, p);
@@ -93,14 +108,26 @@ fn practices_a_day_apart_pair_sync_and_honour_grant_expiry_as_documented() {
         // chart-000002: expires in 36 h, read-write.
         for (chart, hours) in [("chart-000001", 12), ("chart-000002", 36)] {
             a.cli_ok(&[
-                "share", chart, "--with", &id, "--access", "read-write", "--purpose", "referral",
-                "--expires", &rfc3339(now_ms() + hours * 3_600_000),
+                "share",
+                chart,
+                "--with",
+                &id,
+                "--access",
+                "read-write",
+                "--purpose",
+                "referral",
+                "--expires",
+                &rfc3339(now_ms() + hours * 3_600_000),
             ]);
         }
         // TLS and sync across the skew.
         p.sync_wait(&a, 60);
         for chart in ["chart-000001", "chart-000002"] {
-            assert_eq!(p.try_get(&format!("/charts/{chart}")).unwrap().0, 200, "{chart} did not arrive");
+            assert_eq!(
+                p.try_get(&format!("/charts/{chart}")).unwrap().0,
+                200,
+                "{chart} did not arrive"
+            );
         }
     }
     // The receiver's clock decides how it treats its copy: 24 h ahead, the 12-hour grant
@@ -112,7 +139,9 @@ fn practices_a_day_apart_pair_sync_and_honour_grant_expiry_as_documented() {
     let note = |p: &Practice, c: &str, text: &str| {
         p.post(
             &format!("/charts/{c}/notes"),
-            json!({"entry": {"text": text}, "author": "Dr Skew"}).to_string().as_bytes(),
+            json!({"entry": {"text": text}, "author": "Dr Skew"})
+                .to_string()
+                .as_bytes(),
             "Dr Skew",
         )
         .unwrap()
@@ -128,9 +157,11 @@ fn practices_a_day_apart_pair_sync_and_honour_grant_expiry_as_documented() {
             .as_array()
             .is_some_and(|n| n.iter().any(|n| n["text"] == text))
     };
-    wait_until("the edits made across the skew to arrive", Duration::from_secs(60), || {
-        has("chart-000002", "ahead, still granted") && has("chart-000001", "behind, granted")
-    });
+    wait_until(
+        "the edits made across the skew to arrive",
+        Duration::from_secs(60),
+        || has("chart-000002", "ahead, still granted") && has("chart-000001", "behind, granted"),
+    );
     assert!(!has("chart-000001", "ahead, expired here"));
     for p in [&a, &ahead, &behind] {
         assert_eq!(p.get("/audit/verify")["ok"], true);

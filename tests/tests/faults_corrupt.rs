@@ -18,7 +18,12 @@ fn file(p: &Practice, suffix: &str) -> PathBuf {
 /// Copies the store's files aside (or back).
 fn copy_store(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
-    for s in ["store.db", "store.db-wal", "store.db-shm", "store.db-commit"] {
+    for s in [
+        "store.db",
+        "store.db-wal",
+        "store.db-shm",
+        "store.db-commit",
+    ] {
         let _ = std::fs::remove_file(to.join(s));
         if from.join(s).exists() {
             std::fs::copy(from.join(s), to.join(s)).unwrap();
@@ -39,7 +44,10 @@ fn flip(path: &Path, offset: u64) {
 fn assert_refused(p: &mut Practice, case: &str, expect: &str) {
     let log_before = p.log().len();
     let st = p.start_expecting_exit(Duration::from_secs(60));
-    assert!(!st.success(), "{case}: chartmeshd started on a damaged store");
+    assert!(
+        !st.success(),
+        "{case}: chartmeshd started on a damaged store"
+    );
     let log = p.log()[log_before..].to_string();
     assert!(
         log.contains("the chart store is damaged") && log.contains(expect),
@@ -49,15 +57,23 @@ fn assert_refused(p: &mut Practice, case: &str, expect: &str) {
         log.contains("chartmesh restore") && log.contains("custodians"),
         "{case}: the message should say what to do: {log}"
     );
-    assert!(!p.dir.join("api.addr").exists(), "{case}: the API was served");
-    println!("{case}: refused: {}", log.lines().last().unwrap_or_default());
+    assert!(
+        !p.dir.join("api.addr").exists(),
+        "{case}: the API was served"
+    );
+    println!(
+        "{case}: refused: {}",
+        log.lines().last().unwrap_or_default()
+    );
 }
 
 #[test]
 fn damage_to_the_store_or_its_wal_is_detected_at_start_and_nothing_is_served() {
     let lines = bench_lines();
     let mut a = Practice::new("Damaged Clinic");
-    let (s, _) = a.post("/import", lines[..200].join("\n").as_bytes(), "t").unwrap();
+    let (s, _) = a
+        .post("/import", lines[..200].join("\n").as_bytes(), "t")
+        .unwrap();
     assert_eq!(s, 200);
     a.stop();
     let good = a.dir.with_extension("good");
@@ -68,7 +84,10 @@ fn damage_to_the_store_or_its_wal_is_detected_at_start_and_nothing_is_served() {
 
     // Flipped bytes in a page of the store file (a table page, and the first page).
     for (case, offset) in [
-        ("flipped bytes in the middle of the store", (pages / 2) * 4096 + 1000),
+        (
+            "flipped bytes in the middle of the store",
+            (pages / 2) * 4096 + 1000,
+        ),
         ("flipped bytes in the last page", (pages - 1) * 4096 + 200),
         ("flipped bytes in the first page", 100),
     ] {
@@ -81,25 +100,39 @@ fn damage_to_the_store_or_its_wal_is_detected_at_start_and_nothing_is_served() {
     assert_eq!(a.get("/status")["charts"], 200);
 
     // Committed work in the WAL, then the process dies before a checkpoint.
-    let (s, _) = a.post("/import", lines[200..260].join("\n").as_bytes(), "t").unwrap();
+    let (s, _) = a
+        .post("/import", lines[200..260].join("\n").as_bytes(), "t")
+        .unwrap();
     assert_eq!(s, 200);
     a.kill9();
     let wal = file(&a, "-wal");
     let wal_len = std::fs::metadata(&wal).unwrap().len();
-    assert!(wal_len > 32 * 1024, "the WAL holds the last import ({wal_len} bytes)");
+    assert!(
+        wal_len > 32 * 1024,
+        "the WAL holds the last import ({wal_len} bytes)"
+    );
     let crashed = a.dir.with_extension("crashed");
     copy_store(&a.dir, &crashed);
     type Damage = Box<dyn Fn(&Path)>;
     let damages: Vec<(&str, Damage)> = vec![
-        ("deleted WAL", Box::new(|w| {
-            std::fs::remove_file(w).unwrap();
-            let _ = std::fs::remove_file(w.with_extension("db-shm"));
-        })),
-        ("truncated WAL", Box::new(move |w| {
-            let f = std::fs::OpenOptions::new().write(true).open(w).unwrap();
-            f.set_len(wal_len / 2).unwrap();
-        })),
-        ("flipped bytes in the WAL", Box::new(move |w| flip(w, wal_len / 3))),
+        (
+            "deleted WAL",
+            Box::new(|w| {
+                std::fs::remove_file(w).unwrap();
+                let _ = std::fs::remove_file(w.with_extension("db-shm"));
+            }),
+        ),
+        (
+            "truncated WAL",
+            Box::new(move |w| {
+                let f = std::fs::OpenOptions::new().write(true).open(w).unwrap();
+                f.set_len(wal_len / 2).unwrap();
+            }),
+        ),
+        (
+            "flipped bytes in the WAL",
+            Box::new(move |w| flip(w, wal_len / 3)),
+        ),
     ];
     for (case, damage) in &damages {
         damage(&wal);
@@ -134,7 +167,9 @@ fn measure_integrity_checks_at_10000_charts() {
         let t = Instant::now();
         let mut st = c.prepare(&format!("PRAGMA {pragma}")).unwrap();
         let rows: Vec<String> = st
-            .query_map([], |r| r.get::<_, Option<String>>(0).map(|v| v.unwrap_or_default()))
+            .query_map([], |r| {
+                r.get::<_, Option<String>>(0).map(|v| v.unwrap_or_default())
+            })
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();

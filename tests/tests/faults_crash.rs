@@ -56,7 +56,10 @@ fn crash_during(p: &mut Practice, point: &str, spec: &str, work: impl FnOnce(&Pr
     assert_armed(p, point);
     work(p);
     let st = p.wait_exit(Duration::from_secs(30));
-    assert!(!st.success(), "{point}: the daemon should have aborted, exited {st}");
+    assert!(
+        !st.success(),
+        "{point}: the daemon should have aborted, exited {st}"
+    );
     assert!(
         p.log().contains(&format!("failpoint {point}: aborting")),
         "{point}: did not abort at the point"
@@ -85,7 +88,10 @@ fn a_crash_at_any_write_point_of_an_import_or_edit_leaves_before_or_after() {
             .filter(|l| a.try_get(&format!("/charts/{}", id_of(l))).unwrap().0 == 200)
             .count();
         let want = if committed_at(point) { BATCH } else { 0 };
-        assert_eq!(present, want, "{point}={spec}: {present} of {BATCH} charts kept");
+        assert_eq!(
+            present, want,
+            "{point}={spec}: {present} of {BATCH} charts kept"
+        );
         assert_eq!(after, before + want as u64, "{point}={spec}");
         assert_eq!(a.get("/audit/verify")["ok"], true, "{point}");
         a.stop();
@@ -97,7 +103,10 @@ fn a_crash_at_any_write_point_of_an_import_or_edit_leaves_before_or_after() {
         assert_eq!(v["failed"], 0, "{v}");
         let hashes = chart_hashes(body.as_bytes());
         for (id, h) in &hashes {
-            assert_eq!(&chartmesh_core::canonical::chart_hash(&a.get(&format!("/charts/{id}"))), h);
+            assert_eq!(
+                &chartmesh_core::canonical::chart_hash(&a.get(&format!("/charts/{id}"))),
+                h
+            );
         }
         scenarios += 1;
     }
@@ -110,11 +119,20 @@ fn a_crash_at_any_write_point_of_an_import_or_edit_leaves_before_or_after() {
             .unwrap()
             .len();
         crash_during(&mut a, point, "return", |a| {
-            let r = post(&agent, &a.base(), &a.token(), &format!("/charts/{chart}/notes"), &body);
+            let r = post(
+                &agent,
+                &a.base(),
+                &a.token(),
+                &format!("/charts/{chart}/notes"),
+                &body,
+            );
             assert!(r.is_err(), "{point}: the edit was answered: {r:?}");
         });
         let c = a.get(&format!("/charts/{chart}"));
-        let history = a.cli_json(&["history", &chart])["changes"].as_array().unwrap().len();
+        let history = a.cli_json(&["history", &chart])["changes"]
+            .as_array()
+            .unwrap()
+            .len();
         if committed_at(point) {
             assert!(has_note(&c, &note), "{point}: a committed edit was lost");
             assert_eq!(history, history_before + 1, "{point}");
@@ -124,9 +142,18 @@ fn a_crash_at_any_write_point_of_an_import_or_edit_leaves_before_or_after() {
         }
         assert_eq!(a.get("/audit/verify")["ok"], true, "{point}");
         // The next edit completes and the chart reads back whole.
-        let (s, v) = a.post(&format!("/charts/{chart}/notes"), &note_body(&format!("{note}-again")), "fault-test").unwrap();
+        let (s, v) = a
+            .post(
+                &format!("/charts/{chart}/notes"),
+                &note_body(&format!("{note}-again")),
+                "fault-test",
+            )
+            .unwrap();
         assert_eq!(s, 201, "{point}: {v}");
-        assert!(has_note(&a.get(&format!("/charts/{chart}")), &format!("{note}-again")));
+        assert!(has_note(
+            &a.get(&format!("/charts/{chart}")),
+            &format!("{note}-again")
+        ));
         scenarios += 1;
     }
     a.stop();
@@ -171,10 +198,17 @@ fn a_crash_while_applying_a_peers_sync_leaves_a_whole_store_and_the_next_sync_co
         for (id, h) in chart_hashes(batch.join("\n").as_bytes()) {
             let (s, c) = b.try_get(&format!("/charts/{id}")).unwrap();
             assert_eq!(s, 200, "{point}: {id} did not arrive after the crash");
-            assert_eq!(chartmesh_core::canonical::chart_hash(&c), h, "{point}: {id}");
+            assert_eq!(
+                chartmesh_core::canonical::chart_hash(&c),
+                h,
+                "{point}: {id}"
+            );
         }
         assert_eq!(b.get("/audit/verify")["ok"], true, "{point}");
-        println!("{point}: {n} charts on disk after the crash, all {} after the next sync", 20 * (round + 1));
+        println!(
+            "{point}: {n} charts on disk after the crash, all {} after the next sync",
+            20 * (round + 1)
+        );
         scenarios += 1;
     }
     b.stop();

@@ -63,7 +63,9 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_when_space_is_f
     };
     let mut a = Practice::new_in(&fs.0, "Full Disk Clinic");
     let lines = bench_lines();
-    let (s, v) = a.post("/import", lines[..100].join("\n").as_bytes(), "t").unwrap();
+    let (s, v) = a
+        .post("/import", lines[..100].join("\n").as_bytes(), "t")
+        .unwrap();
     assert_eq!((s, v["imported"].as_u64()), (200, Some(100)), "{v}");
     let mut acked: Vec<String> = lines[..100].iter().map(|l| id_of(l)).collect();
     let filler = fill(&fs.0);
@@ -90,20 +92,33 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_when_space_is_f
         break;
     }
     let (i, refused) = refused_at.expect("a full disk never refused a write");
-    println!("disk full: refused the import of chunk {i} after {} charts", acked.len());
-    assert!(a.running(), "the daemon died on a full disk; log: {}", a.log());
+    println!(
+        "disk full: refused the import of chunk {i} after {} charts",
+        acked.len()
+    );
+    assert!(
+        a.running(),
+        "the daemon died on a full disk; log: {}",
+        a.log()
+    );
 
     // An edit is refused the same way (or kept, if it still fit): never half-written.
     let chart = acked[0].clone();
     let (s, v) = a
         .post(&format!("/charts/{chart}/notes"), &note_body("full-1"), "t")
         .unwrap();
-    assert!(s == 201 || (s == 507 && v["error"]["kind"] == "disk-full"), "{s} {v}");
+    assert!(
+        s == 201 || (s == 507 && v["error"]["kind"] == "disk-full"),
+        "{s} {v}"
+    );
     let edit_kept = s == 201;
     // Every read of a chart is audited, so while no audit entry can be written reads are
     // refused the same way (never served unaudited); the status, which names no chart, works.
     let (s, v) = a.try_get(&format!("/charts/{chart}")).unwrap();
-    assert!(s == 200 || (s == 507 && v["error"]["kind"] == "disk-full"), "{s} {v}");
+    assert!(
+        s == 200 || (s == 507 && v["error"]["kind"] == "disk-full"),
+        "{s} {v}"
+    );
     assert_eq!(a.try_get("/status").unwrap().0, 200);
 
     // Free the space: reads and writes work again, nothing refused was stored, every
@@ -115,7 +130,9 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_when_space_is_f
     for l in &refused {
         assert_eq!(a.try_get(&format!("/charts/{}", id_of(l))).unwrap().0, 404);
     }
-    let (s, v) = a.post("/import", refused.join("\n").as_bytes(), "t").unwrap();
+    let (s, v) = a
+        .post("/import", refused.join("\n").as_bytes(), "t")
+        .unwrap();
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["failed"], 0, "{v}");
     acked.extend(refused.iter().map(|l| id_of(l)));
@@ -127,11 +144,22 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_when_space_is_f
     assert!(has_note(&c, "full-2"));
     assert_eq!(has_note(&c, "full-1"), edit_kept);
     assert_eq!(a.get("/audit/verify")["ok"], true);
-    assert_eq!(a.get("/status")["charts"].as_u64().unwrap(), acked.len() as u64);
+    assert_eq!(
+        a.get("/status")["charts"].as_u64().unwrap(),
+        acked.len() as u64
+    );
     a.stop();
-    assert_eq!(assert_store_consistent(&a.dir, "after the full disk"), acked.len() as i64);
+    assert_eq!(
+        assert_store_consistent(&a.dir, "after the full disk"),
+        acked.len() as i64
+    );
     a.start();
-    assert_eq!(a.get("/status")["charts"].as_u64().unwrap(), acked.len() as u64);
+    assert_eq!(
+        a.get("/status")["charts"].as_u64().unwrap(),
+        acked.len() as u64
+    );
     a.stop();
-    println!("fault figures: disk full = 1 scenario, refused writes kept nothing, lost acknowledged writes = 0");
+    println!(
+        "fault figures: disk full = 1 scenario, refused writes kept nothing, lost acknowledged writes = 0"
+    );
 }

@@ -96,7 +96,9 @@ fn random_kill9_during_import_edits_and_sync_loses_no_acknowledged_write() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(rand::random);
-    println!("kill -9 fault test: seed {seed} (CHARTMESH_FAULT_SEED={seed} replays it), {kills} kills");
+    println!(
+        "kill -9 fault test: seed {seed} (CHARTMESH_FAULT_SEED={seed} replays it), {kills} kills"
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let lines = bench_lines();
     let mut a = Practice::new("Kill Clinic A");
@@ -160,7 +162,10 @@ fn random_kill9_during_import_edits_and_sync_loses_no_acknowledged_write() {
                 for (chart, note) in acked.notes.iter().filter(|(c, _)| c == id) {
                     checked += 1;
                     if !has_note(&c, note) {
-                        lost.push(format!("note {note} of {chart} missing at {}", p.dir.display()));
+                        lost.push(format!(
+                            "note {note} of {chart} missing at {}",
+                            p.dir.display()
+                        ));
                     }
                 }
             }
@@ -169,7 +174,10 @@ fn random_kill9_during_import_edits_and_sync_loses_no_acknowledged_write() {
     }
     let (charts, notes) = {
         let (x, y) = (acked_a.lock().unwrap(), acked_b.lock().unwrap());
-        (x.charts.len() + y.charts.len(), x.notes.len() + y.notes.len())
+        (
+            x.charts.len() + y.charts.len(),
+            x.notes.len() + y.notes.len(),
+        )
     };
     println!(
         "fault figures: seed {seed}; kill -9 = {kills} in {kill_time:?}; requests = {}; acknowledged writes = {} ({charts} charts, {notes} notes); checked at both practices = {checked}; lost acknowledged writes = {}",

@@ -87,7 +87,11 @@ impl ServerCertVerifier for Pin {
 struct AnyPair(Arc<rustls::sign::CertifiedKey>);
 
 impl rustls::client::ResolvesClientCert for AnyPair {
-    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
     }
     fn has_certs(&self) -> bool {
@@ -96,7 +100,11 @@ impl rustls::client::ResolvesClientCert for AnyPair {
 }
 
 /// A QUIC client config: `identity` = (certificate, key) presented, or none.
-fn client(identity: Option<(&[u8], &[u8])>, alpn: &[u8], pin: Option<PracticeId>) -> quinn::ClientConfig {
+fn client(
+    identity: Option<(&[u8], &[u8])>,
+    alpn: &[u8],
+    pin: Option<PracticeId>,
+) -> quinn::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let b = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -109,7 +117,8 @@ fn client(identity: Option<(&[u8], &[u8])>, alpn: &[u8], pin: Option<PracticeId>
                 .key_provider
                 .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())))
                 .unwrap();
-            let ck = rustls::sign::CertifiedKey::new(vec![CertificateDer::from(der.to_vec())], signer);
+            let ck =
+                rustls::sign::CertifiedKey::new(vec![CertificateDer::from(der.to_vec())], signer);
             b.with_client_cert_resolver(Arc::new(AnyPair(Arc::new(ck))))
         }
         None => b.with_no_client_auth(),
@@ -165,7 +174,15 @@ async fn every_bad_handshake_is_refused_before_any_application_byte_and_audited(
     let dead = format!("127.0.0.1:{}", free_udp_port());
     tokio::task::block_in_place(|| {
         for (c, name) in [(&good, "Good"), (&expired, "Expired"), (&future, "Future")] {
-            a.cli_ok(&["peer", "add", &c.id.to_string(), "--addr", &dead, "--name", name]);
+            a.cli_ok(&[
+                "peer",
+                "add",
+                &c.id.to_string(),
+                "--addr",
+                &dead,
+                "--name",
+                name,
+            ]);
         }
     });
     let alpn = b"chartmesh/1";
@@ -177,13 +194,41 @@ async fn every_bad_handshake_is_refused_before_any_application_byte_and_audited(
         .expect("a correctly paired client connects");
 
     let cases: Vec<(&str, quinn::ClientConfig, Option<PracticeId>)> = vec![
-        ("unknown certificate", client(Some((&stranger.der, &stranger.key)), alpn, Some(a_id)), Some(stranger.id)),
-        ("a paired certificate without its key", client(Some((&good.der, &other_key)), alpn, Some(a_id)), None),
-        ("no client certificate", client(None, alpn, Some(a_id)), None),
-        ("wrong ALPN", client(Some((&good.der, &good.key)), b"h3", Some(a_id)), None),
-        ("expired certificate", client(Some((&expired.der, &expired.key)), alpn, Some(a_id)), Some(expired.id)),
-        ("not-yet-valid certificate", client(Some((&future.der, &future.key)), alpn, Some(a_id)), Some(future.id)),
-        ("the client pins another server", client(Some((&good.der, &good.key)), alpn, Some(stranger.id)), None),
+        (
+            "unknown certificate",
+            client(Some((&stranger.der, &stranger.key)), alpn, Some(a_id)),
+            Some(stranger.id),
+        ),
+        (
+            "a paired certificate without its key",
+            client(Some((&good.der, &other_key)), alpn, Some(a_id)),
+            None,
+        ),
+        (
+            "no client certificate",
+            client(None, alpn, Some(a_id)),
+            None,
+        ),
+        (
+            "wrong ALPN",
+            client(Some((&good.der, &good.key)), b"h3", Some(a_id)),
+            None,
+        ),
+        (
+            "expired certificate",
+            client(Some((&expired.der, &expired.key)), alpn, Some(a_id)),
+            Some(expired.id),
+        ),
+        (
+            "not-yet-valid certificate",
+            client(Some((&future.der, &future.key)), alpn, Some(a_id)),
+            Some(future.id),
+        ),
+        (
+            "the client pins another server",
+            client(Some((&good.der, &good.key)), alpn, Some(stranger.id)),
+            None,
+        ),
     ];
     let n = cases.len();
     for (case, cfg, audited_as) in cases {
@@ -191,28 +236,45 @@ async fn every_bad_handshake_is_refused_before_any_application_byte_and_audited(
         let e = r.expect_err(case);
         // Refused by TLS itself (an alert / crypto error), not by the application.
         assert!(
-            e.contains("handshake") || e.contains("crypto") || e.contains("TLS") || e.contains("alert"),
+            e.contains("handshake")
+                || e.contains("crypto")
+                || e.contains("TLS")
+                || e.contains("alert"),
             "{case}: not refused in the TLS handshake: {e}"
         );
         println!("{case}: refused ({e})");
         if let Some(id) = audited_as {
             let peer = id.to_string();
             tokio::task::block_in_place(|| {
-                wait_until(&format!("{case} to be audited"), Duration::from_secs(10), || {
-                    a.get("/audit?limit=200")["entries"]
-                        .as_array()
-                        .is_some_and(|es| es.iter().any(|e| e["action"] == "refuse" && e["peer"] == peer.as_str()))
-                });
+                wait_until(
+                    &format!("{case} to be audited"),
+                    Duration::from_secs(10),
+                    || {
+                        a.get("/audit?limit=200")["entries"]
+                            .as_array()
+                            .is_some_and(|es| {
+                                es.iter()
+                                    .any(|e| e["action"] == "refuse" && e["peer"] == peer.as_str())
+                            })
+                    },
+                );
             });
         }
     }
     // Nothing was sent or received: the only sync entries are the control's connection.
     tokio::task::block_in_place(|| {
-        let entries = a.get("/audit?limit=500")["entries"].as_array().unwrap().clone();
+        let entries = a.get("/audit?limit=500")["entries"]
+            .as_array()
+            .unwrap()
+            .clone();
         assert!(
-            !entries.iter().any(|e| e["action"] == "sync-send" || e["action"] == "sync-receive"),
+            !entries
+                .iter()
+                .any(|e| e["action"] == "sync-send" || e["action"] == "sync-receive"),
             "{entries:?}"
         );
     });
-    println!("fault figures: TLS matrix = {n} refused cases + 1 control, application bytes after a refused handshake = 0");
+    println!(
+        "fault figures: TLS matrix = {n} refused cases + 1 control, application bytes after a refused handshake = 0"
+    );
 }

@@ -67,12 +67,10 @@ pub fn note_body(note_id: &str) -> Vec<u8> {
 
 /// Whether the chart (as JSON) holds the note.
 pub fn has_note(chart: &Value, note_id: &str) -> bool {
-    chart["notes"]
-        .as_array()
-        .is_some_and(|n| {
-            let text = format!("fault test {note_id}");
-            n.iter().any(|n| n["text"] == text.as_str())
-        })
+    chart["notes"].as_array().is_some_and(|n| {
+        let text = format!("fault test {note_id}");
+        n.iter().any(|n| n["text"] == text.as_str())
+    })
 }
 
 /// Opens the practice's store file directly (keyed, read-only), as it lies on disk.
@@ -83,8 +81,11 @@ pub fn open_store(dir: &Path) -> rusqlite::Connection {
         rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
     )
     .unwrap();
-    c.execute_batch(&format!("PRAGMA key = \"x'{}'\"; PRAGMA query_only = 1;", key.trim()))
-        .unwrap();
+    c.execute_batch(&format!(
+        "PRAGMA key = \"x'{}'\"; PRAGMA query_only = 1;",
+        key.trim()
+    ))
+    .unwrap();
     c
 }
 
@@ -93,24 +94,28 @@ pub fn open_store(dir: &Path) -> rusqlite::Connection {
 /// Returns the number of charts.
 pub fn assert_store_consistent(dir: &Path, what: &str) -> i64 {
     let c = open_store(dir);
-    let check: String = c
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .unwrap();
+    let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0)).unwrap();
     assert_eq!(check, "ok", "{what}: quick_check");
     let q = |sql: &str| -> i64 { c.query_row(sql, [], |r| r.get(0)).unwrap() };
     let charts = q("SELECT count(*) FROM charts");
     assert_eq!(
-        q("SELECT count(*) FROM charts c LEFT JOIN chart_docs d ON d.chart_id = c.id WHERE d.chart_id IS NULL"),
+        q(
+            "SELECT count(*) FROM charts c LEFT JOIN chart_docs d ON d.chart_id = c.id WHERE d.chart_id IS NULL"
+        ),
         0,
         "{what}: a chart row without its document"
     );
     assert_eq!(
-        q("SELECT count(*) FROM chart_docs d LEFT JOIN charts c ON c.id = d.chart_id WHERE c.id IS NULL"),
+        q(
+            "SELECT count(*) FROM chart_docs d LEFT JOIN charts c ON c.id = d.chart_id WHERE c.id IS NULL"
+        ),
         0,
         "{what}: a document without its chart row"
     );
     assert_eq!(
-        q("SELECT count(*) FROM charts c WHERE NOT EXISTS (SELECT 1 FROM audit a WHERE a.chart_id = c.id AND a.action IN ('create', 'sync-receive'))"),
+        q(
+            "SELECT count(*) FROM charts c WHERE NOT EXISTS (SELECT 1 FROM audit a WHERE a.chart_id = c.id AND a.action IN ('create', 'sync-receive'))"
+        ),
         0,
         "{what}: a chart without the audit entry of its arrival"
     );
