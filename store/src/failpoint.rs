@@ -46,6 +46,17 @@ pub fn hit(name: &str) -> Result<(), StoreError> {
     }
 }
 
+/// [`hit`] with a name formatted only when failpoints are compiled in (no allocation in a
+/// product build).
+#[inline(always)]
+pub fn hit_fmt(name: std::fmt::Arguments<'_>) -> Result<(), StoreError> {
+    if ENABLED {
+        hit(&name.to_string())
+    } else {
+        Ok(())
+    }
+}
+
 /// Arms the failpoints named in `FAILPOINTS` (once per process). Without the feature, or
 /// without the variable, nothing.
 pub fn setup_from_env() {

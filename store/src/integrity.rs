@@ -182,3 +182,34 @@ pub fn check_store(path: &Path, key: &StoreKey) -> Result<Option<IntegrityReport
         millis: t.elapsed().as_millis() as u64,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Store, StoreOptions};
+
+    /// A wrong key is still told as a wrong key (no page verifies), not as damage; the
+    /// right key passes, and the commit mark follows the audit head.
+    #[test]
+    fn a_wrong_key_is_not_damage_and_a_good_store_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let key = StoreKey::from_bytes([7; 32]);
+        let store = Store::open(&path, &key, StoreOptions::default()).unwrap();
+        let rx = store
+            .audit(vec![chartmesh_core::audit::AuditEvent::new(1, "t", "read")])
+            .unwrap();
+        rx.blocking_recv().unwrap().unwrap();
+        store.close();
+        assert_eq!(recorded_head(&path), Some(1));
+        let r = check_store(&path, &key).unwrap().unwrap();
+        assert_eq!((r.audit_head, r.recorded_head), (1, Some(1)));
+        match check_store(&path, &StoreKey::from_bytes([8; 32])) {
+            Err(StoreError::WrongKey(_)) => {}
+            other => panic!("expected WrongKey, got {other:?}"),
+        }
+        // A mark from another file (a restored or re-keyed store) does not apply.
+        std::fs::write(mark_path(&path), "1 99\n").unwrap();
+        assert!(check_store(&path, &key).is_ok());
+    }
+}

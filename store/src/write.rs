@@ -281,9 +281,12 @@ impl Writer {
         let mut tx = tx;
         // Failpoints (docs/RELIABILITY.md): an error injected at a batch-level point fails
         // the whole batch, as an I/O error there would.
-        let mut kinds: Vec<&'static str> = batch.iter().map(WriteOp::kind).collect();
-        kinds.sort_unstable();
-        kinds.dedup();
+        let mut kinds: Vec<&'static str> = Vec::new();
+        if crate::failpoint::ENABLED {
+            kinds.extend(batch.iter().map(WriteOp::kind));
+            kinds.sort_unstable();
+            kinds.dedup();
+        }
         let mut batch_error = crate::failpoint::hit("write.begin").err();
         for op in batch {
             let kind = op.kind();
@@ -299,7 +302,7 @@ impl Writer {
                     continue;
                 }
             };
-            if let Err(e) = crate::failpoint::hit(&format!("write.{kind}.before")) {
+            if let Err(e) = crate::failpoint::hit_fmt(format_args!("write.{kind}.before")) {
                 let _ = sp.rollback();
                 drop(sp);
                 reply_error(op, &e);
@@ -329,7 +332,7 @@ impl Writer {
             }
             let _ = sp.commit();
             replies.push(reply);
-            if let Err(e) = crate::failpoint::hit(&format!("write.{kind}.after")) {
+            if let Err(e) = crate::failpoint::hit_fmt(format_args!("write.{kind}.after")) {
                 batch_error = Some(e);
             }
         }
@@ -361,10 +364,9 @@ impl Writer {
                 }
                 self.head = head;
                 // Committed but nobody answered yet: a crash here must still keep the batch.
-                for name in std::iter::once("write.after_commit".to_string())
-                    .chain(kinds.iter().map(|k| format!("write.after_commit.{k}")))
-                {
-                    let _ = crate::failpoint::hit(&name);
+                let _ = crate::failpoint::hit("write.after_commit");
+                for k in &kinds {
+                    let _ = crate::failpoint::hit_fmt(format_args!("write.after_commit.{k}"));
                 }
                 for r in replies {
                     (r.send)(None);
@@ -398,7 +400,7 @@ impl Writer {
 fn before_commit_failpoints(kinds: &[&str]) -> Result<(), StoreError> {
     crate::failpoint::hit("write.before_commit")?;
     for k in kinds {
-        crate::failpoint::hit(&format!("write.before_commit.{k}"))?;
+        crate::failpoint::hit_fmt(format_args!("write.before_commit.{k}"))?;
     }
     Ok(())
 }
