@@ -106,6 +106,8 @@ fn first_page_damaged(path: &Path, key: &StoreKey) -> bool {
 /// A missing store is fine (it is about to be created).
 pub fn check_store(path: &Path, key: &StoreKey) -> Result<Option<IntegrityReport>, StoreError> {
     if !path.exists() {
+        // A new store: a mark left by a deleted one must not apply to it (inodes are reused).
+        let _ = std::fs::remove_file(mark_path(path));
         return Ok(None);
     }
     let t = std::time::Instant::now();
