@@ -60,10 +60,14 @@ pub struct Request {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Answer {
-    /// Read-only access to these charts until `expires_ms`; they arrive by sync.
+    /// Read-only access to these charts until `expires_ms` (by the custodian's clock), that
+    /// is for `valid_for_ms` from now: the requester counts from when it hears the answer, by
+    /// its own clock, so a skew between the two clocks never lengthens the access. The
+    /// charts arrive by sync.
     Granted {
         charts: Vec<String>,
         expires_ms: i64,
+        valid_for_ms: i64,
     },
     /// Refused, with the reason in words.
     Denied { why: String },
@@ -102,6 +106,7 @@ pub fn decide(policy: Policy, request: &Request, matches: &[String], now_ms: i64
         _ => Answer::Granted {
             charts: matches.to_vec(),
             expires_ms: now_ms + duration_ms,
+            valid_for_ms: duration_ms,
         },
     }
 }
@@ -139,7 +144,8 @@ mod tests {
             decide(allow, &r, &["c1".into()], 50),
             Answer::Granted {
                 charts: vec!["c1".into()],
-                expires_ms: 1050
+                expires_ms: 1050,
+                valid_for_ms: 1000
             }
         );
         assert_eq!(decide(allow, &r, &[], 50), Answer::NotFound);

@@ -15,6 +15,7 @@ pub mod chart;
 pub mod conflicts;
 pub mod consent;
 pub mod doc;
+pub mod doc_limits;
 pub mod due;
 pub mod emergency;
 pub mod error;
@@ -26,6 +27,7 @@ pub mod sync;
 
 pub use chart::Chart;
 pub use doc::{ChangeMeta, ChartDoc, ChartHeader, HistoryEntry, Merged};
+pub use doc_limits::{LoadError, LoadLimits};
 pub use error::{CoreError, ValidationError};
 pub use ids::{ChartId, PracticeId};
 

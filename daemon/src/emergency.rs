@@ -88,6 +88,9 @@ fn check_request(request: &Request) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest emergency access a requester keeps a copy, whatever a custodian answers.
+const MAX_EMERGENCY_MS: i64 = 7 * 24 * 3600 * 1000;
+
 impl Node {
     /// Custodian side: answers a paired practice's request by this practice's policy. An
     /// allowed request becomes read-only grants (purpose emergency) that expire by
@@ -156,7 +159,9 @@ impl Node {
             request.requester, request.reason
         );
         let result = match &answer {
-            Answer::Granted { charts, expires_ms } => {
+            Answer::Granted {
+                charts, expires_ms, ..
+            } => {
                 self.grant_emergency(peer, charts, *expires_ms, &request.requester, &who, now)
                     .await
             }
@@ -322,12 +327,21 @@ impl Node {
             let now = now_ms();
             let answer = sync.ask_emergency(&p, request.clone()).await;
             let (detail, v) = match &answer {
-                Ok(Answer::Granted { charts, expires_ms }) => {
+                Ok(Answer::Granted {
+                    charts,
+                    expires_ms,
+                    valid_for_ms,
+                }) => {
+                    // Counted from now by this practice's clock (a skew between the two
+                    // clocks never lengthens the access); the custodian's expiry event, when
+                    // it arrives, ends it too.
+                    let _ = expires_ms;
+                    let ends = now + (*valid_for_ms).clamp(0, MAX_EMERGENCY_MS);
                     self.store
                         .record_emergency_access(
                             &p.to_string(),
                             charts.clone(),
-                            *expires_ms,
+                            ends,
                             requester,
                             now,
                         )?

@@ -1,5 +1,11 @@
 //! The practice identity: a key pair and self-signed certificate made at `init`. The practice
 //! id is the SHA-256 of the certificate, so peers pin it and no CA is involved.
+//!
+//! Peers check the certificate's validity dates against their own clocks, so the window
+//! starts two days before the certificate is made (a peer whose clock is up to 48 h behind
+//! still accepts it) and has no end (RFC 5280's 9999-12-31 23:59:59 "no well-defined
+//! expiration"): the practice id is the certificate's hash, so it cannot be renewed without
+//! pairing again (docs/RELIABILITY.md).
 
 use chartmesh_core::PracticeId;
 use std::path::{Path, PathBuf};
@@ -25,10 +31,15 @@ pub enum IdentityError {
     },
 }
 
+/// How long before its creation a practice certificate is valid (clock skew tolerance).
+pub const VALID_BEFORE_CREATION: time::Duration = time::Duration::days(2);
+
 impl Identity {
     pub fn generate(practice_name: &str) -> Result<Identity, IdentityError> {
         let mut params = rcgen::CertificateParams::new(vec!["chartmesh".to_string()])
             .map_err(|e| IdentityError::Generate(e.to_string()))?;
+        params.not_before = time::OffsetDateTime::now_utc() - VALID_BEFORE_CREATION;
+        params.not_after = time::macros::datetime!(9999-12-31 23:59:59 UTC);
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, practice_name);
@@ -79,5 +90,27 @@ impl Identity {
             source: e,
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new practice certificate is accepted by a peer whose clock is 24 h (or up to 48 h)
+    /// behind, and never expires.
+    #[test]
+    fn the_certificate_tolerates_clock_skew_and_does_not_expire() {
+        use x509_parser::prelude::FromDer;
+        let id = Identity::generate("Skew Clinic").unwrap();
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&id.cert_der).unwrap();
+        let (nb, na) = (
+            cert.validity().not_before.timestamp(),
+            cert.validity().not_after.timestamp(),
+        );
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!(nb <= now - 47 * 3600, "not before {nb}, now {now}");
+        assert!(nb >= now - 49 * 3600);
+        assert_eq!(na, 253_402_300_799, "9999-12-31T23:59:59Z");
     }
 }

@@ -105,6 +105,13 @@ async fn run(args: Args) -> Result<()> {
 
     let identity = Identity::load(&dir)?;
     let key = datadir::daemon_store_key(&dir).context("loading the store key")?;
+    // Damaged pages or lost commits stop the start: nothing corrupt is served or sent
+    // (chartmesh_store::integrity, docs/RELIABILITY.md).
+    if let Some(r) = chartmesh_store::integrity::check_store(&datadir::store_path(&dir), &key)
+        .context("checking the chart store")?
+    {
+        tracing::info!(pages = r.pages, ms = r.millis, "store checked");
+    }
     let store = Store::open(&datadir::store_path(&dir), &key, StoreOptions::default())
         .context("opening the chart store")?;
     let token = datadir::read_token(&dir)

@@ -307,9 +307,16 @@ impl SyncService {
                 continue;
             };
             let svc = self.clone();
+            let from = incoming.remote_address();
             tokio::spawn(async move {
                 let r = Endpoint::handshake(incoming, HANDSHAKE_TIMEOUT).await;
                 drop(permit);
+                if let Err(e) = &r {
+                    // Failed before any certificate was checked (no client certificate, another
+                    // protocol, an old TLS version, a stalled client): audited by address,
+                    // once per interval with a count.
+                    svc.audit_failed_handshake(from, &e.to_string()).await;
+                }
                 svc.audit_handshake_refusals().await;
                 match r {
                     Ok(pc) => {
@@ -340,10 +347,14 @@ impl SyncService {
                 out.extend(
                     th.note(&r.practice.to_string(), now.mono_ms)
                         .into_iter()
-                        .map(|rep| (rep, r.role)),
+                        .map(|rep| (rep, r.role, r.describe())),
                 );
             }
-            out.extend(th.flush(now.mono_ms).into_iter().map(|rep| (rep, "repeat")));
+            out.extend(
+                th.flush(now.mono_ms)
+                    .into_iter()
+                    .map(|rep| (rep, "repeat", "")),
+            );
             out
         };
         if reports.is_empty() {
@@ -351,13 +362,11 @@ impl SyncService {
         }
         let events = reports
             .into_iter()
-            .map(|(rep, role)| {
+            .map(|(rep, role, why)| {
                 let ev = AuditEvent::new(now.wall_ms, "sync", "refuse").peer(rep.key.clone());
                 if rep.first {
-                    tracing::warn!(practice = %rep.key.get(..9).unwrap_or(""), role, "refused a handshake from an unpaired practice");
-                    ev.detail(format!(
-                        "handshake ({role}): certificate is not a paired practice"
-                    ))
+                    tracing::warn!(practice = %rep.key.get(..9).unwrap_or(""), role, why, "refused a handshake");
+                    ev.detail(format!("handshake ({role}): {why}"))
                 } else {
                     ev.detail(format!(
                         "handshake: {} more refusals of this practice in the last {} min",
@@ -368,6 +377,38 @@ impl SyncService {
             })
             .collect();
         let _ = self.node.audit(events).await;
+    }
+
+    async fn audit_failed_handshake(&self, from: SocketAddr, why: &str) {
+        // Refusals of a certificate are audited by practice (audit_handshake_refusals).
+        if why.contains("not paired")
+            || why.contains("certificate has expired")
+            || why.contains("not valid yet")
+        {
+            return;
+        }
+        let now = self.now();
+        let key = format!("address {}", from.ip());
+        let reports = self.refusals.lock().unwrap().note(&key, now.mono_ms);
+        let events: Vec<AuditEvent> = reports
+            .into_iter()
+            .map(|rep| {
+                let ev = AuditEvent::new(now.wall_ms, "sync", "refuse");
+                if rep.first {
+                    ev.detail(format!("handshake from {}: {why}", from.ip()))
+                } else {
+                    ev.detail(format!(
+                        "handshake from {}: {} more refusals in the last {} min",
+                        from.ip(),
+                        rep.count,
+                        chartmesh_core::sync::throttle::REFUSAL_INTERVAL_MS / 60_000
+                    ))
+                }
+            })
+            .collect();
+        if !events.is_empty() {
+            let _ = self.node.audit(events).await;
+        }
     }
 
     async fn refusal_loop(self: Arc<Self>) {

@@ -8,7 +8,7 @@
 use async_compression::Level;
 use async_compression::tokio::bufread::ZstdDecoder;
 use async_compression::tokio::write::ZstdEncoder;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::FrameError;
 
@@ -20,7 +20,13 @@ pub struct FrameWriter {
 }
 
 pub struct FrameReader {
-    dec: ZstdDecoder<BufReader<quinn::RecvStream>>,
+    inner: FrameDecoder<quinn::RecvStream>,
+}
+
+/// The decoding half of [`FrameReader`] over any byte stream: what the fuzz tests drive
+/// with arbitrary input (net/tests/fuzz_frames.rs).
+pub struct FrameDecoder<R> {
+    dec: ZstdDecoder<BufReader<R>>,
     limit: usize,
 }
 
@@ -72,7 +78,20 @@ impl FrameWriter {
 impl FrameReader {
     pub fn new(recv: quinn::RecvStream, limit: usize) -> FrameReader {
         FrameReader {
-            dec: ZstdDecoder::new(BufReader::new(recv)),
+            inner: FrameDecoder::new(recv, limit),
+        }
+    }
+
+    /// Reads one frame; `Ok(None)` at a clean end of stream.
+    pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, WireError> {
+        self.inner.recv().await
+    }
+}
+
+impl<R: AsyncRead + Unpin> FrameDecoder<R> {
+    pub fn new(input: R, limit: usize) -> FrameDecoder<R> {
+        FrameDecoder {
+            dec: ZstdDecoder::new(BufReader::new(input)),
             limit,
         }
     }

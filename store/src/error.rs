@@ -14,6 +14,9 @@ pub enum StoreError {
     Locked,
     #[error("the store file is corrupt or not a chartmesh store ({0}); restore it from a backup")]
     Corrupt(String),
+    /// Found by the start-up check (`integrity`): the message says what and what to do.
+    #[error("{0}")]
+    Damaged(String),
     #[error(
         "the store was written by a newer chartmesh (schema {found}, this one knows {known}); upgrade chartmesh"
     )]

@@ -13,15 +13,10 @@
 //! A write is acknowledged only after its transaction is durable. Reads use their own
 //! connections and never wait for the writer.
 
-/// A named point where a test build can inject a failure or a crash (no-op otherwise).
-#[macro_export]
-#[doc(hidden)]
-macro_rules! failpoint {
-    ($name:expr) => {};
-}
-
 mod consent;
 mod error;
+pub mod failpoint;
+pub mod integrity;
 mod key;
 mod read;
 mod schema;
@@ -110,6 +105,7 @@ impl Default for StoreOptions {
 impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
     pub fn open(path: &Path, key: &StoreKey, options: StoreOptions) -> Result<Store, StoreError> {
+        failpoint::setup_from_env();
         let conn = schema::open_write_connection(path, key)?;
         let writer = write::WriterHandle::spawn(conn, options.clone())?;
         Ok(Store {

@@ -139,7 +139,10 @@ fn load_peer_doc(data: &[u8]) -> Result<ChartDoc, String> {
             data.len()
         ));
     }
-    ChartDoc::load(data, []).map_err(|e| e.to_string())
+    // Refused before automerge sees it if it holds more operations, changes or decoded bytes
+    // than a chart can (a few hundred bytes can encode millions of operations).
+    ChartDoc::load_limited(data, &chartmesh_core::doc_limits::LoadLimits::default())
+        .map_err(|e| e.to_string())
 }
 
 /// Merges `data` into the loaded document and computes everything the writer stores.
@@ -160,7 +163,8 @@ fn compute_merge(
     // Mark what is stored, so only the merge's changes are saved.
     let _ = doc.save_incremental();
     let referrals_before = doc.referrals().unwrap_or_default();
-    let merged = match doc.merge(data) {
+    // Within the limits for peer documents, counting what the chart holds already.
+    let merged = match doc.merge_limited(data, &chartmesh_core::doc_limits::LoadLimits::default()) {
         Ok(m) => m,
         Err(e) => return MergeResult::Undecodable(e.to_string()),
     };
@@ -970,7 +974,7 @@ fn apply_one(
     grants: &[Grant],
     now: i64,
 ) -> Result<SyncOutcome, StoreError> {
-    crate::failpoint!("sync-apply-item");
+    crate::failpoint!("sync.apply.item");
     let row: Option<Row> = ctx
         .conn
         .prepare_cached("SELECT origin, access, expires_ms, revoked_ms FROM charts WHERE id = ?1")?
@@ -1070,7 +1074,7 @@ fn apply_one(
                     nc.due_facts,
                     nc.doc.len() as i64
                 ])?;
-            crate::failpoint!("sync-apply-after-row");
+            crate::failpoint!("sync.apply.after_row");
             crate::write::insert_doc(ctx.conn, &item.key, &nc.doc)?;
             crate::workflow::index_referrals(ctx.conn, &item.key, &nc.referrals)?;
             ctx.audit(
@@ -1246,7 +1250,7 @@ fn merge(
         now,
         from,
     )?;
-    crate::failpoint!("sync-apply-after-merge");
+    crate::failpoint!("sync.apply.after_merge");
     ctx.audit(
         &AuditEvent::new(now, "sync", "sync-receive")
             .chart(key)

@@ -277,11 +277,15 @@ impl Store {
     /// transaction as its audit entry. Returns the removed copies' keys in the store.
     /// None when nothing has ended (checked on a read connection, without the writer).
     pub fn end_emergency_access(&self, now_ms: i64) -> Result<Option<EmergencyEnd>, StoreError> {
+        // Ended: the time counted by this practice's clock has passed, or the custodian's
+        // expiry (or revocation) has arrived and marked the copy.
+        const ENDED: &str = "SELECT chart_id, peer FROM emergency_access e WHERE e.expires_ms <= ?1
+             OR EXISTS (SELECT 1 FROM charts c WHERE c.origin = e.peer
+                        AND (c.id = e.chart_id OR c.id = e.chart_id || '@' || e.peer)
+                        AND c.revoked_ms IS NOT NULL)";
         let due: bool = self.with_reader(|c| {
-            Ok(c.prepare_cached(
-                "SELECT EXISTS(SELECT 1 FROM emergency_access WHERE expires_ms <= ?1)",
-            )?
-            .query_row([now_ms], |r| r.get(0))?)
+            Ok(c.prepare_cached(&format!("SELECT EXISTS({ENDED})"))?
+                .query_row([now_ms], |r| r.get(0))?)
         })?;
         if !due {
             return Ok(None);
@@ -290,18 +294,14 @@ impl Store {
         self.writer()?.send(crate::write::task(tx, move |ctx| {
             let ended: Vec<(String, String)> = ctx
                 .conn
-                .prepare_cached(
-                    "SELECT chart_id, peer FROM emergency_access WHERE expires_ms <= ?1",
-                )?
+                .prepare_cached(ENDED)?
                 .query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             let mut removed = Vec::new();
             for (chart, peer) in ended {
                 // Still held under an expiring grant from that custodian: remove it. A
                 // copy since shared without an end (or not held at all) stays.
-                if let Some((key, Some(exp))) = received_copy(ctx.conn, &peer, &chart)?
-                    && exp <= now_ms
-                {
+                if let Some((key, Some(_))) = received_copy(ctx.conn, &peer, &chart)? {
                     remove_copy(ctx.conn, &key)?;
                     ctx.audit(
                         &AuditEvent::new(now_ms, "emergency", "emergency-expired")

@@ -78,6 +78,20 @@ pub(crate) enum WriteOp {
     },
 }
 
+impl WriteOp {
+    /// The operation's kind, as named in its failpoints (`write.<kind>.before`, ...).
+    fn kind(&self) -> &'static str {
+        match self {
+            WriteOp::Insert { .. } => "insert",
+            WriteOp::Edit { .. } => "edit",
+            WriteOp::Audit { .. } => "audit",
+            WriteOp::PutMeta { .. } => "meta",
+            WriteOp::Task(_) => "task",
+            WriteOp::Exec { .. } => "exec",
+        }
+    }
+}
+
 /// A write run by the writer inside its savepoint; it answers its caller through the
 /// returned held reply (see [`task`]).
 pub(crate) type TaskFn = Box<dyn FnOnce(&mut TaskCtx<'_>) -> Reply + Send>;
@@ -265,7 +279,21 @@ impl Writer {
             }
         };
         let mut tx = tx;
+        // Failpoints (docs/RELIABILITY.md): an error injected at a batch-level point fails
+        // the whole batch, as an I/O error there would.
+        let mut kinds: Vec<&'static str> = Vec::new();
+        if crate::failpoint::ENABLED {
+            kinds.extend(batch.iter().map(WriteOp::kind));
+            kinds.sort_unstable();
+            kinds.dedup();
+        }
+        let mut batch_error = crate::failpoint::hit("write.begin").err();
         for op in batch {
+            let kind = op.kind();
+            if let Some(e) = &batch_error {
+                reply_error(op, e);
+                continue;
+            }
             let saved = head.clone();
             let mut sp = match tx.savepoint() {
                 Ok(sp) => sp,
@@ -274,6 +302,12 @@ impl Writer {
                     continue;
                 }
             };
+            if let Err(e) = crate::failpoint::hit_fmt(format_args!("write.{kind}.before")) {
+                let _ = sp.rollback();
+                drop(sp);
+                reply_error(op, &e);
+                continue;
+            }
             let reply = match op {
                 WriteOp::Insert { charts, actor, reply } => held(reply, insert(&sp, &mut head, charts, &actor)),
                 WriteOp::Edit { chart_id, edit, audit, reply } => {
@@ -298,21 +332,42 @@ impl Writer {
             }
             let _ = sp.commit();
             replies.push(reply);
+            if let Err(e) = crate::failpoint::hit_fmt(format_args!("write.{kind}.after")) {
+                batch_error = Some(e);
+            }
+        }
+        if batch_error.is_none() {
+            batch_error = before_commit_failpoints(&kinds).err();
         }
         // The chain head is kept apart from the log, so a truncated tail is detected.
-        let result = if head.seq != head_before.seq {
+        let result = if let Some(e) = batch_error {
+            // Nothing of the batch is kept.
+            drop(tx);
+            Err(e)
+        } else if head.seq != head_before.seq {
             tx.execute(
                 "INSERT INTO meta(key, value) VALUES ('audit_head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 [format!("{}:{}", head.seq, head.hash)],
             )
             .map(|_| ())
             .and_then(|_| tx.commit())
+            .map_err(StoreError::from)
         } else {
-            tx.commit()
+            tx.commit().map_err(StoreError::from)
         };
         match result {
             Ok(()) => {
+                if head.seq != head_before.seq
+                    && let Some(path) = self.conn.path()
+                {
+                    crate::integrity::record_commit(std::path::Path::new(path), head.seq);
+                }
                 self.head = head;
+                // Committed but nobody answered yet: a crash here must still keep the batch.
+                let _ = crate::failpoint::hit("write.after_commit");
+                for k in &kinds {
+                    let _ = crate::failpoint::hit_fmt(format_args!("write.after_commit.{k}"));
+                }
                 for r in replies {
                     (r.send)(None);
                 }
@@ -330,7 +385,6 @@ impl Writer {
                 }
             }
             Err(e) => {
-                let e = StoreError::from(e);
                 tracing::error!(error = %e, "store commit failed; the batch was rolled back");
                 self.head = head_before;
                 for r in replies {
@@ -339,6 +393,16 @@ impl Writer {
             }
         }
     }
+}
+
+/// The failpoints just before COMMIT: `write.before_commit`, then one per kind of operation
+/// in the batch (`write.before_commit.insert`, ...), so a test can aim at one kind of write.
+fn before_commit_failpoints(kinds: &[&str]) -> Result<(), StoreError> {
+    crate::failpoint::hit("write.before_commit")?;
+    for k in kinds {
+        crate::failpoint::hit_fmt(format_args!("write.before_commit.{k}"))?;
+    }
+    Ok(())
 }
 
 fn reply_error(op: WriteOp, e: &StoreError) {
@@ -420,6 +484,7 @@ fn insert(
             c.doc.len() as i64
         ])?;
         if n == 1 {
+            crate::failpoint!("write.insert.row");
             insert_doc(tx, &c.id, &c.doc)?;
             crate::workflow::index_referrals(tx, &c.id, &c.referrals)?;
             let mut ev = AuditEvent::new(c.time_ms, actor, "create").chart(&c.id);
@@ -431,6 +496,7 @@ fn insert(
         } else {
             out.push(InsertOutcome::AlreadyExists);
         }
+        crate::failpoint!("write.insert.between_charts");
     }
     Ok(out)
 }
@@ -554,6 +620,7 @@ pub(crate) fn write_doc(
             (seq, at.inc_count + 1)
         }
     };
+    crate::failpoint!("write.doc.body");
     tx.prepare_cached(
         "UPDATE charts SET inc_seq = ?2, inc_count = ?3, updated_ms = ?4, seq = ?5, heads = ?6, from_peer = ?7, due_facts = ?8, doc_bytes = ?9 WHERE id = ?1",
     )?
@@ -639,6 +706,7 @@ fn apply_edit(
         now,
         None,
     )?;
+    crate::failpoint!("write.edit.persisted");
     append_audit(tx, head, audit)?;
     let heads = doc.heads().iter().map(|h| h.to_string()).collect();
     Ok(EditOutcome { chart: json, heads })

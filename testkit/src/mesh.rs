@@ -1043,13 +1043,22 @@ impl Mesh {
                 }
             }
             Output::EmergencyDone { result, .. } => {
-                if let Ok(chartmesh_core::emergency::Answer::Granted { charts, expires_ms }) =
-                    result
+                if let Ok(chartmesh_core::emergency::Answer::Granted {
+                    charts,
+                    valid_for_ms,
+                    ..
+                }) = result
                 {
                     let peer_key = self.nodes[peer].key.clone();
                     let wall = self.wall();
                     self.store(node)
-                        .record_emergency_access(&peer_key, charts, expires_ms, "sim", wall)
+                        .record_emergency_access(
+                            &peer_key,
+                            charts,
+                            wall + valid_for_ms,
+                            "sim",
+                            wall,
+                        )
                         .unwrap()
                         .blocking_recv()
                         .unwrap()
@@ -1088,7 +1097,10 @@ impl Mesh {
             duration_ms: 30_000,
         };
         let answer = chartmesh_core::emergency::decide(policy, request, &matches, wall);
-        if let chartmesh_core::emergency::Answer::Granted { charts, expires_ms } = &answer {
+        if let chartmesh_core::emergency::Answer::Granted {
+            charts, expires_ms, ..
+        } = &answer
+        {
             let existing = store.grants(Some(&self.nodes[peer].id)).unwrap();
             let grants: Vec<Grant> = charts
                 .iter()

@@ -167,19 +167,27 @@ pub struct Practice {
     _tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
     agent: ureq::Agent,
+    /// Extra environment for the daemon process (e.g. FAILPOINTS, faketime).
+    env: Vec<(String, String)>,
 }
 
 impl Practice {
     /// A new practice in a fresh temporary directory, initialised through the CLI with
     /// ephemeral loopback ports.
     pub fn new(name: &str) -> Practice {
-        let tmp = tempfile::tempdir().unwrap();
+        Self::new_in(&std::env::temp_dir(), name)
+    }
+
+    /// [`Practice::new`] with its temporary directory (data directory and log) under `base`.
+    pub fn new_in(base: &Path, name: &str) -> Practice {
+        let tmp = tempfile::tempdir_in(base).unwrap();
         let dir = tmp.path().join("data");
         let mut p = Practice {
             dir,
             _tmp: Some(tmp),
             child: None,
             agent: agent(),
+            env: Vec::new(),
         };
         // A fixed sync port (picked free now), so peers can reach it again after a restart.
         let listen = format!("127.0.0.1:{}", free_udp_port());
@@ -267,7 +275,15 @@ impl Practice {
         out.stdout
     }
 
-    pub fn start(&mut self) {
+    /// Sets the environment the daemon gets from its next start on (empty: none extra).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
         let _ = std::fs::remove_file(self.dir.join("api.addr"));
         let log = std::fs::OpenOptions::new()
@@ -277,11 +293,53 @@ impl Practice {
             .unwrap();
         let child = Command::new(bin("chartmeshd"))
             .args(["--data-dir", self.dir.to_str().unwrap()])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("chartmeshd starts");
         self.child = Some(child);
+    }
+
+    /// Starts the daemon and expects it to exit by itself (a refused start, a crash at a
+    /// failpoint) within `timeout`; returns its exit status.
+    pub fn start_expecting_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.spawn();
+        self.wait_exit(timeout)
+    }
+
+    /// Waits for the running daemon to exit by itself within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let c = self.child.as_mut().expect("running");
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            if Instant::now() > deadline {
+                let log = self.log();
+                self.kill9();
+                panic!("chartmeshd did not exit within {timeout:?}; log: {log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the daemon process is running (false once it exited).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(_) => {
+                self.child = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    pub fn start(&mut self) {
+        self.spawn();
         let me = &*self;
         wait_until(
             "the daemon's API to answer",

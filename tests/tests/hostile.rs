@@ -684,3 +684,79 @@ async fn a_hostile_custodian_cannot_plant_bad_ids_squat_ours_or_grow_our_memory(
         assert!(rss < 100 << 20, "peak RSS {} MB", rss >> 20);
     });
 }
+
+/// Item 5: a peer's document that decompresses without end (188 bytes holding two million
+/// list operations) is refused before it is loaded, as a new copy and as changes to a copy
+/// already held; the daemon stays under 100 MB and keeps its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_of_millions_of_operations_is_refused_before_it_is_loaded() {
+    let bomb = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../core/tests/fixtures/hostile-2m-list-ops.automerge"),
+    )
+    .unwrap();
+    assert!(bomb.len() < 1024, "{}", bomb.len());
+    let (a, h, id_a) = blocking(|| practice_with_raw_peer(1, &[]));
+    let a_addr: std::net::SocketAddr = blocking(|| a.sync_addr()).parse().unwrap();
+    let conn = h.connect(a_addr, id_a).await;
+    let responder = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let mut s = Stream::accept(&conn).await;
+            s.recv().await.unwrap().unwrap();
+            s.send(&Msg::Offer {
+                items: vec![OfferItem {
+                    chart: "bomb-1".into(),
+                    kind: Offered::Shared {
+                        digest: 77,
+                        access: chartmesh_core::consent::Access::Read,
+                        expires_ms: None,
+                    },
+                }],
+            })
+            .await
+            .unwrap();
+            s.send(&Msg::OfferEnd {
+                upto: 1,
+                incarnation: 5,
+            })
+            .await
+            .unwrap();
+            let w = s.recv().await.unwrap().unwrap();
+            assert!(
+                matches!(&w, Msg::Want { items } if items.len() == 1),
+                "{w:?}"
+            );
+            s.send(&Msg::Changes {
+                items: vec![Delivery {
+                    chart: "bomb-1".into(),
+                    returned: false,
+                    data: Some(bomb),
+                }],
+            })
+            .await
+            .unwrap();
+            // The pull completes: the item was settled (refused), nothing is owed.
+            assert!(matches!(
+                s.recv().await.unwrap(),
+                Some(Msg::Done { upto: 1 })
+            ));
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(60), responder)
+        .await
+        .expect("the daemon pulled")
+        .unwrap();
+    blocking(|| {
+        assert_eq!(a.get("/status")["charts"], 1, "the bomb was stored");
+        let rs = refusals(&a);
+        assert!(
+            rs.iter()
+                .any(|r| r.contains("bomb-1") && r.contains("operations")),
+            "{rs:?}"
+        );
+        let rss = peak_rss(a.pid().unwrap());
+        assert!(rss < 100 << 20, "peak RSS {} MB", rss >> 20);
+        a.cli_ok(&["audit", "verify"]);
+    });
+}

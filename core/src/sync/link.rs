@@ -240,6 +240,16 @@ impl Link {
         }
         let preferred = |dialed: bool| dialed == self.me_preferred;
         let verdict = match self.state {
+            // A peer that dials us while we hold a connection it has spoken on has lost that
+            // one (it restarted, or its side timed out): the new one replaces it, or we
+            // would keep a dead connection until the idle timeout.
+            State::Up {
+                conn: existing,
+                good: true,
+                ..
+            } if !dialed => Verdict::Replace(existing),
+            // Two fresh connections (both sides dialled at once): both keep the one dialled
+            // by the smaller id.
             State::Up {
                 conn: existing,
                 dialed: ex_dialed,

@@ -461,6 +461,34 @@ fn both_sides_keep_the_connection_dialled_by_the_smaller_id() {
 }
 
 #[test]
+fn a_peer_that_dials_again_replaces_a_connection_it_had_spoken_on() {
+    let (a, b) = ids();
+    let (small, big) = if a < b { (a, b) } else { (b, a) };
+    // The smaller practice holds the connection it dialled, proven; the other restarts and
+    // dials: the old one is dead at the other end, so the new one replaces it at once.
+    let (mut s, _) = connected(small, big);
+    s.handle_control(t(2), Msg::Nudge);
+    drain(&mut s);
+    s.handle_connected(t(5), 2, false);
+    let out = drain(&mut s);
+    assert_eq!(
+        out[0],
+        Output::Close {
+            conn: 1,
+            code: CloseCode::Duplicate
+        }
+    );
+    assert_eq!(s.conn(), Some(2));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            msg: Msg::Pull { .. },
+            ..
+        }
+    )));
+}
+
+#[test]
 fn a_rolled_back_responder_is_pulled_again_from_nothing() {
     let (a, b) = ids();
     let record = PeerRecord {

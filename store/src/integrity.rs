@@ -1,0 +1,217 @@
+//! The store's start-up check: is the file what was committed, and is it intact?
+//!
+//! Two faults are looked for before the daemon serves anything:
+//! - **Damaged pages** (flipped bytes, a torn write, a bad disk): `PRAGMA quick_check`
+//!   reads every page of every table and index; SQLCipher verifies each page's HMAC as it
+//!   is read, so any change to an encrypted page is caught, and the b-tree structure is
+//!   checked. (`cipher_integrity_check` verifies only the HMACs and `integrity_check` adds
+//!   index-content checks at several times the cost: measured in docs/RELIABILITY.md.)
+//! - **Lost commits** (the WAL deleted or truncated while it held committed transactions
+//!   not yet folded into the database): after every commit the writer records the audit
+//!   chain's head in a small file beside the store ([`COMMIT_MARK_SUFFIX`]), tied to the
+//!   store file's inode. If the store opens with an audit head behind the recorded one, the
+//!   tail of committed work is gone. A store replaced on purpose (restore, key rotation) is a
+//!   new file, so an old mark does not apply to it.
+//!
+//! Owns: the check and the commit mark. Must not touch: repairing anything; what to do is
+//! the operator's choice, and the error says how.
+
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+
+use crate::{StoreError, StoreKey};
+
+/// The commit mark's file name: the store's path with this appended.
+pub const COMMIT_MARK_SUFFIX: &str = "-commit";
+
+/// What the start-up check read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntegrityReport {
+    /// Pages read and verified.
+    pub pages: u64,
+    /// The audit chain's head in the store.
+    pub audit_head: i64,
+    /// The head recorded after the last commit, when the mark applies to this file.
+    pub recorded_head: Option<i64>,
+    pub millis: u64,
+}
+
+fn mark_path(store: &Path) -> PathBuf {
+    let mut p = store.as_os_str().to_owned();
+    p.push(COMMIT_MARK_SUFFIX);
+    PathBuf::from(p)
+}
+
+#[cfg(unix)]
+fn inode(p: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| m.ino())
+}
+
+#[cfg(not(unix))]
+fn inode(_p: &Path) -> Option<u64> {
+    None
+}
+
+/// Records the audit head after a commit (called by the writer). Not synced: a commit's
+/// own fsync comes first, so a mark that reached the disk never names an undurable commit;
+/// after a power cut it may be behind (then it detects less, never wrongly).
+pub(crate) fn record_commit(store: &Path, audit_head: i64) {
+    if let Some(ino) = inode(store) {
+        let _ = std::fs::write(mark_path(store), format!("{ino} {audit_head}\n"));
+    }
+}
+
+/// The recorded head, if the mark exists, parses and belongs to this store file.
+fn recorded_head(store: &Path) -> Option<i64> {
+    let text = std::fs::read_to_string(mark_path(store)).ok()?;
+    let mut it = text.split_whitespace();
+    let ino: u64 = it.next()?.parse().ok()?;
+    let head: i64 = it.next()?.parse().ok()?;
+    (Some(ino) == inode(store)).then_some(head)
+}
+
+/// What the operator should do, said once for every kind of damage.
+pub const RECOVERY: &str = "chartmeshd will not serve or send anything from it. Keep the data directory as it is, then restore the latest backup with `chartmesh restore BACKUP` (daemon stopped); charts received from other practices come back from their custodians at the next sync, and charts written here since the backup must be entered or imported again. See docs/OPERATIONS.md";
+
+fn damaged(what: String) -> StoreError {
+    StoreError::Damaged(format!("the chart store is damaged: {what}. {RECOVERY}"))
+}
+
+/// With a key that does not open the first page: are the other pages' HMACs good? Then the
+/// key is right and the first page is damaged; with a wrong key no page verifies.
+fn first_page_damaged(path: &Path, key: &StoreKey) -> bool {
+    let Ok(conn) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return false;
+    };
+    let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE;");
+    if conn
+        .execute_batch(&format!("PRAGMA key = \"x'{}'\";", key.to_hex()))
+        .is_err()
+    {
+        return false;
+    }
+    let pages = std::fs::metadata(path).map(|m| m.len() / 4096).unwrap_or(0);
+    let failed = conn
+        .prepare("PRAGMA cipher_integrity_check")
+        .and_then(|mut st| {
+            st.query_map([], |r| r.get::<_, String>(0))
+                .map(|rows| rows.filter_map(Result::ok).count() as u64)
+        })
+        .unwrap_or(u64::MAX);
+    pages > 1 && failed < pages
+}
+
+/// Checks the store at `path` before it is opened for writing (see the module docs).
+/// A missing store is fine (it is about to be created).
+pub fn check_store(path: &Path, key: &StoreKey) -> Result<Option<IntegrityReport>, StoreError> {
+    if !path.exists() {
+        // A new store: a mark left by a deleted one must not apply to it (inodes are reused).
+        let _ = std::fs::remove_file(mark_path(path));
+        return Ok(None);
+    }
+    let t = std::time::Instant::now();
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| damaged(format!("it does not open ({e})")))?;
+    // Looking must not change anything: no checkpoint of the WAL when this connection closes.
+    let _ = conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    );
+    key.apply(&conn, path).map_err(|e| match e {
+        StoreError::WrongKey(p) if first_page_damaged(path, key) => {
+            damaged(format!("its first page does not verify ({})", p.display()))
+        }
+        StoreError::WrongKey(p) => StoreError::WrongKey(p),
+        other => damaged(format!("its first page does not read ({other})")),
+    })?;
+    let _ = conn.execute_batch("PRAGMA query_only = 1;");
+    let mut problems: Vec<String> = Vec::new();
+    let run = (|| -> Result<(), rusqlite::Error> {
+        let mut st = conn.prepare("PRAGMA quick_check(20)")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        for r in rows {
+            let r = r?;
+            if r != "ok" {
+                problems.push(r);
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = run {
+        return Err(damaged(format!("a page does not read ({e})")));
+    }
+    if !problems.is_empty() {
+        return Err(damaged(format!(
+            "{} problem(s) found, first: {}",
+            problems.len(),
+            problems[0]
+        )));
+    }
+    let pages: u64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))
+        .map_err(|e| damaged(format!("page count: {e}")))? as u64;
+    let has_audit: bool = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'audit'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(|e| damaged(e.to_string()))?
+        > 0;
+    let audit_head: i64 = if has_audit {
+        conn.query_row("SELECT coalesce(max(seq), 0) FROM audit", [], |r| r.get(0))
+            .map_err(|e| damaged(format!("the audit log does not read ({e})")))?
+    } else {
+        0
+    };
+    let recorded = recorded_head(path);
+    if let Some(r) = recorded
+        && audit_head < r
+    {
+        return Err(damaged(format!(
+            "committed work is missing: the last commit recorded audit entry {r}, but the store ends at entry {audit_head} (its write-ahead log {}-wal was deleted, truncated or damaged)",
+            path.display()
+        )));
+    }
+    Ok(Some(IntegrityReport {
+        pages,
+        audit_head,
+        recorded_head: recorded,
+        millis: t.elapsed().as_millis() as u64,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Store, StoreOptions};
+
+    /// A wrong key is still told as a wrong key (no page verifies), not as damage; the
+    /// right key passes, and the commit mark follows the audit head.
+    #[test]
+    fn a_wrong_key_is_not_damage_and_a_good_store_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let key = StoreKey::from_bytes([7; 32]);
+        let store = Store::open(&path, &key, StoreOptions::default()).unwrap();
+        let rx = store
+            .audit(vec![chartmesh_core::audit::AuditEvent::new(1, "t", "read")])
+            .unwrap();
+        rx.blocking_recv().unwrap().unwrap();
+        store.close();
+        assert_eq!(recorded_head(&path), Some(1));
+        let r = check_store(&path, &key).unwrap().unwrap();
+        assert_eq!((r.audit_head, r.recorded_head), (1, Some(1)));
+        match check_store(&path, &StoreKey::from_bytes([8; 32])) {
+            Err(StoreError::WrongKey(_)) => {}
+            other => panic!("expected WrongKey, got {other:?}"),
+        }
+        // A mark from another file (a restored or re-keyed store) does not apply.
+        std::fs::write(mark_path(&path), "1 99\n").unwrap();
+        assert!(check_store(&path, &key).is_ok());
+    }
+}
