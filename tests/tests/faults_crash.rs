@@ -181,9 +181,9 @@ fn a_crash_while_applying_a_peers_sync_leaves_a_whole_store_and_the_next_sync_co
         b.stop();
         let merge = point.contains("merge");
         let batch = if merge {
-            &lines[900 + (round - 1) * 20..900 + round * 20]
+            &lines[800 + (round - 1) * 20..800 + round * 20]
         } else {
-            &lines[900 + round * 20..900 + (round + 1) * 20]
+            &lines[800 + round * 20..800 + (round + 1) * 20]
         };
         let ids: Vec<String> = batch.iter().map(|l| id_of(l)).collect();
         if merge {
