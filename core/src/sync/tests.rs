@@ -33,6 +33,7 @@ fn note(i: usize) -> Entry {
         author: "Dr. Test".into(),
         date: "2024-01-01T00:00:00Z".into(),
         text: format!("note {i}"),
+        ..Default::default()
     })
 }
 
