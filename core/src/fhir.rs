@@ -23,7 +23,7 @@ mod ips;
 pub mod json;
 pub mod matching;
 
-pub use export::{chart_to_bundle, entry_uuid, is_ucum};
+pub use export::{bundle_resources, chart_to_bundle, entry_uuid, is_ucum};
 pub use import::{
     FhirImport, Orphan, Outcome, PatientRef, PatientSource, ResourceReport, TypeCounts, import,
     import_with_context, looks_like_fhir,

@@ -1022,3 +1022,47 @@ pub(super) fn referral_status_to_fhir(s: Option<&str>) -> &'static str {
         _ => "unknown",
     }
 }
+
+/// The resources of a chart's Bundle with every reference made relative (`Type/id`), as a
+/// FHIR server or a Bulk Data export presents them outside a Bundle.
+pub fn bundle_resources(bundle: &Value) -> Vec<Value> {
+    let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+    let map: std::collections::HashMap<String, String> = entries
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["fullUrl"].as_str()?.to_string(),
+                format!(
+                    "{}/{}",
+                    e["resource"]["resourceType"].as_str()?,
+                    e["resource"]["id"].as_str()?
+                ),
+            ))
+        })
+        .collect();
+    fn walk(v: &mut Value, map: &std::collections::HashMap<String, String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    if k == "reference"
+                        && let Some(r) = x.as_str().and_then(|s| map.get(s))
+                    {
+                        *x = Value::String(r.clone());
+                    } else {
+                        walk(x, map);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, map)),
+            _ => {}
+        }
+    }
+    entries
+        .into_iter()
+        .map(|e| {
+            let mut r = e["resource"].clone();
+            walk(&mut r, &map);
+            r
+        })
+        .collect()
+}
