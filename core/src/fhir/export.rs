@@ -714,7 +714,12 @@ fn medication(b: &Builder, i: usize, m: &Medication) -> Value {
         }
     }
     if let Some(s) = &m.status_reason {
-        r["statusReason"] = json!([{ "text": s }]);
+        // One CodeableConcept on a request, a list on a statement.
+        r["statusReason"] = if request {
+            json!({ "text": s })
+        } else {
+            json!([{ "text": s }])
+        };
     }
     if let Some(reasons) = reason(&m.reason, &m.reason_code) {
         r["reasonCode"] = reasons;

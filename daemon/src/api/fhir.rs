@@ -49,6 +49,7 @@ const TYPES: &[(&str, &str, &str)] = &[
 pub(super) fn routes(state: ApiState) -> Router<ApiState> {
     let fhir = Router::new()
         .route("/fhir", post(transaction))
+        .route("/fhir/", post(transaction))
         .route("/fhir/metadata", get(metadata))
         .route("/fhir/Patient", get(search_patients))
         .route("/fhir/Patient/{id}", get(read_patient))
