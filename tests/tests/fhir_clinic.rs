@@ -684,3 +684,42 @@ fn the_fhir_rest_api_serves_an_independent_client() {
         assert_eq!(v["resourceType"], "OperationOutcome", "{method} {path}: {v}");
     }
 }
+
+#[test]
+fn charts_stored_by_the_previous_version_are_read_exported_and_extended() {
+    // A store written by the version before schemaVersion 2 (21 charts: 20 bench charts and
+    // one Synthea patient imported from FHIR, a note and a medication added afterwards).
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/store-v1");
+    let mut a = Practice::new("Upgraded");
+    a.stop();
+    for f in ["store.db-wal", "store.db-shm"] {
+        let _ = std::fs::remove_file(a.dir.join(f));
+    }
+    for f in ["store.db", "store.key"] {
+        std::fs::copy(fx.join(f), a.dir.join(f)).unwrap();
+    }
+    a.start();
+    // Read as they are: the JSONL export is what the previous version exported.
+    let before = std::fs::read(fx.join("export.jsonl")).unwrap();
+    assert_eq!(a.export_all(), before, "the previous version's charts read differently");
+    a.cli_ok(&["audit", "verify"]);
+    let bundles = export_validated(&a, "v1-out");
+    assert_eq!(bundles.len(), 21);
+    // Extended with version 2 data: the chart becomes schemaVersion 2, the others stay 1.
+    let enc = a.dir.parent().unwrap().join("enc.json");
+    std::fs::write(&enc, r#"{"resourceType":"Encounter","status":"finished","class":{"system":"http://terminology.hl7.org/CodeSystem/v3-ActCode","code":"AMB"},"subject":{"reference":"Patient/chart-000001"},"period":{"start":"2026-01-05T09:00:00Z"}}"#).unwrap();
+    let v = a.cli_json(&["import", enc.to_str().unwrap()]);
+    assert_eq!(v["files"][0]["updated"], 1, "{v}");
+    let c = a.cli_json(&["chart", "show", "chart-000001"]);
+    assert_eq!(c["schemaVersion"], 2);
+    assert_eq!(c["encounters"].as_array().unwrap().len(), 1);
+    assert_eq!(c["notes"].as_array().unwrap().last().unwrap()["text"], "Written by the previous version.");
+    assert_eq!(a.cli_json(&["chart", "show", "chart-000002"])["schemaVersion"], 1);
+    // A version 1 note appended to a version 1 chart keeps it at version 1.
+    a.cli_ok(&["note", "add", "chart-000003", "--author", "Dr New", "--text", "still v1"]);
+    assert_eq!(a.cli_json(&["chart", "show", "chart-000003"])["schemaVersion"], 1);
+    // The due list reads the old charts' facts.
+    let due = a.cli_json(&["due", "--within", "30"]);
+    assert_eq!(due["charts"], 21);
+    export_validated(&a, "v2-out");
+}
