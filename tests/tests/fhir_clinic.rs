@@ -82,8 +82,6 @@ fn a_synthea_patient_keeps_every_resource_through_import_and_export() {
         let input = read_json(&f);
         let v = a.cli_json(&["import", f.to_str().unwrap()]);
         assert_eq!(v["failed"], 0, "{}: {v}", f.display());
-        let chart = v["files"][0]["patients"].clone();
-        let _ = chart;
         let pid = input["entry"][0]["resource"]["id"].as_str().unwrap();
         let bundles = export_validated(&a, &format!("out-{pid}"));
         let (_, out) = bundles
@@ -170,14 +168,6 @@ fn a_synthea_patient_keeps_every_resource_through_import_and_export() {
         assert_eq!(pout["deceasedDateTime"], pin["deceasedDateTime"]);
         assert_eq!(pout["birthDate"], pin["birthDate"]);
     }
-    // Numeric values keep their text exactly (the daemon's export, written by the CLI).
-    let all_values = |b: &Value| -> Vec<String> {
-        resources(b, "Observation")
-            .iter()
-            .filter_map(|o| o["valueQuantity"].get("value").map(|v| v.to_string()))
-            .collect()
-    };
-    let _ = all_values;
 }
 
 #[test]
@@ -722,4 +712,34 @@ fn charts_stored_by_the_previous_version_are_read_exported_and_extended() {
     let due = a.cli_json(&["due", "--within", "30"]);
     assert_eq!(due["charts"], 21);
     export_validated(&a, "v2-out");
+}
+
+#[test]
+fn version_2_charts_sync_whole_and_matching_never_uses_a_received_copy() {
+    let a = Practice::new("Hobbs Home Practice");
+    let b = Practice::new("Hobbs Specialist");
+    a.cli_ok(&["import", fixture("negation.json").to_str().unwrap()]);
+    let chart = "fhir-5b0c9a52-1c1e-4d55-9a36-3f7f2b9c0001";
+    pair(&a, &b);
+    a.cli_ok(&["share", chart, "--with", &b.id(), "--access", "read-write", "--purpose", "referral"]);
+    a.sync_wait(&b, 60);
+    b.sync_wait(&a, 60);
+    // Every version 2 field arrives.
+    let at_a = a.cli_json(&["chart", "show", chart]);
+    assert_eq!(b.cli_json(&["chart", "show", chart]), at_a);
+    // An edit at B comes back to A.
+    b.cli_ok(&["note", "add", chart, "--author", "Dr Spec", "--text", "Seen in clinic."]);
+    b.sync_wait(&a, 60);
+    a.sync_wait(&b, 60);
+    wait_until("the note reaches A", std::time::Duration::from_secs(30), || {
+        a.cli_json(&["chart", "show", chart])["notes"].as_array().unwrap().len() == 2
+    });
+    // B imports the same patient from its own EHR: it becomes B's own chart, never merged
+    // into the copy B holds for A.
+    let v = b.cli_json(&["import", fixture("negation.json").to_str().unwrap()]);
+    assert_eq!(v["files"][0]["created"], 1, "{v}");
+    let held = b.cli_json(&["chart", "show", chart]);
+    assert_eq!(held["notes"].as_array().unwrap().len(), 2, "the received copy changed");
+    assert_eq!(b.get(&format!("/charts/{chart}/custody"))["status"], "shared-with-us");
+    assert_eq!(b.cli_json(&["status"])["charts"], 2);
 }
