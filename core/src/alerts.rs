@@ -363,7 +363,8 @@ fn allergy_alerts(allergies: &[Allergy], med: &Medication, out: &mut Vec<Alert>)
     let med_classes = classes_of(&med.name);
     // A refuted, resolved or erroneous allergy is not one the patient has.
     for a in allergies.iter().filter(|a| a.is_active()) {
-        let severe = a.severity.as_deref() == Some("severe");
+        let severe =
+            a.severity.as_deref() == Some("severe") || a.criticality.as_deref() == Some("high");
         if same_drug(&a.substance, &med.name) {
             out.push(alert(
                 AlertKind::Allergy,

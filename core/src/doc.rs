@@ -644,12 +644,9 @@ impl ChartDoc {
     pub fn due_view(&self) -> Result<Chart, CoreError> {
         let h = self.header()?;
         let (deceased, deceased_date) = self.deceased();
-        Ok(Chart {
-            id: h.id,
-            kind: "chart".into(),
-            schema_version: self.schema_version().clamp(1, 2) as u32,
-            practice_id: None,
-            patient: crate::chart::Patient {
+        let mut c = Chart::empty(
+            h.id,
+            crate::chart::Patient {
                 mrn: h.mrn,
                 name: crate::chart::HumanName {
                     given: h
@@ -665,19 +662,12 @@ impl ChartDoc {
                 deceased_date,
                 ..Default::default()
             },
-            conditions: self.section("conditions")?,
-            allergies: Vec::new(),
-            medications: Vec::new(),
-            observations: self.section("observations")?,
-            notes: Vec::new(),
-            immunizations: self.section("immunizations")?,
-            encounters: Vec::new(),
-            procedures: Vec::new(),
-            referral: None,
-            referrals: Default::default(),
-            created_at: String::new(),
-            updated_at: String::new(),
-        })
+        );
+        c.schema_version = self.schema_version().clamp(1, 2) as u32;
+        c.conditions = self.section("conditions")?;
+        c.observations = self.section("observations")?;
+        c.immunizations = self.section("immunizations")?;
+        Ok(c)
     }
 
     /// The patient's `deceased` flag and date, read without converting the chart.

@@ -253,12 +253,9 @@ pub fn facts(chart: &Chart) -> Chart {
             }
         }
     }
-    Chart {
-        id: chart.id.clone(),
-        kind: chart.kind.clone(),
-        schema_version: chart.schema_version,
-        practice_id: None,
-        patient: crate::chart::Patient {
+    let mut out = Chart::empty(
+        chart.id.clone(),
+        crate::chart::Patient {
             mrn: chart.patient.mrn.clone(),
             name: chart.patient.name.clone(),
             birth_date: chart.patient.birth_date.clone(),
@@ -266,47 +263,41 @@ pub fn facts(chart: &Chart) -> Chart {
             deceased_date: chart.patient.deceased_date.clone(),
             ..Default::default()
         },
-        // Only what the rules and the population report read: stored for every chart.
-        conditions: chart
-            .conditions
-            .iter()
-            .map(|c| crate::chart::Condition {
-                code: c.code.clone(),
-                display: c.display.clone(),
-                onset: c.onset.clone(),
-                status: c.status.clone(),
-                verification: c.verification.clone(),
-                ..Default::default()
-            })
-            .collect(),
-        allergies: Vec::new(),
-        medications: Vec::new(),
-        observations: obs
-            .into_iter()
-            .map(|(code, (_, date))| crate::chart::Observation {
-                code: code.to_string(),
-                value: Some(0.into()),
-                date: date.to_string(),
-                ..Default::default()
-            })
-            .collect(),
-        notes: Vec::new(),
-        immunizations: imm
-            .into_values()
-            .map(|i| crate::chart::Immunization {
-                vaccine: String::new(),
-                code: i.code.clone(),
-                date: i.date.clone(),
-                ..Default::default()
-            })
-            .collect(),
-        encounters: Vec::new(),
-        procedures: Vec::new(),
-        referral: None,
-        referrals: Default::default(),
-        created_at: String::new(),
-        updated_at: String::new(),
-    }
+    );
+    out.kind = chart.kind.clone();
+    out.schema_version = chart.schema_version;
+    // Only what the rules and the population report read: stored for every chart.
+    out.conditions = chart
+        .conditions
+        .iter()
+        .map(|c| crate::chart::Condition {
+            code: c.code.clone(),
+            display: c.display.clone(),
+            onset: c.onset.clone(),
+            status: c.status.clone(),
+            verification: c.verification.clone(),
+            ..Default::default()
+        })
+        .collect();
+    out.observations = obs
+        .into_iter()
+        .map(|(code, (_, date))| crate::chart::Observation {
+            code: code.to_string(),
+            value: Some(0.into()),
+            date: date.to_string(),
+            ..Default::default()
+        })
+        .collect();
+    out.immunizations = imm
+        .into_values()
+        .map(|i| crate::chart::Immunization {
+            vaccine: String::new(),
+            code: i.code.clone(),
+            date: i.date.clone(),
+            ..Default::default()
+        })
+        .collect();
+    out
 }
 
 #[cfg(test)]

@@ -1457,17 +1457,24 @@ fn plan_orphans(
     Ok(out)
 }
 
-/// Entries of `incoming` that `stored` does not hold yet, section by section.
+/// Entries of `incoming` that `stored` does not hold yet, section by section. Counted: an
+/// entry the input holds twice is missing once when the chart holds it once.
 fn missing_entries(stored: &Chart, incoming: &Chart) -> Vec<Entry> {
-    fn add<T: PartialEq + Clone>(
+    fn add<T: Serialize + Clone>(
         have: &[T],
         new: &[T],
         wrap: fn(T) -> Entry,
         out: &mut Vec<Entry>,
     ) {
+        let key = |x: &T| serde_json::to_string(x).expect("entries serialize");
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for x in have {
+            *count.entry(key(x)).or_default() += 1;
+        }
         for x in new {
-            if !have.contains(x) {
-                out.push(wrap(x.clone()));
+            match count.get_mut(&key(x)) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => out.push(wrap(x.clone())),
             }
         }
     }

@@ -41,6 +41,7 @@ fn note(id: &str) -> Entry {
         author: "Dr X".into(),
         date: "2025-01-01T00:00:00Z".into(),
         text: "text".into(),
+        ..Default::default()
     })
 }
 

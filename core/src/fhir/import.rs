@@ -811,12 +811,9 @@ impl Importer<'_> {
                     .map(str::to_string)
             })
         };
-        let chart = Chart {
-            id: chart_id,
-            kind: "chart".into(),
-            schema_version: crate::chart::CURRENT_VERSION,
-            practice_id: ext("chart-practice"),
-            patient: Patient {
+        let mut chart = Chart::empty(
+            chart_id,
+            Patient {
                 mrn,
                 mrn_system,
                 identifiers,
@@ -831,19 +828,10 @@ impl Importer<'_> {
                 language,
                 insurance: None,
             },
-            conditions: Vec::new(),
-            allergies: Vec::new(),
-            medications: Vec::new(),
-            observations: Vec::new(),
-            notes: Vec::new(),
-            immunizations: Vec::new(),
-            encounters: Vec::new(),
-            procedures: Vec::new(),
-            referral: None,
-            referrals: Default::default(),
-            created_at: ext("chart-created").unwrap_or_else(|| self.now_ts.to_string()),
-            updated_at: ext("chart-updated").unwrap_or_else(|| self.now_ts.to_string()),
-        };
+        );
+        chart.practice_id = ext("chart-practice");
+        chart.created_at = ext("chart-created").unwrap_or_else(|| self.now_ts.to_string());
+        chart.updated_at = ext("chart-updated").unwrap_or_else(|| self.now_ts.to_string());
         crate::ids::ChartId::parse(&chart.id).map_err(|e| e.to_string())?;
         Ok((
             chart,
@@ -919,12 +907,7 @@ impl Importer<'_> {
         if code.is_null() {
             return Err("AllergyIntolerance.code is missing: no substance".into());
         }
-        let substance = code["text"]
-            .as_str()
-            .or_else(|| code["coding"][0]["display"].as_str())
-            .or_else(|| code["coding"][0]["code"].as_str())
-            .ok_or("AllergyIntolerance.code has neither text nor a coding")?
-            .to_string();
+        let substance = name_of(code, "AllergyIntolerance.code")?;
         let coded = coding_of(code)
             .map(|mut c| {
                 // The text is the substance already.
@@ -997,12 +980,7 @@ impl Importer<'_> {
                 },
             }
         }
-        let name = concept["text"]
-            .as_str()
-            .or_else(|| concept["coding"][0]["display"].as_str())
-            .or_else(|| concept["coding"][0]["code"].as_str())
-            .ok_or_else(|| format!("{rt}: the medication has neither text nor a coding"))?
-            .to_string();
+        let name = name_of(&concept, &format!("{rt}: the medication"))?;
         let code = concept["coding"][0]["code"].as_str().map(str::to_string);
         let system = concept["coding"][0]["system"].as_str().map(system_short);
         let request = rt == "MedicationRequest";
@@ -1179,12 +1157,7 @@ impl Importer<'_> {
         if vc.is_null() {
             return Err("Immunization.vaccineCode is missing".into());
         }
-        let vaccine = vc["text"]
-            .as_str()
-            .or_else(|| vc["coding"][0]["display"].as_str())
-            .or_else(|| vc["coding"][0]["code"].as_str())
-            .ok_or("Immunization.vaccineCode has neither text nor a coding")?
-            .to_string();
+        let vaccine = name_of(vc, "Immunization.vaccineCode")?;
         let date = match (&r["occurrenceDateTime"], r["occurrenceString"].as_str()) {
             (Value::String(s), _) => date_of(s, "Immunization.occurrenceDateTime")?,
             (_, Some(_)) => {
@@ -1422,25 +1395,7 @@ impl Importer<'_> {
 
 /// A chart to collect the entries of a resource whose patient is not in the input.
 fn orphan_chart() -> Chart {
-    Chart {
-        id: "orphan".into(),
-        kind: "chart".into(),
-        schema_version: crate::chart::CURRENT_VERSION,
-        practice_id: None,
-        patient: Patient::default(),
-        conditions: Vec::new(),
-        allergies: Vec::new(),
-        medications: Vec::new(),
-        observations: Vec::new(),
-        notes: Vec::new(),
-        immunizations: Vec::new(),
-        encounters: Vec::new(),
-        procedures: Vec::new(),
-        referral: None,
-        referrals: Default::default(),
-        created_at: String::new(),
-        updated_at: String::new(),
-    }
+    Chart::empty("orphan".into(), Patient::default())
 }
 
 /// Every entry of a chart, section by section.
@@ -1457,7 +1412,10 @@ pub fn entries_of(c: Chart) -> Vec<Entry> {
     out
 }
 
-/// Validates an entry as the chart model would, then adds it unless the chart already has it.
+/// Validates an entry as the chart model would, then adds it. Two resources of the input are
+/// two entries even when they read the same (two identical readings are two readings); the
+/// daemon compares with what a stored chart already holds, counting, so a second import of
+/// the same input adds nothing.
 fn keep<T: PartialEq + Clone>(
     list: &mut Vec<T>,
     x: T,
@@ -1465,9 +1423,7 @@ fn keep<T: PartialEq + Clone>(
     what: &str,
 ) -> EntryResult {
     wrap(x.clone()).validate(what).map_err(|e| e.to_string())?;
-    if !list.contains(&x) {
-        list.push(x);
-    }
+    list.push(x);
     Ok(())
 }
 
@@ -1591,6 +1547,12 @@ fn coding_of(v: &Value) -> Option<Coding> {
         text,
     };
     (out.code.is_some() || out.display.is_some() || out.text.is_some()).then_some(out)
+}
+
+/// What a CodeableConcept names, for an entry that needs a name: [`concept_text`], else an
+/// error saying `what` has neither text nor a coding.
+fn name_of(v: &Value, what: &str) -> Result<String, String> {
+    concept_text(v).ok_or_else(|| format!("{what} has neither text nor a coding"))
 }
 
 /// A CodeableConcept's words: its text, else its first display, else its first code.

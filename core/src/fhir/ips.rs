@@ -3,9 +3,10 @@
 //! chart's export Bundle. The problems, allergies and medications sections are always
 //! present; with nothing to list they carry an empty reason instead of entries.
 //!
-//! A summary lists what is true of the patient now: active problems (not resolved, refuted
-//! or entered in error), allergies that stand, medications in use (none for a patient who
-//! has died; never a "do not give" order), vaccines given, results that count.
+//! A summary lists only what is true of the patient, each with its status: problems and
+//! allergies that are not refuted or entered in error, medications that were taken or
+//! prescribed (never a "do not give" order, a draft, a cancelled order or one entered in
+//! error; none for a patient who has died), vaccines given, results that count.
 
 use serde_json::{Value, json};
 
@@ -66,9 +67,14 @@ fn xhtml(text: &str) -> Value {
 pub fn ips_bundle(chart: &Chart, history: &[HistoryEntry], practice: &str, now_ts: &str) -> Value {
     let deceased = chart.patient.is_deceased();
     let mut current = chart.clone();
-    current.conditions.retain(|c| c.is_active());
-    current.allergies.retain(|a| a.is_active());
-    current.medications.retain(|m| m.is_active() && !deceased);
+    current.conditions.retain(|c| c.is_fact());
+    current.allergies.retain(|a| {
+        !matches!(
+            a.verification.as_deref(),
+            Some("refuted") | Some("entered-in-error")
+        )
+    });
+    current.medications.retain(|m| m.is_fact() && !deceased);
     current.immunizations.retain(|i| i.was_given());
     current.observations.retain(|o| o.is_evidence());
     let full = chart_to_bundle(&current, history);

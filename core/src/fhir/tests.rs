@@ -344,3 +344,13 @@ fn referrals_between_practices_round_trip_through_a_bundle() {
     assert_eq!(back.charts[0].referrals, c.referrals);
     assert_eq!(back.charts[0], c);
 }
+
+#[test]
+fn two_identical_resources_are_two_entries() {
+    let bundle = serde_json::json!({"resourceType":"Bundle","type":"collection","entry":[
+        {"fullUrl":"urn:uuid:p1","resource":{"resourceType":"Patient","id":"p1","name":[{"family":"Ng"}],"birthDate":"1970-01-01"}},
+        {"resource":{"resourceType":"Observation","status":"final","subject":{"reference":"urn:uuid:p1"},"code":{"coding":[{"system":"http://loinc.org","code":"72514-3"}]},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":2,"unit":"{score}"}}},
+        {"resource":{"resourceType":"Observation","status":"final","subject":{"reference":"urn:uuid:p1"},"code":{"coding":[{"system":"http://loinc.org","code":"72514-3"}]},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":2,"unit":"{score}"}}}]});
+    let r = import(&serde_json::to_vec(&bundle).unwrap(), "2026-01-01T00:00:00Z");
+    assert_eq!(r.charts[0].observations.len(), 2);
+}

@@ -11,15 +11,14 @@
 //! Owns: the FHIR HTTP surface. Must not touch: the mapping (`chartmesh_core::fhir`), SQL.
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
 use super::{ApiState, MAX_IMPORT_BODY, user};
@@ -59,7 +58,8 @@ pub(super) fn routes(state: ApiState) -> Router<ApiState> {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_IMPORT_BODY))
         .layer(middleware::from_fn(super::check_actor))
-        .layer(middleware::from_fn_with_state(state.clone(), fhir_token))
+        // The JSON API's token check; its refusal becomes an OperationOutcome below.
+        .layer(middleware::from_fn_with_state(state.clone(), super::require_token))
         .layer(middleware::map_response(as_outcome));
     let import = Router::new()
         .route(
@@ -137,30 +137,6 @@ fn fhir_response(status: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
-/// The bearer token, as the JSON API checks it; a refusal is an OperationOutcome.
-async fn fhir_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let h: [u8; 32] = Sha256::digest(given.as_bytes()).into();
-    let diff = h
-        .iter()
-        .zip(st.token_hash.iter())
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if diff != 0 {
-        return Outcome::new(
-            StatusCode::UNAUTHORIZED,
-            "login",
-            "missing or wrong API token: send `Authorization: Bearer TOKEN`; the token is in the data directory's api-token file",
-        )
-        .into_response();
-    }
-    next.run(req).await
-}
-
 /// Any error response that is not already FHIR (a rejected body, a wrong method) becomes an
 /// OperationOutcome.
 async fn as_outcome(resp: Response) -> Response {
@@ -176,8 +152,13 @@ async fn as_outcome(resp: Response) -> Response {
     let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
         .await
         .unwrap_or_default();
-    let text = String::from_utf8_lossy(&body);
+    // The JSON API's error shape gives its message; anything else is quoted as it is.
+    let text = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
     let code = match status {
+        StatusCode::UNAUTHORIZED => "login",
         StatusCode::PAYLOAD_TOO_LARGE => "too-costly",
         StatusCode::METHOD_NOT_ALLOWED => "not-supported",
         StatusCode::NOT_FOUND => "not-found",
@@ -281,6 +262,17 @@ async fn chart_resources(
         .await
 }
 
+/// [`chart_resources`], or a 404 OperationOutcome.
+async fn patient_chart(st: &ApiState, id: &str) -> Result<ChartResources, Outcome> {
+    chart_resources(st, id).await?.ok_or_else(|| {
+        Outcome::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("Patient/{id} is not known here"),
+        )
+    })
+}
+
 async fn audit_read(st: &ApiState, actor: &str, chart: Option<&str>, detail: String) -> Result<(), NodeError> {
     let mut ev = AuditEvent::new(crate::now_ms(), actor, "read").detail(detail);
     if let Some(c) = chart {
@@ -314,13 +306,7 @@ async fn read_patient(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Outcome> {
-    let Some(c) = chart_resources(&st, &id).await? else {
-        return Err(Outcome::new(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            format!("Patient/{id} is not known here"),
-        ));
-    };
+    let c = patient_chart(&st, &id).await?;
     audit_read(&st, &user(&headers), Some(&c.chart), "fhir Patient read".into()).await?;
     let p = c
         .resources
@@ -335,13 +321,7 @@ async fn everything(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Outcome> {
-    let Some(c) = chart_resources(&st, &id).await? else {
-        return Err(Outcome::new(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            format!("Patient/{id} is not known here"),
-        ));
-    };
+    let c = patient_chart(&st, &id).await?;
     audit_read(&st, &user(&headers), Some(&c.chart), "fhir Patient $everything".into()).await?;
     Ok(fhir_response(
         StatusCode::OK,
