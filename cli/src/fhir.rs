@@ -73,13 +73,17 @@ fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|f| {
                 f.is_file()
-                    && f.extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| e.eq_ignore_ascii_case("ndjson") || e.eq_ignore_ascii_case("json"))
+                    && f.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        e.eq_ignore_ascii_case("ndjson") || e.eq_ignore_ascii_case("json")
+                    })
             })
             .collect();
         files.sort_by_key(|f| {
-            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+            let name = f
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string();
             (!name.starts_with("Patient"), name)
         });
         if files.is_empty() {
@@ -143,7 +147,10 @@ impl Item {
         }
     }
     fn is_context(&self) -> bool {
-        matches!(self.rtype.as_str(), "Patient" | "Medication" | "Practitioner")
+        matches!(
+            self.rtype.as_str(),
+            "Patient" | "Medication" | "Practitioner"
+        )
     }
     fn entry_json(&self) -> String {
         match &self.full_url {
@@ -162,7 +169,10 @@ fn norm_ref(r: &str) -> String {
         return r.to_string();
     }
     let parts: Vec<&str> = r.split('/').collect();
-    let end = parts.iter().position(|p| *p == "_history").unwrap_or(parts.len());
+    let end = parts
+        .iter()
+        .position(|p| *p == "_history")
+        .unwrap_or(parts.len());
     if end >= 2 {
         format!("{}/{}", parts[end - 2], parts[end - 1])
     } else {
@@ -240,7 +250,10 @@ impl Totals {
                 "updated" => 2,
                 _ => 1,
             };
-            let e = self.patients.entry(chart).or_insert_with(|| outcome.clone());
+            let e = self
+                .patients
+                .entry(chart)
+                .or_insert_with(|| outcome.clone());
             if rank(&outcome) > rank(e) {
                 *e = outcome;
             }
@@ -278,7 +291,10 @@ impl Totals {
         }
     }
     fn count(&self, outcome: &str) -> usize {
-        self.patients.values().filter(|o| o.as_str() == outcome).count()
+        self.patients
+            .values()
+            .filter(|o| o.as_str() == outcome)
+            .count()
     }
     fn problems(&self) -> usize {
         self.summary.values().map(|c| c[2] as usize).sum::<usize>()
@@ -388,8 +404,10 @@ pub fn import(client: &Client, paths: &[PathBuf], author: &str, json_out: bool) 
                 }
                 let part = &queue[start..end];
                 // Context: what the part refers to that is not in it.
-                let in_part: std::collections::HashSet<&str> =
-                    part.iter().flat_map(|i| i.keys.iter().map(String::as_str)).collect();
+                let in_part: std::collections::HashSet<&str> = part
+                    .iter()
+                    .flat_map(|i| i.keys.iter().map(String::as_str))
+                    .collect();
                 let mut context: Vec<&Item> = Vec::new();
                 let mut seen = std::collections::HashSet::new();
                 for it in part {
@@ -410,7 +428,9 @@ pub fn import(client: &Client, paths: &[PathBuf], author: &str, json_out: bool) 
                         }
                     }
                 }
-                let mut body = String::from("{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[");
+                let mut body = String::from(
+                    "{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[",
+                );
                 for (i, it) in context.iter().copied().chain(part.iter()).enumerate() {
                     if i > 0 {
                         body.push(',');
@@ -532,7 +552,9 @@ fn print_report(path: &Path, r: &Value) {
     }
     let more = errors - printed + r["resourcesOmitted"].as_u64().unwrap_or(0) as usize;
     if more > 0 {
-        eprintln!("{file}: … and {more} more problem(s) (see the counts above; --json lists the first 1000 per part)");
+        eprintln!(
+            "{file}: … and {more} more problem(s) (see the counts above; --json lists the first 1000 per part)"
+        );
     }
     for ((rt, reason), n) in reasons {
         println!("  skipped {n} {rt}: {reason}");
@@ -543,7 +565,11 @@ fn print_report(path: &Path, r: &Value) {
             v["chart"].as_str().unwrap_or(""),
             v["candidates"]
                 .as_array()
-                .map(|c| c.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+                .map(|c| c
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "))
                 .unwrap_or_default(),
             v["reason"].as_str().unwrap_or("")
         );

@@ -1643,14 +1643,20 @@ pub fn clean(field: &str, v: &str, multi_line: bool) -> Result<(), ValidationErr
     if fast {
         return Ok(());
     }
-    if let Some((i, c)) = v.chars().enumerate().find(|(_, c)| forbidden(*c, multi_line)) {
+    if let Some((i, c)) = v
+        .chars()
+        .enumerate()
+        .find(|(_, c)| forbidden(*c, multi_line))
+    {
         let what = match c {
             '\n' => "a line break (this field is one line)".to_string(),
             '\t' => "a tab (this field is one line)".to_string(),
             '\r' => "a carriage return (U+000D; use \\n for line breaks)".to_string(),
             '\u{0}' => "a NUL character (U+0000)".to_string(),
             '\u{1b}' => "an escape character (U+001B)".to_string(),
-            c if ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c) => {
+            c if ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c) =>
+            {
                 format!(
                     "a bidirectional text control (U+{:04X}), which can make text read differently from what it holds",
                     c as u32

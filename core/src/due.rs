@@ -437,7 +437,12 @@ mod tests {
         assert_eq!(items[0].due, "2023-03-01");
     }
 
-    fn chart2(patient_extra: &str, conditions: &str, observations: &str, immunizations: &str) -> Chart {
+    fn chart2(
+        patient_extra: &str,
+        conditions: &str,
+        observations: &str,
+        immunizations: &str,
+    ) -> Chart {
         let j = format!(
             r#"{{"id":"c1","type":"chart","schemaVersion":2,"patient":{{"mrn":"M","name":{{"family":"F"}},"birthDate":"1950-01-01"{patient_extra}}},"conditions":[{conditions}],"observations":[{observations}],"immunizations":[{immunizations}],"createdAt":"2020-01-01T00:00:00Z","updatedAt":"2020-01-01T00:00:00Z"}}"#
         );
@@ -448,35 +453,73 @@ mod tests {
     fn negated_and_erroneous_entries_are_never_evidence_and_the_dead_are_never_due() {
         let (today, horizon) = (d("2026-06-01"), d("2026-06-01"));
         let rules = |c: &Chart| -> Vec<&str> {
-            let a = due_items(c, today, horizon).iter().map(|i| i.rule).collect::<Vec<_>>();
+            let a = due_items(c, today, horizon)
+                .iter()
+                .map(|i| i.rule)
+                .collect::<Vec<_>>();
             // The reduced facts say the same.
-            assert_eq!(due_items(&facts(c), today, horizon).iter().map(|i| i.rule).collect::<Vec<_>>(), a);
+            assert_eq!(
+                due_items(&facts(c), today, horizon)
+                    .iter()
+                    .map(|i| i.rule)
+                    .collect::<Vec<_>>(),
+                a
+            );
             a
         };
         // A refuted or entered-in-error diabetes does not make HbA1c due; a confirmed one does.
         for v in ["refuted", "entered-in-error"] {
-            let c = chart2("", &format!(r#"{{"code":"E11.9","status":"active","verification":"{v}"}}"#), "", "");
+            let c = chart2(
+                "",
+                &format!(r#"{{"code":"E11.9","status":"active","verification":"{v}"}}"#),
+                "",
+                "",
+            );
             assert!(!rules(&c).contains(&"hba1c-diabetes"), "{v}");
         }
-        let c = chart2("", r#"{"code":"E11.9","status":"active","verification":"confirmed"}"#, "", "");
+        let c = chart2(
+            "",
+            r#"{"code":"E11.9","status":"active","verification":"confirmed"}"#,
+            "",
+            "",
+        );
         assert!(rules(&c).contains(&"hba1c-diabetes"));
         // An HbA1c entered in error does not satisfy the rule; a final one does.
-        let obs = |status: &str| format!(r#"{{"code":"4548-4","value":7.1,"date":"2026-05-01T10:00:00Z","status":"{status}"}}"#);
+        let obs = |status: &str| {
+            format!(
+                r#"{{"code":"4548-4","value":7.1,"date":"2026-05-01T10:00:00Z","status":"{status}"}}"#
+            )
+        };
         let c = chart2("", r#"{"code":"E11.9"}"#, &obs("entered-in-error"), "");
         assert!(rules(&c).contains(&"hba1c-diabetes"));
         let c = chart2("", r#"{"code":"E11.9"}"#, &obs("final"), "");
         assert!(!rules(&c).contains(&"hba1c-diabetes"));
         // A flu vaccine not given does not count.
-        let c = chart2("", "", "", r#"{"vaccine":"Flu","code":"141","date":"2026-01-01","status":"not-done"}"#);
+        let c = chart2(
+            "",
+            "",
+            "",
+            r#"{"vaccine":"Flu","code":"141","date":"2026-01-01","status":"not-done"}"#,
+        );
         assert!(rules(&c).contains(&"influenza-65"));
-        let c = chart2("", "", "", r#"{"vaccine":"Flu","code":"141","date":"2026-01-01"}"#);
+        let c = chart2(
+            "",
+            "",
+            "",
+            r#"{"vaccine":"Flu","code":"141","date":"2026-01-01"}"#,
+        );
         assert!(!rules(&c).contains(&"influenza-65"));
         // A blood pressure panel's systolic component is evidence of a blood pressure check.
         let bp = r#"{"code":"85354-9","date":"2026-05-01T10:00:00Z","components":[{"code":"8480-6","value":120},{"code":"8462-4","value":80}]}"#;
         let c = chart2("", r#"{"code":"I10"}"#, bp, "");
         assert!(!rules(&c).contains(&"bp-hypertension"));
         // Nothing is due for a patient who has died.
-        let c = chart2(r#","deceasedDate":"2008-03-01""#, r#"{"code":"E11.9"}"#, "", "");
+        let c = chart2(
+            r#","deceasedDate":"2008-03-01""#,
+            r#"{"code":"E11.9"}"#,
+            "",
+            "",
+        );
         assert!(rules(&c).is_empty());
     }
 }

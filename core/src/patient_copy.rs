@@ -76,7 +76,11 @@ fn table(out: &mut String, id: &str, title: &str, head: &[&str], rows: Vec<Vec<S
 /// A result as a person reads it: "> 1.2 mg/dL", a coded answer, a text.
 fn result_text(o: &Observation) -> String {
     if let Some(v) = &o.value {
-        let cmp = o.comparator.as_deref().map(|c| format!("{c} ")).unwrap_or_default();
+        let cmp = o
+            .comparator
+            .as_deref()
+            .map(|c| format!("{c} "))
+            .unwrap_or_default();
         return format!("{}{} {}", esc(&cmp), v, opt(&o.unit));
     }
     if let Some(c) = &o.value_coding {
@@ -104,10 +108,21 @@ fn result_text(o: &Observation) -> String {
                 .value
                 .as_ref()
                 .map(|v| format!("{v} {}", opt(&c.unit)))
-                .or_else(|| c.value_coding.as_ref().and_then(|x| x.display.as_deref().map(esc)))
+                .or_else(|| {
+                    c.value_coding
+                        .as_ref()
+                        .and_then(|x| x.display.as_deref().map(esc))
+                })
                 .or_else(|| c.value_string.as_deref().map(esc))
                 .unwrap_or_default();
-            format!("{}: {}", c.display.as_deref().map(esc).unwrap_or_else(|| esc(&c.code)), v.trim())
+            format!(
+                "{}: {}",
+                c.display
+                    .as_deref()
+                    .map(esc)
+                    .unwrap_or_else(|| esc(&c.code)),
+                v.trim()
+            )
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -186,7 +201,10 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
         if p.is_deceased() {
             format!(
                 "<p class=\"meta\">Deceased{}</p>",
-                p.deceased_date.as_deref().map(|d| format!(" {}", esc(d))).unwrap_or_default()
+                p.deceased_date
+                    .as_deref()
+                    .map(|d| format!(" {}", esc(d)))
+                    .unwrap_or_default()
             )
         } else {
             String::new()
@@ -275,7 +293,9 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
         }
         o.push_str("<div class=\"trends\">");
         for (code, mut pts) in series {
-            pts.retain(|x| x.value.as_ref().and_then(|v| v.as_f64()).is_some() && x.comparator.is_none());
+            pts.retain(|x| {
+                x.value.as_ref().and_then(|v| v.as_f64()).is_some() && x.comparator.is_none()
+            });
             if pts.len() < 2 {
                 continue;
             }
@@ -345,7 +365,10 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
             .map(|p| {
                 vec![
                     p.date.as_deref().map(|d| esc(day(d))).unwrap_or_default(),
-                    p.display.as_deref().map(esc).unwrap_or_else(|| esc(&p.code)),
+                    p.display
+                        .as_deref()
+                        .map(esc)
+                        .unwrap_or_else(|| esc(&p.code)),
                     opt(&p.reason),
                 ]
             })

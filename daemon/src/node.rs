@@ -1011,7 +1011,11 @@ impl Node {
                     report.patients.push(PatientOutcome {
                         source,
                         chart: chart.id.clone(),
-                        outcome: if review.is_some() { "review" } else { "created" },
+                        outcome: if review.is_some() {
+                            "review"
+                        } else {
+                            "created"
+                        },
                     });
                     if let Some((candidates, reason)) = review {
                         new_review.push(ReviewItem {
@@ -1086,7 +1090,10 @@ impl Node {
             let audit = vec![
                 AuditEvent::new(meta.time_ms, author, "update")
                     .chart(&id)
-                    .detail(format!("fhir-import entries={n} patient-fields={}", patient.len())),
+                    .detail(format!(
+                        "fhir-import entries={n} patient-fields={}",
+                        patient.len()
+                    )),
             ];
             let rx = self.store.edit(
                 id.clone(),
@@ -1109,7 +1116,10 @@ impl Node {
             None
         } else {
             let ids: Vec<String> = to_insert.iter().map(|c| c.id.clone()).collect();
-            Some((ids, self.store.insert_charts(to_insert, author.to_string())?))
+            Some((
+                ids,
+                self.store.insert_charts(to_insert, author.to_string())?,
+            ))
         };
         for (id, rx) in pending {
             match rx.await.map_err(|_| StoreError::Closed)? {
@@ -1170,7 +1180,8 @@ impl Node {
     pub async fn import_review(&self, actor: &str) -> Result<Vec<ReviewItem>, NodeError> {
         let list = self.read(|store| read_review(store)).await?;
         self.audit(vec![
-            AuditEvent::new(now_ms(), actor, "read").detail(format!("import review items={}", list.len())),
+            AuditEvent::new(now_ms(), actor, "read")
+                .detail(format!("import review items={}", list.len())),
         ])
         .await?;
         Ok(list)
@@ -1190,7 +1201,10 @@ impl Node {
             .map(|i| {
                 AuditEvent::new(i.detected_ms, actor, "import-review")
                     .chart(&i.chart)
-                    .detail(format!("held for review: may be {}", i.candidates.join(", ")))
+                    .detail(format!(
+                        "held for review: may be {}",
+                        i.candidates.join(", ")
+                    ))
             })
             .collect();
         self.audit(events).await
@@ -1247,7 +1261,9 @@ fn identifier_candidates(
     let mut out: Vec<(String, chartmesh_core::chart::Patient)> = Vec::new();
     for (_, value) in p.all_identifiers() {
         for h in store.search(value, 50)? {
-            if h.mrn == value && h.origin.is_none() && !out.iter().any(|(id, _)| *id == h.id)
+            if h.mrn == value
+                && h.origin.is_none()
+                && !out.iter().any(|(id, _)| *id == h.id)
                 && let Some(c) = own_chart(store, &h.id)?
             {
                 out.push((h.id, c.patient));
@@ -1279,7 +1295,11 @@ fn plan_fhir_chart(
     let mut decision = None;
     if !source.chartmesh_id {
         for n in 1..10 {
-            let id = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+            let id = if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
             if let Some(c) = own_chart(store, &id)?
                 && matching::same_evidence(&c.patient, &chart.patient)
             {
@@ -1310,7 +1330,12 @@ fn plan_fhir_chart(
             let v2 = |(k, v): &(&str, Option<Value>)| {
                 matches!(
                     *k,
-                    "mrnSystem" | "identifiers" | "deceased" | "deceasedDate" | "telecom" | "language"
+                    "mrnSystem"
+                        | "identifiers"
+                        | "deceased"
+                        | "deceasedDate"
+                        | "telecom"
+                        | "language"
                 ) || (*k == "address" && v.as_ref().is_some_and(|a| !a["state"].is_null()))
             };
             let version = if patient.iter().any(v2) { 2 } else { 1 };
@@ -1388,7 +1413,8 @@ fn plan_orphans(
                     .into_iter()
                     .filter(|(_, p)| {
                         p.all_identifiers().any(|(s, v)| {
-                            v == value && (s == system.as_deref() || (system.is_none() && s.is_none()))
+                            v == value
+                                && (s == system.as_deref() || (system.is_none() && s.is_none()))
                         })
                     })
                     .map(|(id, _)| id)
@@ -1479,14 +1505,49 @@ fn missing_entries(stored: &Chart, incoming: &Chart) -> Vec<Entry> {
         }
     }
     let mut out = Vec::new();
-    add(&stored.conditions, &incoming.conditions, Entry::Condition, &mut out);
-    add(&stored.allergies, &incoming.allergies, Entry::Allergy, &mut out);
-    add(&stored.medications, &incoming.medications, Entry::Medication, &mut out);
-    add(&stored.observations, &incoming.observations, Entry::Observation, &mut out);
+    add(
+        &stored.conditions,
+        &incoming.conditions,
+        Entry::Condition,
+        &mut out,
+    );
+    add(
+        &stored.allergies,
+        &incoming.allergies,
+        Entry::Allergy,
+        &mut out,
+    );
+    add(
+        &stored.medications,
+        &incoming.medications,
+        Entry::Medication,
+        &mut out,
+    );
+    add(
+        &stored.observations,
+        &incoming.observations,
+        Entry::Observation,
+        &mut out,
+    );
     add(&stored.notes, &incoming.notes, Entry::Note, &mut out);
-    add(&stored.immunizations, &incoming.immunizations, Entry::Immunization, &mut out);
-    add(&stored.encounters, &incoming.encounters, Entry::Encounter, &mut out);
-    add(&stored.procedures, &incoming.procedures, Entry::Procedure, &mut out);
+    add(
+        &stored.immunizations,
+        &incoming.immunizations,
+        Entry::Immunization,
+        &mut out,
+    );
+    add(
+        &stored.encounters,
+        &incoming.encounters,
+        Entry::Encounter,
+        &mut out,
+    );
+    add(
+        &stored.procedures,
+        &incoming.procedures,
+        Entry::Procedure,
+        &mut out,
+    );
     out
 }
 

@@ -23,7 +23,11 @@ fn samples() -> Vec<PathBuf> {
         .map(|e| e.unwrap().path())
         .filter(|p| {
             p.extension().is_some_and(|e| e == "json")
-                && !p.file_name().unwrap().to_string_lossy().contains("Information")
+                && !p
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .contains("Information")
         })
         .collect();
     v.sort();
@@ -126,7 +130,12 @@ fn a_synthea_patient_keeps_every_resource_through_import_and_export() {
                 .filter(|m| !m["dosageInstruction"].is_null() || !m["dosage"].is_null())
                 .count()
         };
-        assert_eq!(dosed(&meds_out), dosed(&meds_in), "{}: dosage lost", f.display());
+        assert_eq!(
+            dosed(&meds_out),
+            dosed(&meds_in),
+            "{}: dosage lost",
+            f.display()
+        );
         // Coded observations are kept as coded.
         let coded = |b: &Value| {
             resources(b, "Observation")
@@ -205,11 +214,20 @@ fn a_deceased_patient_and_decimal_text_survive_a_round_trip() {
     let p = resources(b, "Patient")[0];
     assert_eq!(p["deceasedDateTime"], "2008-05-30T12:16:30-04:00");
     let m = resources(b, "MedicationRequest")[0];
-    assert_eq!(m["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"], 1);
+    assert_eq!(
+        m["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"],
+        1
+    );
     // The IPS of a patient who died lists no current medication.
     let chart = bundles.keys().next().unwrap().clone();
     let copy = a.dir.parent().unwrap().join("copy");
-    a.cli_ok(&["export", "--patient-copy", &chart, "-o", copy.to_str().unwrap()]);
+    a.cli_ok(&[
+        "export",
+        "--patient-copy",
+        &chart,
+        "-o",
+        copy.to_str().unwrap(),
+    ]);
     let ips = read_json(&copy.join("ips.json"));
     assert!(resources(&ips, "MedicationRequest").is_empty());
     assert!(resources(&ips, "MedicationStatement").is_empty());
@@ -249,11 +267,24 @@ fn negated_or_erroneous_inputs_never_become_positive_facts() {
     // allergy raises nothing.
     let alerts = a.cli_json(&["alerts", chart]);
     let text = alerts.to_string();
-    assert!(!text.contains("Warfarin") && !text.contains("Penicillin"), "{text}");
+    assert!(
+        !text.contains("Warfarin") && !text.contains("Penicillin"),
+        "{text}"
+    );
     let out = a.cli(&[
-        "med", "add", chart, "--name", "Amoxicillin", "--dose", "500 mg",
+        "med",
+        "add",
+        chart,
+        "--name",
+        "Amoxicillin",
+        "--dose",
+        "500 mg",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Due list: the refuted diabetes asks for no HbA1c; the glucose entered in error is no
     // evidence of anything.
     let due = a.cli_json(&["due", "--within", "3650", "--today", "2026-01-01"]);
@@ -269,41 +300,85 @@ fn negated_or_erroneous_inputs_never_become_positive_facts() {
         .map(|i| i["rule"].as_str().unwrap())
         .collect();
     assert!(!rules.contains(&"hba1c-diabetes"), "{rules:?}");
-    assert!(rules.contains(&"influenza-65"), "a flu vaccine not given counts: {rules:?}");
-    assert!(!rules.contains(&"tsh-hypothyroidism"), "resolved: {rules:?}");
+    assert!(
+        rules.contains(&"influenza-65"),
+        "a flu vaccine not given counts: {rules:?}"
+    );
+    assert!(
+        !rules.contains(&"tsh-hypothyroidism"),
+        "resolved: {rules:?}"
+    );
     // Population report: only problems the patient has.
     let conditions = due["conditions"].as_object().unwrap();
     assert!(conditions.keys().any(|k| k.starts_with("59621000")));
-    assert!(!conditions.keys().any(|k| k.starts_with("E11.9") || k.starts_with("195967001")), "{conditions:?}");
+    assert!(
+        !conditions
+            .keys()
+            .any(|k| k.starts_with("E11.9") || k.starts_with("195967001")),
+        "{conditions:?}"
+    );
     // The patient copy and the IPS show no negated fact.
     let copy = a.dir.parent().unwrap().join("copy");
-    a.cli_ok(&["export", "--patient-copy", chart, "-o", copy.to_str().unwrap()]);
+    a.cli_ok(&[
+        "export",
+        "--patient-copy",
+        chart,
+        "-o",
+        copy.to_str().unwrap(),
+    ]);
     let html = std::fs::read_to_string(copy.join("summary.html")).unwrap();
-    for absent in ["Type 2 diabetes", "Asthma", "Warfarin", "Ibuprofen", "Lisinopril", "Influenza", "Pneumococcal", "Appendectomy"] {
+    for absent in [
+        "Type 2 diabetes",
+        "Asthma",
+        "Warfarin",
+        "Ibuprofen",
+        "Lisinopril",
+        "Influenza",
+        "Pneumococcal",
+        "Appendectomy",
+    ] {
         assert!(!html.contains(absent), "the patient copy shows {absent}");
     }
     let (ok, report) = validate_fhir(&[&copy.join("ips.json")]);
     assert!(ok, "{report}");
     let ips = std::fs::read_to_string(copy.join("ips.json")).unwrap();
-    for absent in ["E11.9", "195967001", "Warfarin", "Ibuprofen", "Lisinopril", "\"141\"", "\"133\""] {
+    for absent in [
+        "E11.9",
+        "195967001",
+        "Warfarin",
+        "Ibuprofen",
+        "Lisinopril",
+        "\"141\"",
+        "\"133\"",
+    ] {
         assert!(!ips.contains(absent), "the IPS shows {absent}");
     }
     // The export keeps the negation, with R4 statuses, and validates.
     let bundles = export_validated(&a, "out");
     let b = &bundles[chart];
     let imms = resources(b, "Immunization");
-    assert!(imms.iter().any(|i| i["status"] == "not-done" && i["vaccineCode"]["coding"][0]["code"] == "141"));
+    assert!(
+        imms.iter()
+            .any(|i| i["status"] == "not-done" && i["vaccineCode"]["coding"][0]["code"] == "141")
+    );
     assert!(imms.iter().any(|i| i["status"] == "entered-in-error"));
     let meds = resources(b, "MedicationRequest");
     assert!(meds.iter().any(|m| m["doNotPerform"] == true));
-    assert!(meds.iter().any(|m| m["status"] == "cancelled") && meds.iter().any(|m| m["status"] == "draft"));
+    assert!(
+        meds.iter().any(|m| m["status"] == "cancelled")
+            && meds.iter().any(|m| m["status"] == "draft")
+    );
     let glucose_eie = resources(b, "Observation")
         .into_iter()
         .find(|o| o["valueQuantity"]["value"] == 400)
         .unwrap();
     assert_eq!(glucose_eie["status"], "entered-in-error");
     let conds = resources(b, "Condition");
-    assert!(conds.iter().any(|c| c["verificationStatus"]["coding"][0]["code"] == "refuted"));
+    assert!(
+        conds
+            .iter()
+            .any(|c| c["verificationStatus"]["coding"][0]["code"] == "refuted")
+    );
     // UCUM only where UCUM: "lbs" is shown as written, coded [lb_av].
     let w = resources(b, "Observation")
         .into_iter()
@@ -313,7 +388,12 @@ fn negated_or_erroneous_inputs_never_become_positive_facts() {
     assert_eq!(w["valueQuantity"]["code"], "[lb_av]");
     // Importing the export elsewhere gives the same chart.
     let b2 = Practice::new("Negation B");
-    let f = a.dir.parent().unwrap().join("out").join(format!("{chart}.json"));
+    let f = a
+        .dir
+        .parent()
+        .unwrap()
+        .join("out")
+        .join(format!("{chart}.json"));
     b2.cli_ok(&["import", f.to_str().unwrap()]);
     let mut c2 = b2.cli_json(&["chart", "show", chart]);
     let mut c1 = a.cli_json(&["chart", "show", chart]);
@@ -342,10 +422,17 @@ fn the_same_mrn_under_two_systems_stays_two_charts_and_a_near_match_is_held_for_
     assert_eq!(charts.len(), 2, "{charts:?}");
     for (_, c) in &charts {
         assert_eq!(c["patient"]["mrn"], "12345");
-        assert_eq!(c["notes"].as_array().unwrap().len(), 1, "a note went to the wrong chart");
+        assert_eq!(
+            c["notes"].as_array().unwrap().len(),
+            1,
+            "a note went to the wrong chart"
+        );
         let note = c["notes"][0]["text"].as_str().unwrap();
         let family = c["patient"]["name"]["family"].as_str().unwrap();
-        assert!(note.contains(family), "{family}'s chart holds another patient's note: {note}");
+        assert!(
+            note.contains(family),
+            "{family}'s chart holds another patient's note: {note}"
+        );
     }
     // The export keeps each MRN's system, so the two stay apart anywhere.
     let bundles = export_validated(&a, "out");
@@ -385,7 +472,11 @@ fn the_same_mrn_under_two_systems_stays_two_charts_and_a_near_match_is_held_for_
     assert!(chidi["observations"].as_array().unwrap().is_empty());
     // The same MRN and system with another birth date: not merged, held for review.
     let out = a.cli(&["import", fixture("mrn-a-typo.json").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("held for review"), "{stdout}");
     let review = a.get("/import/review");
@@ -394,20 +485,36 @@ fn the_same_mrn_under_two_systems_stays_two_charts_and_a_near_match_is_held_for_
     assert_eq!(items[0]["candidates"][0], "fhir-pat-a");
     assert_eq!(a.cli_json(&["status"])["charts"], 3);
     let maja = a.cli_json(&["chart", "show", "fhir-pat-a"]);
-    assert!(maja["conditions"].as_array().unwrap().is_empty(), "merged into the wrong chart");
+    assert!(
+        maja["conditions"].as_array().unwrap().is_empty(),
+        "merged into the wrong chart"
+    );
     // Importing the same files again changes nothing and files no new review item.
     for f in ["mrn-a.json", "mrn-b.json", "mrn-a-typo.json"] {
         let v = a.cli_json(&["import", fixture(f).to_str().unwrap()]);
         assert_eq!(v["files"][0]["created"], 0, "{f}: {v}");
         assert_eq!(v["files"][0]["updated"], 0, "{f}: {v}");
     }
-    assert_eq!(a.get("/import/review")["review"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        a.get("/import/review")["review"].as_array().unwrap().len(),
+        1
+    );
     assert_eq!(a.cli_json(&["status"])["charts"], 3);
     // Now two charts carry that identifier: a lone result naming it is not filed under either.
-    let out = a.cli(&["--json", "import", fixture("lone-observation.json").to_str().unwrap()]);
+    let out = a.cli(&[
+        "--json",
+        "import",
+        fixture("lone-observation.json").to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["files"][0]["resources"][0]["reason"].as_str().unwrap().contains("2 charts"), "{v}");
+    assert!(
+        v["files"][0]["resources"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("2 charts"),
+        "{v}"
+    );
     // The review, the imports and the reads are audited.
     let audit = a.cli_json(&["audit"]);
     assert!(audit.to_string().contains("import-review"), "{audit}");
@@ -420,7 +527,12 @@ fn bulk_data_ndjson_directories_import_and_export() {
     assert_eq!(v["failed"], 0, "{v}");
     let files = v["files"].as_array().unwrap();
     assert_eq!(files.len(), 3);
-    assert!(files[0]["file"].as_str().unwrap().ends_with("Patient.ndjson"));
+    assert!(
+        files[0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("Patient.ndjson")
+    );
     let p1 = a.cli_json(&["chart", "show", "fhir-bulk-p1"]);
     assert_eq!(p1["conditions"].as_array().unwrap().len(), 1);
     assert_eq!(p1["observations"][0]["value"], 131.0);
@@ -431,13 +543,19 @@ fn bulk_data_ndjson_directories_import_and_export() {
     let out = a.dir.parent().unwrap().join("bulk-out");
     a.cli_ok(&["export", "--format", "ndjson", "-o", out.to_str().unwrap()]);
     for t in ["Patient", "Condition", "Observation"] {
-        assert!(out.join(format!("{t}.ndjson")).exists(), "{t}.ndjson missing");
+        assert!(
+            out.join(format!("{t}.ndjson")).exists(),
+            "{t}.ndjson missing"
+        );
     }
     let (ok, report) = validate_fhir(&[&out]);
     assert!(ok, "{report}");
     let obs = std::fs::read_to_string(out.join("Observation.ndjson")).unwrap();
     assert!(obs.contains("\"value\":131.0"), "{obs}");
-    assert!(obs.contains("\"reference\":\"Patient/fhir-bulk-p1\""), "{obs}");
+    assert!(
+        obs.contains("\"reference\":\"Patient/fhir-bulk-p1\""),
+        "{obs}"
+    );
     // And back in at another practice: the same charts.
     let b = Practice::new("Bulk B");
     b.cli_ok(&["import", out.to_str().unwrap()]);
@@ -459,7 +577,13 @@ fn bulk_data_ndjson_directories_import_and_export() {
     assert_eq!(v["failed"], 1, "{v}");
     let err = &v["files"][0]["resources"][0];
     assert_eq!(err["at"], "line 2");
-    assert!(err["reason"].as_str().unwrap().contains("Patient/nobody-here"), "{err}");
+    assert!(
+        err["reason"]
+            .as_str()
+            .unwrap()
+            .contains("Patient/nobody-here"),
+        "{err}"
+    );
     let p1 = a.cli_json(&["chart", "show", "fhir-bulk-p1"]);
     assert_eq!(p1["immunizations"].as_array().unwrap().len(), 1);
 }
@@ -474,7 +598,11 @@ fn a_file_over_64_mib_is_imported_in_parts() {
     let n = 700;
     let text = "Follow-up visit. ".repeat(4400);
     let data = data_encoding::BASE64.encode(text.as_bytes());
-    write!(f, "{{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[").unwrap();
+    write!(
+        f,
+        "{{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":["
+    )
+    .unwrap();
     for i in 0..n {
         if i > 0 {
             write!(f, ",").unwrap();
@@ -488,7 +616,12 @@ fn a_file_over_64_mib_is_imported_in_parts() {
     let size = std::fs::metadata(&path).unwrap().len();
     assert!(size > 64 * 1024 * 1024, "{size}");
     let v = a.cli_json(&["import", path.to_str().unwrap()]);
-    assert_eq!(v["failed"], 0, "{}", &v.to_string()[..500.min(v.to_string().len())]);
+    assert_eq!(
+        v["failed"],
+        0,
+        "{}",
+        &v.to_string()[..500.min(v.to_string().len())]
+    );
     let r = &v["files"][0];
     assert_eq!(r["created"], n, "{}", r["summary"]);
     assert_eq!(r["summary"]["DocumentReference"]["mapped"], n);
@@ -507,7 +640,9 @@ fn a_file_over_64_mib_is_imported_in_parts() {
 #[test]
 fn import_errors_are_listed_up_to_a_limit_and_counted_beyond_it() {
     let a = Practice::new("Many errors");
-    let mut entries = vec![json!({ "fullUrl": "urn:uuid:p", "resource": { "resourceType": "Patient", "id": "p", "name": [{ "family": "Err" }], "birthDate": "1990-01-01" } })];
+    let mut entries = vec![
+        json!({ "fullUrl": "urn:uuid:p", "resource": { "resourceType": "Patient", "id": "p", "name": [{ "family": "Err" }], "birthDate": "1990-01-01" } }),
+    ];
     for _ in 0..1500 {
         entries.push(json!({ "resource": { "resourceType": "Condition", "subject": { "reference": "urn:uuid:p" } } }));
     }
@@ -531,7 +666,16 @@ fn import_errors_are_listed_up_to_a_limit_and_counted_beyond_it() {
 #[test]
 fn chart_fields_are_bounded_and_control_characters_refused_with_the_field_named() {
     let a = Practice::new("Limits");
-    a.cli_ok(&["chart", "create", "--mrn", "M1", "--family", "Lim", "--birth-date", "1970-01-01"]);
+    a.cli_ok(&[
+        "chart",
+        "create",
+        "--mrn",
+        "M1",
+        "--family",
+        "Lim",
+        "--birth-date",
+        "1970-01-01",
+    ]);
     let id = a.cli_json(&["chart", "search", "M1"])["charts"][0]["id"]
         .as_str()
         .unwrap()
@@ -555,7 +699,9 @@ fn chart_fields_are_bounded_and_control_characters_refused_with_the_field_named(
     let (s, v) = a
         .post(
             &format!("/charts/{id}/medications"),
-            json!({ "entry": { "name": "Aspirin\u{202e}nip" } }).to_string().as_bytes(),
+            json!({ "entry": { "name": "Aspirin\u{202e}nip" } })
+                .to_string()
+                .as_bytes(),
             "tester",
         )
         .unwrap();
@@ -568,7 +714,10 @@ fn chart_fields_are_bounded_and_control_characters_refused_with_the_field_named(
     std::fs::write(&path, format!("{good}\n{bad}\n")).unwrap();
     let out = a.cli(&["import", path.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(":2") && stderr.contains("patient.name.family") && stderr.contains("NUL"), "{stderr}");
+    assert!(
+        stderr.contains(":2") && stderr.contains("patient.name.family") && stderr.contains("NUL"),
+        "{stderr}"
+    );
     a.cli_ok(&["chart", "show", "c-ok"]);
 }
 
@@ -591,7 +740,10 @@ fn fhir_client_python() -> PathBuf {
         if !venv.join(".ready").exists() {
             for (cmd, what) in [
                 (
-                    Command::new("python3").args(["-m", "venv"]).arg(&venv).output(),
+                    Command::new("python3")
+                        .args(["-m", "venv"])
+                        .arg(&venv)
+                        .output(),
                     "creating the FHIR client venv",
                 ),
                 (
@@ -638,7 +790,12 @@ fn the_fhir_rest_api_serves_an_independent_client() {
     // Reads and writes through the FHIR API are audited like the JSON API's.
     let audit = a.cli_json(&["audit", "--chart", pid]);
     let text = audit.to_string();
-    for what in ["fhir Patient read", "fhir Condition search", "fhir Patient $everything", "fhir-import"] {
+    for what in [
+        "fhir Patient read",
+        "fhir Condition search",
+        "fhir Patient $everything",
+        "fhir-import",
+    ] {
         assert!(text.contains(what), "no audit entry for {what}: {text}");
     }
     // Resources served validate as R4.
@@ -660,7 +817,11 @@ fn the_fhir_rest_api_serves_an_independent_client() {
     let (ok, report) = validate_fhir(&[&dir]);
     assert!(ok, "{report}");
     // Every error is an OperationOutcome, even a wrong method or an unknown path.
-    for (method, path) in [("DELETE", "/Patient/x"), ("GET", "/Spaceship/1"), ("GET", "/Patient/x/y/z")] {
+    for (method, path) in [
+        ("DELETE", "/Patient/x"),
+        ("GET", "/Spaceship/1"),
+        ("GET", "/Patient/x/y/z"),
+    ] {
         let req = match method {
             "DELETE" => agent.delete(format!("{base}{path}")),
             _ => agent.get(format!("{base}{path}")),
@@ -671,7 +832,10 @@ fn the_fhir_rest_api_serves_an_independent_client() {
             .unwrap();
         assert!(r.status().as_u16() >= 400);
         let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
-        assert_eq!(v["resourceType"], "OperationOutcome", "{method} {path}: {v}");
+        assert_eq!(
+            v["resourceType"], "OperationOutcome",
+            "{method} {path}: {v}"
+        );
     }
 }
 
@@ -691,7 +855,11 @@ fn charts_stored_by_the_previous_version_are_read_exported_and_extended() {
     a.start();
     // Read as they are: the JSONL export is what the previous version exported.
     let before = std::fs::read(fx.join("export.jsonl")).unwrap();
-    assert_eq!(a.export_all(), before, "the previous version's charts read differently");
+    assert_eq!(
+        a.export_all(),
+        before,
+        "the previous version's charts read differently"
+    );
     a.cli_ok(&["audit", "verify"]);
     let bundles = export_validated(&a, "v1-out");
     assert_eq!(bundles.len(), 21);
@@ -703,11 +871,28 @@ fn charts_stored_by_the_previous_version_are_read_exported_and_extended() {
     let c = a.cli_json(&["chart", "show", "chart-000001"]);
     assert_eq!(c["schemaVersion"], 2);
     assert_eq!(c["encounters"].as_array().unwrap().len(), 1);
-    assert_eq!(c["notes"].as_array().unwrap().last().unwrap()["text"], "Written by the previous version.");
-    assert_eq!(a.cli_json(&["chart", "show", "chart-000002"])["schemaVersion"], 1);
+    assert_eq!(
+        c["notes"].as_array().unwrap().last().unwrap()["text"],
+        "Written by the previous version."
+    );
+    assert_eq!(
+        a.cli_json(&["chart", "show", "chart-000002"])["schemaVersion"],
+        1
+    );
     // A version 1 note appended to a version 1 chart keeps it at version 1.
-    a.cli_ok(&["note", "add", "chart-000003", "--author", "Dr New", "--text", "still v1"]);
-    assert_eq!(a.cli_json(&["chart", "show", "chart-000003"])["schemaVersion"], 1);
+    a.cli_ok(&[
+        "note",
+        "add",
+        "chart-000003",
+        "--author",
+        "Dr New",
+        "--text",
+        "still v1",
+    ]);
+    assert_eq!(
+        a.cli_json(&["chart", "show", "chart-000003"])["schemaVersion"],
+        1
+    );
     // The due list reads the old charts' facts.
     let due = a.cli_json(&["due", "--within", "30"]);
     assert_eq!(due["charts"], 21);
@@ -721,25 +906,57 @@ fn version_2_charts_sync_whole_and_matching_never_uses_a_received_copy() {
     a.cli_ok(&["import", fixture("negation.json").to_str().unwrap()]);
     let chart = "fhir-5b0c9a52-1c1e-4d55-9a36-3f7f2b9c0001";
     pair(&a, &b);
-    a.cli_ok(&["share", chart, "--with", &b.id(), "--access", "read-write", "--purpose", "referral"]);
+    a.cli_ok(&[
+        "share",
+        chart,
+        "--with",
+        &b.id(),
+        "--access",
+        "read-write",
+        "--purpose",
+        "referral",
+    ]);
     a.sync_wait(&b, 60);
     b.sync_wait(&a, 60);
     // Every version 2 field arrives.
     let at_a = a.cli_json(&["chart", "show", chart]);
     assert_eq!(b.cli_json(&["chart", "show", chart]), at_a);
     // An edit at B comes back to A.
-    b.cli_ok(&["note", "add", chart, "--author", "Dr Spec", "--text", "Seen in clinic."]);
+    b.cli_ok(&[
+        "note",
+        "add",
+        chart,
+        "--author",
+        "Dr Spec",
+        "--text",
+        "Seen in clinic.",
+    ]);
     b.sync_wait(&a, 60);
     a.sync_wait(&b, 60);
-    wait_until("the note reaches A", std::time::Duration::from_secs(30), || {
-        a.cli_json(&["chart", "show", chart])["notes"].as_array().unwrap().len() == 2
-    });
+    wait_until(
+        "the note reaches A",
+        std::time::Duration::from_secs(30),
+        || {
+            a.cli_json(&["chart", "show", chart])["notes"]
+                .as_array()
+                .unwrap()
+                .len()
+                == 2
+        },
+    );
     // B imports the same patient from its own EHR: it becomes B's own chart, never merged
     // into the copy B holds for A.
     let v = b.cli_json(&["import", fixture("negation.json").to_str().unwrap()]);
     assert_eq!(v["files"][0]["created"], 1, "{v}");
     let held = b.cli_json(&["chart", "show", chart]);
-    assert_eq!(held["notes"].as_array().unwrap().len(), 2, "the received copy changed");
-    assert_eq!(b.get(&format!("/charts/{chart}/custody"))["status"], "shared-with-us");
+    assert_eq!(
+        held["notes"].as_array().unwrap().len(),
+        2,
+        "the received copy changed"
+    );
+    assert_eq!(
+        b.get(&format!("/charts/{chart}/custody"))["status"],
+        "shared-with-us"
+    );
     assert_eq!(b.cli_json(&["status"])["charts"], 2);
 }

@@ -164,15 +164,28 @@ fn negated_allergies_and_do_not_perform_orders_raise_no_alerts() {
         Chart::from_json_slice(j.as_bytes()).unwrap()
     };
     let amox = med("Amoxicillin");
-    for v in [r#""verification":"refuted""#, r#""verification":"entered-in-error""#, r#""status":"resolved""#] {
+    for v in [
+        r#""verification":"refuted""#,
+        r#""verification":"entered-in-error""#,
+        r#""status":"resolved""#,
+    ] {
         let c = chart(&format!(r#"{{"substance":"Penicillin",{v}}}"#), "");
         assert!(check_new_medication(&c, &amox).is_empty(), "{v}");
     }
-    let c = chart(r#"{"substance":"Penicillin","verification":"confirmed"}"#, "");
+    let c = chart(
+        r#"{"substance":"Penicillin","verification":"confirmed"}"#,
+        "",
+    );
     assert!(!check_new_medication(&c, &amox).is_empty());
     // Warfarin recorded as "do not give" is not an active anticoagulant.
-    let c = chart("", r#"{"name":"Warfarin","status":"active","doNotPerform":true},{"name":"Ibuprofen","status":"active"}"#);
+    let c = chart(
+        "",
+        r#"{"name":"Warfarin","status":"active","doNotPerform":true},{"name":"Ibuprofen","status":"active"}"#,
+    );
     assert!(chart_alerts(&c).is_empty(), "{:?}", chart_alerts(&c));
-    let c = chart("", r#"{"name":"Warfarin","status":"active"},{"name":"Ibuprofen","status":"active"}"#);
+    let c = chart(
+        "",
+        r#"{"name":"Warfarin","status":"active"},{"name":"Ibuprofen","status":"active"}"#,
+    );
     assert!(!chart_alerts(&c).is_empty());
 }

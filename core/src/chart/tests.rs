@@ -10,7 +10,10 @@ fn err(s: &str) -> ValidationError {
 fn a_good_chart_parses() {
     let c = Chart::from_json_slice(GOOD.as_bytes()).unwrap();
     assert_eq!(c.id, "chart-1");
-    assert_eq!(c.observations[0].value.as_ref().unwrap().as_i64(), Some(131));
+    assert_eq!(
+        c.observations[0].value.as_ref().unwrap().as_i64(),
+        Some(131)
+    );
     assert_eq!(c.required_version(), 1);
 }
 
@@ -45,8 +48,11 @@ fn errors_name_the_field() {
 #[test]
 fn decimals_keep_the_text_they_were_written_with() {
     for v in ["1.20", "97.45878396789", "0.1", "1e3", "-0.000120", "131"] {
-        let c = Chart::from_json_slice(GOOD.replace("\"value\":131", &format!("\"value\":{v}")).as_bytes())
-            .unwrap();
+        let c = Chart::from_json_slice(
+            GOOD.replace("\"value\":131", &format!("\"value\":{v}"))
+                .as_bytes(),
+        )
+        .unwrap();
         let value = c.observations[0].value.as_ref().unwrap();
         assert_eq!(value.as_str(), v);
         let back = serde_json::to_string(&c).unwrap();
@@ -70,8 +76,11 @@ fn a_version_1_record_with_a_version_2_field_is_refused_naming_it() {
     let e = err(&v2);
     assert_eq!(e.field, "patient.deceased", "{e}");
     assert!(e.message.contains("schemaVersion 2"), "{e}");
-    let c = Chart::from_json_slice(v2.replace("\"schemaVersion\":1", "\"schemaVersion\":2").as_bytes())
-        .unwrap();
+    let c = Chart::from_json_slice(
+        v2.replace("\"schemaVersion\":1", "\"schemaVersion\":2")
+            .as_bytes(),
+    )
+    .unwrap();
     assert_eq!(c.required_version(), 2);
     assert!(c.patient.is_deceased());
     // A partial date is a version 2 value.
@@ -82,16 +91,33 @@ fn a_version_1_record_with_a_version_2_field_is_refused_naming_it() {
 
 #[test]
 fn dates_of_every_fhir_precision_are_accepted_in_version_2_and_nonsense_is_not() {
-    for d in ["2011", "2011-05", "2011-05-04", "2011-05-04T10:00:00+02:00", "2011-05-04T10:00:00.123Z"] {
+    for d in [
+        "2011",
+        "2011-05",
+        "2011-05-04",
+        "2011-05-04T10:00:00+02:00",
+        "2011-05-04T10:00:00.123Z",
+    ] {
         assert!(is_fhir_date(d), "{d}");
     }
-    for d in ["11", "2011-13", "2011-02-30", "2011-05-04T10:00", "yesterday", "0000", ""] {
+    for d in [
+        "11",
+        "2011-13",
+        "2011-02-30",
+        "2011-05-04T10:00",
+        "yesterday",
+        "0000",
+        "",
+    ] {
         assert!(!is_fhir_date(d), "{d}");
     }
 }
 
 fn with_family(family: &str) -> String {
-    GOOD.replace("\"family\":\"B\"", &format!("\"family\":{}", serde_json::to_string(family).unwrap()))
+    GOOD.replace(
+        "\"family\":\"B\"",
+        &format!("\"family\":{}", serde_json::to_string(family).unwrap()),
+    )
 }
 
 #[test]

@@ -162,7 +162,11 @@ fn concept(c: &Coding) -> Value {
         }
         out.insert("coding".into(), json!([Value::Object(x)]));
     }
-    if let Some(t) = c.text.as_ref().or(if c.code.is_none() { c.display.as_ref() } else { None }) {
+    if let Some(t) = c.text.as_ref().or(if c.code.is_none() {
+        c.display.as_ref()
+    } else {
+        None
+    }) {
         out.insert("text".into(), t.clone().into());
     }
     Value::Object(out)
@@ -227,13 +231,7 @@ fn quantity(q: &Quantity) -> Value {
 
 /// The status element of a resource: the chart's value when it is one of `allowed`, else
 /// `fallback` with the chart's word in an extension (so it imports back).
-fn status(
-    r: &mut Value,
-    value: Option<&str>,
-    allowed: &[&str],
-    fallback: &str,
-    ext_name: &str,
-) {
+fn status(r: &mut Value, value: Option<&str>, allowed: &[&str], fallback: &str, ext_name: &str) {
     match value {
         Some(v) if allowed.contains(&v) => r["status"] = v.into(),
         Some(v) => {
@@ -686,7 +684,13 @@ fn medication(b: &Builder, i: usize, m: &Medication) -> Value {
         "subject": b.subject(),
     });
     if request {
-        status(&mut r, m.status.as_deref(), REQUEST_STATUS, "unknown", "medication-status");
+        status(
+            &mut r,
+            m.status.as_deref(),
+            REQUEST_STATUS,
+            "unknown",
+            "medication-status",
+        );
         r["intent"] = m.intent.clone().unwrap_or_else(|| "order".into()).into();
         if m.do_not_perform {
             r["doNotPerform"] = true.into();
@@ -695,7 +699,13 @@ fn medication(b: &Builder, i: usize, m: &Medication) -> Value {
             r["authoredOn"] = s.clone().into();
         }
     } else {
-        status(&mut r, m.status.as_deref(), STATEMENT_STATUS, "unknown", "medication-status");
+        status(
+            &mut r,
+            m.status.as_deref(),
+            STATEMENT_STATUS,
+            "unknown",
+            "medication-status",
+        );
         if m.status.is_none() {
             r["_status"] = json!({ "extension": absent() });
         }
@@ -710,7 +720,10 @@ fn medication(b: &Builder, i: usize, m: &Medication) -> Value {
             r["effectivePeriod"] = Value::Object(p);
         }
         if m.intent.is_some() {
-            push_ext(&mut r, ext_str("medication-intent", m.intent.as_deref().unwrap_or("")));
+            push_ext(
+                &mut r,
+                ext_str("medication-intent", m.intent.as_deref().unwrap_or("")),
+            );
         }
     }
     if let Some(s) = &m.status_reason {
@@ -730,7 +743,10 @@ fn medication(b: &Builder, i: usize, m: &Medication) -> Value {
     }
     match (&m.dose_quantity, &m.dose) {
         (Some(q), _) => {
-            dosage.insert("doseAndRate".into(), json!([{ "doseQuantity": quantity(q) }]));
+            dosage.insert(
+                "doseAndRate".into(),
+                json!([{ "doseQuantity": quantity(q) }]),
+            );
         }
         (None, Some(d)) => match split_quantity(d) {
             Some((value, unit)) => {
@@ -741,16 +757,17 @@ fn medication(b: &Builder, i: usize, m: &Medication) -> Value {
             }
             None => {
                 // The dose as written, when it is not "<number> <unit>".
-                dosage.insert(
-                    "extension".into(),
-                    json!([ext_str("dose-text", d)]),
-                );
+                dosage.insert("extension".into(), json!([ext_str("dose-text", d)]));
             }
         },
         (None, None) => {}
     }
     if m.route.is_some() || m.route_code.is_some() {
-        let mut route = m.route_code.as_ref().map(concept).unwrap_or_else(|| json!({}));
+        let mut route = m
+            .route_code
+            .as_ref()
+            .map(concept)
+            .unwrap_or_else(|| json!({}));
         if let Some(t) = &m.route {
             route["text"] = t.clone().into();
         }
@@ -759,14 +776,21 @@ fn medication(b: &Builder, i: usize, m: &Medication) -> Value {
     if m.timing.is_some() || m.frequency.is_some() {
         dosage.insert(
             "timing".into(),
-            timing(m.timing.as_ref().unwrap_or(&Timing::default()), &m.frequency),
+            timing(
+                m.timing.as_ref().unwrap_or(&Timing::default()),
+                &m.frequency,
+            ),
         );
     }
     if let Some(a) = m.as_needed {
         dosage.insert("asNeededBoolean".into(), a.into());
     }
     if !dosage.is_empty() {
-        let key = if request { "dosageInstruction" } else { "dosage" };
+        let key = if request {
+            "dosageInstruction"
+        } else {
+            "dosage"
+        };
         r[key] = json!([Value::Object(dosage)]);
     }
     r

@@ -202,8 +202,15 @@ fn read_items(bytes: &[u8], out: &mut FhirImport) -> Option<Vec<Item>> {
     if rt == "Bundle" {
         match obj.get("type").and_then(|t| t.as_str()) {
             Some(
-                "collection" | "transaction" | "batch" | "searchset" | "document"
-                | "transaction-response" | "batch-response" | "history" | "message",
+                "collection"
+                | "transaction"
+                | "batch"
+                | "searchset"
+                | "document"
+                | "transaction-response"
+                | "batch-response"
+                | "history"
+                | "message",
             ) => {}
             Some(other) => {
                 out.fatal = Some(format!(
@@ -235,9 +242,10 @@ fn read_items(bytes: &[u8], out: &mut FhirImport) -> Option<Vec<Item>> {
                 .map(str::to_string);
             match e.get("resource") {
                 Some(r) if r.is_object() => items.push((at, full_url, r.clone())),
-                Some(_) => out
-                    .resources
-                    .push(err_report(&at, "?", None, "resource is not a JSON object")),
+                Some(_) => {
+                    out.resources
+                        .push(err_report(&at, "?", None, "resource is not a JSON object"))
+                }
                 None => out
                     .resources
                     .push(err_report(&at, "?", None, "entry has no resource")),
@@ -258,15 +266,14 @@ fn read_ndjson(body: &[u8], out: &mut FhirImport) -> Option<Vec<Item>> {
         let at = format!("line {}", n + 1);
         match json::parse(line) {
             Ok(v) if v.is_object() => items.push((at, None, v)),
-            Ok(_) => out
-                .resources
-                .push(err_report(&at, "?", None, "the line is not a JSON object")),
-            Err(e) => out.resources.push(err_report(
-                &at,
-                "?",
-                None,
-                format!("not valid JSON: {e}"),
-            )),
+            Ok(_) => {
+                out.resources
+                    .push(err_report(&at, "?", None, "the line is not a JSON object"))
+            }
+            Err(e) => {
+                out.resources
+                    .push(err_report(&at, "?", None, format!("not valid JSON: {e}")))
+            }
         }
     }
     Some(items)
@@ -507,12 +514,7 @@ impl Importer<'_> {
         }
         // Context resources were reported with an earlier part of the input.
         if context > 0 {
-            let hide: HashSet<usize> = report_of
-                .iter()
-                .take(context)
-                .flatten()
-                .copied()
-                .collect();
+            let hide: HashSet<usize> = report_of.iter().take(context).flatten().copied().collect();
             if !hide.is_empty() {
                 let mut keep = Vec::with_capacity(out.resources.len());
                 let mut renumber = HashMap::new();
@@ -550,7 +552,9 @@ impl Importer<'_> {
             return if drafts == 1 {
                 Ok(Target::Draft(0))
             } else {
-                Err(format!("{rt}.{field} is missing: no patient to file it under"))
+                Err(format!(
+                    "{rt}.{field} is missing: no patient to file it under"
+                ))
             };
         };
         if let Some(reference) = s.get("reference").and_then(|x| x.as_str()) {
@@ -946,7 +950,12 @@ impl Importer<'_> {
                 .map(str::to_string),
             onset: opt_date_of(&r["onsetDateTime"], "AllergyIntolerance.onsetDateTime")?,
         };
-        keep(&mut chart.allergies, a, Entry::Allergy, "AllergyIntolerance")
+        keep(
+            &mut chart.allergies,
+            a,
+            Entry::Allergy,
+            "AllergyIntolerance",
+        )
     }
 
     fn medication(&self, r: &Value, rt: &str, chart: &mut Chart, dir: &Directory) -> EntryResult {
@@ -1049,7 +1058,10 @@ impl Importer<'_> {
             &r["effectiveDateTime"]
         };
         let start = opt_date_of(start_v, &format!("{rt} start date"))?;
-        let end = opt_date_of(&r["effectivePeriod"]["end"], &format!("{rt}.effectivePeriod.end"))?;
+        let end = opt_date_of(
+            &r["effectivePeriod"]["end"],
+            &format!("{rt}.effectivePeriod.end"),
+        )?;
         let (reason, reason_code) = reason_of(r, &dir.conditions);
         let m = Medication {
             name,
@@ -1091,7 +1103,9 @@ impl Importer<'_> {
                 ("issued", "Observation.issued"),
             ],
         )?
-        .ok_or("Observation has no effective time (effectiveDateTime, effectivePeriod or issued)")?;
+        .ok_or(
+            "Observation has no effective time (effectiveDateTime, effectivePeriod or issued)",
+        )?;
         let (system, code, display) = code_of(&r["code"], "Observation.code")?;
         let status = r["status"]
             .as_str()
@@ -1149,7 +1163,12 @@ impl Importer<'_> {
             reference_range,
             components,
         };
-        keep(&mut chart.observations, o, Entry::Observation, "Observation")
+        keep(
+            &mut chart.observations,
+            o,
+            Entry::Observation,
+            "Observation",
+        )
     }
 
     fn immunization(&self, r: &Value, chart: &mut Chart) -> EntryResult {
@@ -1180,7 +1199,12 @@ impl Importer<'_> {
                 .map(str::to_string),
             status_reason: concept_text(&r["statusReason"]),
         };
-        keep(&mut chart.immunizations, i, Entry::Immunization, "Immunization")
+        keep(
+            &mut chart.immunizations,
+            i,
+            Entry::Immunization,
+            "Immunization",
+        )
     }
 
     fn encounter(&self, r: &Value, chart: &mut Chart, dir: &Directory) -> EntryResult {
@@ -1193,11 +1217,14 @@ impl Importer<'_> {
         let (reason, reason_code) = reason_of(r, &dir.conditions);
         let practitioner = r["participant"].as_array().and_then(|ps| {
             ps.iter().find_map(|p| {
-                p["individual"]["display"].as_str().map(str::to_string).or_else(|| {
-                    p["individual"]["reference"]
-                        .as_str()
-                        .and_then(|x| dir.practitioners.get(x).cloned())
-                })
+                p["individual"]["display"]
+                    .as_str()
+                    .map(str::to_string)
+                    .or_else(|| {
+                        p["individual"]["reference"]
+                            .as_str()
+                            .and_then(|x| dir.practitioners.get(x).cloned())
+                    })
             })
         });
         let e = Encounter {
@@ -1288,7 +1315,8 @@ impl Importer<'_> {
             .or_else(|| r["performer"][0]["reference"].as_str())
             .ok_or("ServiceRequest.performer has no display or reference: whom is the patient referred to?")?
             .to_string();
-        let status = ext_of(r, "referral-status").or_else(|| r["status"].as_str().map(str::to_string));
+        let status =
+            ext_of(r, "referral-status").or_else(|| r["status"].as_str().map(str::to_string));
         let rf = Referral {
             to,
             reason: r["reasonCode"][0]["text"]
@@ -1637,14 +1665,15 @@ fn value_of(r: &Value, at: &str) -> Result<ResultValue, String> {
             }
         }
     } else if let Some(c) = r.get("valueCodeableConcept") {
-        v.coding = Some(coding_of(c).ok_or_else(|| {
-            format!("{at}.valueCodeableConcept has neither a coding nor a text")
-        })?);
+        v.coding =
+            Some(coding_of(c).ok_or_else(|| {
+                format!("{at}.valueCodeableConcept has neither a coding nor a text")
+            })?);
     } else if let Some(s) = r.get("valueString") {
-        v.string = Some(normalize_newlines(
-            s.as_str()
-                .ok_or_else(|| format!("{at}.valueString must be a string"))?,
-        ));
+        v.string =
+            Some(normalize_newlines(s.as_str().ok_or_else(|| {
+                format!("{at}.valueString must be a string")
+            })?));
     } else if let Some(b) = r.get("valueBoolean") {
         v.boolean = Some(
             b.as_bool()

@@ -179,7 +179,10 @@ mod tests {
             "{\"a\":1.20,\"b\":[97.45878396789,-0.5e-3,12,12345678901234567890],\"c\":\"1.5 \\\" 2.5\",\"d\":0.1}"
         );
         // Plain numbers where f64 writes them back exactly; markers only where needed.
-        assert_eq!(number(&Decimal::parse("0.1").unwrap()), serde_json::json!(0.1));
+        assert_eq!(
+            number(&Decimal::parse("0.1").unwrap()),
+            serde_json::json!(0.1)
+        );
         assert!(number(&Decimal::parse("1.20").unwrap()).is_string());
         let mut w = serde_json::json!({ "x": number(&Decimal::parse("1.20").unwrap()) });
         unmark(&mut w);

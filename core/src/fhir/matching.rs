@@ -154,7 +154,10 @@ pub fn patient_updates(stored: &Patient, incoming: &Patient) -> Vec<(&'static st
     if stored.mrn_system.is_none()
         && incoming.mrn_system.is_some()
         && stored.mrn == incoming.mrn
-        && !stored.identifiers.iter().any(|i| i.system == incoming.mrn_system && i.value == incoming.mrn)
+        && !stored
+            .identifiers
+            .iter()
+            .any(|i| i.system == incoming.mrn_system && i.value == incoming.mrn)
     {
         out.push(("mrnSystem", to(&incoming.mrn_system)));
     }
@@ -253,13 +256,25 @@ mod tests {
         let stored = patient("12345", Some("urn:hosp:a"), "Lee", "Ann", "1970-01-02");
         let c = vec![("chart-a".to_string(), stored.clone())];
         // Same identifier, other birth date.
-        let d = decide(&patient("12345", Some("urn:hosp:a"), "Lee", "Ann", "1971-01-02"), None, &c);
+        let d = decide(
+            &patient("12345", Some("urn:hosp:a"), "Lee", "Ann", "1971-01-02"),
+            None,
+            &c,
+        );
         assert!(matches!(d, Decision::Review { .. }), "{d:?}");
         // Same identifier, other first name.
-        let d = decide(&patient("12345", Some("urn:hosp:a"), "Lee", "Bea", "1970-01-02"), None, &c);
+        let d = decide(
+            &patient("12345", Some("urn:hosp:a"), "Lee", "Bea", "1970-01-02"),
+            None,
+            &c,
+        );
         assert!(matches!(d, Decision::Review { .. }), "{d:?}");
         // The value agrees but one side does not say its system.
-        let d = decide(&patient("12345", None, "Lee", "Ann", "1970-01-02"), None, &c);
+        let d = decide(
+            &patient("12345", None, "Lee", "Ann", "1970-01-02"),
+            None,
+            &c,
+        );
         assert!(matches!(d, Decision::Review { .. }), "{d:?}");
         // Two charts agree fully.
         let c2 = vec![
@@ -267,9 +282,16 @@ mod tests {
             ("chart-b".to_string(), stored.clone()),
         ];
         let d = decide(&stored, None, &c2);
-        assert!(matches!(d, Decision::Review { ref candidates, .. } if candidates.len() == 2), "{d:?}");
+        assert!(
+            matches!(d, Decision::Review { ref candidates, .. } if candidates.len() == 2),
+            "{d:?}"
+        );
         // A chartmesh chart id with another person's name.
-        let d = decide(&patient("9", None, "Kay", "Bob", "1980-03-04"), Some("chart-a"), &c);
+        let d = decide(
+            &patient("9", None, "Kay", "Bob", "1980-03-04"),
+            Some("chart-a"),
+            &c,
+        );
         assert!(matches!(d, Decision::Review { .. }), "{d:?}");
     }
 
@@ -288,9 +310,18 @@ mod tests {
             kind: None,
         });
         let c = vec![("chart-a".to_string(), stored.clone())];
-        assert_eq!(decide(&incoming, None, &c), Decision::Same("chart-a".into()));
+        assert_eq!(
+            decide(&incoming, None, &c),
+            Decision::Same("chart-a".into())
+        );
         let ups = patient_updates(&stored, &incoming);
-        let ids = ups.iter().find(|(k, _)| *k == "identifiers").unwrap().1.clone().unwrap();
+        let ids = ups
+            .iter()
+            .find(|(k, _)| *k == "identifiers")
+            .unwrap()
+            .1
+            .clone()
+            .unwrap();
         assert_eq!(ids.as_array().unwrap().len(), 2, "{ids}");
         assert!(ids.to_string().contains("urn:hosp:z"));
     }

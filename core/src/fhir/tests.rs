@@ -51,7 +51,10 @@ fn assert_references_resolve(b: &Value) {
     walk(b, &mut refs);
     assert!(!refs.is_empty());
     for r in refs {
-        assert!(urls.contains(r), "reference {r} does not resolve inside the bundle");
+        assert!(
+            urls.contains(r),
+            "reference {r} does not resolve inside the bundle"
+        );
     }
 }
 
@@ -116,10 +119,19 @@ fn status_and_negation_are_kept_and_exported_as_they_were() {
     assert_eq!(c.schema_version, 2);
     // Identifiers with their systems.
     assert_eq!(c.patient.mrn, "MRN-40117");
-    assert_eq!(c.patient.mrn_system.as_deref(), Some("urn:oid:2.16.840.1.113883.19.5"));
-    assert_eq!(c.patient.identifiers[0].system.as_deref(), Some("http://hl7.org/fhir/sid/us-ssn"));
+    assert_eq!(
+        c.patient.mrn_system.as_deref(),
+        Some("urn:oid:2.16.840.1.113883.19.5")
+    );
+    assert_eq!(
+        c.patient.identifiers[0].system.as_deref(),
+        Some("http://hl7.org/fhir/sid/us-ssn")
+    );
     assert_eq!(c.patient.language.as_deref(), Some("en-US"));
-    assert_eq!(c.patient.address.as_ref().unwrap().state.as_deref(), Some("PA"));
+    assert_eq!(
+        c.patient.address.as_ref().unwrap().state.as_deref(),
+        Some("PA")
+    );
     // Negation is data.
     let cond = |code: &str| c.conditions.iter().find(|x| x.code == code).unwrap();
     assert!(cond("59621000").is_active());
@@ -127,35 +139,79 @@ fn status_and_negation_are_kept_and_exported_as_they_were() {
     assert!(cond("195967001").is_error());
     assert_eq!(cond("59621000").onset.as_deref(), Some("2011"));
     assert_eq!(cond("E03.9").abatement.as_deref(), Some("2004-06"));
-    let med = |name: &str| c.medications.iter().find(|m| m.name.starts_with(name)).unwrap();
+    let med = |name: &str| {
+        c.medications
+            .iter()
+            .find(|m| m.name.starts_with(name))
+            .unwrap()
+    };
     assert!(med("Warfarin").do_not_perform && !med("Warfarin").is_active());
     let meto = med("Metoprolol");
     assert!(meto.is_active());
     assert_eq!(meto.dose_quantity.as_ref().unwrap().value.as_str(), "1");
     assert_eq!(meto.timing.as_ref().unwrap().frequency, Some(2));
     assert_eq!(meto.reason.as_deref(), Some("Essential hypertension"));
-    assert_eq!(meto.dosage.as_deref(), Some("Take one tablet by mouth twice a day"));
+    assert_eq!(
+        meto.dosage.as_deref(),
+        Some("Take one tablet by mouth twice a day")
+    );
     assert!(!med("Ibuprofen").is_active() && !med("Ibuprofen").is_fact());
     assert!(!med("Lisinopril").is_active());
-    let imm = |code: &str| c.immunizations.iter().find(|i| i.code.as_deref() == Some(code)).unwrap();
+    let imm = |code: &str| {
+        c.immunizations
+            .iter()
+            .find(|i| i.code.as_deref() == Some(code))
+            .unwrap()
+    };
     assert!(!imm("141").was_given());
-    assert_eq!(imm("141").status_reason.as_deref(), Some("patient objection"));
+    assert_eq!(
+        imm("141").status_reason.as_deref(),
+        Some("patient objection")
+    );
     assert!(!imm("133").was_given());
     assert!(imm("113").was_given());
-    let glucose: Vec<_> = c.observations.iter().filter(|o| o.code == "2339-0").collect();
+    let glucose: Vec<_> = c
+        .observations
+        .iter()
+        .filter(|o| o.code == "2339-0")
+        .collect();
     assert_eq!(glucose.len(), 2);
-    assert!(glucose.iter().any(|o| !o.is_evidence() && o.value.as_ref().unwrap().as_str() == "400"));
-    assert!(glucose.iter().any(|o| o.value.as_ref().unwrap().as_str() == "95.40"));
+    assert!(
+        glucose
+            .iter()
+            .any(|o| !o.is_evidence() && o.value.as_ref().unwrap().as_str() == "400")
+    );
+    assert!(
+        glucose
+            .iter()
+            .any(|o| o.value.as_ref().unwrap().as_str() == "95.40")
+    );
     let creat = c.observations.iter().find(|o| o.code == "2160-0").unwrap();
     assert_eq!(creat.comparator.as_deref(), Some(">"));
     let smoking = c.observations.iter().find(|o| o.code == "72166-2").unwrap();
-    assert_eq!(smoking.value_coding.as_ref().unwrap().code.as_deref(), Some("8517006"));
+    assert_eq!(
+        smoking.value_coding.as_ref().unwrap().code.as_deref(),
+        Some("8517006")
+    );
     let bp = c.observations.iter().find(|o| o.code == "85354-9").unwrap();
     assert_eq!(bp.components.len(), 2);
-    let peanut = c.allergies.iter().find(|a| a.substance == "Allergy to peanut").unwrap();
+    let peanut = c
+        .allergies
+        .iter()
+        .find(|a| a.substance == "Allergy to peanut")
+        .unwrap();
     assert_eq!(peanut.criticality.as_deref(), Some("high"));
-    assert_eq!(peanut.code.as_ref().unwrap().code.as_deref(), Some("91935009"));
-    assert!(!c.allergies.iter().find(|a| a.substance == "Penicillin").unwrap().is_active());
+    assert_eq!(
+        peanut.code.as_ref().unwrap().code.as_deref(),
+        Some("91935009")
+    );
+    assert!(
+        !c.allergies
+            .iter()
+            .find(|a| a.substance == "Penicillin")
+            .unwrap()
+            .is_active()
+    );
     assert_eq!(c.encounters.len(), 2);
     assert_eq!(c.procedures.len(), 2);
     // A carriage return in a note's text becomes a newline.
@@ -170,15 +226,34 @@ fn status_and_negation_are_kept_and_exported_as_they_were() {
     assert_eq!(reqs.len(), 5);
     for m in &reqs {
         let s = m["status"].as_str().unwrap();
-        assert!(["active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"].contains(&s), "{s}");
+        assert!(
+            [
+                "active",
+                "on-hold",
+                "cancelled",
+                "completed",
+                "entered-in-error",
+                "stopped",
+                "draft",
+                "unknown"
+            ]
+            .contains(&s),
+            "{s}"
+        );
     }
     assert!(reqs.iter().any(|m| m["doNotPerform"] == true));
     let imms = resources_of(&b, "Immunization");
     assert!(imms.iter().any(|i| i["status"] == "not-done"));
     assert!(imms.iter().any(|i| i["status"] == "entered-in-error"));
     let obs = resources_of(&b, "Observation");
-    assert!(obs.iter().any(|o| o["status"] == "entered-in-error" && o["valueQuantity"]["value"] == 400));
-    let weight = obs.iter().find(|o| o["code"]["coding"][0]["code"] == "29463-7").unwrap();
+    assert!(
+        obs.iter()
+            .any(|o| o["status"] == "entered-in-error" && o["valueQuantity"]["value"] == 400)
+    );
+    let weight = obs
+        .iter()
+        .find(|o| o["code"]["coding"][0]["code"] == "29463-7")
+        .unwrap();
     assert_eq!(weight["valueQuantity"]["unit"], "lbs");
     assert_eq!(weight["valueQuantity"]["code"], "[lb_av]");
     let back = import(text.as_bytes(), "2026-02-02T00:00:00Z");
@@ -189,27 +264,54 @@ fn status_and_negation_are_kept_and_exported_as_they_were() {
     let ips = ips_bundle(c, &[], "P", "2026-01-01T00:00:00Z");
     assert_references_resolve(&ips);
     let t = ips.to_string();
-    for absent in ["E11.9", "195967001", "Warfarin", "Ibuprofen", "Lisinopril", "\"141\"", "\"133\"", ":400"] {
+    for absent in [
+        "E11.9",
+        "195967001",
+        "Warfarin",
+        "Ibuprofen",
+        "Lisinopril",
+        "\"141\"",
+        "\"133\"",
+        ":400",
+    ] {
         assert!(!t.contains(absent), "the IPS shows {absent}");
     }
     assert!(t.contains("Metoprolol") && t.contains("59621000"));
     // Nor does the patient copy.
     let html = crate::patient_copy::html(c, &[], "P", "2026-01-01T00:00:00Z");
-    for absent in ["Type 2 diabetes", "Asthma", "Warfarin", "Ibuprofen", "Lisinopril", "Influenza", "Pneumococcal", ">400 ", "Appendectomy"] {
+    for absent in [
+        "Type 2 diabetes",
+        "Asthma",
+        "Warfarin",
+        "Ibuprofen",
+        "Lisinopril",
+        "Influenza",
+        "Pneumococcal",
+        ">400 ",
+        "Appendectomy",
+    ] {
         assert!(!html.contains(absent), "the patient copy shows {absent}");
     }
-    assert!(html.contains("Metoprolol") && html.contains("Colonoscopy") && html.contains("&gt; 1.2"));
+    assert!(
+        html.contains("Metoprolol") && html.contains("Colonoscopy") && html.contains("&gt; 1.2")
+    );
 }
 
 #[test]
 fn a_deceased_patient_is_exported_deceased_and_has_no_current_medications() {
     let r = import(&fixture("deceased.json"), "2026-01-01T00:00:00Z");
     let c = &r.charts[0];
-    assert_eq!(c.patient.deceased_date.as_deref(), Some("2008-11-23T04:10:00+01:00"));
+    assert_eq!(
+        c.patient.deceased_date.as_deref(),
+        Some("2008-11-23T04:10:00+01:00")
+    );
     assert_eq!(c.patient.birth_date, "1931-02");
     assert_eq!(c.medications.len(), 2);
     let b = chart_to_bundle(c, &[]);
-    assert_eq!(resources_of(&b, "Patient")[0]["deceasedDateTime"], "2008-11-23T04:10:00+01:00");
+    assert_eq!(
+        resources_of(&b, "Patient")[0]["deceasedDateTime"],
+        "2008-11-23T04:10:00+01:00"
+    );
     let ips = ips_bundle(c, &[], "P", "2026-01-01T00:00:00Z");
     assert!(resources_of(&ips, "MedicationStatement").is_empty());
     assert!(ips.to_string().contains("the patient has died"));
@@ -234,11 +336,17 @@ fn a_byte_order_mark_partial_dates_and_ndjson_are_read() {
     // Lines whose patient is elsewhere become orphans, named by reference.
     let r = import(&fixture("bulk/Observation.ndjson"), "2026-01-01T00:00:00Z");
     assert_eq!(r.orphans.len(), 2);
-    assert_eq!(r.orphans[0].target, PatientRef::Reference("Patient/bulk-p1".into()));
+    assert_eq!(
+        r.orphans[0].target,
+        PatientRef::Reference("Patient/bulk-p1".into())
+    );
     let r = import(&fixture("lone-observation.json"), "2026-01-01T00:00:00Z");
     assert_eq!(
         r.orphans[0].target,
-        PatientRef::Identifier { system: Some("http://northside-hospital.example.org/mrn".into()), value: "12345".into() }
+        PatientRef::Identifier {
+            system: Some("http://northside-hospital.example.org/mrn".into()),
+            value: "12345".into()
+        }
     );
 }
 
@@ -351,6 +459,9 @@ fn two_identical_resources_are_two_entries() {
         {"fullUrl":"urn:uuid:p1","resource":{"resourceType":"Patient","id":"p1","name":[{"family":"Ng"}],"birthDate":"1970-01-01"}},
         {"resource":{"resourceType":"Observation","status":"final","subject":{"reference":"urn:uuid:p1"},"code":{"coding":[{"system":"http://loinc.org","code":"72514-3"}]},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":2,"unit":"{score}"}}},
         {"resource":{"resourceType":"Observation","status":"final","subject":{"reference":"urn:uuid:p1"},"code":{"coding":[{"system":"http://loinc.org","code":"72514-3"}]},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":2,"unit":"{score}"}}}]});
-    let r = import(&serde_json::to_vec(&bundle).unwrap(), "2026-01-01T00:00:00Z");
+    let r = import(
+        &serde_json::to_vec(&bundle).unwrap(),
+        "2026-01-01T00:00:00Z",
+    );
     assert_eq!(r.charts[0].observations.len(), 2);
 }

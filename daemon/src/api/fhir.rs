@@ -59,7 +59,10 @@ pub(super) fn routes(state: ApiState) -> Router<ApiState> {
         .layer(DefaultBodyLimit::max(MAX_IMPORT_BODY))
         .layer(middleware::from_fn(super::check_actor))
         // The JSON API's token check; its refusal becomes an OperationOutcome below.
-        .layer(middleware::from_fn_with_state(state.clone(), super::require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::require_token,
+        ))
         .layer(middleware::map_response(as_outcome));
     let import = Router::new()
         .route(
@@ -273,7 +276,12 @@ async fn patient_chart(st: &ApiState, id: &str) -> Result<ChartResources, Outcom
     })
 }
 
-async fn audit_read(st: &ApiState, actor: &str, chart: Option<&str>, detail: String) -> Result<(), NodeError> {
+async fn audit_read(
+    st: &ApiState,
+    actor: &str,
+    chart: Option<&str>,
+    detail: String,
+) -> Result<(), NodeError> {
     let mut ev = AuditEvent::new(crate::now_ms(), actor, "read").detail(detail);
     if let Some(c) = chart {
         ev = ev.chart(c);
@@ -307,7 +315,13 @@ async fn read_patient(
     Path(id): Path<String>,
 ) -> Result<Response, Outcome> {
     let c = patient_chart(&st, &id).await?;
-    audit_read(&st, &user(&headers), Some(&c.chart), "fhir Patient read".into()).await?;
+    audit_read(
+        &st,
+        &user(&headers),
+        Some(&c.chart),
+        "fhir Patient read".into(),
+    )
+    .await?;
     let p = c
         .resources
         .into_iter()
@@ -322,7 +336,13 @@ async fn everything(
     Path(id): Path<String>,
 ) -> Result<Response, Outcome> {
     let c = patient_chart(&st, &id).await?;
-    audit_read(&st, &user(&headers), Some(&c.chart), "fhir Patient $everything".into()).await?;
+    audit_read(
+        &st,
+        &user(&headers),
+        Some(&c.chart),
+        "fhir Patient $everything".into(),
+    )
+    .await?;
     Ok(fhir_response(
         StatusCode::OK,
         &searchset(&base_url(&headers), c.resources),
@@ -381,7 +401,13 @@ async fn read_resource(
         .into_iter()
         .find(|r| r["resourceType"] == rtype.as_str() && r["id"] == id.as_str())
         .ok_or_else(missing)?;
-    audit_read(&st, &user(&headers), Some(&c.chart), format!("fhir {rtype} read")).await?;
+    audit_read(
+        &st,
+        &user(&headers),
+        Some(&c.chart),
+        format!("fhir {rtype} read"),
+    )
+    .await?;
     Ok(fhir_response(StatusCode::OK, &r))
 }
 
@@ -416,14 +442,26 @@ async fn search_type(
     let base = base_url(&headers);
     let resources = match chart_resources(&st, &patient).await? {
         Some(c) => {
-            audit_read(&st, &user(&headers), Some(&c.chart), format!("fhir {rtype} search")).await?;
+            audit_read(
+                &st,
+                &user(&headers),
+                Some(&c.chart),
+                format!("fhir {rtype} search"),
+            )
+            .await?;
             c.resources
                 .into_iter()
                 .filter(|r| r["resourceType"] == rtype.as_str())
                 .collect()
         }
         None => {
-            audit_read(&st, &user(&headers), None, format!("fhir {rtype} search results=0")).await?;
+            audit_read(
+                &st,
+                &user(&headers),
+                None,
+                format!("fhir {rtype} search results=0"),
+            )
+            .await?;
             Vec::new()
         }
     };
@@ -435,15 +473,30 @@ async fn search_patients(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, Outcome> {
-    const PARAMS: &[&str] = &["_id", "identifier", "family", "given", "name", "birthdate", "_count", "_format"];
+    const PARAMS: &[&str] = &[
+        "_id",
+        "identifier",
+        "family",
+        "given",
+        "name",
+        "birthdate",
+        "_count",
+        "_format",
+    ];
     if let Some(k) = q.keys().find(|k| !PARAMS.contains(&k.as_str())) {
         return Err(Outcome::new(
             StatusCode::BAD_REQUEST,
             "not-supported",
-            format!("Patient search parameter {k:?} is not supported: use _id, identifier (system|value), family, given, name or birthdate"),
+            format!(
+                "Patient search parameter {k:?} is not supported: use _id, identifier (system|value), family, given, name or birthdate"
+            ),
         ));
     }
-    let count: usize = q.get("_count").and_then(|c| c.parse().ok()).unwrap_or(50).min(500);
+    let count: usize = q
+        .get("_count")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(50)
+        .min(500);
     let q2 = q.clone();
     let ids: Vec<String> = st
         .node
@@ -457,7 +510,10 @@ async fn search_patients(
                     q2.get("identifier")
                         .map(|i| i.rsplit('|').next().unwrap_or(i).to_string())
                 })
-                .or_else(|| q2.get("birthdate").map(|d| d.trim_start_matches("eq").to_string()))
+                .or_else(|| {
+                    q2.get("birthdate")
+                        .map(|d| d.trim_start_matches("eq").to_string())
+                })
                 .or_else(|| q2.get("family").cloned())
                 .or_else(|| q2.get("name").cloned())
                 .or_else(|| q2.get("given").cloned())
@@ -467,7 +523,9 @@ async fn search_patients(
                 if out.len() >= count {
                     break;
                 }
-                let Some(rec) = store.get(&h.id)? else { continue };
+                let Some(rec) = store.get(&h.id)? else {
+                    continue;
+                };
                 if rec.revoked_ms.is_some() {
                     continue;
                 }
@@ -481,7 +539,8 @@ async fn search_patients(
                     };
                     p.all_identifiers()
                         .any(|(s, v)| v == val && (sys.is_none() || s == sys))
-                        || (val == c.id && sys.is_none_or(|s| s == "https://chartmesh.org/fhir/chart-id"))
+                        || (val == c.id
+                            && sys.is_none_or(|s| s == "https://chartmesh.org/fhir/chart-id"))
                 });
                 let ok_family = q2
                     .get("family")
@@ -513,7 +572,11 @@ async fn search_patients(
     let mut patients = Vec::new();
     for id in &ids {
         if let Some(c) = chart_resources(&st, &fhir::patient_id(id)).await? {
-            patients.extend(c.resources.into_iter().filter(|r| r["resourceType"] == "Patient"));
+            patients.extend(
+                c.resources
+                    .into_iter()
+                    .filter(|r| r["resourceType"] == "Patient"),
+            );
         }
     }
     Ok(fhir_response(
@@ -567,7 +630,14 @@ async fn transaction(
             .resources
             .iter()
             .filter(|r| r.outcome == fhir::Outcome::Error)
-            .map(|r| format!("{} ({}): {}", r.at, r.resource_type, r.reason.clone().unwrap_or_default()))
+            .map(|r| {
+                format!(
+                    "{} ({}): {}",
+                    r.at,
+                    r.resource_type,
+                    r.reason.clone().unwrap_or_default()
+                )
+            })
             .collect();
         if let Some(f) = dry.fatal {
             return Err(Outcome::new(StatusCode::BAD_REQUEST, "invalid", f));
@@ -641,7 +711,10 @@ async fn create(
         return Err(Outcome::new(
             StatusCode::BAD_REQUEST,
             "invalid",
-            format!("the body is not a {rtype} (resourceType is {})", v["resourceType"]),
+            format!(
+                "the body is not a {rtype} (resourceType is {})",
+                v["resourceType"]
+            ),
         ));
     }
     let report = st.node.import_fhir(body, &user(&headers), 0).await?;
@@ -675,7 +748,10 @@ async fn create(
         (Some(c), "Patient") => {
             let pid = fhir::patient_id(c);
             if let Some(cr) = chart_resources(&st, &pid).await?
-                && let Some(p) = cr.resources.into_iter().find(|r| r["resourceType"] == "Patient")
+                && let Some(p) = cr
+                    .resources
+                    .into_iter()
+                    .find(|r| r["resourceType"] == "Patient")
             {
                 out = p;
             }
