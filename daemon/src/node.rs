@@ -975,8 +975,7 @@ impl Node {
             ..Default::default()
         };
         // Entries for stored charts, by chart: from matched patients and from orphans.
-        let mut additions: Vec<(String, Vec<Entry>, Vec<(&'static str, Option<Value>)>, u32)> =
-            Vec::new();
+        let mut additions: Vec<Addition> = Vec::new();
         let mut to_insert = Vec::new();
         let mut new_review = Vec::new();
         for plan in plans {
@@ -1178,7 +1177,7 @@ impl Node {
 
     /// The patients held for review by FHIR imports (audited as a read).
     pub async fn import_review(&self, actor: &str) -> Result<Vec<ReviewItem>, NodeError> {
-        let list = self.read(|store| read_review(store)).await?;
+        let list = self.read(read_review).await?;
         self.audit(vec![
             AuditEvent::new(now_ms(), actor, "read")
                 .detail(format!("import review items={}", list.len())),
@@ -1189,7 +1188,7 @@ impl Node {
 
     async fn add_review(&self, items: &[ReviewItem], actor: &str) -> Result<(), NodeError> {
         let _guard = REVIEW_LOCK.lock().await;
-        let mut list = self.read(|store| read_review(store)).await?;
+        let mut list = self.read(read_review).await?;
         list.extend(items.iter().cloned());
         let value = serde_json::to_string(&list).expect("review list serializes");
         self.store
@@ -1218,6 +1217,9 @@ fn read_review(store: &Store) -> Result<Vec<ReviewItem>, NodeError> {
     })
 }
 
+/// Additions to a stored chart: (chart, entries, patient fields, schema version they need).
+type Addition = (String, Vec<Entry>, Vec<(&'static str, Option<Value>)>, u32);
+
 /// What a FHIR import does with one patient it parsed.
 enum FhirPlan {
     Invalid {
@@ -1227,7 +1229,7 @@ enum FhirPlan {
     },
     /// A new chart; with `review`, held for review (candidates, reason).
     New {
-        chart: Chart,
+        chart: Box<Chart>,
         source: Option<String>,
         review: Option<(Vec<String>, String)>,
     },
@@ -1369,7 +1371,7 @@ fn plan_fhir_chart(
                 _ => None,
             };
             Ok(FhirPlan::New {
-                chart,
+                chart: Box::new(chart),
                 source: src,
                 review,
             })

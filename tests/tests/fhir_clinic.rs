@@ -420,7 +420,7 @@ fn the_same_mrn_under_two_systems_stays_two_charts_and_a_near_match_is_held_for_
         })
         .collect();
     assert_eq!(charts.len(), 2, "{charts:?}");
-    for (_, c) in &charts {
+    for c in charts.values() {
         assert_eq!(c["patient"]["mrn"], "12345");
         assert_eq!(
             c["notes"].as_array().unwrap().len(),

@@ -1690,12 +1690,11 @@ fn value_of(r: &Value, at: &str) -> Result<ResultValue, String> {
     } else if let Some(k) = r
         .as_object()
         .and_then(|o| o.keys().find(|k| k.starts_with("value")))
+        && r.get("component").is_none()
     {
-        if r.get("component").is_none() {
-            return Err(format!(
-                "skip: a result of type {k} is not kept (chartmesh keeps quantities, codes, text, true/false and dates)"
-            ));
-        }
+        return Err(format!(
+            "skip: a result of type {k} is not kept (chartmesh keeps quantities, codes, text, true/false and dates)"
+        ));
     }
     Ok(v)
 }

@@ -129,7 +129,7 @@ fn unmark_text(s: String) -> String {
         out.push_str(&rest[..at]);
         let after = &rest[at + PAT.len()..];
         match after.find('"') {
-            Some(end) if is_json_number(after[..end].as_bytes()) => {
+            Some(end) if is_json_number(&after.as_bytes()[..end]) => {
                 out.push_str(&after[..end]);
                 rest = &after[end + 1..];
             }
