@@ -563,12 +563,19 @@ async fn search_patients(
             Ok(out)
         })
         .await?;
-    st.node
-        .audit(vec![
-            AuditEvent::new(crate::now_ms(), user(&headers), "search")
-                .detail(format!("fhir Patient search results={}", ids.len())),
-        ])
-        .await?;
+    let actor = user(&headers);
+    let mut events = vec![
+        AuditEvent::new(crate::now_ms(), &actor, "search")
+            .detail(format!("fhir Patient search results={}", ids.len())),
+    ];
+    // Each chart a search discloses is audited as a read of it, as the JSON API's search does.
+    events.extend(crate::guard::disclosed(
+        &actor,
+        "read",
+        "listed in FHIR search results",
+        ids.iter().map(String::as_str),
+    ));
+    st.node.audit(events).await?;
     let mut patients = Vec::new();
     for id in &ids {
         if let Some(c) = chart_resources(&st, &fhir::patient_id(id)).await? {
