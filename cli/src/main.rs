@@ -101,8 +101,9 @@ enum Cmd {
     /// in the -o directory).
     Export {
         chart_ids: Vec<String>,
-        /// jsonl (default) or fhir.
-        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "fhir"])]
+        /// jsonl (default), fhir (one Bundle per chart) or ndjson (FHIR Bulk Data: one
+        /// Type.ndjson file per resource type).
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "fhir", "ndjson"])]
         format: String,
         /// The output file (jsonl; default stdout) or directory (fhir, required).
         #[arg(short, long)]
@@ -929,7 +930,7 @@ fn run(cli: Cli) -> Result<()> {
                 });
                 return Ok(());
             }
-            if format == "fhir" {
+            if format == "fhir" || format == "ndjson" {
                 let Some(out_dir) = output else {
                     return Err(CliError::Usage(
                         "--format fhir writes one Bundle file per chart: give the directory with -o DIR".into(),
@@ -943,7 +944,11 @@ fn run(cli: Cli) -> Result<()> {
                     .into());
                 }
                 let client = Client::connect(&dir, &user)?;
-                let n = fhir::export(&client, &chart_ids, &out_dir)?;
+                let n = if format == "ndjson" {
+                    fhir::export_ndjson(&client, &chart_ids, &out_dir)?
+                } else {
+                    fhir::export(&client, &chart_ids, &out_dir)?
+                };
                 let v = json!({ "exported": n, "dir": out_dir.display().to_string() });
                 print(j, &v, |_| {
                     println!(

@@ -299,11 +299,10 @@ pub(crate) fn same_drug(a: &str, b: &str) -> bool {
     a == b || a.split(' ').next() == b.split(' ').next()
 }
 
+/// An active medication: its status says it is in use and it is not a do-not-perform order
+/// ([`Medication::is_active`]).
 pub(crate) fn is_active(m: &Medication) -> bool {
-    matches!(
-        m.status.as_deref(),
-        None | Some("active") | Some("intended") | Some("on-hold")
-    )
+    m.is_active()
 }
 
 /// One alert for `med` against `with` (an allergy's substance or another drug's name); its
@@ -362,8 +361,10 @@ pub fn chart_alerts(chart: &Chart) -> Vec<Alert> {
 
 fn allergy_alerts(allergies: &[Allergy], med: &Medication, out: &mut Vec<Alert>) {
     let med_classes = classes_of(&med.name);
-    for a in allergies {
-        let severe = a.severity.as_deref() == Some("severe");
+    // A refuted, resolved or erroneous allergy is not one the patient has.
+    for a in allergies.iter().filter(|a| a.is_active()) {
+        let severe =
+            a.severity.as_deref() == Some("severe") || a.criticality.as_deref() == Some("high");
         if same_drug(&a.substance, &med.name) {
             out.push(alert(
                 AlertKind::Allergy,

@@ -133,6 +133,7 @@ pub(crate) mod tests {
             frequency: None,
             start: None,
             status: Some("active".into()),
+            ..Default::default()
         }
     }
     fn allergy(s: &str) -> Allergy {
@@ -141,6 +142,7 @@ pub(crate) mod tests {
             reaction: None,
             severity: None,
             recorded: None,
+            ..Default::default()
         }
     }
     fn view(meds: &[Medication], allergies: &[Allergy]) -> View {

@@ -157,7 +157,8 @@ impl ChartDoc {
         &mut self.doc
     }
 
-    /// The chart as JSON, in the imported shape.
+    /// The chart as JSON, in the imported shape. A record section's entries are read from
+    /// every list stored under its key (see [`ChartDoc::section`]).
     pub fn to_json(&self) -> Result<Value, CoreError> {
         let h = self
             .doc
@@ -166,47 +167,142 @@ impl ChartDoc {
         let mut v = hydrate_to_json(&h);
         if let Value::Object(m) = &mut v {
             for key in RECORD_SECTIONS {
-                if let Some(Value::Array(items)) = m.get_mut(*key) {
-                    for item in items.iter_mut() {
-                        if let Value::String(s) = item {
-                            *item = serde_json::from_str(s).map_err(|e| {
+                if m.contains_key(*key) {
+                    let raw = self.section_raw(key, None)?;
+                    let items = raw
+                        .iter()
+                        .map(|s| {
+                            serde_json::from_str(s).map_err(|e| {
                                 CoreError::CorruptDocument(format!(
                                     "an entry of `{key}` is not JSON: {e}"
                                 ))
-                            })?;
-                        }
-                    }
+                            })
+                        })
+                        .collect::<Result<Vec<Value>, CoreError>>()?;
+                    m.insert(key.to_string(), Value::Array(items));
                 }
             }
         }
         Ok(v)
     }
 
+    /// The chart, typed. Entries are read straight from their stored text, so decimals keep
+    /// the digits they were written with.
     pub fn to_chart(&self) -> Result<Chart, CoreError> {
-        serde_json::from_value(self.to_json()?).map_err(|e| CoreError::Shape(e.to_string()))
+        let h = self
+            .doc
+            .hydrate(ROOT, None)
+            .map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
+        let mut v = hydrate_to_json(&h);
+        let mut present = Vec::new();
+        if let Value::Object(m) = &mut v {
+            for key in RECORD_SECTIONS {
+                if m.remove(*key).is_some() {
+                    present.push(*key);
+                }
+            }
+        }
+        let mut c: Chart =
+            serde_json::from_value(v).map_err(|e| CoreError::Shape(e.to_string()))?;
+        for key in present {
+            match key {
+                "conditions" => c.conditions = self.section(key)?,
+                "allergies" => c.allergies = self.section(key)?,
+                "medications" => c.medications = self.section(key)?,
+                "observations" => c.observations = self.section(key)?,
+                "notes" => c.notes = self.section(key)?,
+                "immunizations" => c.immunizations = self.section(key)?,
+                "encounters" => c.encounters = self.section(key)?,
+                "procedures" => c.procedures = self.section(key)?,
+                _ => {}
+            }
+        }
+        Ok(c)
     }
 
-    /// Appends one entry at the end of its section, as one change.
-    pub fn append(&mut self, entry: &Entry, meta: &ChangeMeta) -> Result<(), CoreError> {
-        self.doc.set_actor(meta.actor());
-        let key = entry.section().key();
-        let list = match self.doc.get(ROOT, key).map_err(shape)? {
+    /// The document's `schemaVersion` (0 when missing or not a number).
+    pub fn schema_version(&self) -> i64 {
+        match self.doc.get(ROOT, "schemaVersion").ok().flatten() {
+            Some((automerge::Value::Scalar(s), _)) => match s.as_ref() {
+                ScalarValue::Int(i) => *i,
+                ScalarValue::Uint(u) => *u as i64,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    /// Sets `schemaVersion` to at least `v` as part of the next change.
+    fn raise_version(&mut self, v: u32) -> Result<(), CoreError> {
+        if self.schema_version() < v as i64 {
+            self.doc
+                .put(ROOT, "schemaVersion", ScalarValue::Int(v as i64))
+                .map_err(shape)?;
+        }
+        Ok(())
+    }
+
+    /// The list an entry of `key` is appended to (created when the chart has none yet).
+    fn section_list(&mut self, key: &str) -> Result<automerge::ObjId, CoreError> {
+        Ok(match self.doc.get(ROOT, key).map_err(shape)? {
             Some((automerge::Value::Object(ObjType::List), id)) => id,
             Some(_) => return Err(CoreError::Shape(format!("`{key}` is not a list"))),
             None => self
                 .doc
                 .put_object(ROOT, key, ObjType::List)
                 .map_err(shape)?,
-        };
+        })
+    }
+
+    /// Puts one entry at the end of its section (no commit); raises the chart to version 2
+    /// when the entry uses a version 2 field.
+    fn put_entry(&mut self, entry: &Entry) -> Result<(), CoreError> {
+        if entry.v2_field().is_some() {
+            self.raise_version(2)?;
+        }
+        let list = self.section_list(entry.section().key())?;
         let len = self.doc.length(&list);
-        let value = entry.to_json();
         self.doc
-            .insert(
-                &list,
-                len,
-                serde_json::to_string(&value).expect("entries serialize"),
-            )
+            .insert(&list, len, entry.to_json_string())
             .map_err(shape)?;
+        Ok(())
+    }
+
+    /// Sets demographic fields of the patient (camelCase keys, JSON values; `None` removes
+    /// the field), as one change. Raises the chart to version 2 when a field needs it.
+    pub fn set_patient_fields(
+        &mut self,
+        fields: &[(&str, Option<Value>)],
+        version: u32,
+        meta: &ChangeMeta,
+    ) -> Result<(), CoreError> {
+        self.doc.set_actor(meta.actor());
+        let patient = match self.doc.get(ROOT, "patient").map_err(shape)? {
+            Some((automerge::Value::Object(ObjType::Map), id)) => id,
+            _ => return Err(CoreError::Shape("`patient` is not a map".into())),
+        };
+        self.raise_version(version)?;
+        for (k, v) in fields {
+            match v {
+                Some(v) => put_json(&mut self.doc, &patient, k, v)?,
+                None => self.doc.delete(&patient, *k).map_err(shape)?,
+            }
+        }
+        self.doc.commit_with(meta.commit_options());
+        Ok(())
+    }
+
+    /// Appends one entry at the end of its section, as one change.
+    pub fn append(&mut self, entry: &Entry, meta: &ChangeMeta) -> Result<(), CoreError> {
+        self.append_all(std::slice::from_ref(entry), meta)
+    }
+
+    /// Appends entries at the end of their sections, as one change.
+    pub fn append_all(&mut self, entries: &[Entry], meta: &ChangeMeta) -> Result<(), CoreError> {
+        self.doc.set_actor(meta.actor());
+        for e in entries {
+            self.put_entry(e)?;
+        }
         self.doc.commit_with(meta.commit_options());
         Ok(())
     }
@@ -280,23 +376,8 @@ impl ChartDoc {
             }
         }
         if let Some(e) = entry {
-            // `append` commits; put the entry first so both land in one change.
-            let key = e.section().key();
-            let list = match self.doc.get(ROOT, key).map_err(shape)? {
-                Some((automerge::Value::Object(ObjType::List), id)) => id,
-                _ => self
-                    .doc
-                    .put_object(ROOT, key, ObjType::List)
-                    .map_err(shape)?,
-            };
-            let n = self.doc.length(&list);
-            self.doc
-                .insert(
-                    &list,
-                    n,
-                    serde_json::to_string(&e.to_json()).expect("entries serialize"),
-                )
-                .map_err(shape)?;
+            // Put in the same change as the event, so both arrive together.
+            self.put_entry(e)?;
         }
         self.doc.commit_with(meta.commit_options());
         Ok(())
@@ -362,8 +443,11 @@ impl ChartDoc {
             },
             _ => -1,
         };
-        if version != 1 {
-            return Err(missing("schemaVersion"));
+        if version < 1 || version > crate::chart::CURRENT_VERSION as i64 {
+            return Err(CoreError::Shape(format!(
+                "the document has schemaVersion {version}; this chartmesh reads 1 to {} (a newer chartmesh wrote it: upgrade this one)",
+                crate::chart::CURRENT_VERSION
+            )));
         }
         let patient = map(&ROOT, "patient").ok_or_else(|| missing("patient"))?;
         let name = map(&patient, "name").ok_or_else(|| missing("patient.name"))?;
@@ -402,43 +486,87 @@ impl ChartDoc {
         key: &str,
         heads: Option<&[ChangeHash]>,
     ) -> Result<Vec<T>, CoreError> {
+        self.section_raw(key, heads)?
+            .iter()
+            .map(|t| {
+                serde_json::from_str(t).map_err(|e| {
+                    CoreError::CorruptDocument(format!("an entry of `{key}` is not valid: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    /// The lists stored under a section's key: the one automerge shows first, then any
+    /// other made concurrently. A section added to an older chart (encounters, procedures)
+    /// is created by the first entry written to it; when two practices do that at the same
+    /// time each makes its own list, and automerge keeps both under the key. Reading them
+    /// all means neither practice's entries are lost; new entries go to the first.
+    fn section_lists(
+        &self,
+        key: &str,
+        heads: Option<&[ChangeHash]>,
+    ) -> Result<Vec<automerge::ObjId>, CoreError> {
         let d = &self.doc;
-        let got = match heads {
+        let first = match heads {
             None => d.get(ROOT, key),
             Some(h) => d.get_at(ROOT, key, h),
-        };
-        let list = match got.map_err(shape)? {
+        }
+        .map_err(shape)?;
+        let first = match first {
             Some((automerge::Value::Object(ObjType::List), id)) => id,
             None => return Ok(Vec::new()),
             Some(_) => return Err(CoreError::Shape(format!("`{key}` is not a list"))),
         };
-        let len = match heads {
-            None => d.length(&list),
-            Some(h) => d.length_at(&list, h),
-        };
-        (0..len)
-            .map(|i| {
+        let all = match heads {
+            None => d.get_all(ROOT, key),
+            Some(h) => d.get_all_at(ROOT, key, h),
+        }
+        .map_err(shape)?;
+        let mut out = vec![first.clone()];
+        for (v, id) in all {
+            if matches!(v, automerge::Value::Object(ObjType::List)) && id != first {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored text of each entry of a section (at `heads`, or now).
+    fn section_raw(
+        &self,
+        key: &str,
+        heads: Option<&[ChangeHash]>,
+    ) -> Result<Vec<String>, CoreError> {
+        let d = &self.doc;
+        let mut out = Vec::new();
+        for list in self.section_lists(key, heads)? {
+            let len = match heads {
+                None => d.length(&list),
+                Some(h) => d.length_at(&list, h),
+            };
+            for i in 0..len {
                 let item = match heads {
                     None => d.get(&list, i),
                     Some(h) => d.get_at(&list, i, h),
                 };
                 match item.map_err(shape)? {
                     Some((automerge::Value::Scalar(sv), _)) => match sv.as_ref() {
-                        ScalarValue::Str(t) => serde_json::from_str(t).map_err(|e| {
-                            CoreError::CorruptDocument(format!(
-                                "an entry of `{key}` is not valid: {e}"
-                            ))
-                        }),
-                        _ => Err(CoreError::Shape(format!(
-                            "an entry of `{key}` is not a record"
-                        ))),
+                        ScalarValue::Str(t) => out.push(t.to_string()),
+                        _ => {
+                            return Err(CoreError::Shape(format!(
+                                "an entry of `{key}` is not a record"
+                            )));
+                        }
                     },
-                    _ => Err(CoreError::Shape(format!(
-                        "an entry of `{key}` is not a record"
-                    ))),
+                    _ => {
+                        return Err(CoreError::Shape(format!(
+                            "an entry of `{key}` is not a record"
+                        )));
+                    }
                 }
-            })
-            .collect()
+            }
+        }
+        Ok(out)
     }
 
     fn conflict_view(
@@ -479,21 +607,30 @@ impl ChartDoc {
     ) -> Result<(), CoreError> {
         self.doc.set_actor(meta.actor());
         let key = section.key();
-        let list = match self.doc.get(ROOT, key).map_err(shape)? {
-            Some((automerge::Value::Object(ObjType::List), id)) => id,
-            _ => return Err(CoreError::Shape(format!("`{key}` is not a list"))),
-        };
-        if index >= self.doc.length(&list) {
+        // `index` counts across every list of the section, as `section` reads them.
+        let mut at = None;
+        let mut skip = index;
+        for list in self.section_lists(key, None)? {
+            let n = self.doc.length(&list);
+            if skip < n {
+                at = Some(list);
+                break;
+            }
+            skip -= n;
+        }
+        let Some(list) = at else {
             return Err(CoreError::Shape(format!("`{key}` has no entry {index}")));
+        };
+        let index = skip;
+        if let Some(e) = entry
+            && e.v2_field().is_some()
+        {
+            self.raise_version(2)?;
         }
         match entry {
             Some(e) => self
                 .doc
-                .put(
-                    &list,
-                    index,
-                    serde_json::to_string(&e.to_json()).expect("entries serialize"),
-                )
+                .put(&list, index, e.to_json_string())
                 .map_err(shape)?,
             None => self.doc.delete(&list, index).map_err(shape)?,
         }
@@ -506,12 +643,10 @@ impl ChartDoc {
     /// of the cost of [`ChartDoc::to_chart`] on the bench charts.
     pub fn due_view(&self) -> Result<Chart, CoreError> {
         let h = self.header()?;
-        Ok(Chart {
-            id: h.id,
-            kind: "chart".into(),
-            schema_version: 1,
-            practice_id: None,
-            patient: crate::chart::Patient {
+        let (deceased, deceased_date) = self.deceased();
+        let mut c = Chart::empty(
+            h.id,
+            crate::chart::Patient {
                 mrn: h.mrn,
                 name: crate::chart::HumanName {
                     given: h
@@ -523,22 +658,36 @@ impl ChartDoc {
                     family: h.family,
                 },
                 birth_date: h.birth_date,
-                sex: None,
-                address: None,
-                phone: None,
-                insurance: None,
+                deceased,
+                deceased_date,
+                ..Default::default()
             },
-            conditions: self.section("conditions")?,
-            allergies: Vec::new(),
-            medications: Vec::new(),
-            observations: self.section("observations")?,
-            notes: Vec::new(),
-            immunizations: self.section("immunizations")?,
-            referral: None,
-            referrals: Default::default(),
-            created_at: String::new(),
-            updated_at: String::new(),
-        })
+        );
+        c.schema_version = self.schema_version().clamp(1, 2) as u32;
+        c.conditions = self.section("conditions")?;
+        c.observations = self.section("observations")?;
+        c.immunizations = self.section("immunizations")?;
+        Ok(c)
+    }
+
+    /// The patient's `deceased` flag and date, read without converting the chart.
+    fn deceased(&self) -> (bool, Option<String>) {
+        let d = &self.doc;
+        let Ok(Some((automerge::Value::Object(ObjType::Map), p))) = d.get(ROOT, "patient") else {
+            return (false, None);
+        };
+        let flag = matches!(
+            d.get(&p, "deceased"),
+            Ok(Some((automerge::Value::Scalar(s), _))) if matches!(s.as_ref(), ScalarValue::Boolean(true))
+        );
+        let date = match d.get(&p, "deceasedDate") {
+            Ok(Some((automerge::Value::Scalar(s), _))) => match s.as_ref() {
+                ScalarValue::Str(t) => Some(t.to_string()),
+                _ => None,
+            },
+            _ => None,
+        };
+        (flag, date)
     }
 
     /// The heads as raw 32-byte hashes, sorted.
@@ -676,7 +825,7 @@ fn shape(e: automerge::AutomergeError) -> CoreError {
 }
 
 /// The list sections of a chart. Each entry (a condition, an allergy, a medication order, a
-/// measurement, a signed note, a given vaccine) is kept as one scalar holding its compact
+/// measurement, a signed note, a vaccine, a visit, a procedure) is kept as one scalar holding its compact
 /// JSON, not as a map of fields: an entry is a clinical unit that is appended, or replaced
 /// whole by a correction, never merged field by field (a dose changed at one practice and the
 /// order stopped at another should be reviewed, not blended). Concurrent replacements of the
@@ -691,6 +840,8 @@ pub const RECORD_SECTIONS: &[&str] = &[
     "observations",
     "notes",
     "immunizations",
+    "encounters",
+    "procedures",
 ];
 
 /// A chart's JSON → the hydrate map of its document root.
@@ -738,6 +889,9 @@ pub fn typed_chart_to_hydrate(c: &Chart) -> hydrate::Map {
     fn strings(v: &[String]) -> hydrate::Value {
         hydrate::Value::List(v.iter().map(|x| s(x)).collect::<Vec<_>>().into())
     }
+    fn json<T: Serialize>(v: &T) -> hydrate::Value {
+        json_to_hydrate(&serde_json::to_value(v).expect("chart parts serialize"))
+    }
     fn entries<T: Serialize>(v: &[T]) -> hydrate::Value {
         hydrate::Value::List(
             v.iter()
@@ -753,8 +907,23 @@ pub fn typed_chart_to_hydrate(c: &Chart) -> hydrate::Map {
     let mut name = HashMap::with_capacity(2);
     name.insert("given".to_string(), strings(&p.name.given));
     name.insert("family".to_string(), s(&p.name.family));
-    let mut patient = HashMap::with_capacity(7);
+    let mut patient = HashMap::with_capacity(8);
     patient.insert("mrn".to_string(), s(&p.mrn));
+    opt(&mut patient, "mrnSystem", &p.mrn_system);
+    if !p.identifiers.is_empty() {
+        patient.insert("identifiers".to_string(), json(&p.identifiers));
+    }
+    if p.deceased {
+        patient.insert(
+            "deceased".to_string(),
+            hydrate::Value::Scalar(ScalarValue::Boolean(true)),
+        );
+    }
+    opt(&mut patient, "deceasedDate", &p.deceased_date);
+    if !p.telecom.is_empty() {
+        patient.insert("telecom".to_string(), json(&p.telecom));
+    }
+    opt(&mut patient, "language", &p.language);
     patient.insert("name".to_string(), map(name));
     patient.insert("birthDate".to_string(), s(&p.birth_date));
     opt(&mut patient, "sex", &p.sex);
@@ -763,6 +932,7 @@ pub fn typed_chart_to_hydrate(c: &Chart) -> hydrate::Map {
         let mut m = HashMap::with_capacity(4);
         m.insert("line".to_string(), strings(&a.line));
         opt(&mut m, "city", &a.city);
+        opt(&mut m, "state", &a.state);
         opt(&mut m, "postalCode", &a.postal_code);
         opt(&mut m, "country", &a.country);
         patient.insert("address".to_string(), map(m));
@@ -790,6 +960,13 @@ pub fn typed_chart_to_hydrate(c: &Chart) -> hydrate::Map {
     root.insert("observations".to_string(), entries(&c.observations));
     root.insert("notes".to_string(), entries(&c.notes));
     root.insert("immunizations".to_string(), entries(&c.immunizations));
+    // Version 2 sections exist only once they have entries (a version 1 chart stays as it came).
+    if !c.encounters.is_empty() {
+        root.insert("encounters".to_string(), entries(&c.encounters));
+    }
+    if !c.procedures.is_empty() {
+        root.insert("procedures".to_string(), entries(&c.procedures));
+    }
     if let Some(r) = &c.referral {
         let mut m = HashMap::with_capacity(4);
         m.insert("to".to_string(), s(&r.to));
@@ -908,6 +1085,7 @@ mod tests {
                 author: who.into(),
                 date: "2025-01-01T00:00:00Z".into(),
                 text: "t".into(),
+                ..Default::default()
             })
         };
         a.append(&note("n-a", "Dr A"), &meta(b"a", "Dr A", 10))
@@ -964,6 +1142,7 @@ mod tests {
             author: "Dr B".into(),
             date: "2026-01-02T00:00:00Z".into(),
             text: "consult".into(),
+            ..Default::default()
         });
         b.add_referral_event(
             "ref-1",

@@ -139,6 +139,10 @@ fn age_on(birth: Date, today: Date) -> i32 {
 
 /// The items due for `chart` on or before `horizon` (today + the look-ahead), as of `today`.
 pub fn due_items(chart: &Chart, today: Date, horizon: Date) -> Vec<DueItem> {
+    // Nothing is due for a patient who has died.
+    if chart.patient.is_deceased() {
+        return Vec::new();
+    }
     let Some(birth) = parse_date(&chart.patient.birth_date) else {
         return Vec::new();
     };
@@ -148,10 +152,11 @@ pub fn due_items(chart: &Chart, today: Date, horizon: Date) -> Vec<DueItem> {
         // Whether it applies, and since when.
         let since = match rule.applies {
             Applies::Condition(prefixes) => {
-                let hit = chart.conditions.iter().find(|c| {
-                    c.status.as_deref().is_none_or(|s| s == "active")
-                        && prefixes.iter().any(|p| c.code.starts_with(p))
-                });
+                // Only a problem the patient has: not resolved, not refuted, not an error.
+                let hit = chart
+                    .conditions
+                    .iter()
+                    .find(|c| c.is_active() && prefixes.iter().any(|p| c.code.starts_with(p)));
                 match hit {
                     Some(c) => c.onset.as_deref().and_then(parse_date).unwrap_or(today),
                     None => continue,
@@ -165,16 +170,17 @@ pub fn due_items(chart: &Chart, today: Date, horizon: Date) -> Vec<DueItem> {
             }
         };
         let last = match rule.evidence {
+            // A result entered in error or cancelled, or a vaccine not given, is no evidence.
             Evidence::Observation(codes) => chart
                 .observations
                 .iter()
-                .filter(|o| codes.contains(&o.code.as_str()))
+                .filter(|o| o.is_evidence() && result_codes(o).any(|c| codes.contains(&c)))
                 .filter_map(|o| parse_date(&o.date))
                 .max(),
             Evidence::Immunization(codes) => chart
                 .immunizations
                 .iter()
-                .filter(|i| i.code.as_deref().is_some_and(|c| codes.contains(&c)))
+                .filter(|i| i.was_given() && i.code.as_deref().is_some_and(|c| codes.contains(&c)))
                 .filter_map(|i| parse_date(&i.date))
                 .max(),
         };
@@ -201,6 +207,12 @@ pub fn due_items(chart: &Chart, today: Date, horizon: Date) -> Vec<DueItem> {
     out
 }
 
+/// The codes a result stands for: its own and its components' (a blood pressure panel
+/// holds the systolic pressure as a component).
+fn result_codes(o: &crate::chart::Observation) -> impl Iterator<Item = &str> {
+    std::iter::once(o.code.as_str()).chain(o.components.iter().map(|c| c.code.as_str()))
+}
+
 /// The part of a chart the rules read, reduced to what decides them: the patient, every
 /// condition (also counted by the population report), and only the latest observation and
 /// immunization of each code a rule names. [`due_items`] gives the same items for the
@@ -208,27 +220,25 @@ pub fn due_items(chart: &Chart, today: Date, horizon: Date) -> Vec<DueItem> {
 /// write, so a due list reads a few hundred bytes per chart instead of loading documents.
 pub fn facts(chart: &Chart) -> Chart {
     use std::collections::BTreeMap;
-    let mut obs: BTreeMap<&str, &crate::chart::Observation> = BTreeMap::new();
+    let mut obs: BTreeMap<&str, (time::Date, &str)> = BTreeMap::new();
     let mut imm: BTreeMap<&str, &crate::chart::Immunization> = BTreeMap::new();
     for rule in RULES {
         match rule.evidence {
             Evidence::Observation(codes) => {
-                for o in chart
-                    .observations
-                    .iter()
-                    .filter(|o| codes.contains(&o.code.as_str()))
-                {
+                for o in chart.observations.iter().filter(|o| o.is_evidence()) {
                     let Some(d) = parse_date(&o.date) else {
                         continue;
                     };
-                    let e = obs.entry(o.code.as_str()).or_insert(o);
-                    if parse_date(&e.date).is_none_or(|x| d > x) {
-                        *e = o;
+                    for code in result_codes(o).filter(|c| codes.contains(c)) {
+                        let e = obs.entry(code).or_insert((d, o.date.as_str()));
+                        if d > e.0 {
+                            *e = (d, o.date.as_str());
+                        }
                     }
                 }
             }
             Evidence::Immunization(codes) => {
-                for i in chart.immunizations.iter() {
+                for i in chart.immunizations.iter().filter(|i| i.was_given()) {
                     let Some(code) = i.code.as_deref().filter(|c| codes.contains(c)) else {
                         continue;
                     };
@@ -243,59 +253,51 @@ pub fn facts(chart: &Chart) -> Chart {
             }
         }
     }
-    Chart {
-        id: chart.id.clone(),
-        kind: chart.kind.clone(),
-        schema_version: chart.schema_version,
-        practice_id: None,
-        patient: crate::chart::Patient {
+    let mut out = Chart::empty(
+        chart.id.clone(),
+        crate::chart::Patient {
             mrn: chart.patient.mrn.clone(),
             name: chart.patient.name.clone(),
             birth_date: chart.patient.birth_date.clone(),
-            sex: None,
-            address: None,
-            phone: None,
-            insurance: None,
+            deceased: chart.patient.deceased,
+            deceased_date: chart.patient.deceased_date.clone(),
+            ..Default::default()
         },
-        // Only what the rules and the population report read: stored for every chart.
-        conditions: chart
-            .conditions
-            .iter()
-            .map(|c| crate::chart::Condition {
-                system: None,
-                ..c.clone()
-            })
-            .collect(),
-        allergies: Vec::new(),
-        medications: Vec::new(),
-        observations: obs
-            .into_values()
-            .map(|o| crate::chart::Observation {
-                code: o.code.clone(),
-                system: None,
-                display: None,
-                value: 0.into(),
-                unit: None,
-                category: None,
-                date: o.date.clone(),
-            })
-            .collect(),
-        notes: Vec::new(),
-        immunizations: imm
-            .into_values()
-            .map(|i| crate::chart::Immunization {
-                vaccine: String::new(),
-                code: i.code.clone(),
-                system: None,
-                date: i.date.clone(),
-                lot: None,
-            })
-            .collect(),
-        referral: None,
-        referrals: Default::default(),
-        created_at: String::new(),
-        updated_at: String::new(),
-    }
+    );
+    out.kind = chart.kind.clone();
+    out.schema_version = chart.schema_version;
+    // Only what the rules and the population report read: stored for every chart.
+    out.conditions = chart
+        .conditions
+        .iter()
+        .map(|c| crate::chart::Condition {
+            code: c.code.clone(),
+            display: c.display.clone(),
+            onset: c.onset.clone(),
+            status: c.status.clone(),
+            verification: c.verification.clone(),
+            ..Default::default()
+        })
+        .collect();
+    out.observations = obs
+        .into_iter()
+        .map(|(code, (_, date))| crate::chart::Observation {
+            code: code.to_string(),
+            value: Some(0.into()),
+            date: date.to_string(),
+            ..Default::default()
+        })
+        .collect();
+    out.immunizations = imm
+        .into_values()
+        .map(|i| crate::chart::Immunization {
+            vaccine: String::new(),
+            code: i.code.clone(),
+            date: i.date.clone(),
+            ..Default::default()
+        })
+        .collect();
+    out
 }
 
 #[cfg(test)]
@@ -433,5 +435,91 @@ mod tests {
         let items = due_items(&kid, d("2026-01-01"), d("2026-01-01"));
         assert_eq!(items[0].rule, "mmr-child");
         assert_eq!(items[0].due, "2023-03-01");
+    }
+
+    fn chart2(
+        patient_extra: &str,
+        conditions: &str,
+        observations: &str,
+        immunizations: &str,
+    ) -> Chart {
+        let j = format!(
+            r#"{{"id":"c1","type":"chart","schemaVersion":2,"patient":{{"mrn":"M","name":{{"family":"F"}},"birthDate":"1950-01-01"{patient_extra}}},"conditions":[{conditions}],"observations":[{observations}],"immunizations":[{immunizations}],"createdAt":"2020-01-01T00:00:00Z","updatedAt":"2020-01-01T00:00:00Z"}}"#
+        );
+        Chart::from_json_slice(j.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn negated_and_erroneous_entries_are_never_evidence_and_the_dead_are_never_due() {
+        let (today, horizon) = (d("2026-06-01"), d("2026-06-01"));
+        let rules = |c: &Chart| -> Vec<&str> {
+            let a = due_items(c, today, horizon)
+                .iter()
+                .map(|i| i.rule)
+                .collect::<Vec<_>>();
+            // The reduced facts say the same.
+            assert_eq!(
+                due_items(&facts(c), today, horizon)
+                    .iter()
+                    .map(|i| i.rule)
+                    .collect::<Vec<_>>(),
+                a
+            );
+            a
+        };
+        // A refuted or entered-in-error diabetes does not make HbA1c due; a confirmed one does.
+        for v in ["refuted", "entered-in-error"] {
+            let c = chart2(
+                "",
+                &format!(r#"{{"code":"E11.9","status":"active","verification":"{v}"}}"#),
+                "",
+                "",
+            );
+            assert!(!rules(&c).contains(&"hba1c-diabetes"), "{v}");
+        }
+        let c = chart2(
+            "",
+            r#"{"code":"E11.9","status":"active","verification":"confirmed"}"#,
+            "",
+            "",
+        );
+        assert!(rules(&c).contains(&"hba1c-diabetes"));
+        // An HbA1c entered in error does not satisfy the rule; a final one does.
+        let obs = |status: &str| {
+            format!(
+                r#"{{"code":"4548-4","value":7.1,"date":"2026-05-01T10:00:00Z","status":"{status}"}}"#
+            )
+        };
+        let c = chart2("", r#"{"code":"E11.9"}"#, &obs("entered-in-error"), "");
+        assert!(rules(&c).contains(&"hba1c-diabetes"));
+        let c = chart2("", r#"{"code":"E11.9"}"#, &obs("final"), "");
+        assert!(!rules(&c).contains(&"hba1c-diabetes"));
+        // A flu vaccine not given does not count.
+        let c = chart2(
+            "",
+            "",
+            "",
+            r#"{"vaccine":"Flu","code":"141","date":"2026-01-01","status":"not-done"}"#,
+        );
+        assert!(rules(&c).contains(&"influenza-65"));
+        let c = chart2(
+            "",
+            "",
+            "",
+            r#"{"vaccine":"Flu","code":"141","date":"2026-01-01"}"#,
+        );
+        assert!(!rules(&c).contains(&"influenza-65"));
+        // A blood pressure panel's systolic component is evidence of a blood pressure check.
+        let bp = r#"{"code":"85354-9","date":"2026-05-01T10:00:00Z","components":[{"code":"8480-6","value":120},{"code":"8462-4","value":80}]}"#;
+        let c = chart2("", r#"{"code":"I10"}"#, bp, "");
+        assert!(!rules(&c).contains(&"bp-hypertension"));
+        // Nothing is due for a patient who has died.
+        let c = chart2(
+            r#","deceasedDate":"2008-03-01""#,
+            r#"{"code":"E11.9"}"#,
+            "",
+            "",
+        );
+        assert!(rules(&c).is_empty());
     }
 }

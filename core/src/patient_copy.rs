@@ -73,8 +73,66 @@ fn table(out: &mut String, id: &str, title: &str, head: &[&str], rows: Vec<Vec<S
     out.push_str("</tbody></table></section>\n");
 }
 
+/// A result as a person reads it: "> 1.2 mg/dL", a coded answer, a text.
+fn result_text(o: &Observation) -> String {
+    if let Some(v) = &o.value {
+        let cmp = o
+            .comparator
+            .as_deref()
+            .map(|c| format!("{c} "))
+            .unwrap_or_default();
+        return format!("{}{} {}", esc(&cmp), v, opt(&o.unit));
+    }
+    if let Some(c) = &o.value_coding {
+        return c
+            .text
+            .as_deref()
+            .or(c.display.as_deref())
+            .or(c.code.as_deref())
+            .map(esc)
+            .unwrap_or_default();
+    }
+    if let Some(t) = &o.value_string {
+        return esc(t);
+    }
+    if let Some(b) = o.value_boolean {
+        return if b { "yes" } else { "no" }.into();
+    }
+    if let Some(t) = &o.value_date_time {
+        return esc(t);
+    }
+    o.components
+        .iter()
+        .map(|c| {
+            let v = c
+                .value
+                .as_ref()
+                .map(|v| format!("{v} {}", opt(&c.unit)))
+                .or_else(|| {
+                    c.value_coding
+                        .as_ref()
+                        .and_then(|x| x.display.as_deref().map(esc))
+                })
+                .or_else(|| c.value_string.as_deref().map(esc))
+                .unwrap_or_default();
+            format!(
+                "{}: {}",
+                c.display
+                    .as_deref()
+                    .map(esc)
+                    .unwrap_or_else(|| esc(&c.code)),
+                v.trim()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn trend_svg(title: &str, unit: &str, points: &[&Observation]) -> String {
-    let vals: Vec<f64> = points.iter().filter_map(|o| o.value.as_f64()).collect();
+    let vals: Vec<f64> = points
+        .iter()
+        .filter_map(|o| o.value.as_ref().and_then(|v| v.as_f64()))
+        .collect();
     let (w, h, pad) = (320.0, 90.0, 12.0);
     let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -114,7 +172,9 @@ fn trend_svg(title: &str, unit: &str, points: &[&Observation]) -> String {
     s
 }
 
-/// The patient copy as one HTML page. `generated` is the RFC 3339 time it was made and
+/// The patient copy as one HTML page. Only what is true of the patient is shown: a problem
+/// refuted or entered in error, a drug recorded as "do not give" or not taken, a vaccine not
+/// given, a result or note entered in error are left out. `generated` is the RFC 3339 time it was made and
 /// `practice` the name of the practice that made it.
 pub fn html(chart: &Chart, shared: &[Sharing], practice: &str, generated: &str) -> String {
     let p = &chart.patient;
@@ -133,11 +193,22 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
     let _ = writeln!(
         o,
         "<header><h1 id=\"patient\">{}</h1><p class=\"meta\">Born {} · {} · Record number (MRN) {}</p>\
-<p class=\"meta\">Your copy of your health record, made by {} on {}. Chart {}.</p></header>",
+{}<p class=\"meta\">Your copy of your health record, made by {} on {}. Chart {}.</p></header>",
         esc(&name),
         esc(&p.birth_date),
         opt(&p.sex),
         esc(&p.mrn),
+        if p.is_deceased() {
+            format!(
+                "<p class=\"meta\">Deceased{}</p>",
+                p.deceased_date
+                    .as_deref()
+                    .map(|d| format!(" {}", esc(d)))
+                    .unwrap_or_default()
+            )
+        } else {
+            String::new()
+        },
         esc(practice),
         esc(day(generated)),
         esc(&chart.id)
@@ -151,6 +222,7 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
         chart
             .conditions
             .iter()
+            .filter(|c| c.is_fact())
             .map(|c| vec![opt(&c.display), esc(&c.code), opt(&c.onset), opt(&c.status)])
             .collect(),
     );
@@ -162,10 +234,20 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
         chart
             .medications
             .iter()
+            .filter(|m| m.is_fact())
             .map(|m| {
                 vec![
                     esc(&m.name),
-                    opt(&m.dose),
+                    m.dose
+                        .as_deref()
+                        .or(m.dosage.as_deref())
+                        .map(esc)
+                        .or_else(|| {
+                            m.dose_quantity
+                                .as_ref()
+                                .map(|q| format!("{} {}", q.value, opt(&q.unit)))
+                        })
+                        .unwrap_or_default(),
                     opt(&m.frequency),
                     opt(&m.start),
                     opt(&m.status),
@@ -181,12 +263,22 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
         chart
             .allergies
             .iter()
+            .filter(|a| {
+                !matches!(
+                    a.verification.as_deref(),
+                    Some("refuted") | Some("entered-in-error")
+                )
+            })
             .map(|a| vec![esc(&a.substance), opt(&a.reaction), opt(&a.severity)])
             .collect(),
     );
 
     // Observations: the most recent in a table, and a trend per measurement with 2+ values.
-    let mut obs: Vec<&Observation> = chart.observations.iter().collect();
+    let mut obs: Vec<&Observation> = chart
+        .observations
+        .iter()
+        .filter(|o| o.is_evidence())
+        .collect();
     obs.sort_by(|a, b| b.date.cmp(&a.date));
     let _ = write!(
         o,
@@ -201,7 +293,9 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
         }
         o.push_str("<div class=\"trends\">");
         for (code, mut pts) in series {
-            pts.retain(|x| x.value.as_f64().is_some());
+            pts.retain(|x| {
+                x.value.as_ref().and_then(|v| v.as_f64()).is_some() && x.comparator.is_none()
+            });
             if pts.len() < 2 {
                 continue;
             }
@@ -215,14 +309,13 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
         for x in obs.iter().take(RECENT_OBSERVATIONS) {
             let _ = write!(
                 o,
-                "<tr><td>{}</td><td>{}</td><td>{} {}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
                 esc(day(&x.date)),
                 x.display
                     .as_deref()
                     .map(esc)
                     .unwrap_or_else(|| esc(&x.code)),
-                x.value,
-                opt(&x.unit)
+                result_text(x),
             );
         }
         o.push_str("</tbody></table>");
@@ -237,10 +330,51 @@ figcaption{{font-size:.85rem;color:#444;max-width:320px}}@media print{{body{{mar
         chart
             .immunizations
             .iter()
+            .filter(|i| i.was_given())
             .map(|i| vec![esc(&i.vaccine), esc(day(&i.date)), opt(&i.lot)])
             .collect(),
     );
-    let mut notes: Vec<_> = chart.notes.iter().collect();
+    let mut visits: Vec<_> = chart.encounters.iter().filter(|e| e.happened()).collect();
+    visits.sort_by(|a, b| b.start.cmp(&a.start));
+    table(
+        &mut o,
+        "visits",
+        "Visits",
+        &["Date", "Visit", "Reason", "Seen by"],
+        visits
+            .iter()
+            .map(|e| {
+                vec![
+                    e.start.as_deref().map(|d| esc(day(d))).unwrap_or_default(),
+                    opt(&e.display),
+                    opt(&e.reason),
+                    opt(&e.practitioner),
+                ]
+            })
+            .collect(),
+    );
+    table(
+        &mut o,
+        "procedures",
+        "Procedures",
+        &["Date", "Procedure", "Reason"],
+        chart
+            .procedures
+            .iter()
+            .filter(|p| p.happened())
+            .map(|p| {
+                vec![
+                    p.date.as_deref().map(|d| esc(day(d))).unwrap_or_default(),
+                    p.display
+                        .as_deref()
+                        .map(esc)
+                        .unwrap_or_else(|| esc(&p.code)),
+                    opt(&p.reason),
+                ]
+            })
+            .collect(),
+    );
+    let mut notes: Vec<_> = chart.notes.iter().filter(|n| !n.is_error()).collect();
     notes.sort_by(|a, b| b.date.cmp(&a.date));
     table(
         &mut o,

@@ -20,6 +20,7 @@ use crate::node::{Node, NodeError};
 use chartmesh_store::StoreError;
 
 mod console;
+mod fhir;
 mod workflow;
 
 /// The largest import request: a few thousand charts. The CLI sends smaller chunks.
@@ -51,10 +52,6 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route(
             "/import",
             post(import).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
-        )
-        .route(
-            "/import/fhir",
-            post(import_fhir).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
         )
         .route("/export", get(export))
         .route("/charts", get(search).post(create))
@@ -89,6 +86,7 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/console.js", get(console::script))
         .route("/console.css", get(console::style))
         .route("/login", get(console::login))
+        .merge(fhir::routes(state.clone()))
         .nest("/api/v1", api)
         .layer(middleware::from_fn(console::loopback_only))
         .with_state(state)
@@ -403,21 +401,6 @@ fn import_author(q: ImportQuery, headers: &HeaderMap) -> Result<String, NodeErro
         }
         None => Ok(user(headers)),
     }
-}
-
-async fn import_fhir(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Query(q): Query<ImportQuery>,
-    body: Bytes,
-) -> Result<Json<Value>, NodeError> {
-    let report = st
-        .node
-        .import_fhir(body, &import_author(q, &headers)?)
-        .await?;
-    Ok(Json(
-        serde_json::to_value(report).expect("report serializes"),
-    ))
 }
 
 /// A JSONL import, taken in parts of [`IMPORT_PART`] records (each part's good records

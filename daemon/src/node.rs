@@ -316,7 +316,8 @@ impl Node {
         obj.entry("schemaVersion").or_insert_with(|| 1.into());
         obj.entry("practiceId")
             .or_insert_with(|| self.practice_id().into());
-        for list in chartmesh_core::doc::RECORD_SECTIONS {
+        // The version 1 sections (encounters and procedures exist once they have entries).
+        for list in &chartmesh_core::doc::RECORD_SECTIONS[..6] {
             obj.entry(*list).or_insert_with(|| Value::Array(vec![]));
         }
         obj.entry("createdAt").or_insert_with(|| now.clone().into());
@@ -487,9 +488,11 @@ impl Node {
                 "immunizations" => {
                     Entry::Immunization(serde_json::from_value::<Immunization>(v).map_err(bad)?)
                 }
+                "encounters" => Entry::Encounter(serde_json::from_value(v).map_err(bad)?),
+                "procedures" => Entry::Procedure(serde_json::from_value(v).map_err(bad)?),
                 other => {
                     return Err(NodeError::Invalid(format!(
-                        "unknown section {other:?}: use notes, medications, allergies, observations, conditions or immunizations"
+                        "unknown section {other:?}: use notes, medications, allergies, observations, conditions, immunizations, encounters or procedures"
                     )));
                 }
             })
@@ -564,6 +567,7 @@ impl Node {
                         "Medication alert acknowledged when adding {}: {text}. Override reason: {reason}",
                         m.name
                     ),
+                    ..Default::default()
                 }));
                 audit.push(
                     AuditEvent::new(meta.time_ms, author, "alert-override")
@@ -649,7 +653,7 @@ impl Node {
                             let mut conditions: Vec<String> = chart
                                 .conditions
                                 .iter()
-                                .filter(|c| c.status.as_deref().is_none_or(|s| s == "active"))
+                                .filter(|c| c.is_active())
                                 .map(|c| format!("{} {}", c.code, c.display.clone().unwrap_or_default()))
                                 .collect();
                             conditions.sort();
@@ -838,17 +842,18 @@ impl Node {
         let mut events = Vec::new();
         let t = now_ms();
         let r = self.store.for_each_chart(ids, &mut |mut rec| {
-            let json = rec.doc.to_json()?;
             let mut line = if fhir {
-                let chart = Chart::from_json_value(json).map_err(|e| {
+                let chart = rec.doc.to_chart().map_err(|e| {
                     StoreError::Corrupt(format!("chart {} does not read as a chart: {e}", rec.id))
                 })?;
                 let history = rec.doc.history();
                 let bundle = chartmesh_core::fhir::chart_to_bundle(&chart, &history);
-                serde_json::to_string(&serde_json::json!({ "chartId": rec.id, "bundle": bundle }))
-                    .expect("bundles serialize")
+                // Decimals as recorded (fhir::json writes them).
+                chartmesh_core::fhir::json::to_string(
+                    &serde_json::json!({ "chartId": rec.id, "bundle": bundle }),
+                )
             } else {
-                canonical::to_canonical(&json)
+                canonical::to_canonical(&rec.doc.to_json()?)
             };
             line.push('\n');
             events.push(
@@ -881,6 +886,10 @@ impl Node {
     }
 }
 
+/// The most skipped or failed resources listed one by one in an import's report; the rest
+/// are counted (`resourcesOmitted`) and every one is in the per-type summary.
+pub const MAX_REPORTED_RESOURCES: usize = 1000;
+
 /// The account of a FHIR import: what became of every chart and every resource.
 #[derive(Debug, Clone, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -891,60 +900,149 @@ pub struct FhirImportReport {
     pub updated: usize,
     /// Stored charts that already held everything in this input.
     pub unchanged: usize,
+    /// Patients not merged with a stored chart they may be: each got a chart of its own and
+    /// is listed for review (`GET /api/v1/import/review`).
+    pub review: Vec<ReviewItem>,
+    /// What became of each patient of the input, in order.
+    pub patients: Vec<PatientOutcome>,
     /// Charts that could not be stored, with the reason.
     pub chart_errors: Vec<Value>,
     /// Per resource type: mapped, skipped, errors.
     pub summary: std::collections::BTreeMap<String, chartmesh_core::fhir::TypeCounts>,
-    /// Every resource that was skipped or in error, with its place in the input and the reason.
+    /// Every resource that was skipped or in error (the first [`MAX_REPORTED_RESOURCES`]),
+    /// with its place in the input and the reason.
     pub resources: Vec<chartmesh_core::fhir::ResourceReport>,
+    /// How many more skipped or failed resources there were than are listed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub resources_omitted: usize,
     /// Set when the input as a whole could not be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fatal: Option<String>,
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// One patient of an import and the chart it went to.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PatientOutcome {
+    /// The Patient's id in the input, when it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    pub chart: String,
+    /// created, updated, unchanged, review (a new chart, held for review) or error.
+    pub outcome: &'static str,
+}
+
+/// A patient held for review: imported into a chart of its own, not merged, because it may be
+/// the same person as `candidates` without agreeing on identity evidence.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReviewItem {
+    pub chart: String,
+    pub candidates: Vec<String>,
+    pub reason: String,
+    pub detected_ms: i64,
+    pub by: String,
+}
+
+/// Where the review list is kept (store metadata, a JSON list).
+const REVIEW_KEY: &str = "fhir-import-review";
+/// Serializes read-modify-write of the review list.
+static REVIEW_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Node {
-    /// Imports a FHIR R4 Bundle or single resource. Patients become charts, matched to stored
-    /// charts by identifier (the chartmesh chart id, else the MRN): a matched chart gains only
-    /// the entries it does not already hold, so importing the same input twice changes nothing.
+    /// Imports FHIR R4: a Bundle, a single resource, or NDJSON. Patients become charts or are
+    /// matched to this practice's own charts by [`chartmesh_core::fhir::matching`] (never
+    /// merged without agreeing identity evidence; held for review otherwise); a resource
+    /// whose patient is not in the input is added to the stored chart its subject names. A
+    /// matched chart gains only what it does not already hold, so importing the same input
+    /// twice changes nothing. `context`: how many leading resources are context only
+    /// ([`chartmesh_core::fhir::import_with_context`]).
     pub async fn import_fhir(
         self: &Arc<Self>,
         body: bytes::Bytes,
         author: &str,
+        context: usize,
     ) -> Result<FhirImportReport, NodeError> {
         let now = crate::rfc3339(now_ms());
-        let parsed = self
-            .on_pool(move || chartmesh_core::fhir::import(&body, &now))
+        let mut parsed = self
+            .on_pool(move || chartmesh_core::fhir::import_with_context(&body, &now, context))
             .await;
+        let meta = self.meta(author, "import");
+        // Matching reads the store (and whole charts): done off the async workers, in one go.
+        let charts = std::mem::take(&mut parsed.charts);
+        let sources = std::mem::take(&mut parsed.sources);
+        let orphans = std::mem::take(&mut parsed.orphans);
+        let (plans, orphan_plans) = self
+            .read(move |store| {
+                let mut taken = std::collections::HashSet::new();
+                let plans = charts
+                    .into_iter()
+                    .zip(sources)
+                    .map(|(c, s)| plan_fhir_chart(store, c, &s, &mut taken))
+                    .collect::<Result<Vec<_>, NodeError>>()?;
+                let orphans = plan_orphans(store, orphans)?;
+                Ok((plans, orphans))
+            })
+            .await?;
         let mut report = FhirImportReport {
-            summary: parsed.summary(),
-            resources: parsed
-                .resources
-                .iter()
-                .filter(|r| r.outcome != chartmesh_core::fhir::Outcome::Mapped)
-                .cloned()
-                .collect(),
             fatal: parsed.fatal.clone(),
             ..Default::default()
         };
-        let meta = self.meta(author, "import");
-        // Matching reads the store (and whole charts): done off the async workers, in one go.
-        let charts = parsed.charts;
-        let plans = self
-            .read(move |store| {
-                charts
-                    .into_iter()
-                    .map(|c| plan_fhir_chart(store, c))
-                    .collect::<Result<Vec<_>, NodeError>>()
-            })
-            .await?;
+        // Entries for stored charts, by chart: from matched patients and from orphans.
+        let mut additions: Vec<Addition> = Vec::new();
         let mut to_insert = Vec::new();
+        let mut new_review = Vec::new();
         for plan in plans {
             match plan {
-                FhirPlan::Invalid { chart, error } => report
-                    .chart_errors
-                    .push(serde_json::json!({ "chart": chart, "error": error })),
-                FhirPlan::Unchanged => report.unchanged += 1,
-                FhirPlan::New(chart) => {
+                FhirPlan::Invalid {
+                    chart,
+                    source,
+                    error,
+                } => {
+                    report.patients.push(PatientOutcome {
+                        source,
+                        chart: chart.clone(),
+                        outcome: "error",
+                    });
+                    report
+                        .chart_errors
+                        .push(serde_json::json!({ "chart": chart, "error": error }));
+                }
+                FhirPlan::Unchanged { id, source } => {
+                    report.unchanged += 1;
+                    report.patients.push(PatientOutcome {
+                        source,
+                        chart: id,
+                        outcome: "unchanged",
+                    });
+                }
+                FhirPlan::New {
+                    chart,
+                    source,
+                    review,
+                } => {
+                    report.patients.push(PatientOutcome {
+                        source,
+                        chart: chart.id.clone(),
+                        outcome: if review.is_some() {
+                            "review"
+                        } else {
+                            "created"
+                        },
+                    });
+                    if let Some((candidates, reason)) = review {
+                        new_review.push(ReviewItem {
+                            chart: chart.id.clone(),
+                            candidates,
+                            reason,
+                            detected_ms: meta.time_ms,
+                            by: author.to_string(),
+                        });
+                    }
                     let mut doc = ChartDoc::create(&chart, &meta);
                     to_insert.push(NewChart {
                         id: chart.id.clone(),
@@ -962,114 +1060,467 @@ impl Node {
                         due_facts: facts_json(&chart),
                     });
                 }
-                FhirPlan::Add { id, missing } => {
-                    if let Err(e) = self.check_writable(&id, author).await {
-                        report
-                            .chart_errors
-                            .push(serde_json::json!({ "chart": id, "error": e.to_string() }));
-                        continue;
-                    }
-                    let n = missing.len();
-                    let m = meta.clone();
-                    let audit = vec![
-                        AuditEvent::new(meta.time_ms, author, "update")
-                            .chart(&id)
-                            .detail(format!("fhir-import entries={n}")),
-                    ];
-                    self.store
-                        .edit(
-                            id.clone(),
-                            Box::new(move |doc| {
-                                for e in &missing {
-                                    doc.append(e, &m)?;
-                                }
-                                Ok(())
-                            }),
-                            audit,
-                        )?
-                        .await
-                        .map_err(|_| StoreError::Closed)??;
-                    report.updated += 1;
+                FhirPlan::Add {
+                    id,
+                    source,
+                    missing,
+                    patient,
+                    version,
+                } => {
+                    report.patients.push(PatientOutcome {
+                        source,
+                        chart: id.clone(),
+                        outcome: "updated",
+                    });
+                    additions.push((id, missing, patient, version));
                 }
             }
         }
-        if !to_insert.is_empty() {
+        for o in orphan_plans {
+            match o {
+                Ok((id, entries, _)) if entries.is_empty() => {
+                    let _ = id;
+                }
+                Ok((id, entries, _)) => match additions.iter_mut().find(|a| a.0 == id) {
+                    Some(a) => {
+                        for e in entries {
+                            if !a.1.contains(&e) {
+                                a.1.push(e);
+                            }
+                        }
+                    }
+                    None => additions.push((id, entries, Vec::new(), 1)),
+                },
+                Err((report_at, reason)) => {
+                    if let Some(r) = parsed.resources.get_mut(report_at) {
+                        r.outcome = chartmesh_core::fhir::Outcome::Error;
+                        r.reason = Some(reason);
+                    }
+                }
+            }
+        }
+        // Every write is queued first and awaited after, so they share commits.
+        let mut pending = Vec::new();
+        for (id, missing, patient, version) in additions {
+            let n = missing.len();
+            let m = meta.clone();
+            let audit = vec![
+                AuditEvent::new(meta.time_ms, author, "update")
+                    .chart(&id)
+                    .detail(format!(
+                        "fhir-import entries={n} patient-fields={}",
+                        patient.len()
+                    )),
+            ];
+            let rx = self.store.edit(
+                id.clone(),
+                Box::new(move |doc| {
+                    if !patient.is_empty() {
+                        let fields: Vec<(&str, Option<Value>)> =
+                            patient.iter().map(|(k, v)| (*k, v.clone())).collect();
+                        doc.set_patient_fields(&fields, version, &m)?;
+                    }
+                    if !missing.is_empty() {
+                        doc.append_all(&missing, &m)?;
+                    }
+                    Ok(())
+                }),
+                audit,
+            )?;
+            pending.push((id, rx));
+        }
+        let inserted = if to_insert.is_empty() {
+            None
+        } else {
             let ids: Vec<String> = to_insert.iter().map(|c| c.id.clone()).collect();
-            let outcomes = self
-                .store
-                .insert_charts(to_insert, author.to_string())?
-                .await
-                .map_err(|_| StoreError::Closed)??;
+            Some((
+                ids,
+                self.store.insert_charts(to_insert, author.to_string())?,
+            ))
+        };
+        for (id, rx) in pending {
+            match rx.await.map_err(|_| StoreError::Closed)? {
+                Ok(_) => {
+                    // A patient matched, or a chart named by a lone resource.
+                    if !report
+                        .patients
+                        .iter()
+                        .any(|p| p.chart == id && p.outcome == "updated")
+                    {
+                        report.patients.push(PatientOutcome {
+                            source: None,
+                            chart: id.clone(),
+                            outcome: "updated",
+                        });
+                    }
+                    report.updated += 1;
+                }
+                Err(e) => report
+                    .chart_errors
+                    .push(serde_json::json!({ "chart": id, "error": e.to_string() })),
+            }
+        }
+        if let Some((ids, rx)) = inserted {
+            let outcomes = rx.await.map_err(|_| StoreError::Closed)??;
             for (id, o) in ids.into_iter().zip(outcomes) {
                 match o {
                     InsertOutcome::Inserted => report.created += 1,
-                    InsertOutcome::AlreadyExists => report.chart_errors.push(serde_json::json!({
-                        "chart": id,
-                        "error": "a chart with this id appeared during the import; import the file again to add to it"
-                    })),
+                    InsertOutcome::AlreadyExists => {
+                        new_review.retain(|r| r.chart != id);
+                        report.chart_errors.push(serde_json::json!({
+                            "chart": id,
+                            "error": "a chart with this id appeared during the import; import the file again to add to it"
+                        }))
+                    }
                 }
             }
         }
+        if !new_review.is_empty() {
+            self.add_review(&new_review, author).await?;
+            report.review = new_review;
+        }
+        report.summary = parsed.summary();
+        let mut listed: Vec<_> = parsed
+            .resources
+            .into_iter()
+            .filter(|r| r.outcome != chartmesh_core::fhir::Outcome::Mapped)
+            .collect();
+        if listed.len() > MAX_REPORTED_RESOURCES {
+            report.resources_omitted = listed.len() - MAX_REPORTED_RESOURCES;
+            listed.truncate(MAX_REPORTED_RESOURCES);
+        }
+        report.resources = listed;
         Ok(report)
     }
-}
 
-/// What a FHIR import does with one chart it parsed.
-enum FhirPlan {
-    Invalid {
-        chart: String,
-        error: String,
-    },
-    New(Chart),
-    /// A stored chart (matched by id, else by MRN) gains these entries.
-    Add {
-        id: String,
-        missing: Vec<Entry>,
-    },
-    Unchanged,
-}
-
-fn plan_fhir_chart(store: &Store, chart: Chart) -> Result<FhirPlan, NodeError> {
-    if let Err(e) = chart.validate() {
-        return Ok(FhirPlan::Invalid {
-            chart: chart.id,
-            error: e.to_string(),
-        });
+    /// The patients held for review by FHIR imports (audited as a read).
+    pub async fn import_review(&self, actor: &str) -> Result<Vec<ReviewItem>, NodeError> {
+        let list = self.read(read_review).await?;
+        self.audit(vec![
+            AuditEvent::new(now_ms(), actor, "read")
+                .detail(format!("import review items={}", list.len())),
+        ])
+        .await?;
+        Ok(list)
     }
-    // The same chart id, else the one chart here with the same MRN.
-    let mut target = store.get(&chart.id)?.map(|r| (chart.id.clone(), r));
-    if target.is_none() {
-        let hits: Vec<_> = store
-            .search(&chart.patient.mrn, 2)?
-            .into_iter()
-            .filter(|h| h.mrn == chart.patient.mrn)
+
+    async fn add_review(&self, items: &[ReviewItem], actor: &str) -> Result<(), NodeError> {
+        let _guard = REVIEW_LOCK.lock().await;
+        let mut list = self.read(read_review).await?;
+        list.extend(items.iter().cloned());
+        let value = serde_json::to_string(&list).expect("review list serializes");
+        self.store
+            .put_meta(REVIEW_KEY, &value)?
+            .await
+            .map_err(|_| StoreError::Closed)??;
+        let events = items
+            .iter()
+            .map(|i| {
+                AuditEvent::new(i.detected_ms, actor, "import-review")
+                    .chart(&i.chart)
+                    .detail(format!(
+                        "held for review: may be {}",
+                        i.candidates.join(", ")
+                    ))
+            })
             .collect();
-        if hits.len() == 1 {
-            target = store.get(&hits[0].id)?.map(|r| (hits[0].id.clone(), r));
-        }
+        self.audit(events).await
     }
-    let Some((id, rec)) = target else {
-        return Ok(FhirPlan::New(chart));
-    };
-    let missing = missing_entries(&rec.doc.to_chart()?, &chart);
-    Ok(if missing.is_empty() {
-        FhirPlan::Unchanged
-    } else {
-        FhirPlan::Add { id, missing }
+}
+
+fn read_review(store: &Store) -> Result<Vec<ReviewItem>, NodeError> {
+    Ok(match store.get_meta(REVIEW_KEY)? {
+        Some(s) => serde_json::from_str(&s).unwrap_or_default(),
+        None => Vec::new(),
     })
 }
 
-/// Entries of `incoming` that `stored` does not hold yet, section by section.
+/// Additions to a stored chart: (chart, entries, patient fields, schema version they need).
+type Addition = (String, Vec<Entry>, Vec<(&'static str, Option<Value>)>, u32);
+
+/// What a FHIR import does with one patient it parsed.
+enum FhirPlan {
+    Invalid {
+        chart: String,
+        source: Option<String>,
+        error: String,
+    },
+    /// A new chart; with `review`, held for review (candidates, reason).
+    New {
+        chart: Box<Chart>,
+        source: Option<String>,
+        review: Option<(Vec<String>, String)>,
+    },
+    /// A stored chart (the same patient) gains these entries and patient fields.
+    Add {
+        id: String,
+        source: Option<String>,
+        missing: Vec<Entry>,
+        patient: Vec<(&'static str, Option<Value>)>,
+        version: u32,
+    },
+    Unchanged {
+        id: String,
+        source: Option<String>,
+    },
+}
+
+/// This practice's own chart `id` (never a copy received from another practice), read whole.
+fn own_chart(store: &Store, id: &str) -> Result<Option<Chart>, NodeError> {
+    match store.get(id)? {
+        Some(rec) if rec.origin.is_none() => Ok(Some(rec.doc.to_chart()?)),
+        _ => Ok(None),
+    }
+}
+
+/// This practice's own charts whose MRN is one of the patient's identifier values.
+fn identifier_candidates(
+    store: &Store,
+    p: &chartmesh_core::chart::Patient,
+) -> Result<Vec<(String, chartmesh_core::chart::Patient)>, NodeError> {
+    let mut out: Vec<(String, chartmesh_core::chart::Patient)> = Vec::new();
+    for (_, value) in p.all_identifiers() {
+        for h in store.search(value, 50)? {
+            if h.mrn == value
+                && h.origin.is_none()
+                && !out.iter().any(|(id, _)| *id == h.id)
+                && let Some(c) = own_chart(store, &h.id)?
+            {
+                out.push((h.id, c.patient));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn plan_fhir_chart(
+    store: &Store,
+    mut chart: Chart,
+    source: &chartmesh_core::fhir::PatientSource,
+    taken: &mut std::collections::HashSet<String>,
+) -> Result<FhirPlan, NodeError> {
+    use chartmesh_core::fhir::matching::{self, Decision};
+    let src = source.resource_id.as_ref().map(|i| format!("Patient/{i}"));
+    if let Err(e) = chart.validate() {
+        return Ok(FhirPlan::Invalid {
+            chart: chart.id,
+            source: src,
+            error: e.to_string(),
+        });
+    }
+    let mut candidates = identifier_candidates(store, &chart.patient)?;
+    // A chart this import made before from the same patient (its id comes from the input):
+    // the same identity evidence is the same chart, so an import done twice changes nothing.
+    let base = chart.id.clone();
+    let mut decision = None;
+    if !source.chartmesh_id {
+        for n in 1..10 {
+            let id = if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
+            if let Some(c) = own_chart(store, &id)?
+                && matching::same_evidence(&c.patient, &chart.patient)
+            {
+                decision = Some(Decision::Same(id));
+                break;
+            }
+        }
+    } else if !candidates.iter().any(|(id, _)| *id == chart.id)
+        && let Some(c) = own_chart(store, &chart.id)?
+    {
+        candidates.push((chart.id.clone(), c.patient));
+    }
+    let decision = decision.unwrap_or_else(|| {
+        matching::decide(
+            &chart.patient,
+            source.chartmesh_id.then_some(chart.id.as_str()),
+            &candidates,
+        )
+    });
+    match decision {
+        Decision::Same(id) => {
+            let stored = own_chart(store, &id)?.ok_or_else(|| NodeError::NotFound(id.clone()))?;
+            let missing = missing_entries(&stored, &chart);
+            let patient = matching::patient_updates(&stored.patient, &chart.patient);
+            if missing.is_empty() && patient.is_empty() {
+                return Ok(FhirPlan::Unchanged { id, source: src });
+            }
+            let v2 = |(k, v): &(&str, Option<Value>)| {
+                matches!(
+                    *k,
+                    "mrnSystem"
+                        | "identifiers"
+                        | "deceased"
+                        | "deceasedDate"
+                        | "telecom"
+                        | "language"
+                ) || (*k == "address" && v.as_ref().is_some_and(|a| !a["state"].is_null()))
+            };
+            let version = if patient.iter().any(v2) { 2 } else { 1 };
+            Ok(FhirPlan::Add {
+                id,
+                source: src,
+                missing,
+                patient,
+                version,
+            })
+        }
+        d => {
+            // A new chart, under an id no chart here has.
+            let mut id = base.clone();
+            let mut n = 1;
+            while taken.contains(&id) || store.get(&id)?.is_some() {
+                n += 1;
+                id = format!("{base}-{n}");
+            }
+            taken.insert(id.clone());
+            if id != chart.id {
+                for note in &mut chart.notes {
+                    if let Some(rest) = note.id.strip_prefix(&format!("{}-", chart.id)) {
+                        note.id = format!("{id}-{rest}");
+                    }
+                }
+                chart.id = id;
+            }
+            let review = match d {
+                Decision::Review { candidates, reason } => Some((candidates, reason)),
+                _ => None,
+            };
+            Ok(FhirPlan::New {
+                chart: Box::new(chart),
+                source: src,
+                review,
+            })
+        }
+    }
+}
+
+/// Resolves each resource whose patient was not in the input to one of this practice's own
+/// charts: `Ok((chart, entries it lacks, report))`, or `Err((report, why not))`.
+#[allow(clippy::type_complexity)]
+fn plan_orphans(
+    store: &Store,
+    orphans: Vec<chartmesh_core::fhir::Orphan>,
+) -> Result<Vec<Result<(String, Vec<Entry>, usize), (usize, String)>>, NodeError> {
+    use chartmesh_core::fhir::PatientRef;
+    let mut cache: HashMap<String, Option<Chart>> = HashMap::new();
+    let mut out = Vec::with_capacity(orphans.len());
+    for o in orphans {
+        let found: Result<String, String> = match &o.target {
+            PatientRef::Reference(r) => {
+                let id = r.strip_prefix("Patient/").unwrap_or(r);
+                let candidates = [id.to_string(), format!("fhir-{id}")];
+                let mut hit = None;
+                for c in candidates {
+                    if store.chart_origin(&c)?.is_some_and(|o| o.is_none()) {
+                        hit = Some(c);
+                        break;
+                    }
+                }
+                hit.ok_or_else(|| {
+                    format!("refers to {r}, which is neither in this input nor a chart of this practice; import the Patient first")
+                })
+            }
+            PatientRef::Identifier { system, value } => {
+                let probe = chartmesh_core::chart::Patient {
+                    mrn: value.clone(),
+                    mrn_system: system.clone(),
+                    ..Default::default()
+                };
+                let hits: Vec<String> = identifier_candidates(store, &probe)?
+                    .into_iter()
+                    .filter(|(_, p)| {
+                        p.all_identifiers().any(|(s, v)| {
+                            v == value
+                                && (s == system.as_deref() || (system.is_none() && s.is_none()))
+                        })
+                    })
+                    .map(|(id, _)| id)
+                    .collect();
+                match hits.len() {
+                    1 => Ok(hits[0].clone()),
+                    0 => Err(format!(
+                        "refers to the patient with identifier {}|{value}, and no chart of this practice has it",
+                        system.as_deref().unwrap_or("")
+                    )),
+                    n => Err(format!(
+                        "refers to the patient with identifier {}|{value}, which {n} charts have; it was not filed",
+                        system.as_deref().unwrap_or("")
+                    )),
+                }
+            }
+        };
+        match found {
+            Err(why) => out.push(Err((o.report, why))),
+            Ok(id) => {
+                if !cache.contains_key(&id) {
+                    cache.insert(id.clone(), own_chart(store, &id)?);
+                }
+                let Some(stored) = cache.get(&id).cloned().flatten() else {
+                    out.push(Err((o.report, format!("chart {id} could not be read"))));
+                    continue;
+                };
+                let entries: Vec<Entry> = o
+                    .entries
+                    .into_iter()
+                    .map(|e| match e {
+                        Entry::Note(mut n) => {
+                            if let Some(rest) = n.id.strip_prefix("orphan-") {
+                                n.id = format!("{id}-{rest}");
+                            }
+                            Entry::Note(n)
+                        }
+                        e => e,
+                    })
+                    .collect();
+                let mut incoming = stored.clone();
+                incoming.conditions.clear();
+                incoming.allergies.clear();
+                incoming.medications.clear();
+                incoming.observations.clear();
+                incoming.notes.clear();
+                incoming.immunizations.clear();
+                incoming.encounters.clear();
+                incoming.procedures.clear();
+                for e in entries {
+                    match e {
+                        Entry::Condition(x) => incoming.conditions.push(x),
+                        Entry::Allergy(x) => incoming.allergies.push(x),
+                        Entry::Medication(x) => incoming.medications.push(x),
+                        Entry::Observation(x) => incoming.observations.push(x),
+                        Entry::Note(x) => incoming.notes.push(x),
+                        Entry::Immunization(x) => incoming.immunizations.push(x),
+                        Entry::Encounter(x) => incoming.encounters.push(x),
+                        Entry::Procedure(x) => incoming.procedures.push(x),
+                    }
+                }
+                out.push(Ok((id, missing_entries(&stored, &incoming), o.report)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Entries of `incoming` that `stored` does not hold yet, section by section. Counted: an
+/// entry the input holds twice is missing once when the chart holds it once.
 fn missing_entries(stored: &Chart, incoming: &Chart) -> Vec<Entry> {
-    fn add<T: PartialEq + Clone>(
+    fn add<T: Serialize + Clone>(
         have: &[T],
         new: &[T],
         wrap: fn(T) -> Entry,
         out: &mut Vec<Entry>,
     ) {
+        let key = |x: &T| serde_json::to_string(x).expect("entries serialize");
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for x in have {
+            *count.entry(key(x)).or_default() += 1;
+        }
         for x in new {
-            if !have.contains(x) {
-                out.push(wrap(x.clone()));
+            match count.get_mut(&key(x)) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => out.push(wrap(x.clone())),
             }
         }
     }
@@ -1103,6 +1554,18 @@ fn missing_entries(stored: &Chart, incoming: &Chart) -> Vec<Entry> {
         &stored.immunizations,
         &incoming.immunizations,
         Entry::Immunization,
+        &mut out,
+    );
+    add(
+        &stored.encounters,
+        &incoming.encounters,
+        Entry::Encounter,
+        &mut out,
+    );
+    add(
+        &stored.procedures,
+        &incoming.procedures,
+        Entry::Procedure,
         &mut out,
     );
     out

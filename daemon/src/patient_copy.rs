@@ -82,9 +82,12 @@ impl Node {
                     }
                 }
                 let ts = rfc3339(now);
+                let mut ips = fhir::ips_bundle(&chart, &history, &practice, &ts);
+                // Served inside a JSON answer: decimals as plain numbers.
+                fhir::json::unmark(&mut ips);
                 Ok(PatientCopy {
                     html: chartmesh_core::patient_copy::html(&chart, &shared, &practice, &ts),
-                    ips: fhir::ips_bundle(&chart, &history, &practice, &ts),
+                    ips,
                 })
             })
             .await?;

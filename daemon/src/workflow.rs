@@ -253,6 +253,7 @@ impl Node {
             author: author.to_string(),
             date: crate::rfc3339(now),
             text: t.to_string(),
+            ..Default::default()
         });
         let event = Event {
             step,

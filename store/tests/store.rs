@@ -41,6 +41,7 @@ fn note(id: &str) -> Entry {
         author: "Dr X".into(),
         date: "2025-01-01T00:00:00Z".into(),
         text: "text".into(),
+        ..Default::default()
     })
 }
 
@@ -513,6 +514,7 @@ fn a_write_past_the_chart_size_limit_is_refused_and_loses_nothing() {
             author: "Dr X".into(),
             date: "2024-01-01T00:00:00Z".into(),
             text,
+            ..Default::default()
         })
     };
     let mut written = 0;

@@ -1342,6 +1342,7 @@ impl Mesh {
             author: "sim".into(),
             date: "2026-01-01T00:00:00Z".into(),
             text: format!("note {note_id}"),
+            ..Default::default()
         });
         let meta = self.meta(node, "add note");
         let r = store

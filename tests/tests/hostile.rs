@@ -55,6 +55,7 @@ fn note_by(p: PracticeId, text: &str) -> (Entry, ChangeMeta) {
             author: "Mallory".into(),
             date: "2026-01-01T00:00:00Z".into(),
             text: text.into(),
+            ..Default::default()
         }),
         ChangeMeta {
             practice: p,

@@ -232,6 +232,7 @@ fn a_chart_too_large_to_send_is_unavailable_alone_while_the_rest_sync() {
                     author: "Dr Old".into(),
                     date: "2020-01-01T00:00:00Z".into(),
                     text,
+                    ..Default::default()
                 }),
                 &meta,
             )

@@ -27,6 +27,7 @@ fn med(name: &str) -> Medication {
         frequency: None,
         start: None,
         status: Some("active".into()),
+        ..Default::default()
     }
 }
 
@@ -152,4 +153,39 @@ fn standing_alerts_cover_every_active_medication_once() {
     let mut keys: Vec<&str> = all.iter().map(|a| a.key.as_str()).collect();
     keys.dedup();
     assert_eq!(keys.len(), all.len(), "each alert once: {all:?}");
+}
+
+#[test]
+fn negated_allergies_and_do_not_perform_orders_raise_no_alerts() {
+    let chart = |allergy: &str, meds: &str| -> Chart {
+        let j = format!(
+            r#"{{"id":"c1","type":"chart","schemaVersion":2,"patient":{{"mrn":"M","name":{{"family":"F"}},"birthDate":"1970-01-01"}},"allergies":[{allergy}],"medications":[{meds}],"createdAt":"2020-01-01T00:00:00Z","updatedAt":"2020-01-01T00:00:00Z"}}"#
+        );
+        Chart::from_json_slice(j.as_bytes()).unwrap()
+    };
+    let amox = med("Amoxicillin");
+    for v in [
+        r#""verification":"refuted""#,
+        r#""verification":"entered-in-error""#,
+        r#""status":"resolved""#,
+    ] {
+        let c = chart(&format!(r#"{{"substance":"Penicillin",{v}}}"#), "");
+        assert!(check_new_medication(&c, &amox).is_empty(), "{v}");
+    }
+    let c = chart(
+        r#"{"substance":"Penicillin","verification":"confirmed"}"#,
+        "",
+    );
+    assert!(!check_new_medication(&c, &amox).is_empty());
+    // Warfarin recorded as "do not give" is not an active anticoagulant.
+    let c = chart(
+        "",
+        r#"{"name":"Warfarin","status":"active","doNotPerform":true},{"name":"Ibuprofen","status":"active"}"#,
+    );
+    assert!(chart_alerts(&c).is_empty(), "{:?}", chart_alerts(&c));
+    let c = chart(
+        "",
+        r#"{"name":"Warfarin","status":"active"},{"name":"Ibuprofen","status":"active"}"#,
+    );
+    assert!(!chart_alerts(&c).is_empty());
 }

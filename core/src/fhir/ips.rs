@@ -2,6 +2,11 @@
 //! Composition (LOINC 60591-5) with the IPS sections, built from the same resources as the
 //! chart's export Bundle. The problems, allergies and medications sections are always
 //! present; with nothing to list they carry an empty reason instead of entries.
+//!
+//! A summary lists only what is true of the patient, each with its status: problems and
+//! allergies that are not refuted or entered in error, medications that were taken or
+//! prescribed (never a "do not give" order, a draft, a cancelled order or one entered in
+//! error; none for a patient who has died), vaccines given, results that count.
 
 use serde_json::{Value, json};
 
@@ -29,7 +34,7 @@ const SECTIONS: &[(&str, &str, &str, &str, bool)] = &[
         true,
     ),
     (
-        "MedicationStatement",
+        "Medication",
         "10160-0",
         "History of Medication use Narrative",
         "Medication Summary",
@@ -60,24 +65,47 @@ fn xhtml(text: &str) -> Value {
 
 /// The IPS document of a chart, authored by `practice` at `now_ts` (RFC 3339).
 pub fn ips_bundle(chart: &Chart, history: &[HistoryEntry], practice: &str, now_ts: &str) -> Value {
-    let full = chart_to_bundle(chart, history);
+    let deceased = chart.patient.is_deceased();
+    let mut current = chart.clone();
+    current.conditions.retain(|c| c.is_fact());
+    current.allergies.retain(|a| {
+        !matches!(
+            a.verification.as_deref(),
+            Some("refuted") | Some("entered-in-error")
+        )
+    });
+    current.medications.retain(|m| m.is_fact() && !deceased);
+    current.immunizations.retain(|i| i.was_given());
+    current.observations.retain(|o| o.is_evidence());
+    let full = chart_to_bundle(&current, history);
     let pid = patient_id(&chart.id);
     let entries: Vec<Value> = full["entry"].as_array().cloned().unwrap_or_default();
+    fn section_of(t: &str) -> &str {
+        if t == "MedicationStatement" || t == "MedicationRequest" {
+            "Medication"
+        } else {
+            t
+        }
+    }
     let kept: Vec<Value> = entries
         .into_iter()
         .filter(|e| {
             let t = e["resource"]["resourceType"].as_str().unwrap_or("");
-            t == "Patient" || SECTIONS.iter().any(|s| s.0 == t)
+            t == "Patient" || SECTIONS.iter().any(|s| s.0 == section_of(t))
         })
         .collect();
+    let patient_url = kept
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "Patient")
+        .and_then(|e| e["fullUrl"].as_str())
+        .unwrap_or_default()
+        .to_string();
     let mut sections = Vec::new();
     for (rt, code, display, title, always) in SECTIONS {
         let refs: Vec<Value> = kept
             .iter()
-            .filter(|e| e["resource"]["resourceType"] == *rt)
-            .map(|e| {
-                json!({ "reference": format!("{rt}/{}", e["resource"]["id"].as_str().unwrap_or("")) })
-            })
+            .filter(|e| section_of(e["resource"]["resourceType"].as_str().unwrap_or("")) == *rt)
+            .map(|e| json!({ "reference": e["fullUrl"] }))
             .collect();
         if refs.is_empty() && !always {
             continue;
@@ -87,8 +115,13 @@ pub fn ips_bundle(chart: &Chart, history: &[HistoryEntry], practice: &str, now_t
             "code": { "coding": [{ "system": LOINC, "code": code, "display": display }] },
         });
         if refs.is_empty() {
-            s["text"] = xhtml(&format!("No {} known.", title.to_lowercase()));
-            s["emptyReason"] = json!({ "coding": [{ "system": EMPTY_REASON, "code": "nilknown", "display": "Nil Known" }] });
+            if *rt == "Medication" && deceased {
+                s["text"] = xhtml("No current medications: the patient has died.");
+                s["emptyReason"] = json!({ "coding": [{ "system": EMPTY_REASON, "code": "closed", "display": "Closed" }] });
+            } else {
+                s["text"] = xhtml(&format!("No {} known.", title.to_lowercase()));
+                s["emptyReason"] = json!({ "coding": [{ "system": EMPTY_REASON, "code": "nilknown", "display": "Nil Known" }] });
+            }
         } else {
             s["text"] = xhtml(&format!("{} entries.", refs.len()));
             s["entry"] = Value::Array(refs);
@@ -100,14 +133,14 @@ pub fn ips_bundle(chart: &Chart, history: &[HistoryEntry], practice: &str, now_t
         "id": format!("{pid}-ips"),
         "status": "final",
         "type": { "coding": [{ "system": LOINC, "code": "60591-5", "display": "Patient summary Document" }] },
-        "subject": { "reference": format!("Patient/{pid}") },
+        "subject": { "reference": patient_url },
         "date": now_ts,
         "author": [{ "display": practice }],
         "title": "International Patient Summary",
         "section": sections,
     });
     let mut out = vec![json!({
-        "fullUrl": format!("urn:chartmesh:Composition/{pid}-ips"),
+        "fullUrl": super::entry_uuid(&chart.id, "ips"),
         "resource": composition,
     })];
     out.extend(kept);
