@@ -9,6 +9,8 @@ use super::{ConnId, Rng};
 
 pub const BACKOFF_MIN_MS: u64 = 200;
 pub const BACKOFF_MAX_MS: u64 = 30_000;
+/// A connection older than this that a peer dials around has been lost at its end.
+pub const SETTLED_MS: u64 = 5_000;
 /// How soon to look for a peer that left on purpose (shut down, paused): it dials us when it
 /// is back, but it may come back at another address.
 pub const PEER_LEFT_RETRY_MS: u64 = 5_000;
@@ -70,6 +72,9 @@ pub enum Closed {
     Refused,
     /// This side closed it (paused, unpaired, shutting down, a duplicate).
     Local,
+    /// The peer closed it as the duplicate of another connection: if that one is not ours
+    /// too, the two sides disagree, and we dial again at once.
+    Duplicate,
     /// Timed out, reset or a network error.
     Lost(String),
 }
@@ -80,7 +85,7 @@ impl Closed {
         match CloseCode::from_code(code) {
             Some(CloseCode::Shutdown | CloseCode::Paused) => Closed::PeerLeft,
             Some(CloseCode::Unpaired | CloseCode::Protocol) => Closed::Refused,
-            Some(CloseCode::Duplicate) => Closed::Local,
+            Some(CloseCode::Duplicate) => Closed::Duplicate,
             None => Closed::Lost(format!("closed by the peer with code {code}")),
         }
     }
@@ -138,6 +143,8 @@ enum State {
         conn: ConnId,
         dialed: bool,
         good: bool,
+        /// When it came up (monotonic ms).
+        since: u64,
     },
 }
 
@@ -234,7 +241,7 @@ impl Link {
 
     /// A connection was established (dialled by us or accepted). Both sides keep the one
     /// dialled by the practice with the smaller id, so they agree without talking.
-    pub fn connected(&mut self, conn: ConnId, dialed: bool) -> Verdict {
+    pub fn connected(&mut self, now: u64, conn: ConnId, dialed: bool) -> Verdict {
         if self.paused {
             return Verdict::Reject(super::CloseCode::Paused);
         }
@@ -243,11 +250,14 @@ impl Link {
             // A peer that dials us while we hold a connection it has spoken on has lost that
             // one (it restarted, or its side timed out): the new one replaces it, or we
             // would keep a dead connection until the idle timeout.
+            // (Not within the first seconds of a connection: two practices that dialled each
+            // other at once get their two connections within a round trip.)
             State::Up {
                 conn: existing,
                 good: true,
+                since,
                 ..
-            } if !dialed => Verdict::Replace(existing),
+            } if !dialed && since + SETTLED_MS <= now => Verdict::Replace(existing),
             // Two fresh connections (both sides dialled at once): both keep the one dialled
             // by the smaller id.
             State::Up {
@@ -267,6 +277,7 @@ impl Link {
             conn,
             dialed,
             good: false,
+            since: now,
         };
         verdict
     }
@@ -292,6 +303,7 @@ impl Link {
         }
         let next_dial = match why {
             Closed::Local => None,
+            Closed::Duplicate => Some(now + jitter(BACKOFF_MIN_MS, rng)),
             Closed::PeerLeft => Some(now + jitter(PEER_LEFT_RETRY_MS, rng)),
             // A connection the peer refused, or that never carried a message, is a failed
             // dial: back off like an unreachable peer.

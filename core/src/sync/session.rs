@@ -282,7 +282,7 @@ impl PeerSession {
             });
             return;
         }
-        match self.link.connected(conn, dialed) {
+        match self.link.connected(now.mono_ms, conn, dialed) {
             Verdict::Reject(code) => self.out.push_back(Output::Close { conn, code }),
             verdict => {
                 if let Verdict::Replace(old) = verdict {

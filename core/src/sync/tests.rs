@@ -469,7 +469,16 @@ fn a_peer_that_dials_again_replaces_a_connection_it_had_spoken_on() {
     let (mut s, _) = connected(small, big);
     s.handle_control(t(2), Msg::Nudge);
     drain(&mut s);
-    s.handle_connected(t(5), 2, false);
+    // Within the first seconds it is the race of two simultaneous dials: kept by the rule.
+    s.handle_connected(t(5), 9, false);
+    assert_eq!(
+        drain(&mut s),
+        vec![Output::Close {
+            conn: 9,
+            code: CloseCode::Duplicate
+        }]
+    );
+    s.handle_connected(t(10_000), 2, false);
     let out = drain(&mut s);
     assert_eq!(
         out[0],
