@@ -210,6 +210,13 @@ fn held_active(h: &Held<'_>, now_ms: i64) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Is a chart served to local applications as a current record (the FHIR API, the due
+/// list)? A copy whose grant was revoked stays, marked, as the record of what was received
+/// (`chart show` says so), but is no longer offered as the patient's current chart.
+pub fn serves_as_current(revoked_ms: Option<i64>) -> bool {
+    revoked_ms.is_none()
+}
+
 /// May a copy held from its custodian be changed here? Only under an active read-write grant.
 pub fn may_edit_held(h: &Held<'_>, now_ms: i64) -> Result<(), Refusal> {
     held_active(h, now_ms)?;

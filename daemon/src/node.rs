@@ -642,7 +642,7 @@ impl Node {
                                 Some(c) => c,
                                 None => {
                                     let Some(rec) = store.get(id)? else { continue };
-                                    if rec.revoked_ms.is_some() {
+                                    if !consent::serves_as_current(rec.revoked_ms) {
                                         continue;
                                     }
                                     rec.doc.due_view()?

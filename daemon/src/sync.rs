@@ -32,6 +32,8 @@ use crate::node::Node;
 use crate::now_ms;
 
 /// Handshakes in progress at once; past this, new attempts are refused.
+/// How long closing waits for the endpoint to tell connected peers we are leaving.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
 const MAX_HANDSHAKES: usize = 64;
 /// Past this many handshakes in progress, a client must first prove its address (a QUIC
 /// retry), which a spoofed or bare Initial packet cannot.
@@ -192,9 +194,12 @@ impl SyncService {
             let _ = tx.send(Event::Stop(CloseCode::Shutdown));
         }
         // The peers' tasks close their connections as they stop; closing the endpoint
-        // closes whatever is left, and waits (briefly) for the close to reach the peers.
+        // closes whatever is left. The CONNECTION_CLOSE leaves on the connection's next poll,
+        // so a short wait is enough for it to go out; waiting for the endpoint to become idle
+        // would also wait out the draining period of every connection, and the handshake
+        // timeout of a dial to an offline peer (half a second of an idle daemon's exit).
         tokio::task::yield_now().await;
-        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.shutdown()).await;
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.shutdown()).await;
     }
 
     /// Brings the per-peer tasks and pins in line with the paired peers in the store.

@@ -6,6 +6,7 @@
 //! temporary directory when dropped (also while a failed test unwinds), and any other
 //! process a test starts is held in a [`KillOnDrop`].
 
+pub mod mesh;
 pub mod raw_peer;
 
 use serde_json::Value;

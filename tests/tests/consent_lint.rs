@@ -15,8 +15,8 @@ const ALLOWED: &[(&str, &str)] = &[
     // The patient copy labels where the record was shared.
     ("daemon/src/patient_copy.rs", "revoked_ms.is_some()"),
     ("daemon/src/patient_copy.rs", "g.is_active(now)"),
-    // The due list leaves out copies marked revoked (a local listing, nothing leaves).
-    ("daemon/src/node.rs", "if rec.revoked_ms.is_some()"),
+    // A problem's clinical status (`Condition::is_active`), not a grant.
+    ("daemon/src/node.rs", ".filter(|c| c.is_active())"),
     // Recording a revocation: which stored grant to mark (not whether to disclose).
     (
         "store/src/consent.rs",

@@ -2,6 +2,7 @@
 //! added without an override, the override is recorded in the chart, standing alerts are
 //! listed, and a medication that arrived by sync raises its alert at the receiving practice.
 
+use chartmesh_tests::mesh::Mesh;
 use chartmesh_tests::*;
 use serde_json::Value;
 
@@ -139,9 +140,7 @@ fn interactions_and_duplicates_are_checked_at_add_time() {
 
 #[test]
 fn a_medication_that_arrives_by_sync_raises_its_alert_at_the_receiver() {
-    let a = Practice::new("Sender");
-    let b = Practice::new("Receiver");
-    pair(&a, &b);
+    let [a, b] = Mesh::new(&["Sender", "Receiver"]).paired().into_array();
     a.import_first(200);
     let c = chart_with_allergy(200, "Aspirin");
     let id = c["id"].as_str().unwrap();

@@ -2,6 +2,7 @@
 //! (deny, or allow read-only for a while); allowed access brings the chart by sync, cannot
 //! write, expires by itself (the copy is removed), and both audit trails record it.
 
+use chartmesh_tests::mesh::Mesh;
 use chartmesh_tests::*;
 use serde_json::Value;
 use std::time::Duration;
@@ -17,9 +18,7 @@ fn actions(entries: &Value) -> Vec<String> {
 
 #[test]
 fn denied_by_default_and_audited_on_both_sides() {
-    let a = Practice::new("Custodian Clinic");
-    let b = Practice::new("Night ER");
-    pair(&a, &b);
+    let [a, b] = Mesh::new(&["Custodian Clinic", "Night ER"]).paired().into_array();
     a.import_first(20);
     let mrn = a.cli_json(&["chart", "show", "chart-000003"])["patient"]["mrn"]
         .as_str()
@@ -76,9 +75,7 @@ fn denied_by_default_and_audited_on_both_sides() {
 
 #[test]
 fn allowed_access_is_read_only_expires_and_is_audited_on_both_sides() {
-    let mut a = Practice::new("Valley Practice");
-    let b = Practice::new("County ER");
-    pair(&a, &b);
+    let [mut a, b] = Mesh::new(&["Valley Practice", "County ER"]).paired().into_array();
     a.import_first(20);
     a.set_emergency_policy("allow", "10s");
     let chart = a.cli_json(&["chart", "show", "chart-000005"]);

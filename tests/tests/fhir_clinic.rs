@@ -948,15 +948,21 @@ fn version_2_charts_sync_whole_and_matching_never_uses_a_received_copy() {
     // into the copy B holds for A.
     let v = b.cli_json(&["import", fixture("negation.json").to_str().unwrap()]);
     assert_eq!(v["files"][0]["created"], 1, "{v}");
-    let held = b.cli_json(&["chart", "show", chart]);
+    // The two are told apart by the copy's key (chart id @ custodian); the bare id now names
+    // B's own chart.
+    let copy = format!("{chart}@{}", a.id());
+    let held = b.cli_json(&["chart", "show", &copy]);
     assert_eq!(
         held["notes"].as_array().unwrap().len(),
         2,
         "the received copy changed"
     );
     assert_eq!(
-        b.get(&format!("/charts/{chart}/custody"))["status"],
+        b.get(&format!("/charts/{copy}/custody"))["status"],
         "shared-with-us"
     );
+    let own = b.cli_json(&["chart", "show", chart]);
+    assert_eq!(own["notes"].as_array().unwrap().len(), 1, "{own}");
+    assert_eq!(b.get(&format!("/charts/{chart}/custody"))["status"], "own");
     assert_eq!(b.cli_json(&["status"])["charts"], 2);
 }

@@ -3,6 +3,7 @@
 //! syncing; `sync wait` waits for every paired peer; a restore says what it drops.
 
 use chartmesh_tests::*;
+use chartmesh_tests::mesh::Mesh;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -67,9 +68,7 @@ fn actions(p: &Practice, action: &str) -> Vec<Value> {
 /// request and by a normal share.
 #[test]
 fn an_expired_emergency_copy_is_removed_whole_and_the_chart_can_come_again() {
-    let mut a = Practice::new("Expiry Custodian");
-    let b = Practice::new("Expiry ER");
-    pair(&a, &b);
+    let [mut a, b] = Mesh::new(&["Expiry Custodian", "Expiry ER"]).paired().into_array();
     a.import_first(10);
     a.set_emergency_policy("allow", "3s");
     let mrn = a.get("/charts/chart-000004")["patient"]["mrn"]
@@ -138,18 +137,14 @@ fn an_expired_emergency_copy_is_removed_whole_and_the_chart_can_come_again() {
 /// copy at the peer is marked revoked and later edits stop travelling while the rest sync.
 #[test]
 fn revoking_one_chart_under_an_all_charts_grant_stops_that_chart_only() {
-    let a = Practice::new("Revoke Custodian");
-    let b = Practice::new("Revoke Peer");
-    pair(&a, &b);
-    a.import_first(6);
+    let [a, b] = Mesh::new(&["Revoke Custodian", "Revoke Peer"])
+        .paired()
+        .charts(0, 6)
+        .share_all(0, 1)
+        .synced()
+        .into_array();
     let id_b = b.id();
-    a.cli_ok(&["share", "--all", "--with", &id_b, "--purpose", "replica"]);
-    wait_until(
-        "the shared charts to arrive",
-        Duration::from_secs(60),
-        || holds(&b, "chart-000006"),
-    );
-    a.sync_wait(&b, 60);
+    assert!(holds(&b, "chart-000006"));
 
     let out = a.cli_ok(&["revoke", "chart-000002", "--from", &id_b]);
     assert!(out.contains("Revoked 1 grant"), "{out}");
@@ -241,9 +236,7 @@ fn revoking_one_chart_under_an_all_charts_grant_stops_that_chart_only() {
 /// and, on timeout, exits 1 naming who is offline.
 #[test]
 fn sync_wait_waits_for_every_paired_unpaused_peer_and_names_who_is_offline() {
-    let a = Practice::new("Waiting Clinic");
-    let mut b = Practice::new("Sleepy Clinic");
-    pair(&a, &b);
+    let [a, mut b] = Mesh::new(&["Waiting Clinic", "Sleepy Clinic"]).paired().into_array();
     a.sync_wait(&b, 60);
     b.stop();
     let out = a.cli(&["sync", "wait", "--timeout", "1"]);
@@ -377,9 +370,7 @@ fn answer_no_on_a_terminal(a: &Practice, backup: &Path) {
 /// refusals once a minute with a count, not once per request.
 #[test]
 fn a_custodian_rate_limits_emergency_requests_per_practice() {
-    let a = Practice::new("Limit Custodian");
-    let b = Practice::new("Limit ER");
-    pair(&a, &b);
+    let [a, b] = Mesh::new(&["Limit Custodian", "Limit ER"]).paired().into_array();
     wait_connected(&b, &a);
     let mut whys = Vec::new();
     for i in 0..24 {

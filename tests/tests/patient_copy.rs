@@ -2,6 +2,7 @@
 //! values of the chart, and the International Patient Summary is a valid FHIR R4 document
 //! (Composition first; problems, allergies and medications always present).
 
+use chartmesh_tests::mesh::Mesh;
 use chartmesh_tests::*;
 use serde_json::Value;
 
@@ -41,9 +42,7 @@ fn section<'a>(ips: &'a Value, loinc: &str) -> &'a Value {
 
 #[test]
 fn the_patient_copy_renders_in_chromium_and_its_ips_is_valid() {
-    let a = Practice::new("Valley Family Practice");
-    let b = Practice::new("Hill Cardiology");
-    pair(&a, &b);
+    let [a, b] = Mesh::new(&["Valley Family Practice", "Hill Cardiology"]).paired().into_array();
     a.import_first(200);
     let c = rich_chart(200);
     let id = c["id"].as_str().unwrap();

@@ -5,6 +5,7 @@
 use chartmesh_core::chart::{Entry, Note};
 use chartmesh_core::{ChangeMeta, ChartDoc, PracticeId};
 use chartmesh_tests::raw_peer::RawPeer;
+use chartmesh_tests::mesh::Mesh;
 use chartmesh_tests::*;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -65,9 +66,7 @@ async fn capture_initials(n: usize) -> Vec<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_practice_connects_within_2_s_while_its_port_is_flooded_with_half_handshakes() {
     let (a, mut b) = blocking(|| {
-        let a = Practice::new("Valley Clinic");
-        let b = Practice::new("Ridge Cardiology");
-        pair(&a, &b);
+        let [a, b] = Mesh::new(&["Valley Clinic", "Ridge Cardiology"]).paired().into_array();
         a.sync_wait(&b, 30);
         (a, b)
     });

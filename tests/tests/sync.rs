@@ -1,19 +1,9 @@
 //! Sync between real daemons over QUIC on 127.0.0.1: exactly the consented charts travel,
 //! offline edits converge, revocation stops sync and marks the copy.
 
+use chartmesh_tests::mesh::{Access, Mesh};
 use chartmesh_tests::*;
 
-fn first_charts(p: &Practice, n: usize) -> std::path::PathBuf {
-    let text: String = std::fs::read_to_string(bench_data().join("charts-1000.jsonl"))
-        .unwrap()
-        .lines()
-        .take(n)
-        .collect::<Vec<_>>()
-        .join("\n");
-    let path = p.dir.with_extension(format!("{n}.jsonl"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn notes(p: &Practice, chart: &str) -> Vec<String> {
     p.cli_json(&["chart", "show", chart])["notes"]
@@ -32,34 +22,18 @@ fn ids(p: &Practice) -> Vec<String> {
 
 #[test]
 fn consented_charts_sync_converge_and_revocation_stops_them() {
-    let mut a = Practice::new("Valley Clinic");
-    let mut b = Practice::new("Ridge Cardiology");
-    let c = Practice::new("Lake Clinic");
-    let file = first_charts(&a, 20);
-    a.cli_ok(&["import", file.to_str().unwrap()]);
-    pair(&a, &b);
-    pair(&a, &c);
-    let (id_a, id_b) = (a.id(), b.id());
     let read: Vec<String> = (1..=10).map(|i| format!("chart-{i:06}")).collect();
-    let mut args = vec!["share"];
-    args.extend(read.iter().map(|s| s.as_str()));
-    args.extend(["--with", &id_b, "--access", "read"]);
-    a.cli_ok(&args);
-    a.cli_ok(&[
-        "share",
-        "chart-000011",
-        "--with",
-        &id_b,
-        "--access",
-        "read-write",
-        "--purpose",
-        "referral",
-    ]);
-
+    let read_ids: Vec<&str> = read.iter().map(|s| s.as_str()).collect();
     // 1. B holds exactly the 11 shared charts, byte-identical; C holds nothing.
-    a.sync_wait(&b, 60);
-    b.sync_wait(&a, 60);
-    c.sync_wait(&a, 60);
+    let [mut a, mut b, c] = Mesh::new(&["Valley Clinic", "Ridge Cardiology", "Lake Clinic"])
+        .charts(0, 20)
+        .pair(0, 1)
+        .pair(0, 2)
+        .share(0, 1, &read_ids, Access::Read)
+        .share_for(0, 1, &["chart-000011"], Access::ReadWrite, "referral")
+        .synced()
+        .into_array();
+    let (id_a, id_b) = (a.id(), b.id());
     let a_hashes = chart_hashes(&a.export_all());
     let b_hashes = chart_hashes(&b.export_all());
     let mut expected: Vec<String> = read.clone();

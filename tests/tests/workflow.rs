@@ -3,6 +3,7 @@
 //! grant) and the clinical conflict inbox (risky concurrent edits made while the two
 //! practices were disconnected are flagged on both sides after sync).
 
+use chartmesh_tests::mesh::Mesh;
 use chartmesh_tests::*;
 use serde_json::Value;
 use std::time::Duration;
@@ -44,9 +45,7 @@ fn new_chart(p: &Practice, mrn: &str) -> String {
 
 #[test]
 fn a_referral_round_trip_between_two_practices() {
-    let a = Practice::new("Valley Family Practice");
-    let b = Practice::new("Cardiology Associates");
-    pair(&a, &b);
+    let [a, b] = Mesh::new(&["Valley Family Practice", "Cardiology Associates"]).paired().into_array();
     let chart = new_chart(&a, "REF-1");
 
     // Refer: the referral is in the chart and the chart is shared read-write for it.
@@ -151,9 +150,7 @@ fn a_referral_round_trip_between_two_practices() {
 
 #[test]
 fn cancelling_a_referral_revokes_its_grant() {
-    let a = Practice::new("Referring Clinic");
-    let b = Practice::new("Specialist Clinic");
-    pair(&a, &b);
+    let [a, b] = Mesh::new(&["Referring Clinic", "Specialist Clinic"]).paired().into_array();
     let chart = new_chart(&a, "REF-2");
     let v = a.cli_json(&["refer", &chart, "--to", &b.id(), "--reason", "rash"]);
     let rid = v["referral"]["id"].as_str().unwrap().to_string();
@@ -183,9 +180,7 @@ fn cancelling_a_referral_revokes_its_grant() {
 
 /// Two paired practices holding one chart read-write, disconnected from each other.
 fn disconnected_pair(mrn: &str) -> (Practice, Practice, String) {
-    let a = Practice::new("North Clinic");
-    let b = Practice::new("South Clinic");
-    pair(&a, &b);
+    let [a, b] = Mesh::new(&["North Clinic", "South Clinic"]).paired().into_array();
     let chart = new_chart(&a, mrn);
     a.cli_ok(&["allergy", "add", &chart, "--substance", "Penicillin"]);
     a.cli_ok(&[

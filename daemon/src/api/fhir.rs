@@ -25,6 +25,7 @@ use super::{ApiState, MAX_IMPORT_BODY, user};
 use crate::node::NodeError;
 use chartmesh_core::audit::AuditEvent;
 use chartmesh_core::fhir;
+use chartmesh_core::consent;
 use chartmesh_store::StoreError;
 
 const FHIR_JSON: &str = "application/fhir+json";
@@ -251,7 +252,7 @@ async fn chart_resources(
             let Some(mut rec) = store.get(&id)? else {
                 return Ok(None);
             };
-            if rec.revoked_ms.is_some() || fhir::patient_id(&rec.id) != id {
+            if !consent::serves_as_current(rec.revoked_ms) || fhir::patient_id(&rec.id) != id {
                 return Ok(None);
             }
             let chart = rec.doc.to_chart()?;
@@ -526,7 +527,7 @@ async fn search_patients(
                 let Some(rec) = store.get(&h.id)? else {
                     continue;
                 };
-                if rec.revoked_ms.is_some() {
+                if !consent::serves_as_current(rec.revoked_ms) {
                     continue;
                 }
                 let c = rec.doc.to_chart()?;
