@@ -110,7 +110,12 @@ async fn run(args: Args) -> Result<()> {
     if let Some(r) = chartmesh_store::integrity::check_store(&datadir::store_path(&dir), &key)
         .context("checking the chart store")?
     {
-        tracing::info!(pages = r.pages, ms = r.millis, "store checked");
+        tracing::info!(
+            pages = r.pages,
+            scanned = r.scanned,
+            ms = r.millis,
+            "store checked"
+        );
     }
     let store = Store::open(&datadir::store_path(&dir), &key, StoreOptions::default())
         .context("opening the chart store")?;
@@ -154,9 +159,11 @@ async fn run(args: Args) -> Result<()> {
     let result = serve.await;
     sync.close().await;
     // Drain queued writes before exiting.
-    tokio::task::spawn_blocking(move || store.close())
-        .await
-        .ok();
+    let closed = tokio::task::spawn_blocking(move || store.close()).await;
+    if closed.is_ok() {
+        // The next start may skip the page scan if nothing touches the files meanwhile.
+        chartmesh_store::integrity::record_clean_close(&datadir::store_path(&dir));
+    }
     let _ = std::fs::remove_file(dir.join(datadir::API_ADDR));
     let _ = std::fs::remove_file(dir.join(datadir::SYNC_ADDR));
     drop(lock);
