@@ -550,8 +550,9 @@ fn write_man_pages(cmd: clap::Command, dir: &std::path::Path) -> Result<usize> {
             .sum::<usize>()
     }
     let n = count(&cmd);
-    clap_mangen::generate_to(cmd, dir)
-        .map_err(|e| anyhow::anyhow!("cannot write the manual pages into {}: {e}", dir.display()))?;
+    clap_mangen::generate_to(cmd, dir).map_err(|e| {
+        anyhow::anyhow!("cannot write the manual pages into {}: {e}", dir.display())
+    })?;
     Ok(n)
 }
 
@@ -1615,10 +1616,8 @@ pub(crate) fn peer_ref(peers: &Value, reference: &str) -> Result<String, CliErro
         .collect();
     chartmesh_core::ids::match_peer(reference, list.iter().map(|(i, n)| (*i, n.as_str())))
         .map(|id| id.to_string())
-        .map_err(|e| match e {
-            chartmesh_core::PeerRefError::NoMatch(_) => CliError::NotFound(e.to_string()),
-            _ => CliError::Usage(e.to_string()),
-        })
+        // A peer that is not paired is a usage error (exit 2), said at once.
+        .map_err(|e| CliError::Usage(e.to_string()))
 }
 
 pub(crate) fn enc(s: &str) -> String {

@@ -145,8 +145,9 @@ impl FromStr for PracticeId {
     /// Reads the plain form (52 base32 characters, as [`Display`](fmt::Display) writes
     /// them) or the checked form (56 characters: each group of 13 followed by its check
     /// character, as [`PracticeId::checked`] writes them). Dashes, spaces and case are
-    /// ignored, and so are the digits people write for look-alike letters (0 for O, 1 for I,
-    /// 8 for B). A checked id with a typo is refused, naming the group that is wrong.
+    /// ignored; in the checked form the digits people write for look-alike letters (0 for O,
+    /// 1 for I, 8 for B) are read as those letters, the check characters confirming it. A
+    /// checked id with a typo is refused, naming the quarter that is wrong.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let clean = normalize(s);
         let bad = || {
@@ -160,6 +161,17 @@ impl FromStr for PracticeId {
         let plain = match clean.len() {
             52 => clean,
             56 => {
+                // Look-alike digits are read as the letters they stand for: the check
+                // characters then say whether that was right.
+                let clean: String = clean
+                    .chars()
+                    .map(|c| match c {
+                        '0' => 'O',
+                        '1' => 'I',
+                        '8' => 'B',
+                        c => c,
+                    })
+                    .collect();
                 let mut plain = String::with_capacity(52);
                 for (g, chunk) in clean.as_bytes().chunks(14).enumerate() {
                     let (data, check) = chunk.split_at(13);
@@ -193,17 +205,11 @@ impl FromStr for PracticeId {
     }
 }
 
-/// An id as typed: dashes and spaces dropped, upper case, look-alike digits mapped to the
-/// letters they stand for (base32 has no 0, 1 or 8).
+/// An id as typed: dashes and spaces dropped, upper case.
 fn normalize(s: &str) -> String {
     s.chars()
         .filter(|c| !matches!(c, '-' | ' ' | '\t'))
-        .map(|c| match c.to_ascii_uppercase() {
-            '0' => 'O',
-            '1' => 'I',
-            '8' => 'B',
-            c => c,
-        })
+        .map(|c| c.to_ascii_uppercase())
         .collect()
 }
 
@@ -345,6 +351,10 @@ mod tests {
         assert_eq!(checked.to_lowercase().parse::<PracticeId>().unwrap(), id);
         assert_eq!(checked.replace('-', " ").parse::<PracticeId>().unwrap(), id);
         assert_eq!(checked.replace('-', "").parse::<PracticeId>().unwrap(), id);
+        // Look-alike digits in the checked form are read as letters (and checked).
+        if checked.contains('O') {
+            assert_eq!(checked.replace('O', "0").parse::<PracticeId>().unwrap(), id);
+        }
         // The plain form still reads (ids stored and sent before stay valid).
         assert_eq!(id.to_string().parse::<PracticeId>().unwrap(), id);
         // Every single-character substitution in the checked form is caught.

@@ -1649,10 +1649,8 @@ impl Node {
     pub fn peer_ref(&self, reference: &str) -> Result<PracticeId, NodeError> {
         let peers = self.store.peers()?;
         chartmesh_core::ids::match_peer(reference, peers.iter().map(|p| (p.id, p.name.as_str())))
-            .map_err(|e| match e {
-                chartmesh_core::PeerRefError::NoMatch(_) => NodeError::Missing(e.to_string()),
-                _ => NodeError::Invalid(e.to_string()),
-            })
+            // Naming no paired practice is a mistake in the request (422), as a malformed id is.
+            .map_err(|e| NodeError::Invalid(e.to_string()))
     }
 
     pub async fn add_peer(

@@ -167,9 +167,9 @@ fn received_and_revoked_copies_are_marked_and_peers_are_named_briefly() {
     a.cli_ok(&["share", &read, "--with", "ridge cardiology"]);
     let short: String = b.id().chars().take(6).collect();
     a.cli_ok(&["share", &rw, "--with", &short, "--access", "read-write"]);
-    // A name that is not a peer: not found (4), saying so.
+    // A name that is not a peer: refused at once, saying so.
     let out = a.cli(&["share", &read, "--with", "Nobody Clinic"]);
-    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("no paired practice"),
         "{}",
