@@ -102,23 +102,6 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     b.create(dir)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn terminal_controls_are_escaped_and_text_kept() {
-        assert_eq!(esc("Ana Holhol, café"), "Ana Holhol, café");
-        assert_eq!(esc("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
-        assert_eq!(esc("x\0y\nz"), "x\\u{0}y\\nz");
-        assert_eq!(esc("\u{202e}evil"), "\\u{202e}evil");
-        assert_eq!(esc("\u{2066}i\u{2069}"), "\\u{2066}i\\u{2069}");
-        assert_eq!(esc_message("one\ntwo\u{1b}"), "one\ntwo\\u{1b}");
-        let v = serde_json::json!({"a\u{7}": ["\u{9b}x", 3]});
-        assert_eq!(escaped(&v), serde_json::json!({"a\\u{7}": ["\\u{9b}x", 3]}));
-    }
-}
-
 /// A plain table for the terminal (no borders; columns sized to their content, wrapped to
 /// the terminal's width when there is one). Cells must be escaped by the caller.
 pub fn table(header: &[&str]) -> comfy_table::Table {
@@ -147,4 +130,21 @@ pub fn spinner(what: &str) -> indicatif::ProgressBar {
     s.set_message(what.to_string());
     s.enable_steady_tick(std::time::Duration::from_millis(120));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_controls_are_escaped_and_text_kept() {
+        assert_eq!(esc("Ana Holhol, café"), "Ana Holhol, café");
+        assert_eq!(esc("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(esc("x\0y\nz"), "x\\u{0}y\\nz");
+        assert_eq!(esc("\u{202e}evil"), "\\u{202e}evil");
+        assert_eq!(esc("\u{2066}i\u{2069}"), "\\u{2066}i\\u{2069}");
+        assert_eq!(esc_message("one\ntwo\u{1b}"), "one\ntwo\\u{1b}");
+        let v = serde_json::json!({"a\u{7}": ["\u{9b}x", 3]});
+        assert_eq!(escaped(&v), serde_json::json!({"a\\u{7}": ["\\u{9b}x", 3]}));
+    }
 }

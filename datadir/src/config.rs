@@ -60,7 +60,7 @@ impl BackupConfig {
             return Ok(None);
         };
         let ms = parse_duration(interval)
-            .map_err(|_| format!("backup.interval = {interval:?}: use a number with s, m or h, such as \"24h\" (1s to 168h)"))?;
+            .ok_or_else(|| format!("backup.interval = {interval:?}: use a number with s, m or h, such as \"24h\" (1s to 168h)"))?;
         let Some(dir) = &self.dir else {
             return Err(
                 "backup.interval is set but backup.dir is not: give the directory for the backups"
@@ -126,28 +126,25 @@ impl EmergencyConfig {
 
 /// `90s`, `30m`, `4h` → milliseconds (at least one second, at most 7 days).
 fn parse_duration_ms(s: &str) -> Result<i64, String> {
-    parse_duration(s).map_err(|_| {
+    parse_duration(s).ok_or_else(|| {
         format!(
             "emergency.duration = {s:?}: use a number with s, m or h, such as \"4h\" (at most 168h)"
         )
     })
 }
 
-fn parse_duration(s: &str) -> Result<i64, ()> {
-    let bad = || ();
+/// `90s`, `30m`, `4h` in milliseconds, when it is one second to seven days.
+fn parse_duration(s: &str) -> Option<i64> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: i64 = num.trim().parse().map_err(|_| bad())?;
+    let n: i64 = num.trim().parse().ok()?;
     let ms = match unit {
         "s" => n * 1000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
-        _ => return Err(bad()),
+        _ => return None,
     };
-    if !(1000..=7 * 24 * 3_600_000).contains(&ms) {
-        return Err(bad());
-    }
-    Ok(ms)
+    (1000..=7 * 24 * 3_600_000).contains(&ms).then_some(ms)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -102,7 +102,14 @@ impl Mesh {
         let to_id = self.practices[to].id();
         let mut args = vec!["share"];
         args.extend_from_slice(charts);
-        args.extend(["--with", &to_id, "--access", access.arg(), "--purpose", purpose]);
+        args.extend([
+            "--with",
+            &to_id,
+            "--access",
+            access.arg(),
+            "--purpose",
+            purpose,
+        ]);
         self.practices[from].cli_ok(&args);
         self
     }

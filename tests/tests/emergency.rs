@@ -18,7 +18,9 @@ fn actions(entries: &Value) -> Vec<String> {
 
 #[test]
 fn denied_by_default_and_audited_on_both_sides() {
-    let [a, b] = Mesh::new(&["Custodian Clinic", "Night ER"]).paired().into_array();
+    let [a, b] = Mesh::new(&["Custodian Clinic", "Night ER"])
+        .paired()
+        .into_array();
     a.import_first(20);
     let mrn = a.cli_json(&["chart", "show", "chart-000003"])["patient"]["mrn"]
         .as_str()
@@ -75,7 +77,9 @@ fn denied_by_default_and_audited_on_both_sides() {
 
 #[test]
 fn allowed_access_is_read_only_expires_and_is_audited_on_both_sides() {
-    let [mut a, b] = Mesh::new(&["Valley Practice", "County ER"]).paired().into_array();
+    let [mut a, b] = Mesh::new(&["Valley Practice", "County ER"])
+        .paired()
+        .into_array();
     a.import_first(20);
     a.set_emergency_policy("allow", "10s");
     let chart = a.cli_json(&["chart", "show", "chart-000005"]);

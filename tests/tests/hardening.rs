@@ -2,8 +2,8 @@
 //! the chart can be shared again; revoking one chart under a `share --all` grant stops it
 //! syncing; `sync wait` waits for every paired peer; a restore says what it drops.
 
-use chartmesh_tests::*;
 use chartmesh_tests::mesh::Mesh;
+use chartmesh_tests::*;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -68,7 +68,9 @@ fn actions(p: &Practice, action: &str) -> Vec<Value> {
 /// request and by a normal share.
 #[test]
 fn an_expired_emergency_copy_is_removed_whole_and_the_chart_can_come_again() {
-    let [mut a, b] = Mesh::new(&["Expiry Custodian", "Expiry ER"]).paired().into_array();
+    let [mut a, b] = Mesh::new(&["Expiry Custodian", "Expiry ER"])
+        .paired()
+        .into_array();
     a.import_first(10);
     a.set_emergency_policy("allow", "3s");
     let mrn = a.get("/charts/chart-000004")["patient"]["mrn"]
@@ -236,7 +238,9 @@ fn revoking_one_chart_under_an_all_charts_grant_stops_that_chart_only() {
 /// and, on timeout, exits 1 naming who is offline.
 #[test]
 fn sync_wait_waits_for_every_paired_unpaused_peer_and_names_who_is_offline() {
-    let [a, mut b] = Mesh::new(&["Waiting Clinic", "Sleepy Clinic"]).paired().into_array();
+    let [a, mut b] = Mesh::new(&["Waiting Clinic", "Sleepy Clinic"])
+        .paired()
+        .into_array();
     a.sync_wait(&b, 60);
     b.stop();
     let out = a.cli(&["sync", "wait", "--timeout", "1"]);
@@ -370,7 +374,9 @@ fn answer_no_on_a_terminal(a: &Practice, backup: &Path) {
 /// refusals once a minute with a count, not once per request.
 #[test]
 fn a_custodian_rate_limits_emergency_requests_per_practice() {
-    let [a, b] = Mesh::new(&["Limit Custodian", "Limit ER"]).paired().into_array();
+    let [a, b] = Mesh::new(&["Limit Custodian", "Limit ER"])
+        .paired()
+        .into_array();
     wait_connected(&b, &a);
     let mut whys = Vec::new();
     for i in 0..24 {

@@ -42,7 +42,9 @@ fn section<'a>(ips: &'a Value, loinc: &str) -> &'a Value {
 
 #[test]
 fn the_patient_copy_renders_in_chromium_and_its_ips_is_valid() {
-    let [a, b] = Mesh::new(&["Valley Family Practice", "Hill Cardiology"]).paired().into_array();
+    let [a, b] = Mesh::new(&["Valley Family Practice", "Hill Cardiology"])
+        .paired()
+        .into_array();
     a.import_first(200);
     let c = rich_chart(200);
     let id = c["id"].as_str().unwrap();

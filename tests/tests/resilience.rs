@@ -4,8 +4,8 @@
 
 use chartmesh_core::chart::{Entry, Note};
 use chartmesh_core::{ChangeMeta, ChartDoc, PracticeId};
-use chartmesh_tests::raw_peer::RawPeer;
 use chartmesh_tests::mesh::Mesh;
+use chartmesh_tests::raw_peer::RawPeer;
 use chartmesh_tests::*;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -66,7 +66,9 @@ async fn capture_initials(n: usize) -> Vec<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_practice_connects_within_2_s_while_its_port_is_flooded_with_half_handshakes() {
     let (a, mut b) = blocking(|| {
-        let [a, b] = Mesh::new(&["Valley Clinic", "Ridge Cardiology"]).paired().into_array();
+        let [a, b] = Mesh::new(&["Valley Clinic", "Ridge Cardiology"])
+            .paired()
+            .into_array();
         a.sync_wait(&b, 30);
         (a, b)
     });

@@ -4,7 +4,6 @@
 use chartmesh_tests::mesh::{Access, Mesh};
 use chartmesh_tests::*;
 
-
 fn notes(p: &Practice, chart: &str) -> Vec<String> {
     p.cli_json(&["chart", "show", chart])["notes"]
         .as_array()

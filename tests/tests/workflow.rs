@@ -45,7 +45,9 @@ fn new_chart(p: &Practice, mrn: &str) -> String {
 
 #[test]
 fn a_referral_round_trip_between_two_practices() {
-    let [a, b] = Mesh::new(&["Valley Family Practice", "Cardiology Associates"]).paired().into_array();
+    let [a, b] = Mesh::new(&["Valley Family Practice", "Cardiology Associates"])
+        .paired()
+        .into_array();
     let chart = new_chart(&a, "REF-1");
 
     // Refer: the referral is in the chart and the chart is shared read-write for it.
@@ -155,7 +157,9 @@ fn a_referral_round_trip_between_two_practices() {
 
 #[test]
 fn cancelling_a_referral_revokes_its_grant() {
-    let [a, b] = Mesh::new(&["Referring Clinic", "Specialist Clinic"]).paired().into_array();
+    let [a, b] = Mesh::new(&["Referring Clinic", "Specialist Clinic"])
+        .paired()
+        .into_array();
     let chart = new_chart(&a, "REF-2");
     let v = a.cli_json(&["refer", &chart, "--to", &b.id(), "--reason", "rash"]);
     let rid = v["referral"]["id"].as_str().unwrap().to_string();
@@ -185,7 +189,9 @@ fn cancelling_a_referral_revokes_its_grant() {
 
 /// Two paired practices holding one chart read-write, disconnected from each other.
 fn disconnected_pair(mrn: &str) -> (Practice, Practice, String) {
-    let [a, b] = Mesh::new(&["North Clinic", "South Clinic"]).paired().into_array();
+    let [a, b] = Mesh::new(&["North Clinic", "South Clinic"])
+        .paired()
+        .into_array();
     let chart = new_chart(&a, mrn);
     a.cli_ok(&["allergy", "add", &chart, "--substance", "Penicillin"]);
     a.cli_ok(&[

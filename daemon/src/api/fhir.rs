@@ -24,8 +24,8 @@ use std::collections::HashMap;
 use super::{ApiState, MAX_IMPORT_BODY, user};
 use crate::node::NodeError;
 use chartmesh_core::audit::AuditEvent;
-use chartmesh_core::fhir;
 use chartmesh_core::consent;
+use chartmesh_core::fhir;
 use chartmesh_store::StoreError;
 
 const FHIR_JSON: &str = "application/fhir+json";
