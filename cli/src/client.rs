@@ -1,11 +1,12 @@
 //! The CLI's client of the daemon's local API, and the errors that map to exit codes.
 
 use serde_json::Value;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::Path;
 use std::time::Duration;
 
-use chartmesh_daemon::datadir;
+use chartmesh_api::{ErrorBody, ErrorKind};
+use chartmesh_datadir::datadir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -21,6 +22,9 @@ pub enum CliError {
     Verification(String),
     #[error("{0}")]
     Failed(String),
+    /// The daemon answered with an error of this kind (its exit code follows from the kind).
+    #[error("{1}")]
+    Api(ErrorKind, String),
     /// The command already printed its outcome (e.g. a JSON report); exit with this code.
     #[error("")]
     Reported(i32),
@@ -30,6 +34,7 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Failed(_) => 1,
+            CliError::Api(kind, _) => kind.exit_code(),
             CliError::Reported(c) => *c,
             CliError::Usage(_) => 2,
             CliError::Unreachable(_) => 3,
@@ -38,6 +43,83 @@ impl CliError {
             CliError::Verification(_) => 6,
         }
     }
+}
+
+/// Where the daemon of `dir` listens, or what is wrong with `dir` in words: missing, not a
+/// data directory, or there but not readable by this user (permission denied, with what to
+/// do), or the daemon is not running.
+fn daemon_address(dir: &Path) -> Result<std::net::SocketAddr, CliError> {
+    use std::io::ErrorKind;
+    let missing = || {
+        CliError::Unreachable(format!(
+            "no chartmesh data directory at {}: create one with `chartmesh init --name NAME` or start `chartmeshd` once (or give the daemon's directory with --data-dir or CHARTMESH_DATA_DIR)",
+            dir.display()
+        ))
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Err(missing()),
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+            return Err(permission_denied(dir, dir));
+        }
+        Err(e) => {
+            return Err(CliError::Failed(format!(
+                "cannot read {}: {e}",
+                dir.display()
+            )));
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(CliError::Usage(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    // The address the running daemon wrote (readable by staff who may use it), else the
+    // configured one.
+    let running = std::fs::read_to_string(dir.join(datadir::API_ADDR));
+    if let Ok(s) = &running
+        && let Ok(a) = s.trim().parse()
+    {
+        return Ok(a);
+    }
+    if let Err(e) = &running
+        && e.kind() == ErrorKind::PermissionDenied
+    {
+        return Err(permission_denied(dir, &dir.join(datadir::API_ADDR)));
+    }
+    match std::fs::read_to_string(dir.join(datadir::CONFIG)) {
+        Ok(_) => datadir::api_address(dir).ok_or_else(|| {
+            CliError::Failed(format!(
+                "cannot read the API address from {}/config.toml (api.listen)",
+                dir.display()
+            ))
+        }),
+        Err(e) if e.kind() == ErrorKind::NotFound => Err(missing()),
+        // The config is the daemon's own; staff read api.addr, which exists while it runs.
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => Err(CliError::Unreachable(format!(
+            "chartmeshd is not running on {} (it writes api.addr there when it starts): start it (`systemctl start chartmeshd`, or `chartmeshd --data-dir {}`)",
+            dir.display(),
+            dir.display()
+        ))),
+        Err(e) => Err(CliError::Failed(format!(
+            "cannot read {}: {e}",
+            dir.join(datadir::CONFIG).display()
+        ))),
+    }
+}
+
+/// A data directory (or a file in it) this user may not read: says so, and how staff are
+/// given access (docs/OPERATIONS.md, "Staff access").
+fn permission_denied(dir: &Path, what: &Path) -> CliError {
+    let who = std::env::var("USER").unwrap_or_else(|_| "this user".into());
+    CliError::Failed(format!(
+        "permission denied reading {}: {who} may not use the practice's data directory {}. Run the command as the daemon's user, or give staff access (docs/OPERATIONS.md, \"Staff access\"): add {who} to the daemon's group, `chmod 0750 {}` and `chmod 0640 {}`, then log in again",
+        what.display(),
+        dir.display(),
+        dir.display(),
+        dir.join(datadir::TOKEN).display()
+    ))
 }
 
 pub struct Client {
@@ -50,23 +132,16 @@ pub struct Client {
 
 impl Client {
     pub fn connect(dir: &Path, user: &str) -> Result<Client, CliError> {
-        if !datadir::is_initialized(dir) {
-            return Err(CliError::Unreachable(format!(
-                "no chartmesh data directory at {}: create one with `chartmesh init --name NAME` or start `chartmeshd` once",
-                dir.display()
-            )));
-        }
-        let addr = datadir::api_address(dir).ok_or_else(|| {
-            CliError::Unreachable(format!(
-                "cannot read the API address from {}/config.toml",
-                dir.display()
-            ))
-        })?;
+        let addr = daemon_address(dir)?;
         let token = datadir::read_token(dir).map_err(|e| {
-            CliError::Failed(format!(
-                "cannot read the API token in {}: {e}",
-                dir.display()
-            ))
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                permission_denied(dir, &dir.join(datadir::TOKEN))
+            } else {
+                CliError::Failed(format!(
+                    "cannot read the API token in {}: {e}",
+                    dir.display()
+                ))
+            }
         })?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -106,15 +181,18 @@ impl Client {
         if (200..300).contains(&status) {
             return Ok(v);
         }
-        let msg = v["error"]["message"]
-            .as_str()
-            .unwrap_or("request failed")
-            .to_string();
-        Err(match status {
-            404 => CliError::NotFound(msg),
-            403 => CliError::Refused(msg),
-            401 => CliError::Failed(format!("{msg} (is --data-dir the daemon's directory?)")),
-            _ => CliError::Failed(msg),
+        // The error's kind, not its words, decides what it means.
+        let Ok(ErrorBody { error }) = serde_json::from_value::<ErrorBody>(v) else {
+            return Err(CliError::Failed(format!(
+                "the daemon answered HTTP {status} without an error report"
+            )));
+        };
+        Err(match error.kind {
+            ErrorKind::Unauthorized => CliError::Failed(format!(
+                "{} (is --data-dir the daemon's directory?)",
+                error.message
+            )),
+            kind => CliError::Api(kind, error.message),
         })
     }
 
@@ -155,15 +233,6 @@ impl Client {
             .send(body)
             .map_err(|e| self.unreachable(e))?;
         self.finish(r)
-    }
-
-    /// Streams an export into `out`; returns the number of charts.
-    pub fn export(&self, ids: &[String], out: &mut dyn Write) -> anyhow::Result<usize> {
-        self.export_lines(ids, "jsonl", &mut |line| {
-            out.write_all(line)?;
-            out.write_all(b"\n")?;
-            Ok(())
-        })
     }
 
     /// Streams an export line by line (one chart per line) into `each`.

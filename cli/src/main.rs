@@ -5,14 +5,16 @@
 //! 5 refused by consent or policy · 6 verification failed.
 
 mod client;
+mod doctor;
 mod fhir;
 mod import;
 mod offline;
 mod output;
+mod service;
 mod workflow;
 
 use anyhow::Result;
-use chartmesh_daemon::datadir::{self, InitOptions};
+use chartmesh_datadir::datadir::{self, InitOptions};
 use clap::{Args, Parser, Subcommand};
 use client::{CliError, Client};
 use serde_json::{Value, json};
@@ -43,8 +45,10 @@ struct Cli {
 enum Cmd {
     /// Create a data directory: the practice identity, API token and config. No daemon needed.
     Init {
+        /// The practice's name, shown to the practices it pairs with (asked for on a
+        /// terminal when not given).
         #[arg(long)]
-        name: String,
+        name: Option<String>,
         /// Address of the local API (loopback only), e.g. 127.0.0.1:7360.
         #[arg(long)]
         api: Option<std::net::SocketAddr>,
@@ -150,9 +154,14 @@ enum Cmd {
     /// Medication alerts standing in a chart (or in every chart): allergies, interactions,
     /// duplicate therapy. The tables are illustrative, not clinical-grade (docs/CLINICAL.md).
     Alerts { chart: Option<String> },
-    /// Write a consistent copy of the store to FILE (online, while the daemon runs). The copy
-    /// stays encrypted with the store key: keep a copy of store.key apart from your backups.
-    Backup { file: PathBuf },
+    /// Write a consistent copy of the store to FILE (online, while the daemon runs), then
+    /// verify it. The copy stays encrypted with the store key: keep a copy of store.key apart
+    /// from your backups. `chartmesh backup verify FILE` checks a backup.
+    Backup(BackupArgs),
+    /// Check this practice: daemon and service, ports, disk space, permissions, store
+    /// integrity, audit chain, certificate, last backup, peers. Each problem says what to do.
+    /// Exit 0 when nothing failed (warnings allowed), 1 when something did.
+    Doctor,
     /// Replace the store with a backup (stop the daemon first). The backup is verified first,
     /// what the restore would drop (practices, grants, charts written since the backup) is
     /// listed and must be confirmed; the replaced store is kept beside it.
@@ -184,6 +193,35 @@ enum Cmd {
     /// Emergency ("break-glass") access to a patient's chart at a paired practice.
     #[command(subcommand)]
     Emergency(workflow::EmergencyCmd),
+    /// Run chartmeshd as a systemd service: install, uninstall, status.
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
+    /// Print a shell completion script, e.g. `chartmesh completions bash >
+    /// /etc/bash_completion.d/chartmesh` (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), or with --dir write one page per command there
+    /// (`chartmesh.1`, `chartmesh-peer-add.1`, …), e.g. for /usr/local/share/man/man1.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BackupArgs {
+    #[command(subcommand)]
+    cmd: Option<BackupCmd>,
+    /// The new backup file (an absolute path outside the data directory).
+    file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Check a backup without restoring it: every page's encryption HMAC and structure
+    /// (SQLCipher's cipher_integrity_check, integrity_check), its charts, its audit chain.
+    /// Exit 0 when good, 6 when not.
+    Verify { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -453,7 +491,75 @@ fn quiet_on_closed_pipe() {
     }
 }
 
+/// `init` without --name: asks on a terminal; elsewhere (a script) it is a usage error.
+fn ask_practice_name() -> Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+        return Err(CliError::Usage(
+            "give the practice's name: chartmesh init --name \"Your Practice\"".into(),
+        )
+        .into());
+    }
+    loop {
+        eprint!("Name of this practice (shown to the practices you pair with): ");
+        let mut line = String::new();
+        if std::io::stdin().lock().read_line(&mut line)? == 0 {
+            return Err(CliError::Usage("no practice name given (--name)".into()).into());
+        }
+        if !line.trim().is_empty() {
+            return Ok(line.trim().to_string());
+        }
+    }
+}
+
+/// `chartmesh completions SHELL` and `chartmesh man`: generated from the same clap
+/// definition the parser uses, so they list every command and option there is.
+fn generate(cmd: &Cmd) -> Result<bool> {
+    use clap::CommandFactory;
+    match cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "chartmesh",
+                &mut std::io::stdout(),
+            );
+        }
+        Cmd::Man { dir: None } => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+        }
+        Cmd::Man { dir: Some(d) } => {
+            std::fs::create_dir_all(d)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", d.display()))?;
+            let n = write_man_pages(Cli::command(), d)?;
+            eprintln!("wrote {n} manual pages into {}", d.display());
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// One page for `cmd` and one for each of its subcommands, named like `git`'s
+/// (`chartmesh-peer-add.1`). Returns how many were written.
+fn write_man_pages(cmd: clap::Command, dir: &std::path::Path) -> Result<usize> {
+    fn count(cmd: &clap::Command) -> usize {
+        1 + cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+            .map(count)
+            .sum::<usize>()
+    }
+    let n = count(&cmd);
+    clap_mangen::generate_to(cmd, dir).map_err(|e| {
+        anyhow::anyhow!("cannot write the manual pages into {}: {e}", dir.display())
+    })?;
+    Ok(n)
+}
+
 fn run(cli: Cli) -> Result<()> {
+    if generate(&cli.cmd)? {
+        return Ok(());
+    }
     let dir = datadir::resolve(cli.data_dir.clone());
     let user = cli
         .user
@@ -462,6 +568,13 @@ fn run(cli: Cli) -> Result<()> {
     let j = cli.json;
     match cli.cmd {
         Cmd::Init { name, api, listen } => {
+            if let Some(problem) = datadir::unreadable(&dir) {
+                return Err(CliError::Failed(problem).into());
+            }
+            let name = match name.filter(|n| !n.trim().is_empty()) {
+                Some(n) => n.trim().to_string(),
+                None => ask_practice_name()?,
+            };
             let id = datadir::init(
                 &dir,
                 InitOptions {
@@ -470,14 +583,14 @@ fn run(cli: Cli) -> Result<()> {
                     listen,
                 },
             )?;
-            let v = json!({ "dataDir": dir.display().to_string(), "practice": { "id": id.id.to_string(), "name": name } });
+            let config = chartmesh_datadir::config::Config::load(&dir.join(datadir::CONFIG))?;
+            let v = json!({
+                "dataDir": dir.display().to_string(),
+                "practice": { "id": id.id.to_string(), "checkedId": id.id.checked(), "name": name },
+                "sync": { "listen": config.sync.listen.to_string(), "loopbackOnly": config.sync.listen.ip().is_loopback() },
+            });
             print(j, &v, |_| {
-                println!("Created practice {name:?} in {}", dir.display());
-                println!("Practice ID: {}", id.id);
-                println!(
-                    "Start the daemon with: chartmeshd --data-dir {}",
-                    dir.display()
-                );
+                print!("{}", datadir::first_run_guide(&dir, &name, &id.id, &config));
             });
         }
         Cmd::Due { within, today } => {
@@ -610,21 +723,67 @@ fn run(cli: Cli) -> Result<()> {
                 }
             });
         }
-        Cmd::Backup { file } => {
+        Cmd::Doctor => doctor::run(&dir, &user, j)?,
+        Cmd::Service(c) => {
+            let explicit = cli.data_dir.is_some()
+                || std::env::var_os("CHARTMESH_DATA_DIR").is_some_and(|v| !v.is_empty());
+            service::run(c, &dir, explicit, j)?
+        }
+        Cmd::Backup(BackupArgs {
+            cmd: Some(BackupCmd::Verify { file }),
+            ..
+        }) => {
+            let c = datadir::verify_backup(&dir, &file).map_err(store_file_error)?;
+            let v = json!({ "ok": true, "check": c });
+            print(j, &v, |_| {
+                println!(
+                    "{} is a good backup: {} pages verified, {} charts, audit log intact ({} entries).",
+                    output::esc(&c.file),
+                    c.pages,
+                    c.charts,
+                    c.audit_entries
+                )
+            });
+        }
+        Cmd::Backup(BackupArgs { file: None, .. }) => {
+            return Err(CliError::Usage(
+                "give the backup file: chartmesh backup /media/usb/chartmesh-DATE.db (or: chartmesh backup verify FILE)".into(),
+            )
+            .into());
+        }
+        Cmd::Backup(BackupArgs {
+            file: Some(file), ..
+        }) => {
             let file = std::path::absolute(&file)?;
             let v = if datadir::daemon_running(&dir) {
-                Client::connect(&dir, &user)?
-                    .post_json("/backup", &json!({ "path": file.display().to_string() }))?
+                let client = Client::connect(&dir, &user)?;
+                let spin = output::spinner("writing and verifying the backup");
+                let r = client.post_json(
+                    "/backup",
+                    &serde_json::to_value(chartmesh_api::BackupRequest { path: file.clone() })?,
+                );
+                spin.finish_and_clear();
+                r?
             } else {
                 datadir::check_backup_target(&dir, &file).map_err(CliError::Failed)?;
                 let off = offline::Offline::open(&dir, &user, "a backup")?;
                 off.audit([("backup".to_string(), None, "backup".to_string())])?;
                 let bytes = off.store.backup_to(&file)?;
+                drop(off);
+                datadir::verify_backup(&dir, &file).map_err(store_file_error)?;
+                let _ = datadir::record_backup(
+                    &dir,
+                    &datadir::LastBackup {
+                        time_ms: chartmesh_datadir::now_ms(),
+                        path: file.display().to_string(),
+                        bytes,
+                    },
+                );
                 json!({ "path": file.display().to_string(), "bytes": bytes })
             };
             print(j, &v, |v| {
                 println!(
-                    "Backup written to {} ({} bytes), encrypted with this practice's store key.",
+                    "Backup written to {} ({} bytes) and verified, encrypted with this practice's store key.",
                     v["path"].as_str().unwrap_or(""),
                     v["bytes"]
                 );
@@ -704,11 +863,25 @@ fn run(cli: Cli) -> Result<()> {
             });
         }
         Cmd::Id => {
-            let id = chartmesh_daemon::identity::Identity::load(&dir)?;
-            let v = json!({ "id": id.id.to_string() });
+            // The identity file is the daemon's own (0600); staff ask the running daemon.
+            let id = match chartmesh_datadir::identity::Identity::load(&dir) {
+                Ok(i) => i.id,
+                Err(e) => {
+                    let client = Client::connect(&dir, &user).map_err(|c| match c {
+                        CliError::Unreachable(_) => anyhow::anyhow!("{e}"),
+                        other => other.into(),
+                    })?;
+                    let v = client.get("/status")?;
+                    v["practice"]["id"]
+                        .as_str()
+                        .and_then(|s| s.parse::<chartmesh_core::PracticeId>().ok())
+                        .ok_or_else(|| CliError::Failed("the daemon did not say its id".into()))?
+                }
+            };
+            let v = json!({ "id": id.to_string(), "checkedId": id.checked() });
             print(j, &v, |_| {
-                println!("{}", id.id);
-                if let Ok(code) = qrcode::QrCode::new(id.id.to_string().as_bytes()) {
+                println!("{}", id.checked());
+                if let Ok(code) = qrcode::QrCode::new(id.checked().as_bytes()) {
                     let art = code
                         .render::<qrcode::render::unicode::Dense1x2>()
                         .quiet_zone(true)
@@ -748,13 +921,21 @@ fn run(cli: Cli) -> Result<()> {
                         "No paired practices. Pair with: chartmesh peer add PEER_ID --addr HOST:PORT"
                     );
                 }
+                let mut t = output::table(&["name", "address", "id"]);
                 for p in peers {
-                    println!(
-                        "{:<20} {:<22} {}",
-                        p["name"].as_str().unwrap_or(""),
-                        p["addr"].as_str().unwrap_or(""),
-                        p["id"].as_str().unwrap_or("")
-                    );
+                    let id = p["id"]
+                        .as_str()
+                        .and_then(|i| i.parse::<chartmesh_core::PracticeId>().ok())
+                        .map(|i| i.checked())
+                        .unwrap_or_default();
+                    t.add_row(vec![
+                        p["name"].as_str().unwrap_or("").to_string(),
+                        p["addr"].as_str().unwrap_or("").to_string(),
+                        id,
+                    ]);
+                }
+                if t.row_count() > 0 {
+                    println!("{t}");
                 }
             });
         }
@@ -813,6 +994,8 @@ fn run(cli: Cli) -> Result<()> {
                 if shares.is_empty() {
                     println!("Nothing is shared.");
                 }
+                let mut t =
+                    output::table(&["chart", "access", "purpose", "state", "with", "recorded by"]);
                 for g in shares {
                     let state = if g["active"].as_bool() == Some(true) {
                         "active"
@@ -821,18 +1004,20 @@ fn run(cli: Cli) -> Result<()> {
                     } else {
                         "expired"
                     };
-                    println!(
-                        "{:<16} {:<11} {:<10} {:<8} {}  recorded by {}",
-                        g["chartId"].as_str().unwrap_or(""),
-                        g["access"].as_str().unwrap_or(""),
-                        g["purpose"].as_str().unwrap_or(""),
-                        state,
+                    t.add_row(vec![
+                        g["chartId"].as_str().unwrap_or("").to_string(),
+                        g["access"].as_str().unwrap_or("").to_string(),
+                        g["purpose"].as_str().unwrap_or("").to_string(),
+                        state.to_string(),
                         g["peer"]
                             .as_str()
                             .map(|p| p.chars().take(9).collect::<String>())
                             .unwrap_or_default(),
-                        g["recordedBy"].as_str().unwrap_or("")
-                    );
+                        g["recordedBy"].as_str().unwrap_or("").to_string(),
+                    ]);
+                }
+                if t.row_count() > 0 {
+                    println!("{t}");
                 }
             });
         }
@@ -860,7 +1045,7 @@ fn run(cli: Cli) -> Result<()> {
                     };
                     let last = p["lastSyncMs"]
                         .as_i64()
-                        .map(chartmesh_daemon::rfc3339)
+                        .map(chartmesh_datadir::rfc3339)
                         .unwrap_or_else(|| "never".into());
                     println!(
                         "  {} ({}) at {}: {state}; last sync {last}; shared to it {}, from it {}; pending {}{}",
@@ -974,20 +1159,55 @@ fn run(cli: Cli) -> Result<()> {
             let n = if let Some(off) = &off {
                 offline_export(off, &chart_ids, &mut out)?
             } else {
-                Client::connect(&dir, &user)?.export(&chart_ids, &mut out)?
+                let client = Client::connect(&dir, &user)?;
+                // A bar on the terminal while a file is written (never over data on stdout).
+                let bar = if output.is_some() {
+                    let total = if chart_ids.is_empty() {
+                        client.get("/status")?["charts"].as_u64().unwrap_or(0)
+                    } else {
+                        chart_ids.len() as u64
+                    };
+                    output::progress(total, "exporting")
+                } else {
+                    indicatif::ProgressBar::hidden()
+                };
+                let n = client.export_lines(&chart_ids, "jsonl", &mut |line| {
+                    out.write_all(line)?;
+                    out.write_all(b"\n")?;
+                    bar.inc(1);
+                    Ok(())
+                })?;
+                bar.finish_and_clear();
+                n
             };
             out.flush()?;
-            if output.is_some() {
-                eprintln!("exported {n} charts");
+            if let Some(p) = &output {
+                if j {
+                    println!(
+                        "{}",
+                        json!({ "exported": n, "path": p.display().to_string() })
+                    );
+                } else {
+                    eprintln!("exported {n} charts");
+                }
             }
         }
         Cmd::Chart(ChartCmd::Show { id, offline }) => {
-            let v = if offline {
-                offline_chart(&dir, &user, &id)?
+            let (v, custody) = if offline {
+                (offline_chart(&dir, &user, &id)?, None)
             } else {
-                Client::connect(&dir, &user)?.get(&format!("/charts/{}", enc(&id)))?
+                let client = Client::connect(&dir, &user)?;
+                let v = client.get(&format!("/charts/{}", enc(&id)))?;
+                // Whose chart this is, and what this practice may do with it.
+                let custody = if j { None } else { custody_line(&client, &id) };
+                (v, custody)
             };
-            print(j, &v, print_chart);
+            print(j, &v, |v| {
+                if let Some(c) = &custody {
+                    println!("{}\n", output::esc(c));
+                }
+                print_chart(v)
+            });
         }
         Cmd::Chart(ChartCmd::Search { query, limit }) => {
             let v = Client::connect(&dir, &user)?
@@ -997,18 +1217,21 @@ fn run(cli: Cli) -> Result<()> {
                 if charts.is_empty() {
                     println!("No chart matches {query:?}.");
                 }
-                for c in charts {
-                    println!(
-                        "{:<16} {:<28} {}  {}",
-                        c["id"].as_str().unwrap_or(""),
+                let mut t = output::table(&["chart", "patient", "born", "MRN"]);
+                for c in &charts {
+                    t.add_row(vec![
+                        c["id"].as_str().unwrap_or("").to_string(),
                         format!(
                             "{}, {}",
                             c["family"].as_str().unwrap_or(""),
                             c["given"].as_str().unwrap_or("")
                         ),
-                        c["birth_date"].as_str().unwrap_or(""),
-                        c["mrn"].as_str().unwrap_or("")
-                    );
+                        c["birth_date"].as_str().unwrap_or("").to_string(),
+                        c["mrn"].as_str().unwrap_or("").to_string(),
+                    ]);
+                }
+                if !charts.is_empty() {
+                    println!("{t}");
                 }
             });
         }
@@ -1080,7 +1303,7 @@ fn run(cli: Cli) -> Result<()> {
                 .post_json(&format!("/charts/{}/medications", enc(&chart)), &body)
             {
                 Ok(v) => v,
-                Err(CliError::Refused(msg)) if msg.contains("alert(s) for this medication") => {
+                Err(CliError::Api(chartmesh_api::ErrorKind::Alerts, msg)) => {
                     return Err(CliError::Refused(format!(
                         "{msg}\nNot added. To add it anyway: chartmesh med add {chart} --name {name:?} --dose ... --override \"REASON\""
                     ))
@@ -1143,7 +1366,7 @@ fn run(cli: Cli) -> Result<()> {
                 Client::connect(&dir, &user)?.get(&format!("/charts/{}/history", enc(&chart)))?;
             print(j, &v, |v| {
                 for c in v["changes"].as_array().cloned().unwrap_or_default() {
-                    let t = chartmesh_daemon::rfc3339(c["time_ms"].as_i64().unwrap_or(0));
+                    let t = chartmesh_datadir::rfc3339(c["time_ms"].as_i64().unwrap_or(0));
                     let practice = c["practice"]
                         .as_str()
                         .map(|p| p.chars().take(9).collect::<String>())
@@ -1183,7 +1406,15 @@ fn run(cli: Cli) -> Result<()> {
         }) => {
             let client = Client::connect(&dir, &user)?;
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(timeout);
-            let same = |x: &str, id: &str| x == id || x.replace('-', "") == id.replace('-', "");
+            // Each --peer as its canonical id (a name, a short id or the checked form may be given).
+            let peers: Vec<String> = {
+                let known = client.get("/peers")?;
+                peers
+                    .iter()
+                    .map(|r| peer_ref(&known, r))
+                    .collect::<Result<_, _>>()?
+            };
+            let same = |x: &str, id: &str| x == id;
             loop {
                 let v = client.get("/sync")?;
                 let list = v["peers"].as_array().cloned().unwrap_or_default();
@@ -1267,7 +1498,7 @@ fn run(cli: Cli) -> Result<()> {
             match a.cmd {
                 Some(AuditCmd::Verify { offline }) => {
                     let v = if offline {
-                        chartmesh_daemon::api::audit_verify_report(&offline_store(&dir)?)?
+                        chartmesh_datadir::audit_verify_report(&offline_store(&dir)?)?
                     } else {
                         Client::connect(&dir, &user)?.get("/audit/verify")?
                     };
@@ -1316,7 +1547,7 @@ fn run(cli: Cli) -> Result<()> {
                             println!(
                                 "{:>6} {}  {:<14} {:<20} {} {}",
                                 e["seq"],
-                                chartmesh_daemon::rfc3339(e["time_ms"].as_i64().unwrap_or(0)),
+                                chartmesh_datadir::rfc3339(e["time_ms"].as_i64().unwrap_or(0)),
                                 e["action"].as_str().unwrap_or(""),
                                 e["actor"].as_str().unwrap_or(""),
                                 e["chart_id"].as_str().unwrap_or("-"),
@@ -1327,6 +1558,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("handled by generate"),
         Cmd::Console => {
             // A single-use sign-in link (valid two minutes): the page then holds an HttpOnly
             // session cookie, never the API token.
@@ -1366,6 +1598,26 @@ fn add(
         .post_json(&format!("/charts/{}/{section}", enc(chart)), &body)?;
     print(j, &v, |_| println!("Added to {chart} ({section})"));
     Ok(())
+}
+
+/// The canonical id of the paired practice `reference` names (its id in either form, its
+/// name, or a unique prefix of its id), from a `/peers` answer.
+pub(crate) fn peer_ref(peers: &Value, reference: &str) -> Result<String, CliError> {
+    let list: Vec<(chartmesh_core::PracticeId, String)> = peers["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p["id"].as_str()?.parse().ok()?,
+                p["name"].as_str().unwrap_or("").to_string(),
+            ))
+        })
+        .collect();
+    chartmesh_core::ids::match_peer(reference, list.iter().map(|(i, n)| (*i, n.as_str())))
+        .map(|id| id.to_string())
+        // A peer that is not paired is a usage error (exit 2), said at once.
+        .map_err(|e| CliError::Usage(e.to_string()))
 }
 
 pub(crate) fn enc(s: &str) -> String {
@@ -1432,21 +1684,97 @@ fn print_chart(v: &Value) {
             s(&m["status"])
         )
     });
-    section("Observations", "observations", &|o| {
-        format!(
-            "{} {} {} {}",
+    // Observations: grouped by what was measured (by name), each group oldest first, so a
+    // trend reads down the list; a code recorded without a name gets its LOINC name.
+    let obs_name = |o: &Value| -> String {
+        match o["display"].as_str().filter(|d| !d.trim().is_empty()) {
+            Some(d) => d.to_string(),
+            None => chartmesh_core::loinc::name(o["code"].as_str().unwrap_or(""))
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("LOINC {}", s(&o["code"]))),
+        }
+    };
+    let mut obs = v["observations"].as_array().cloned().unwrap_or_default();
+    obs.sort_by_cached_key(|o| (obs_name(o).to_lowercase(), s(&o["date"])));
+    println!("\nObservations ({})", obs.len());
+    for o in &obs {
+        let value = match &o["value"] {
+            Value::Null => o["components"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .map(|x| x["value"].to_string())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                })
+                .unwrap_or_default(),
+            Value::String(t) => t.clone(),
+            other => other.to_string(),
+        };
+        println!(
+            "  {:<26} {:<20} {} {}",
+            obs_name(o),
             s(&o["date"]),
-            s(&o["display"]),
-            o["value"],
+            value,
             s(&o["unit"])
-        )
-    });
+        );
+    }
     section("Immunizations", "immunizations", &|i| {
         format!("{} {}", s(&i["date"]), s(&i["vaccine"]))
     });
     section("Notes", "notes", &|n| {
         format!("{} {}: {}", s(&n["date"]), s(&n["author"]), s(&n["text"]))
     });
+}
+
+/// One line saying whose chart this is when it is not this practice's own: received from
+/// another practice (read-only or read-write), or revoked / expired there and kept here
+/// read-only. None for this practice's own charts (or when the daemon cannot tell).
+fn custody_line(client: &Client, id: &str) -> Option<String> {
+    let c = client.get(&format!("/charts/{}/custody", enc(id))).ok()?;
+    let custodian = c["custodian"].as_str()?;
+    let name = client
+        .get("/peers")
+        .ok()
+        .and_then(|p| {
+            p["peers"].as_array().and_then(|list| {
+                list.iter()
+                    .find(|x| x["id"].as_str() == Some(custodian))
+                    .and_then(|x| x["name"].as_str().map(str::to_string))
+            })
+        })
+        .unwrap_or_else(|| "another practice".to_string());
+    let short: String = custodian.chars().take(9).collect();
+    let from = format!("{name} ({short})");
+    let when = |k: &str| {
+        c[k].as_i64()
+            .map(chartmesh_datadir::rfc3339)
+            .unwrap_or_default()
+    };
+    Some(match c["status"].as_str().unwrap_or("") {
+        "revoked" => format!(
+            "REVOKED COPY: received from {from}, whose consent was withdrawn {}; kept here read-only and hidden from search.",
+            when("revokedMs")
+        ),
+        "expired" => format!(
+            "EXPIRED COPY: received from {from}; the consent ended {}; kept here read-only.",
+            when("expiresMs")
+        ),
+        _ if c["access"].as_str() == Some("read-write") => format!(
+            "RECEIVED from {from}, shared read-write: your changes go back to it{}.",
+            c["expiresMs"]
+                .as_i64()
+                .map(|_| format!(" (until {})", when("expiresMs")))
+                .unwrap_or_default()
+        ),
+        _ => format!(
+            "RECEIVED from {from}, READ-ONLY: changes are made at {name}{}.",
+            c["expiresMs"]
+                .as_i64()
+                .map(|_| format!(" (shared until {})", when("expiresMs")))
+                .unwrap_or_default()
+        ),
+    })
 }
 
 /// Says what a restore would drop (ids and names escaped; long lists cut with a count).

@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use chartmesh_core::audit::AuditEvent;
-use chartmesh_daemon::datadir;
+use chartmesh_datadir::datadir;
 use chartmesh_store::{Store, StoreOptions};
 use std::path::Path;
 
@@ -22,6 +22,9 @@ pub struct Offline {
 impl Offline {
     /// Takes the daemon's lock and opens the store; refuses while a daemon runs.
     pub fn open(dir: &Path, user: &str, what: &str) -> Result<Offline> {
+        if let Some(problem) = datadir::unreadable(dir) {
+            return Err(CliError::Failed(problem).into());
+        }
         if !datadir::is_initialized(dir) {
             return Err(CliError::Failed(format!(
                 "no chartmesh data directory at {}",
@@ -67,7 +70,7 @@ impl Offline {
         &self,
         events: impl IntoIterator<Item = (String, Option<String>, String)>,
     ) -> Result<()> {
-        let now = chartmesh_daemon::now_ms();
+        let now = chartmesh_datadir::now_ms();
         let events: Vec<AuditEvent> = events
             .into_iter()
             .map(|(action, chart, detail)| {

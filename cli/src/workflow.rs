@@ -151,10 +151,16 @@ pub fn referral(c: &Client, cmd: ReferralCmd, j: bool) -> anyhow::Result<()> {
         &json!({ "text": text }),
     )?;
     print(j, &v, |v| {
-        println!(
-            "Referral {id}: {}. The practice on the other side sees it at the next sync.",
-            v["status"].as_str().unwrap_or("")
-        );
+        let status = v["status"].as_str().unwrap_or("");
+        if step == "note" {
+            println!(
+                "Consult note added to referral {id} (the referral stays {status}). The practice on the other side sees it at the next sync."
+            );
+        } else {
+            println!(
+                "Referral {id}: {status}. The practice on the other side sees it at the next sync."
+            );
+        }
     });
     Ok(())
 }
@@ -212,7 +218,15 @@ pub fn correct(
         &json!({ "target": target, "reason": reason }),
     )?;
     print(j, &v, |v| {
-        println!("{chart}: {} {section} entr(ies) changed.", v["changed"]);
+        let n = v["changed"].as_u64().unwrap_or(0);
+        let entries = if n == 1 { "entry" } else { "entries" };
+        let target = crate::output::esc(target);
+        match section {
+            "allergies" => println!("{chart}: removed the allergy to {target} ({n} {entries})."),
+            _ => println!(
+                "{chart}: stopped {target} ({n} {entries}); the entries stay, marked stopped."
+            ),
+        }
     });
     Ok(())
 }
@@ -348,7 +362,7 @@ pub fn emergency(c: &Client, cmd: EmergencyCmd, j: bool) -> anyhow::Result<()> {
                         "{}  {:<19} {:<12} {}  {}  {}",
                         e["time_ms"]
                             .as_i64()
-                            .map(chartmesh_daemon::rfc3339)
+                            .map(chartmesh_datadir::rfc3339)
                             .unwrap_or_default(),
                         e["action"].as_str().unwrap_or(""),
                         e["actor"].as_str().unwrap_or(""),

@@ -21,6 +21,7 @@ pub mod emergency;
 pub mod error;
 pub mod fhir;
 pub mod ids;
+pub mod loinc;
 pub mod patient_copy;
 pub mod referral;
 pub mod sync;
@@ -29,7 +30,7 @@ pub use chart::Chart;
 pub use doc::{ChangeMeta, ChartDoc, ChartHeader, HistoryEntry, Merged};
 pub use doc_limits::{LoadError, LoadLimits};
 pub use error::{CoreError, ValidationError};
-pub use ids::{ChartId, PracticeId};
+pub use ids::{ChartId, PeerRefError, PracticeId};
 
 /// The largest chart we accept as one JSON record (bytes). Bench charts are 3–6 KB; a long
 /// history of notes fits easily. Anything larger is almost certainly not a chart.

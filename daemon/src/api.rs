@@ -11,6 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use chartmesh_api::{AddPeer, BackupRequest, ErrorBody, ErrorKind, PeerRef};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -154,47 +155,42 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// An error answer of a kind (`chartmesh_api::ErrorKind`): its status follows from the kind.
+fn api_error(kind: ErrorKind, body: ErrorBody) -> Response {
+    let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(body)).into_response()
+}
+
 impl IntoResponse for NodeError {
     fn into_response(self) -> Response {
         let msg = self.to_string();
-        match &self {
-            NodeError::NotFound(_) => error(StatusCode::NOT_FOUND, "not-found", &msg),
-            NodeError::Invalid(_) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &msg),
-            NodeError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", &msg),
-            NodeError::Refused(_) => error(StatusCode::FORBIDDEN, "refused", &msg),
-            NodeError::Alerts(alerts) => (
-                StatusCode::FORBIDDEN,
-                Json(json!({ "error": { "kind": "alerts", "message": msg, "alerts": alerts } })),
-            )
-                .into_response(),
-            NodeError::Store(StoreError::DiskFull) => {
-                error(StatusCode::INSUFFICIENT_STORAGE, "disk-full", &msg)
+        let kind = match &self {
+            NodeError::NotFound(_) | NodeError::Missing(_) => ErrorKind::NotFound,
+            NodeError::Invalid(_) => ErrorKind::Invalid,
+            NodeError::Conflict(_) => ErrorKind::Conflict,
+            NodeError::Refused(_) => ErrorKind::Refused,
+            NodeError::Alerts(alerts) => {
+                let mut body = ErrorBody::new(ErrorKind::Alerts, msg);
+                body.error.alerts = serde_json::to_value(alerts).ok();
+                return api_error(ErrorKind::Alerts, body);
             }
-            NodeError::Store(StoreError::Closed) => {
-                error(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", &msg)
-            }
+            NodeError::Store(StoreError::DiskFull) => ErrorKind::DiskFull,
+            NodeError::Store(StoreError::Closed) => ErrorKind::ShuttingDown,
             // A chart edit that was not possible (a rule checked inside the write): the
             // caller's mistake, not the store's; not logged (it may name chart content).
             NodeError::Store(StoreError::Core(chartmesh_core::CoreError::NotAllowed(_))) => {
-                error(StatusCode::FORBIDDEN, "refused", &msg)
+                ErrorKind::Refused
             }
-            NodeError::Store(StoreError::Core(_)) => {
-                error(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &msg)
-            }
-            NodeError::Store(StoreError::Locked) => {
-                error(StatusCode::SERVICE_UNAVAILABLE, "busy", &msg)
-            }
-            NodeError::Store(StoreError::TooLarge { .. }) => {
-                error(StatusCode::PAYLOAD_TOO_LARGE, "too-large", &msg)
-            }
-            NodeError::Store(StoreError::Ambiguous(..)) => {
-                error(StatusCode::UNPROCESSABLE_ENTITY, "ambiguous", &msg)
-            }
+            NodeError::Store(StoreError::Core(_)) => ErrorKind::Invalid,
+            NodeError::Store(StoreError::Locked) => ErrorKind::Busy,
+            NodeError::Store(StoreError::TooLarge { .. }) => ErrorKind::TooLarge,
+            NodeError::Store(StoreError::Ambiguous(..)) => ErrorKind::Ambiguous,
             NodeError::Store(_) => {
                 tracing::error!(error = %msg, "store error");
-                error(StatusCode::INTERNAL_SERVER_ERROR, "store", &msg)
+                ErrorKind::Store
             }
-        }
+        };
+        api_error(kind, ErrorBody::new(kind, msg))
     }
 }
 
@@ -254,11 +250,6 @@ async fn sync_status(State(st): State<ApiState>) -> Result<Json<Value>, NodeErro
     ))
 }
 
-#[derive(Deserialize)]
-struct PeerRef {
-    peer: String,
-}
-
 async fn set_paused(
     st: &ApiState,
     headers: &HeaderMap,
@@ -266,10 +257,7 @@ async fn set_paused(
     paused: bool,
 ) -> Result<Json<Value>, NodeError> {
     let b: PeerRef = json_body(body)?;
-    let id: chartmesh_core::PracticeId = b
-        .peer
-        .parse()
-        .map_err(|e: chartmesh_core::ValidationError| NodeError::Invalid(e.message))?;
+    let id = st.node.peer_ref(&b.peer)?;
     let known = st
         .node
         .sync
@@ -311,13 +299,6 @@ async fn peers(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     Ok(Json(
         json!({ "peers": st.node.read(|store| Ok(store.peers()?)).await? }),
     ))
-}
-
-#[derive(Deserialize)]
-struct AddPeer {
-    id: String,
-    addr: String,
-    name: Option<String>,
 }
 
 async fn add_peer(
@@ -743,11 +724,6 @@ async fn alerts(
     Ok(Json(json!({ "charts": charts })))
 }
 
-#[derive(Deserialize)]
-struct BackupRequest {
-    path: std::path::PathBuf,
-}
-
 async fn backup(
     State(st): State<ApiState>,
     headers: HeaderMap,
@@ -756,17 +732,10 @@ async fn backup(
     let req: BackupRequest = json_body(&body)?;
     let path = req.path.display().to_string();
     let bytes = st.node.backup(req.path, &user(&headers)).await?;
-    Ok(Json(json!({ "path": path, "bytes": bytes })))
+    Ok(Json(json!(chartmesh_api::BackupDone { path, bytes })))
 }
 
-/// The report of `GET /audit/verify` (and of `chartmesh audit verify --offline`):
-/// `{ok: true, entries}` or `{ok: false, firstBadSeq, reason}`.
-pub fn audit_verify_report(store: &chartmesh_store::Store) -> Result<Value, StoreError> {
-    Ok(match store.verify_audit()? {
-        Ok(n) => json!({ "ok": true, "entries": n }),
-        Err(b) => json!({ "ok": false, "firstBadSeq": b.seq, "reason": b.reason }),
-    })
-}
+pub use chartmesh_datadir::audit_verify_report;
 
 async fn audit_verify(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     Ok(Json(

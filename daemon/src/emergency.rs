@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{Node, NodeError, parse_peer};
+use crate::node::{Node, NodeError};
 use crate::{now_ms, rfc3339};
 
 /// How long the requester waits for granted charts to arrive before answering.
@@ -299,7 +299,7 @@ impl Node {
             .clone();
         let peers = match peer {
             Some(p) => {
-                let p = parse_peer(p)?;
+                let p = self.peer_ref(p)?;
                 if !sync.connected().contains(&p) {
                     return Err(NodeError::Invalid(format!(
                         "practice {} is not connected now; emergency requests need a live connection",

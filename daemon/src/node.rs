@@ -30,6 +30,10 @@ use crate::now_ms;
 pub enum NodeError {
     #[error("chart {0} not found")]
     NotFound(String),
+    /// Something other than a chart was not found (an entry of a chart, a peer): the message
+    /// says what (HTTP 404, exit code 4 in the CLI).
+    #[error("{0}")]
+    Missing(String),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -442,10 +446,41 @@ impl Node {
         self.audit(vec![AuditEvent::new(now_ms(), actor, "backup")])
             .await?;
         let store = self.store.clone();
-        let bytes = tokio::task::spawn_blocking(move || store.backup_to(&path))
+        let dir = self.data_dir.clone();
+        let written = path.clone();
+        let bytes = tokio::task::spawn_blocking(move || store.backup_to(&written))
             .await
             .map_err(|_| StoreError::Closed)??;
-        Ok(bytes)
+        // Every backup is read back before it counts: pages, charts, audit chain. One that
+        // does not verify is renamed aside (never mistaken for a good one) and reported.
+        let checked = path.clone();
+        let check = tokio::task::spawn_blocking(move || {
+            crate::datadir::verify_backup(&dir, &checked).map(|c| (c, dir))
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?;
+        match check {
+            Ok((_, dir)) => {
+                let rec = crate::datadir::LastBackup {
+                    time_ms: now_ms(),
+                    path: path.display().to_string(),
+                    bytes,
+                };
+                if let Err(e) = crate::datadir::record_backup(&dir, &rec) {
+                    tracing::warn!(error = %e, "could not record the last backup");
+                }
+                Ok(bytes)
+            }
+            Err(e) => {
+                let aside = path.with_extension("db.failed-verify");
+                let _ = std::fs::rename(&path, &aside);
+                tracing::error!(error = %e, "a backup did not verify");
+                Err(NodeError::Store(StoreError::Corrupt(format!(
+                    "the backup was written but does not verify ({e}); it was renamed to {} — check the disk, then back up again",
+                    aside.display()
+                ))))
+            }
+        }
     }
 
     pub async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), NodeError> {
@@ -1599,20 +1634,8 @@ pub struct DuePatient {
     pub items: Vec<chartmesh_core::due::DueItem>,
 }
 
-/// What to share or revoke: listed charts, or every chart.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ShareRequest {
-    #[serde(default)]
-    pub charts: Vec<String>,
-    #[serde(default)]
-    pub all: bool,
-    pub peer: String,
-    pub access: Option<String>,
-    pub purpose: Option<String>,
-    /// RFC 3339.
-    pub expires: Option<String>,
-}
+/// What to share or revoke: listed charts, or every chart (a type of the local API).
+pub use chartmesh_api::ShareRequest;
 
 pub(crate) fn parse_peer(s: &str) -> Result<PracticeId, NodeError> {
     s.parse()
@@ -1620,6 +1643,16 @@ pub(crate) fn parse_peer(s: &str) -> Result<PracticeId, NodeError> {
 }
 
 impl Node {
+    /// The paired practice `reference` names: its id (plain or checked form, dashes, spaces
+    /// and case ignored), its name, or a unique prefix of its id. A whole id is returned
+    /// whether or not it is paired (the caller says what that means).
+    pub fn peer_ref(&self, reference: &str) -> Result<PracticeId, NodeError> {
+        let peers = self.store.peers()?;
+        chartmesh_core::ids::match_peer(reference, peers.iter().map(|p| (p.id, p.name.as_str())))
+            // Naming no paired practice is a mistake in the request (422), as a malformed id is.
+            .map_err(|e| NodeError::Invalid(e.to_string()))
+    }
+
     pub async fn add_peer(
         &self,
         id: &str,
@@ -1655,7 +1688,7 @@ impl Node {
     }
 
     pub async fn remove_peer(&self, id: &str, by: &str) -> Result<(), NodeError> {
-        let id = parse_peer(id)?;
+        let id = self.peer_ref(id)?;
         if self.store.peer(&id)?.is_none() {
             return Err(NodeError::NotFound(format!("practice {id} is not paired")));
         }
@@ -1669,7 +1702,7 @@ impl Node {
 
     /// Records consent grants. Only paired peers, only existing charts of this practice.
     pub async fn share(&self, req: ShareRequest, by: &str) -> Result<Vec<Grant>, NodeError> {
-        let peer = parse_peer(&req.peer)?;
+        let peer = self.peer_ref(&req.peer)?;
         if self.store.peer(&peer)?.is_none() {
             return Err(NodeError::Invalid(format!(
                 "practice {} is not paired: pair first with `chartmesh peer add {peer} --addr HOST:PORT`",
@@ -1754,7 +1787,7 @@ impl Node {
         req: ShareRequest,
         by: &str,
     ) -> Result<chartmesh_store::Revoked, NodeError> {
-        let peer = parse_peer(&req.peer)?;
+        let peer = self.peer_ref(&req.peer)?;
         let charts = match (req.all, req.charts.is_empty()) {
             (true, true) => None,
             (false, false) => Some(req.charts),

@@ -13,7 +13,7 @@ use chartmesh_core::{ChartDoc, CoreError};
 use chartmesh_store::{ConflictRecord, StoreError};
 use serde_json::{Value, json};
 
-use crate::node::{Node, NodeError, ShareRequest, parse_peer};
+use crate::node::{Node, NodeError, ShareRequest};
 use crate::now_ms;
 
 /// An RFC 3339 time with milliseconds: referral events are ordered by it.
@@ -43,7 +43,7 @@ impl Node {
         specialty: Option<&str>,
         author: &str,
     ) -> Result<Referral, NodeError> {
-        let peer = parse_peer(to)?;
+        let peer = self.peer_ref(to)?;
         if self.store.peer(&peer)?.is_none() {
             return Err(NodeError::Invalid(format!(
                 "practice {} is not paired: pair first with `chartmesh peer add {peer} --addr HOST:PORT`",
@@ -392,6 +392,9 @@ impl Node {
         let now = meta.time_ms;
         let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = count.clone();
+        // Set when no entry matched, so that error is told apart from a damaged document.
+        let no_match = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let no_match_set = no_match.clone();
         let out = self
             .store
             .edit(
@@ -428,6 +431,7 @@ impl Node {
                         }
                     }
                     if counted.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                        no_match_set.store(true, std::sync::atomic::Ordering::Relaxed);
                         return Err(CoreError::Shape(format!(
                             "nothing to change: no {} entry matches {target_l:?}",
                             key
@@ -446,6 +450,18 @@ impl Node {
         match out {
             Ok(_) => Ok(count.load(std::sync::atomic::Ordering::Relaxed)),
             Err(StoreError::NotFound(id)) => Err(NodeError::NotFound(id)),
+            Err(_) if no_match.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(NodeError::Missing(match section {
+                    Section::Allergies => format!(
+                        "chart {chart} has no allergy to {:?}: nothing was changed (`chartmesh chart show {chart}` lists its allergies)",
+                        target.trim()
+                    ),
+                    _ => format!(
+                        "chart {chart} has no active medication named {:?}: nothing was changed (`chartmesh chart show {chart}` lists its medications)",
+                        target.trim()
+                    ),
+                }))
+            }
             Err(e) => Err(e.into()),
         }
     }

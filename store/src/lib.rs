@@ -304,6 +304,11 @@ impl Store {
         self.inner.readers.audit_entries(chart, since_ms, limit)
     }
 
+    /// How many audit entries there are of each action (for `/metrics`).
+    pub fn audit_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.readers.audit_counts()
+    }
+
     /// Paired practices, grants, charts' last writes and the audit log's length, from one
     /// snapshot, whatever the schema (for comparing a backup with the store it would replace).
     pub fn overview(&self) -> Result<StoreOverview, StoreError> {

@@ -250,6 +250,17 @@ impl ReaderPool {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// How many audit entries there are of each action.
+    pub(crate) fn audit_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let conn = self.lease()?;
+        let mut stmt = conn
+            .prepare_cached("SELECT action, count(*) FROM audit GROUP BY action ORDER BY action")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Recomputes the chain. The entries and the recorded head are read in one read
     /// transaction (one WAL snapshot): read apart, a commit landing between the two reads
     /// looks exactly like a truncated log.

@@ -100,7 +100,12 @@ fn a_referral_round_trip_between_two_practices() {
 
     // Consult note → A sees the note, in the referral and in the chart.
     let text = "Stress ECG normal; start low-dose aspirin, review in 6 months.";
-    b.cli_ok(&["referral", "note", &rid, "--text", text]);
+    let said = b.cli_ok(&["referral", "note", &rid, "--text", text]);
+    // A consult note says a note was added, not that the referral was accepted again.
+    assert!(
+        said.starts_with("Consult note added to referral") && said.contains("stays accepted"),
+        "{said}"
+    );
     wait_until(
         "A to receive the consult note",
         Duration::from_secs(60),

@@ -113,7 +113,7 @@ impl From<NodeError> for Outcome {
     fn from(e: NodeError) -> Self {
         let msg = e.to_string();
         let (status, code) = match &e {
-            NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            NodeError::NotFound(_) | NodeError::Missing(_) => (StatusCode::NOT_FOUND, "not-found"),
             NodeError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             NodeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             NodeError::Refused(_) | NodeError::Alerts(_) => (StatusCode::FORBIDDEN, "forbidden"),

@@ -24,6 +24,8 @@ pub const API_ADDR: &str = "api.addr";
 /// The sync endpoint's actual UDP address, written at start (useful when the port is 0).
 pub const SYNC_ADDR: &str = "sync.addr";
 pub const LOCK: &str = "chartmeshd.lock";
+/// The last backup written and verified (by `chartmesh backup` or the schedule): JSON.
+pub const LAST_BACKUP: &str = "last-backup.json";
 
 /// `--data-dir`, else `CHARTMESH_DATA_DIR`, else the platform's data directory.
 pub fn resolve(flag: Option<PathBuf>) -> PathBuf {
@@ -39,13 +41,45 @@ pub fn resolve(flag: Option<PathBuf>) -> PathBuf {
     }
 }
 
+/// What stops this user from using `dir`, in words, when it exists but cannot be read
+/// (permission denied): None when it is readable or does not exist yet.
+pub fn unreadable(dir: &Path) -> Option<String> {
+    let denied = |p: &Path| {
+        format!(
+            "permission denied reading {}: this user may not use the data directory {}; run as the user that owns it (e.g. the service's `chartmesh` user) or see docs/OPERATIONS.md, \"Staff access\"",
+            p.display(),
+            dir.display()
+        )
+    };
+    for p in [
+        dir.to_path_buf(),
+        dir.join(CONFIG),
+        dir.join("identity").join("cert.der"),
+    ] {
+        match std::fs::metadata(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Some(denied(&p)),
+            _ => {}
+        }
+    }
+    match std::fs::File::open(dir.join(CONFIG)) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Some(denied(&dir.join(CONFIG)))
+        }
+        _ => None,
+    }
+}
+
 pub fn is_initialized(dir: &Path) -> bool {
     dir.join(CONFIG).exists() && dir.join("identity").join("cert.der").exists()
 }
 
 /// Writes a file readable by its owner only, atomically (temp file, fsync, rename).
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
+    // A missing directory is made private; an existing one keeps its mode (an admin may
+    // have opened the data directory to the staff group: docs/OPERATIONS.md, "Staff access").
+    if let Some(parent) = path.parent()
+        && !parent.is_dir()
+    {
         create_private_dir(parent)?;
     }
     let tmp = path.with_extension("tmp");
@@ -62,6 +96,18 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Writes a file anyone who may enter the directory can read (0644 whatever the umask):
+/// for what is not secret and staff need, such as the running daemon's API address.
+pub fn write_public(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
+    }
     Ok(())
 }
 
@@ -135,6 +181,45 @@ pub fn init(dir: &Path, opts: InitOptions) -> Result<Identity, InitError> {
     // The config goes last: its presence marks a complete init.
     write_private(&dir.join(CONFIG), config.to_toml().as_bytes()).map_err(io(&dir.join(CONFIG)))?;
     Ok(identity)
+}
+
+/// What a new practice is told after its data directory is made (by `chartmesh init` or a
+/// daemon's first start): where its data lives, its id, which address other practices will
+/// use and how to open it to them, and what to do next.
+pub fn first_run_guide(
+    dir: &Path,
+    name: &str,
+    id: &chartmesh_core::PracticeId,
+    config: &Config,
+) -> String {
+    let listen = config.sync.listen;
+    let mut g = format!(
+        "Created practice {name:?} in {dir}\n\
+         \x20 (its identity, API token, store key and config.toml; keep a copy of {key} apart from your backups)\n\
+         Practice id: {checked}\n\
+         Other practices connect to this one at {listen} (UDP).\n",
+        dir = dir.display(),
+        key = dir.join(STORE_KEY).display(),
+        checked = id.checked(),
+    );
+    if listen.ip().is_loopback() {
+        g.push_str(&format!(
+            "  That address is this computer only. To let another practice connect, set\n\
+             \x20 [sync] listen = \"0.0.0.0:{port}\" in {cfg}, allow UDP port {port} in the firewall,\n\
+             \x20 and restart chartmeshd (docs/OPERATIONS.md, \"Sync with other practices\").\n",
+            port = listen.port(),
+            cfg = dir.join(CONFIG).display()
+        ));
+    }
+    g.push_str(&format!(
+        "Next:\n\
+         \x20 chartmesh service install       run chartmeshd as a service (or: chartmeshd --data-dir {dir})\n\
+         \x20 chartmesh console               open the console page in a browser\n\
+         \x20 chartmesh id                    this id and a QR code, for the other practice\n\
+         \x20 chartmesh peer add ID --addr HOST:PORT --name \"Their name\"\n",
+        dir = dir.display()
+    ));
+    g
 }
 
 fn new_token() -> String {
@@ -216,6 +301,78 @@ fn verify_store_file(path: &Path, key: &chartmesh_store::StoreKey) -> Result<(u6
         })?;
     copy.close();
     Ok((charts, entries))
+}
+
+/// What `chartmesh backup verify` and the check after each backup found in a backup file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupCheck {
+    pub file: String,
+    pub charts: u64,
+    pub audit_entries: usize,
+    /// Pages whose encryption HMAC and structure were checked.
+    pub pages: u64,
+}
+
+/// Verifies a backup with this data directory's store key: every page (SQLCipher's
+/// `cipher_integrity_check` and SQLite's `integrity_check`), the charts readable, the
+/// audit chain intact. Changes nothing.
+pub fn verify_backup(dir: &Path, backup: &Path) -> Result<BackupCheck, RestoreError> {
+    let bad = |reason: String| RestoreError::BadBackup {
+        file: backup.display().to_string(),
+        reason,
+    };
+    if !backup.is_file() {
+        return Err(bad("there is no such file".into()));
+    }
+    let key = store_key(dir).map_err(|e| bad(e.to_string()))?;
+    let deep = chartmesh_store::integrity::deep_check(backup, &key).map_err(|e| match e {
+        chartmesh_store::StoreError::WrongKey(_) => bad(format!(
+            "it does not open with {} (a backup made under another key, or not a chartmesh store)",
+            dir.join(STORE_KEY).display()
+        )),
+        other => bad(other.to_string()),
+    })?;
+    if !deep.ok() {
+        let first = deep
+            .cipher_problems
+            .first()
+            .or(deep.problems.first())
+            .cloned()
+            .unwrap_or_default();
+        return Err(bad(format!(
+            "{} damaged page(s) and {} structure problem(s); first: {first}",
+            deep.cipher_problems.len(),
+            deep.problems.len()
+        )));
+    }
+    let (charts, audit_entries) = verify_store_file(backup, &key).map_err(bad)?;
+    Ok(BackupCheck {
+        file: backup.display().to_string(),
+        charts,
+        audit_entries,
+        pages: deep.pages,
+    })
+}
+
+/// The record of the last backup written and verified.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastBackup {
+    pub time_ms: i64,
+    pub path: String,
+    pub bytes: u64,
+}
+
+/// Records a verified backup (readable by its owner only: it names a path).
+pub fn record_backup(dir: &Path, b: &LastBackup) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(b).map_err(std::io::Error::other)?;
+    write_private(&dir.join(LAST_BACKUP), &json)
+}
+
+/// The last verified backup, if one was recorded.
+pub fn last_backup(dir: &Path) -> Option<LastBackup> {
+    serde_json::from_slice(&std::fs::read(dir.join(LAST_BACKUP)).ok()?).ok()
 }
 
 /// A store written before encryption at rest is encrypted in place on first start: an

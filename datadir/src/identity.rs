@@ -62,6 +62,15 @@ impl Identity {
         )
     }
 
+    /// The certificate's validity window (not before, not after) in Unix seconds, as
+    /// peers check it; None if the certificate does not parse.
+    pub fn validity(&self) -> Option<(i64, i64)> {
+        use x509_parser::prelude::FromDer;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&self.cert_der).ok()?;
+        let v = cert.validity();
+        Some((v.not_before.timestamp(), v.not_after.timestamp()))
+    }
+
     pub fn load(dir: &Path) -> Result<Identity, IdentityError> {
         let (c, k) = Self::paths(dir);
         let read = |p: &Path| {

@@ -19,6 +19,65 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub emergency: EmergencyConfig,
+    #[serde(default)]
+    pub backup: BackupConfig,
+}
+
+/// Scheduled backups: every `interval`, a verified backup into `dir`, keeping the newest
+/// `keep` of them. Off while `interval` is not set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    /// How often, e.g. `24h`, `6h`, `30m` (seconds to 7 days). Not set: no scheduled backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// Where they go: an absolute path outside the data directory, ideally another disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<std::path::PathBuf>,
+    /// How many scheduled backups to keep (older ones are deleted after a new one verifies).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_keep() -> usize {
+    7
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            interval: None,
+            dir: None,
+            keep: default_keep(),
+        }
+    }
+}
+
+impl BackupConfig {
+    /// The schedule, when one is set: (interval in milliseconds, directory, how many to keep).
+    pub fn schedule(&self) -> Result<Option<(i64, std::path::PathBuf, usize)>, String> {
+        let Some(interval) = &self.interval else {
+            return Ok(None);
+        };
+        let ms = parse_duration(interval)
+            .ok_or_else(|| format!("backup.interval = {interval:?}: use a number with s, m or h, such as \"24h\" (1s to 168h)"))?;
+        let Some(dir) = &self.dir else {
+            return Err(
+                "backup.interval is set but backup.dir is not: give the directory for the backups"
+                    .into(),
+            );
+        };
+        if !dir.is_absolute() {
+            return Err(format!(
+                "backup.dir = {:?} must be an absolute path",
+                dir.display().to_string()
+            ));
+        }
+        if self.keep == 0 {
+            return Err("backup.keep = 0 would delete every backup: keep at least 1".into());
+        }
+        Ok(Some((ms, dir.clone(), self.keep)))
+    }
 }
 
 /// How this practice answers emergency ("break-glass") requests from paired practices.
@@ -67,24 +126,25 @@ impl EmergencyConfig {
 
 /// `90s`, `30m`, `4h` → milliseconds (at least one second, at most 7 days).
 fn parse_duration_ms(s: &str) -> Result<i64, String> {
-    let bad = || {
+    parse_duration(s).ok_or_else(|| {
         format!(
             "emergency.duration = {s:?}: use a number with s, m or h, such as \"4h\" (at most 168h)"
         )
-    };
+    })
+}
+
+/// `90s`, `30m`, `4h` in milliseconds, when it is one second to seven days.
+fn parse_duration(s: &str) -> Option<i64> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: i64 = num.trim().parse().map_err(|_| bad())?;
+    let n: i64 = num.trim().parse().ok()?;
     let ms = match unit {
         "s" => n * 1000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
-        _ => return Err(bad()),
+        _ => return None,
     };
-    if !(1000..=7 * 24 * 3_600_000).contains(&ms) {
-        return Err(bad());
-    }
-    Ok(ms)
+    (1000..=7 * 24 * 3_600_000).contains(&ms).then_some(ms)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -233,6 +293,7 @@ impl Config {
             return Err("practice.name must not be empty".into());
         }
         self.emergency.policy()?;
+        self.backup.schedule()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(format!(
                 "log.format = {:?}: use \"text\" or \"json\"",

@@ -1,0 +1,819 @@
+//! Running chartmesh as a practice does: the first run, the CLI's words and exit codes,
+//! ids with check characters, logs in files, backups, staff access to a service's data
+//! directory. Real daemons and the real CLI.
+
+use chartmesh_tests::*;
+use serde_json::Value;
+use std::process::Command;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn new_chart(p: &Practice, mrn: &str) -> String {
+    let c = p.cli_json(&[
+        "chart",
+        "create",
+        "--mrn",
+        mrn,
+        "--family",
+        "Ward",
+        "--given",
+        "Ida",
+        "--birth-date",
+        "1961-02-03",
+    ]);
+    c["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn corrections_say_what_changed_and_a_missing_entry_is_not_found() {
+    let p = Practice::new("Valley Family Practice");
+    let chart = new_chart(&p, "OPS-1");
+    p.cli_ok(&["allergy", "add", &chart, "--substance", "Latex"]);
+
+    // An allergy the chart does not have: "not found", exit 4, nothing changed.
+    let out = p.cli(&[
+        "allergy",
+        "remove",
+        &chart,
+        "--substance",
+        "Penicillin",
+        "--reason",
+        "entered in error",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("has no allergy to \"Penicillin\"") && !e.contains("expected shape"),
+        "{e}"
+    );
+    let out = p.cli(&[
+        "med", "stop", &chart, "--name", "Aspirin", "--reason", "done",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no active medication named"),
+        "{}",
+        stderr(&out)
+    );
+
+    // One that it has: said in words, singular.
+    let said = p.cli_ok(&[
+        "allergy",
+        "remove",
+        &chart,
+        "--substance",
+        "latex",
+        "--reason",
+        "entered in error",
+    ]);
+    assert_eq!(
+        said.trim(),
+        format!("{chart}: removed the allergy to latex (1 entry).")
+    );
+}
+
+#[test]
+fn chart_show_names_and_groups_observations() {
+    let p = Practice::new("Valley Family Practice");
+    let chart = new_chart(&p, "OPS-2");
+    for (code, value, date) in [
+        ("8480-6", "141", "2026-03-01T09:00:00Z"),
+        ("2345-7", "5.4", "2026-02-01T09:00:00Z"),
+        ("8480-6", "128", "2026-01-01T09:00:00Z"),
+        ("99999-9", "7", "2026-01-15T09:00:00Z"),
+    ] {
+        p.cli_ok(&[
+            "obs", "add", &chart, "--code", code, "--value", value, "--unit", "x", "--date", date,
+        ]);
+    }
+    let shown = p.cli_ok(&["chart", "show", &chart]);
+    let obs: Vec<&str> = shown
+        .lines()
+        .skip_while(|l| !l.starts_with("Observations"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .collect();
+    assert_eq!(obs.len(), 4, "{shown}");
+    // By name, then oldest first within a name; the unknown code is named by its code.
+    assert!(obs[0].contains("Glucose"), "{shown}");
+    assert!(obs[1].contains("LOINC 99999-9"), "{shown}");
+    assert!(
+        obs[2].contains("Systolic blood pressure") && obs[2].contains("128"),
+        "{shown}"
+    );
+    assert!(
+        obs[3].contains("Systolic blood pressure") && obs[3].contains("141"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn received_and_revoked_copies_are_marked_and_peers_are_named_briefly() {
+    let a = Practice::new("Valley Family Practice");
+    let b = Practice::new("Ridge Cardiology");
+    // Pair with the checked id as `chartmesh id` prints it (dashes and all).
+    let checked_b = b.cli_json(&["id"])["checkedId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(checked_b.len(), 63, "{checked_b}");
+    assert!(b.cli_ok(&["id"]).starts_with(&checked_b));
+    a.cli_ok(&[
+        "peer",
+        "add",
+        &checked_b,
+        "--addr",
+        &b.sync_addr(),
+        "--name",
+        "Ridge Cardiology",
+    ]);
+    b.cli_ok(&[
+        "peer",
+        "add",
+        &a.id().to_lowercase(),
+        "--addr",
+        &a.sync_addr(),
+        "--name",
+        "Valley",
+    ]);
+    // A typo in a checked id is caught before anything is stored.
+    let mut typo: Vec<char> = checked_b.chars().collect();
+    typo[2] = if typo[2] == 'A' { 'B' } else { 'A' };
+    let typo: String = typo.into_iter().collect();
+    let out = a.cli(&[
+        "peer",
+        "add",
+        &typo,
+        "--addr",
+        "127.0.0.1:9",
+        "--name",
+        "Typo",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("typo"), "{}", stderr(&out));
+    assert_eq!(
+        a.cli_json(&["peer", "list"])["peers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let read = new_chart(&a, "OPS-3");
+    let rw = new_chart(&a, "OPS-4");
+    // The peer by name, and by a short prefix of its id.
+    a.cli_ok(&["share", &read, "--with", "ridge cardiology"]);
+    let short: String = b.id().chars().take(6).collect();
+    a.cli_ok(&["share", &rw, "--with", &short, "--access", "read-write"]);
+    // A name that is not a peer: refused at once, saying so.
+    let out = a.cli(&["share", &read, "--with", "Nobody Clinic"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no paired practice"),
+        "{}",
+        stderr(&out)
+    );
+    a.cli_ok(&[
+        "sync",
+        "wait",
+        "--peer",
+        "Ridge Cardiology",
+        "--timeout",
+        "60",
+    ]);
+    b.sync_wait(&a, 60);
+
+    let shown = b.cli_ok(&["chart", "show", &read]);
+    assert!(
+        shown.starts_with("RECEIVED from Valley (") && shown.contains("READ-ONLY"),
+        "{shown}"
+    );
+    let shown = b.cli_ok(&["chart", "show", &rw]);
+    assert!(shown.contains("shared read-write"), "{shown}");
+    let own = a.cli_ok(&["chart", "show", &read]);
+    assert!(!own.contains("RECEIVED"), "{own}");
+
+    a.cli_ok(&["revoke", &read, "--from", "Ridge Cardiology"]);
+    wait_until(
+        "the revoked copy to be marked",
+        std::time::Duration::from_secs(60),
+        || {
+            String::from_utf8_lossy(&b.cli(&["chart", "show", &read]).stdout)
+                .starts_with("REVOKED COPY")
+        },
+    );
+}
+
+#[test]
+fn logs_written_to_a_file_carry_no_colour_codes() {
+    let p = Practice::new("Valley Family Practice");
+    p.cli_ok(&["status"]);
+    let log = p.log();
+    assert!(log.contains("chartmeshd ready"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escape in the log file: {log:?}"
+    );
+}
+
+#[test]
+fn first_start_takes_a_name_and_explains_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let out = Command::new(bin("chartmesh"))
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "init",
+            "--name",
+            "Hill Clinic",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("Created practice \"Hill Clinic\""), "{said}");
+    assert!(said.contains(&dir.display().to_string()), "{said}");
+    assert!(
+        said.contains("127.0.0.1:7361") && said.contains("0.0.0.0:7361"),
+        "{said}"
+    );
+    assert!(said.contains("chartmesh service install"), "{said}");
+    // Without --name and without a terminal: a usage error, not a silent default.
+    let out = Command::new(bin("chartmesh"))
+        .args([
+            "--data-dir",
+            tmp.path().join("other").to_str().unwrap(),
+            "init",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--name"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_backup_to_a_missing_folder_says_the_folder_does_not_exist() {
+    let p = Practice::new("Valley Family Practice");
+    let target = p.dir.parent().unwrap().join("no-such-folder").join("b.db");
+    let out = p.cli(&["backup", target.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(
+        e.contains("does not exist") && e.contains("mkdir -p") && !e.contains("unable to open"),
+        "{e}"
+    );
+}
+
+/// docs/OPERATIONS.md, "Staff access": a staff member in the daemon's group, with the data
+/// directory 0750 and api-token 0640, uses the CLI; before that, the error says permission
+/// denied (not "no data directory").
+#[test]
+fn staff_access_to_a_service_data_directory_works_as_documented() {
+    if !is_root() || which("setpriv").is_none() {
+        println!("SKIPPED: needs root and setpriv to run the CLI as another user");
+        return;
+    }
+    let mut p = Practice::new("Valley Family Practice");
+    let dir = p.dir.clone();
+    // The temporary parent is 0700: let others reach the data directory's own mode.
+    chmod(dir.parent().unwrap(), "0755");
+    let as_staff = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin("chartmesh"))
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(args)
+            .env("USER", "nobody")
+            .output()
+            .unwrap()
+    };
+    let out = as_staff(&["status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("permission denied")
+            && e.contains("Staff access")
+            && !e.contains("no chartmesh data directory"),
+        "{e}"
+    );
+    // What docs/OPERATIONS.md says to do (the group is the daemon's; here nogroup).
+    run(
+        "chgrp",
+        &[
+            "65534",
+            dir.to_str().unwrap(),
+            dir.join("api-token").to_str().unwrap(),
+        ],
+    );
+    chmod(&dir, "0750");
+    chmod(&dir.join("api-token"), "0640");
+    let out = as_staff(&["--json", "status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["practice"]["name"], "Valley Family Practice");
+    // The daemon does not take the access back when it restarts.
+    p.restart();
+    let out = as_staff(&["--json", "id"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["id"].as_str().unwrap(), p.id());
+    // Stopped: staff are told the daemon is not running (exit 3).
+    p.stop();
+    let out = as_staff(&["status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not running"), "{}", stderr(&out));
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn which(prog: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(prog))
+            .find(|p| p.is_file())
+    })
+}
+
+fn chmod(path: &std::path::Path, mode: &str) {
+    run("chmod", &[mode, path.to_str().unwrap()]);
+}
+
+fn run(prog: &str, args: &[&str]) {
+    let st = Command::new(prog).args(args).status().unwrap();
+    assert!(st.success(), "{prog} {args:?}");
+}
+
+/// The README's walk-through writes its output files outside the checkout (a new user runs
+/// it from the clone): every `-o`/`--output`/`>` target is absolute.
+#[test]
+fn the_readme_walk_through_writes_outside_the_checkout() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let mut in_sh = false;
+    let mut bad = Vec::new();
+    let mut outputs = 0;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_sh = line.starts_with("```sh");
+            continue;
+        }
+        if !in_sh {
+            continue;
+        }
+        let cmd = line.split(" #").next().unwrap();
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        for w in words.windows(2) {
+            if matches!(w[0], "-o" | "--output" | ">") {
+                outputs += 1;
+                if !(w[1].starts_with('/') || w[1].starts_with("~/") || w[1].starts_with('$')) {
+                    bad.push(line.to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        outputs >= 5,
+        "the walk-through has output files ({outputs} found)"
+    );
+    assert!(bad.is_empty(), "README writes into the checkout: {bad:#?}");
+}
+
+fn doctor(p: &Practice) -> (i32, Value) {
+    let out = p.cli(&["--json", "doctor"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        )
+    });
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// The doctor's finding for `check` (the first one whose status is `status`, if given).
+fn finding<'a>(v: &'a Value, check: &str, status: Option<&str>) -> Option<&'a Value> {
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == check && status.is_none_or(|s| f["status"] == s))
+}
+
+#[test]
+fn doctor_reports_a_broken_setup_with_the_fix_for_each() {
+    let mut p = Practice::new("Valley Family Practice");
+    new_chart(&p, "DOC-1");
+    let (code, v) = doctor(&p);
+    assert_eq!(code, 0, "{v:#}");
+    for check in [
+        "data directory",
+        "permissions",
+        "daemon",
+        "store",
+        "audit chain",
+        "certificate",
+    ] {
+        assert!(finding(&v, check, Some("ok")).is_some(), "{check}: {v:#}");
+    }
+    let f = finding(&v, "store", Some("ok")).unwrap();
+    assert!(
+        f["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cipher_integrity_check"),
+        "{f}"
+    );
+    // No backup yet: a warning that says how to make one.
+    let f = finding(&v, "last backup", Some("warn")).unwrap();
+    assert!(
+        f["fix"].as_str().unwrap().contains("chartmesh backup"),
+        "{f}"
+    );
+
+    // A backup, verified after writing; then corrupted on its disk.
+    let backup = p.dir.parent().unwrap().join("doctor-backup.db");
+    let said = p.cli_ok(&["backup", backup.to_str().unwrap()]);
+    assert!(said.contains("verified"), "{said}");
+    let ok = p.cli_json(&["backup", "verify", backup.to_str().unwrap()]);
+    assert_eq!(ok["ok"], true, "{ok}");
+    assert!(finding(&doctor(&p).1, "last backup", Some("ok")).is_some());
+    let mut bytes = std::fs::read(&backup).unwrap();
+    assert!(bytes.len() > 3 * 4096);
+    bytes[2 * 4096 + 1000] ^= 0x5a;
+    std::fs::write(&backup, &bytes).unwrap();
+    let out = p.cli(&["backup", "verify", backup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let (code, v) = doctor(&p);
+    assert_eq!(code, 1, "{v:#}");
+    let f = finding(&v, "last backup", Some("fail")).expect("the corrupted backup is found");
+    assert!(
+        f["fix"].as_str().unwrap().contains("make a new backup"),
+        "{f}"
+    );
+
+    // The store key readable by everyone.
+    let key = p.dir.join("store.key");
+    chmod(&key, "0644");
+    let (code, v) = doctor(&p);
+    assert_eq!(code, 1);
+    let f = finding(&v, "permissions", Some("fail")).expect("the key's mode is found");
+    assert!(f["detail"].as_str().unwrap().contains("store.key"), "{f}");
+    assert_eq!(f["fix"], format!("chmod 0600 {}", key.display()));
+    chmod(&key, "0600");
+
+    // The daemon stopped.
+    p.stop();
+    let (code, v) = doctor(&p);
+    assert_eq!(code, 1);
+    let f = finding(&v, "daemon", Some("fail")).expect("the stopped daemon is found");
+    assert!(
+        f["fix"]
+            .as_str()
+            .unwrap()
+            .contains("systemctl start chartmeshd"),
+        "{f}"
+    );
+    // What does not need the daemon is still checked.
+    assert!(finding(&v, "store", Some("ok")).is_some(), "{v:#}");
+    assert!(finding(&v, "audit chain", Some("ok")).is_some(), "{v:#}");
+    // The human form names each finding and its fix.
+    let out = p.cli(&["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("FAIL") && text.contains("chartmeshd is not running"),
+        "{text}"
+    );
+}
+
+fn http_get(url: &str, host: Option<&str>) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent.get(url);
+    if let Some(h) = host {
+        req = req.header("Host", h);
+    }
+    let mut resp = req.call().unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap())
+}
+
+#[test]
+fn metrics_are_scraped_and_parsed_as_prometheus_text() {
+    let a = Practice::new("Valley Family Practice");
+    let b = Practice::new("Ridge Cardiology");
+    pair(&a, &b);
+    wait_connected(&a, &b);
+    let chart = new_chart(&a, "MET-1");
+    a.cli_ok(&["share", &chart, "--with", "Ridge Cardiology"]);
+    a.sync_wait(&b, 60);
+    let addr = std::fs::read_to_string(a.dir.join("api.addr")).unwrap();
+    let base = format!("http://{}", addr.trim());
+
+    let (status, body) = http_get(&format!("{base}/healthz"), None);
+    assert_eq!((status, body.trim()), (200, "ok"));
+    // Addressed to another name (DNS rebinding): refused.
+    let (status, _) = http_get(&format!("{base}/metrics"), Some("evil.example"));
+    assert_eq!(status, 421);
+
+    // Audit entries by action: what the API's audit log holds, action by action.
+    let log = a.cli_json(&["audit"]);
+    let sends = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "sync-send")
+        .count() as f64;
+    assert!(sends >= 1.0, "{log}");
+    let (status, text) = http_get(&format!("{base}/metrics"), None);
+    assert_eq!(status, 200, "{text}");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |name: &str, label: Option<(&str, &str)>| -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|c| c.count).fold(0.0, f64::max)
+                }
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            })
+    };
+    assert_eq!(value("chartmesh_peers_paired", None), Some(1.0), "{text}");
+    assert_eq!(
+        value("chartmesh_peers_connected", None),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(value("chartmesh_charts", None), Some(1.0), "{text}");
+    let short: String = b.id().chars().take(9).collect();
+    assert_eq!(
+        value("chartmesh_peer_connected", Some(("peer", &short))),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "chartmesh_peer_sync_lag_seconds",
+            Some(("name", "Ridge Cardiology"))
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        value("chartmesh_peer_pending_changes", Some(("peer", &short))).is_some(),
+        "{text}"
+    );
+    assert!(
+        value("chartmesh_store_bytes", None).unwrap() > 4096.0,
+        "{text}"
+    );
+    assert!(
+        value(
+            "chartmesh_audit_entries_total",
+            Some(("action", "sync-send"))
+        )
+        .unwrap()
+            >= sends,
+        "{text}"
+    );
+    assert!(value("chartmesh_refusals_total", None).is_some(), "{text}");
+    // The writes above (create, share) were timed.
+    let writes = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "chartmesh_api_write_seconds_count")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v)
+            | prometheus_parse::Value::Gauge(v) => v,
+            _ => 0.0,
+        });
+    assert!(writes.unwrap_or(0.0) >= 2.0, "{text}");
+}
+
+#[test]
+fn scheduled_backups_are_verified_and_only_the_newest_kept() {
+    let mut p = Practice::new("Valley Family Practice");
+    new_chart(&p, "BAK-1");
+    let dir = p.dir.parent().unwrap().join("scheduled");
+    std::fs::create_dir(&dir).unwrap();
+    // Something the schedule did not make is never deleted.
+    std::fs::write(dir.join("chartmesh-keep-me.db"), b"not ours").unwrap();
+    let cfg_path = p.dir.join("config.toml");
+    let mut cfg: toml::Value =
+        toml::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut backup = toml::Table::new();
+    backup.insert("interval".into(), "1s".into());
+    backup.insert("keep".into(), 2.into());
+    backup.insert("dir".into(), dir.to_str().unwrap().into());
+    cfg.as_table_mut()
+        .unwrap()
+        .insert("backup".into(), toml::Value::Table(backup));
+    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+    p.restart();
+    let scheduled = || -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_str().unwrap();
+                n.starts_with("chartmesh-2") && n.ends_with(".db")
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let audit_backups = |p: &Practice| {
+        p.cli_json(&["audit"])["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "backup" && e["actor"] == "backup-schedule")
+            .count()
+    };
+    wait_until(
+        "four scheduled backups",
+        std::time::Duration::from_secs(60),
+        || audit_backups(&p) >= 4,
+    );
+    // Retention: two kept (a third may be on its way), the oldest deleted.
+    let kept = scheduled();
+    assert!((2..=3).contains(&kept.len()), "{kept:?}");
+    assert!(dir.join("chartmesh-keep-me.db").exists());
+    // Each kept one verifies, and the last is recorded for the doctor.
+    for f in &kept[..2] {
+        let v = p.cli_json(&["backup", "verify", f.to_str().unwrap()]);
+        assert_eq!(v["check"]["charts"], 1, "{v}");
+    }
+    let (_, v) = doctor(&p);
+    assert!(finding(&v, "last backup", Some("ok")).is_some(), "{v:#}");
+}
+
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let out = Command::new(bin("chartmesh"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("complete") && script.contains("doctor") && script.contains("service"),
+        "{script}"
+    );
+    if which("bash").is_some() {
+        // The script is valid bash.
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("c.bash");
+        std::fs::write(&f, script.as_bytes()).unwrap();
+        let st = Command::new("bash")
+            .args(["-n", f.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let out = Command::new(bin("chartmesh"))
+        .args(["man"])
+        .output()
+        .unwrap();
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && page.contains(".TH chartmesh") && page.contains("doctor"),
+        "{page}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("chartmesh"))
+        .args(["man", "--dir", tmp.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for page in [
+        "chartmesh.1",
+        "chartmesh-peer-add.1",
+        "chartmesh-backup-verify.1",
+        "chartmesh-service-install.1",
+    ] {
+        assert!(tmp.path().join(page).is_file(), "{page} missing");
+    }
+    if which("man").is_some() {
+        let out = Command::new("man")
+            .args([
+                "-l",
+                tmp.path().join("chartmesh-peer-add.1").to_str().unwrap(),
+            ])
+            .env("MANPAGER", "cat")
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("--addr"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn a_closed_pipe_ends_the_cli_quietly() {
+    let p = Practice::new("Valley Family Practice");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} --data-dir {} man | head -c 10 >/dev/null; {} --data-dir {} peer list | head -c 1 >/dev/null",
+            bin("chartmesh").display(),
+            p.dir.display(),
+            bin("chartmesh").display(),
+            p.dir.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
+
+/// The unit `chartmesh service install` writes is generated and checked by systemd itself.
+#[test]
+fn the_service_unit_is_valid_for_systemd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = Command::new(bin("chartmesh"))
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "service",
+            "install",
+            "--print",
+            "--name",
+            "Hill Clinic",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unit = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        unit.contains("Type=notify") && unit.contains("WatchdogSec="),
+        "{unit}"
+    );
+    assert!(
+        unit.contains(&format!(
+            "ExecStart={} --data-dir {} --name \"Hill Clinic\"",
+            bin("chartmeshd").display(),
+            data.display()
+        )),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("User=chartmesh") && unit.contains("StandardError=journal"),
+        "{unit}"
+    );
+    let out = Command::new(bin("chartmesh"))
+        .args(["service", "install", "--user-service", "--print"])
+        .output()
+        .unwrap();
+    let user_unit = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !user_unit.contains("User=") && user_unit.contains("WantedBy=default.target"),
+        "{user_unit}"
+    );
+    let Some(analyze) = which("systemd-analyze") else {
+        println!("SKIPPED: systemd-analyze is not installed; the unit was not verified by systemd");
+        return;
+    };
+    for (name, text) in [("system", &unit), ("user", &user_unit)] {
+        let f = tmp.path().join("chartmeshd.service");
+        std::fs::write(&f, text).unwrap();
+        let out = Command::new(&analyze)
+            .args(["verify", "--man=no", f.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        // Only what is about this unit counts (the host's own units may draw warnings).
+        let ours: Vec<&str> = said
+            .lines()
+            .filter(|l| l.contains("chartmeshd.service"))
+            .collect();
+        assert!(
+            out.status.success() && ours.is_empty(),
+            "{name} unit: {said}"
+        );
+    }
+}
