@@ -17,6 +17,7 @@ pub mod guard;
 pub mod identity;
 pub mod node;
 pub mod patient_copy;
+pub mod pending;
 pub mod sync;
 pub mod workflow;
 

@@ -27,7 +27,7 @@ mod write;
 pub use consent::{Peer, Revoked};
 pub use error::StoreError;
 pub use key::{StoreKey, is_plaintext, plaintext_count, rekey_copy};
-pub use read::{ChartRecord, ChartSummary, GrantState, StoreOverview};
+pub use read::{AuditFilter, ChartRecord, ChartSummary, GrantState, StoreOverview};
 pub use sync::{
     PreparedMerge, SyncChart, SyncItem, SyncOutcome, SyncPeerState, rotate_incarnation,
 };
@@ -302,6 +302,14 @@ impl Store {
         limit: Option<usize>,
     ) -> Result<Vec<chartmesh_core::audit::AuditEntry>, StoreError> {
         self.inner.readers.audit_entries(chart, since_ms, limit)
+    }
+
+    /// Audit entries matching a filter, newest first (the console's audit search).
+    pub fn audit_search(
+        &self,
+        filter: &AuditFilter,
+    ) -> Result<Vec<chartmesh_core::audit::AuditEntry>, StoreError> {
+        self.inner.readers.audit_search(filter)
     }
 
     /// Paired practices, grants, charts' last writes and the audit log's length, from one
