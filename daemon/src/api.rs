@@ -56,10 +56,7 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .route("/practice", get(console::practice))
         .route("/practice/qr.svg", get(console::practice_qr))
         .route("/peers/pending", get(console::pending_peers))
-        .route(
-            "/peers/pending/{id}/accept",
-            post(console::accept_pending),
-        )
+        .route("/peers/pending/{id}/accept", post(console::accept_pending))
         .route(
             "/peers/pending/{id}/dismiss",
             post(console::dismiss_pending),

@@ -322,7 +322,8 @@ impl SyncService {
                     // once per interval with a count.
                     svc.audit_failed_handshake(from, &e.to_string()).await;
                 }
-                svc.audit_handshake_refusals(r.is_err().then_some(from)).await;
+                svc.audit_handshake_refusals(r.is_err().then_some(from))
+                    .await;
                 match r {
                     Ok(pc) => {
                         let peer = pc.peer;
@@ -350,7 +351,9 @@ impl SyncService {
             .iter()
             .filter(|r| r.role == "client" && r.reason == "not-paired")
         {
-            self.node.pending_peers.note(&r.practice.to_string(), from, now.wall_ms);
+            self.node
+                .pending_peers
+                .note(&r.practice.to_string(), from, now.wall_ms);
         }
         let reports = {
             let mut th = self.refusals.lock().unwrap();

@@ -262,7 +262,12 @@ impl ReaderPool {
         ))?;
         let rows = stmt.query_map(
             rusqlite::params![
-                f.chart, f.actor, f.action, f.since_ms, f.until_ms, f.limit as i64
+                f.chart,
+                f.actor,
+                f.action,
+                f.since_ms,
+                f.until_ms,
+                f.limit as i64
             ],
             row_to_entry,
         )?;

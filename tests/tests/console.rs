@@ -78,7 +78,10 @@ fn the_console_session_is_guarded_against_other_sites() {
         .call()
         .unwrap();
     let v: Value = r.body_mut().read_json().unwrap();
-    assert_eq!((v["user"].as_str(), v["csrf"].as_str()), (Some("Nurse Kim"), Some(&csrf[..])));
+    assert_eq!(
+        (v["user"].as_str(), v["csrf"].as_str()),
+        (Some("Nurse Kim"), Some(&csrf[..]))
+    );
 
     // A change with the cookie: refused without the CSRF token, with a wrong one, without
     // an Origin, or from another origin (another loopback port included); accepted with
@@ -97,15 +100,30 @@ fn the_console_session_is_guarded_against_other_sites() {
             .send_json(json!({ "patient": { "mrn": "G-1", "name": { "family": "Guard", "given": ["Ann"] }, "birthDate": "1970-01-01" } }))
             .unwrap();
         let status = r.status().as_u16();
-        (status, r.body_mut().read_json::<Value>().unwrap_or_default())
+        (
+            status,
+            r.body_mut().read_json::<Value>().unwrap_or_default(),
+        )
     };
     let other_port = format!("http://127.0.0.1:{}", port.parse::<u16>().unwrap() ^ 1);
     for (o, t, why) in [
         (Some(origin.as_str()), None, "no CSRF token"),
-        (Some(origin.as_str()), Some("0".repeat(64).as_str()), "a wrong CSRF token"),
+        (
+            Some(origin.as_str()),
+            Some("0".repeat(64).as_str()),
+            "a wrong CSRF token",
+        ),
         (None, Some(csrf.as_str()), "no Origin"),
-        (Some("http://attacker.example"), Some(csrf.as_str()), "a foreign origin"),
-        (Some(other_port.as_str()), Some(csrf.as_str()), "another loopback port"),
+        (
+            Some("http://attacker.example"),
+            Some(csrf.as_str()),
+            "a foreign origin",
+        ),
+        (
+            Some(other_port.as_str()),
+            Some(csrf.as_str()),
+            "another loopback port",
+        ),
     ] {
         let (s, body) = change(o, t);
         assert_eq!(s, 403, "{why}: {body}");
@@ -172,7 +190,10 @@ fn the_console_session_is_guarded_against_other_sites() {
             .as_u16()
     };
     assert_eq!(post("/session/user", json!({ "user": "Dr. Osei" })), 200);
-    assert_eq!(post("/session/user", json!({ "user": "bad\u{202e}name" })), 422);
+    assert_eq!(
+        post("/session/user", json!({ "user": "bad\u{202e}name" })),
+        422
+    );
     // A session never mints sign-in links.
     assert_eq!(post("/session/link", json!({})), 401);
     assert_eq!(post("/session/end", json!({})), 200);
@@ -210,7 +231,20 @@ fn js(tab: &Tab, expr: &str) -> Value {
 
 /// Waits until the JS expression is true in the page.
 fn wait_js(tab: &Tab, what: &str, expr: &str) {
-    wait_until(what, WAIT, || js(tab, expr) == Value::Bool(true));
+    let deadline = std::time::Instant::now() + WAIT;
+    while js(tab, expr) != Value::Bool(true) {
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}; the page shows: {} / error: {}",
+                js(
+                    tab,
+                    "document.getElementById('view').textContent.slice(0, 600)"
+                ),
+                text(tab, "#error")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The text of the element `selector`, or "" when there is none.
@@ -224,20 +258,51 @@ fn text(tab: &Tab, selector: &str) -> String {
     .to_string()
 }
 
-fn click(tab: &Tab, selector: &str) {
-    tab.wait_for_element(selector)
-        .unwrap_or_else(|e| panic!("{selector}: {e}"))
-        .click()
-        .unwrap_or_else(|e| panic!("clicking {selector}: {e}"));
+/// Brings the tab to the front: a background tab's input events are not processed.
+fn front(tab: &Tab) {
+    tab.bring_to_front().unwrap();
 }
 
-/// Clicks into a text field and types into it, as a person would.
+fn click(tab: &Tab, selector: &str) {
+    front(tab);
+    let mut last = None;
+    for _ in 0..5 {
+        match tab.wait_for_element(selector).and_then(|el| {
+            el.click()?;
+            Ok(())
+        }) {
+            Ok(()) => return,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("clicking {selector}: {last:?}");
+}
+
+/// Clicks into a text field and types into it, as a person would. A live update may redraw
+/// the page between finding the field and typing: then it is found again.
 fn type_into(tab: &Tab, selector: &str, text: &str) {
-    let el = tab
-        .wait_for_element(selector)
-        .unwrap_or_else(|e| panic!("{selector}: {e}"));
-    el.click().unwrap();
-    el.type_into(text).unwrap();
+    front(tab);
+    let check = format!("(document.querySelector({selector:?}) || {{}}).value === {text:?}");
+    for _ in 0..5 {
+        let typed = tab
+            .wait_for_element(selector)
+            .and_then(|el| {
+                el.click()?;
+                el.type_into(text)?;
+                Ok(())
+            })
+            .is_ok();
+        if typed && js(tab, &check) == Value::Bool(true) {
+            return;
+        }
+        js(
+            tab,
+            &format!("((document.querySelector({selector:?}) || {{}}).value = '', true)"),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("could not type into {selector}");
 }
 
 /// Goes to a console page (`#/…`) and waits until its title is shown.
@@ -253,6 +318,8 @@ fn open(tab: &Tab, hash: &str, title: &str) {
 }
 
 fn shot(tab: &Tab, dir: &Path, name: &str) {
+    front(tab);
+    js(tab, "(window.scrollTo(0, 0), true)");
     let png = tab
         .capture_screenshot(CaptureScreenshotFormatOption::Png, None, None, true)
         .unwrap();
@@ -310,25 +377,57 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
         .as_str()
         .unwrap()
         .to_string();
-    ta.navigate_to(&link).unwrap().wait_until_navigated().unwrap();
-    wait_js(&ta, "A signed in", "document.getElementById('actor').textContent === 'Nurse Adams'");
+    ta.navigate_to(&link)
+        .unwrap()
+        .wait_until_navigated()
+        .unwrap();
+    wait_js(
+        &ta,
+        "A signed in",
+        "document.getElementById('actor').textContent === 'Nurse Adams'",
+    );
     // Any Content-Security-Policy violation from here on is collected and fails the test.
-    js(&ta, "(window.cspViolations = [], document.addEventListener('securitypolicyviolation', (e) => window.cspViolations.push(e.violatedDirective)), true)");
+    js(
+        &ta,
+        "(window.cspViolations = [], document.addEventListener('securitypolicyviolation', (e) => window.cspViolations.push(e.violatedDirective)), true)",
+    );
     open(&ta, "#/practice", "This practice");
     assert_eq!(text(&ta, "#practice-id"), a.id());
-    wait_js(&ta, "the QR code", "document.querySelector('img.qr').complete && document.querySelector('img.qr').naturalWidth > 100");
+    wait_js(
+        &ta,
+        "the QR code",
+        "document.querySelector('img.qr').complete && document.querySelector('img.qr').naturalWidth > 100",
+    );
     shot(&ta, &dir, "practice");
 
     // B signs in with the form: its user's name and the API token.
-    tb.navigate_to(&root(&b)).unwrap().wait_until_navigated().unwrap();
-    wait_js(&tb, "the sign-in form", "!document.getElementById('login').hidden");
+    tb.navigate_to(&root(&b))
+        .unwrap()
+        .wait_until_navigated()
+        .unwrap();
+    wait_js(
+        &tb,
+        "the sign-in form",
+        "!document.getElementById('login').hidden",
+    );
     type_into(&tb, "#login-user", "Dr. Rivera");
     type_into(&tb, "#token", &b.token());
     shot(&tb, &dir, "sign-in");
     click(&tb, "#sign-in");
-    wait_js(&tb, "B signed in", "document.getElementById('actor').textContent === 'Dr. Rivera'");
-    assert_eq!(js(&tb, "document.getElementById('token').value"), "", "the token stays in the form");
-    js(&tb, "(window.cspViolations = [], document.addEventListener('securitypolicyviolation', (e) => window.cspViolations.push(e.violatedDirective)), true)");
+    wait_js(
+        &tb,
+        "B signed in",
+        "document.getElementById('actor').textContent === 'Dr. Rivera'",
+    );
+    assert_eq!(
+        js(&tb, "document.getElementById('token').value"),
+        "",
+        "the token stays in the form"
+    );
+    js(
+        &tb,
+        "(window.cspViolations = [], document.addEventListener('securitypolicyviolation', (e) => window.cspViolations.push(e.violatedDirective)), true)",
+    );
     open(&tb, "#/peers", "Peers");
 
     // A pairs B by pasting its id and sync address.
@@ -345,11 +444,22 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
     wait_js(
         &tb,
         "B's prompt for A",
-        &format!("[...document.querySelectorAll('.pending-id')].some((e) => e.textContent === {:?})", a.id()),
+        &format!(
+            "[...document.querySelectorAll('.pending-id')].some((e) => e.textContent === {:?})",
+            a.id()
+        ),
     );
-    wait_js(&tb, "the pending badge", "!document.getElementById('pending-badge').hidden");
+    wait_js(
+        &tb,
+        "the pending badge",
+        "!document.getElementById('pending-badge').hidden",
+    );
     shot(&tb, &dir, "peers-pending");
-    type_into(&tb, "form[id^=accept-] input[name=name]", "Northside Family Practice");
+    type_into(
+        &tb,
+        "form[id^=accept-] input[name=name]",
+        "Northside Family Practice",
+    );
     click(&tb, "form[id^=accept-] button[type=submit]");
     wait_js(
         &tb,
@@ -358,62 +468,137 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
     );
     let peers = b.get("/peers")["peers"].clone();
     assert_eq!(peers[0]["id"], a.id());
-    assert_eq!(peers[0]["addr"], a.sync_addr(), "the address its attempt came from");
+    assert_eq!(
+        peers[0]["addr"],
+        a.sync_addr(),
+        "the address its attempt came from"
+    );
     assert_eq!(peers[0]["addedBy"], "Dr. Rivera");
-    assert!(b.get("/peers/pending")["pending"].as_array().unwrap().is_empty());
+    assert!(
+        b.get("/peers/pending")["pending"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     wait_connected(&a, &b);
     open(&ta, "#/practice", "This practice");
     open(&ta, "#/peers", "Peers");
-    wait_js(&ta, "B connected", "(document.getElementById('peers') || {}).textContent.includes('connected')");
+    wait_js(
+        &ta,
+        "B connected",
+        "(document.getElementById('peers') || {}).textContent.includes('connected')",
+    );
     shot(&ta, &dir, "peers");
 
     // A finds the chart, shares it for continuity of care, and refers it.
     open(&ta, "#/charts", "Charts");
     type_into(&ta, "#search-form input[name=q]", chart);
     click(&ta, "#search-form button[type=submit]");
-    wait_js(&ta, "the search result", &format!("!!document.querySelector('#view a[href=\"#/chart/{chart}\"]')"));
+    wait_js(
+        &ta,
+        "the search result",
+        &format!("!!document.querySelector('#view a[href=\"#/chart/{chart}\"]')"),
+    );
     shot(&ta, &dir, "charts");
     click(&ta, &format!("#view a[href=\"#/chart/{chart}\"]"));
-    wait_js(&ta, "the chart page", &format!("(document.getElementById('view-title') || {{}}).textContent === 'Chart {chart}'"));
+    wait_js(
+        &ta,
+        "the chart page",
+        &format!("(document.getElementById('view-title') || {{}}).textContent === 'Chart {chart}'"),
+    );
     click(&ta, "#share-chart button[type=submit]");
-    wait_js(&ta, "the share among the disclosures", "(document.getElementById('disclosures') || {}).textContent.includes('share')");
+    wait_js(
+        &ta,
+        "the share among the disclosures",
+        "(document.getElementById('disclosures') || {}).textContent.includes('share')",
+    );
     let grant = a.get("/shares")["shares"][0].clone();
     assert_eq!(
-        (grant["chartId"].as_str(), grant["peer"].as_str(), grant["purpose"].as_str(), grant["recordedBy"].as_str()),
-        (Some(chart), Some(b.id().as_str()), Some("continuity"), Some("Nurse Adams")),
+        (
+            grant["chartId"].as_str(),
+            grant["peer"].as_str(),
+            grant["purpose"].as_str(),
+            grant["recordedBy"].as_str()
+        ),
+        (
+            Some(chart),
+            Some(b.id().as_str()),
+            Some("continuity"),
+            Some("Nurse Adams")
+        ),
         "{grant}"
     );
-    type_into(&ta, "#refer-form input[name=reason]", "suspected sleep apnoea");
+    type_into(
+        &ta,
+        "#refer-form input[name=reason]",
+        "suspected sleep apnoea",
+    );
     type_into(&ta, "#refer-form input[name=specialty]", "sleep medicine");
     click(&ta, "#refer-form button[type=submit]");
-    wait_js(&ta, "the referral on the chart", "(document.getElementById('chart-referrals') || {}).textContent.includes('suspected sleep apnoea')");
+    wait_js(
+        &ta,
+        "the referral on the chart",
+        "(document.getElementById('chart-referrals') || {}).textContent.includes('suspected sleep apnoea')",
+    );
     let out = referral_of(&a, "outgoing");
     assert_eq!(out["status"], "requested");
     assert_eq!(out["requestedBy"], "Nurse Adams");
     // A note added through the chart's form.
-    type_into(&ta, "#note-form textarea", "Snores loudly; daytime sleepiness.");
+    type_into(
+        &ta,
+        "#note-form textarea",
+        "Snores loudly; daytime sleepiness.",
+    );
     click(&ta, "#note-form button[type=submit]");
-    wait_js(&ta, "the note", "[...document.querySelectorAll('.note-text')].some((e) => e.textContent.includes('daytime sleepiness'))");
+    wait_js(
+        &ta,
+        "the note",
+        "[...document.querySelectorAll('.note-text')].some((e) => e.textContent.includes('daytime sleepiness'))",
+    );
     shot(&ta, &dir, "chart");
     open(&ta, "#/consent", "Consent");
-    wait_js(&ta, "the grants", "(document.getElementById('grants') || {}).textContent.includes('continuity')");
+    // The referral's grant (read-write, purpose referral) took the place of the share's.
+    wait_js(
+        &ta,
+        "the grants",
+        "(document.getElementById('grants') || {textContent: ''}).textContent.includes('read-writereferral')",
+    );
     shot(&ta, &dir, "consent");
 
     // B sees the referral once the chart has synced, accepts it and writes a consult note.
     open(&tb, "#/work", "Work lists");
     wait_until("the referral reaches B's work list", WAIT, || {
-        if js(&tb, "(document.getElementById('referrals') || {textContent: ''}).textContent.includes('suspected sleep apnoea')") == Value::Bool(true) {
+        if js(
+            &tb,
+            "(document.getElementById('referrals') || {textContent: ''}).textContent.includes('suspected sleep apnoea')",
+        ) == Value::Bool(true)
+        {
             return true;
         }
-        js(&tb, "(document.getElementById('refresh') && document.getElementById('refresh').click(), false)");
+        js(
+            &tb,
+            "(document.getElementById('refresh') && document.getElementById('refresh').click(), false)",
+        );
         std::thread::sleep(Duration::from_millis(500));
         false
     });
     click(&tb, "button[aria-label^='Accept referral']");
-    wait_js(&tb, "accepted", "[...document.querySelectorAll('#referrals .ref-status')].some((e) => e.textContent === 'accepted')");
-    type_into(&tb, "form[id^=consult-] input[name=text]", "Polysomnography booked; CPAP trial likely.");
+    wait_js(
+        &tb,
+        "accepted",
+        "[...document.querySelectorAll('#referrals .ref-status')].some((e) => e.textContent === 'accepted')",
+    );
+    type_into(
+        &tb,
+        "form[id^=consult-] input[name=text]",
+        "Polysomnography booked; CPAP trial likely.",
+    );
     click(&tb, "form[id^=consult-] button[type=submit]");
-    wait_js(&tb, "the consult note", "(document.getElementById('referrals') || {}).textContent.includes('Polysomnography booked')");
+    wait_js(
+        &tb,
+        "the consult note",
+        "(document.getElementById('referrals') || {}).textContent.includes('Polysomnography booked')",
+    );
     shot(&tb, &dir, "work-lists");
 
     // What the daemons hold: B's referral accepted with Dr. Rivera's consult note, and the
@@ -440,13 +625,25 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
     open(&ta, "#/audit", "Audit log (newest first)");
     type_into(&ta, "#audit-form input[name=actor]", "Nurse Adams");
     click(&ta, "#audit-form button[type=submit]");
-    wait_js(&ta, "the search by user", "location.hash.includes('actor=Nurse') && (document.querySelector('#view table') || {}).textContent.includes('refer')");
+    wait_js(
+        &ta,
+        "the search by user",
+        "location.hash.includes('actor=Nurse') && (document.querySelector('#view table') || {}).textContent.includes('refer')",
+    );
     click(&ta, "#verify");
-    wait_js(&ta, "the chain verified", "document.getElementById('verify-result').textContent.startsWith('The chain is intact')");
+    wait_js(
+        &ta,
+        "the chain verified",
+        "document.getElementById('verify-result').textContent.startsWith('The chain is intact')",
+    );
     shot(&ta, &dir, "audit");
 
     for (who, t) in [("A", &ta), ("B", &tb)] {
-        assert_eq!(js(t, "window.cspViolations"), json!([]), "{who}: CSP violations");
+        assert_eq!(
+            js(t, "window.cspViolations"),
+            json!([]),
+            "{who}: CSP violations"
+        );
         assert_eq!(text(t, "#error"), "", "{who}: an error was shown");
     }
     if let Some(k) = kept {

@@ -100,8 +100,7 @@ fn insert_bounded<V>(
 /// Equal strings, compared without an early exit.
 fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
@@ -359,8 +358,7 @@ pub async fn open_session(
     let name = session_user(b.user, &headers)?;
     let s = st.sessions.new_session(&name);
     let csrf = st.sessions.get(&s).map(|x| x.csrf).unwrap_or_default();
-    let mut resp =
-        Json(json!({ "session": "opened", "user": name, "csrf": csrf })).into_response();
+    let mut resp = Json(json!({ "session": "opened", "user": name, "csrf": csrf })).into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,
         set_cookie(&headers, &s, SESSION_TTL.as_secs()),
@@ -553,7 +551,12 @@ pub async fn accept_pending(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), NodeError> {
     let b: AcceptPending = json_body(&body)?;
-    let listed = st.node.pending_peers.list().into_iter().find(|p| p.id == id);
+    let listed = st
+        .node
+        .pending_peers
+        .list()
+        .into_iter()
+        .find(|p| p.id == id);
     let Some(listed) = listed else {
         return Err(NodeError::NotFound(format!(
             "practice {id} is not waiting to connect; pair it by its id and address instead"
@@ -657,7 +660,9 @@ pub async fn audit_search(
         since_ms: blank(q.from)
             .map(|s| parse_when("from", &s, false))
             .transpose()?,
-        until_ms: blank(q.to).map(|s| parse_when("to", &s, true)).transpose()?,
+        until_ms: blank(q.to)
+            .map(|s| parse_when("to", &s, true))
+            .transpose()?,
         limit: q.limit.unwrap_or(200).clamp(1, 5000),
     };
     let entries = st.node.read(move |s| Ok(s.audit_search(&filter)?)).await?;
@@ -808,10 +813,7 @@ mod tests {
 
     #[test]
     fn dates_and_times_bound_an_audit_search() {
-        assert_eq!(
-            parse_when("from", "1970-01-02", false).unwrap(),
-            86_400_000
-        );
+        assert_eq!(parse_when("from", "1970-01-02", false).unwrap(), 86_400_000);
         assert_eq!(
             parse_when("to", "1970-01-02", true).unwrap(),
             2 * 86_400_000
