@@ -47,8 +47,24 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         sessions: Arc::default(),
     };
     let api = Router::new()
-        .route("/session", post(console::open_session))
+        .route(
+            "/session",
+            post(console::open_session).get(console::session_info),
+        )
         .route("/session/link", post(console::sign_in_link))
+        .route("/session/user", post(console::set_session_user))
+        .route("/session/end", post(console::end_session))
+        .route("/practice", get(console::practice))
+        .route("/practice/qr.svg", get(console::practice_qr))
+        .route("/peers/pending", get(console::pending_peers))
+        .route("/peers/pending/{id}/accept", post(console::accept_pending))
+        .route(
+            "/peers/pending/{id}/dismiss",
+            post(console::dismiss_pending),
+        )
+        .route("/audit/search", get(console::audit_search))
+        .route("/charts/{id}/disclosures", get(console::disclosures))
+        .route("/events", get(console::events))
         .route("/status", get(status))
         .route(
             "/import",
@@ -93,8 +109,8 @@ pub fn router(node: Arc<Node>, token: &str) -> Router {
         .with_state(state)
 }
 
-/// The bearer token, or the console's session cookie (with an origin check on requests
-/// that change something).
+/// The bearer token, or the console's session cookie (with the origin and CSRF checks of
+/// `console::cookie_request` on requests that change something).
 async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
@@ -111,20 +127,11 @@ async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> 
         if diff == 0 {
             return next.run(req).await;
         }
-    } else if let Some(session) = console::session_cookie(req.headers())
-        && st.sessions.valid(session)
-    {
-        if !console::cookie_request_allowed(req.method(), req.headers()) {
-            return error(
-                StatusCode::FORBIDDEN,
-                "refused",
-                "a change through the console must come from the console page itself",
-            );
-        }
-        // The session may open another session, never a sign-in link.
-        if req.uri().path() != "/session/link" {
-            return next.run(req).await;
-        }
+    } else if let Some(r) = console::cookie_request(&st, req) {
+        return match r {
+            Ok(req) => next.run(req).await,
+            Err(refused) => refused,
+        };
     }
     error(
         StatusCode::UNAUTHORIZED,

@@ -16,6 +16,7 @@ pub mod guard;
 pub mod metrics;
 pub mod node;
 pub mod patient_copy;
+pub mod pending;
 pub mod sync;
 pub mod workflow;
 

@@ -96,6 +96,8 @@ pub struct Node {
     pub sync: std::sync::OnceLock<Arc<crate::sync::SyncService>>,
     /// Rate limits of emergency requests (`crate::emergency`).
     pub(crate) emergency_limits: crate::emergency::Limits,
+    /// Unpaired practices that tried to connect (the console's pairing prompt).
+    pub pending_peers: crate::pending::PendingPeers,
 }
 
 impl Node {
@@ -117,6 +119,7 @@ impl Node {
             peers_changed: tokio::sync::Notify::new(),
             sync: std::sync::OnceLock::new(),
             emergency_limits: Default::default(),
+            pending_peers: Default::default(),
         })
     }
 

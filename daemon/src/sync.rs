@@ -322,7 +322,8 @@ impl SyncService {
                     // once per interval with a count.
                     svc.audit_failed_handshake(from, &e.to_string()).await;
                 }
-                svc.audit_handshake_refusals().await;
+                svc.audit_handshake_refusals(r.is_err().then_some(from))
+                    .await;
                 match r {
                     Ok(pc) => {
                         let peer = pc.peer;
@@ -341,10 +342,19 @@ impl SyncService {
     }
 
     /// Refused handshakes (certificates that are not a paired practice's), audited once per
-    /// interval per practice with a count.
-    async fn audit_handshake_refusals(&self) {
+    /// interval per practice with a count. An unpaired practice that dialled us (from
+    /// `from`, when the caller knows) is listed for the console's pairing prompt.
+    async fn audit_handshake_refusals(&self, from: Option<SocketAddr>) {
         let refused = self.endpoint.pins().take_refusals();
         let now = self.now();
+        for r in refused
+            .iter()
+            .filter(|r| r.role == "client" && r.reason == "not-paired")
+        {
+            self.node
+                .pending_peers
+                .note(&r.practice.to_string(), from, now.wall_ms);
+        }
         let reports = {
             let mut th = self.refusals.lock().unwrap();
             let mut out = Vec::new();
@@ -421,7 +431,7 @@ impl SyncService {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => self.audit_handshake_refusals().await,
+                _ = tick.tick() => self.audit_handshake_refusals(None).await,
             }
         }
     }
@@ -770,7 +780,7 @@ impl PeerTask {
                 let (svc, peer, tx) = (svc.clone(), self.peer, self.tx.clone());
                 tokio::spawn(async move {
                     let r = dial(&svc, peer).await;
-                    svc.audit_handshake_refusals().await;
+                    svc.audit_handshake_refusals(None).await;
                     let _ = tx.send(match r {
                         Ok(pc) => Event::Connected { pc, dialed: true },
                         Err(e) => Event::DialFailed(e),

@@ -27,7 +27,7 @@ mod write;
 pub use consent::{Peer, Revoked};
 pub use error::StoreError;
 pub use key::{StoreKey, is_plaintext, plaintext_count, rekey_copy};
-pub use read::{ChartRecord, ChartSummary, GrantState, StoreOverview};
+pub use read::{AuditFilter, ChartRecord, ChartSummary, GrantState, StoreOverview};
 pub use sync::{
     PreparedMerge, SyncChart, SyncItem, SyncOutcome, SyncPeerState, rotate_incarnation,
 };
@@ -307,6 +307,14 @@ impl Store {
     /// How many audit entries there are of each action (for `/metrics`).
     pub fn audit_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
         self.inner.readers.audit_counts()
+    }
+
+    /// Audit entries matching a filter, newest first (the console's audit search).
+    pub fn audit_search(
+        &self,
+        filter: &AuditFilter,
+    ) -> Result<Vec<chartmesh_core::audit::AuditEntry>, StoreError> {
+        self.inner.readers.audit_search(filter)
     }
 
     /// Paired practices, grants, charts' last writes and the audit log's length, from one

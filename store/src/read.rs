@@ -261,6 +261,30 @@ impl ReaderPool {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Audit entries matching every given filter, newest first, at most `limit`.
+    pub(crate) fn audit_search(&self, f: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.lease()?;
+        let mut stmt = conn.prepare_cached(&format!(
+            "{AUDIT_COLUMNS}
+             WHERE (?1 IS NULL OR chart_id = ?1) AND (?2 IS NULL OR actor = ?2)
+               AND (?3 IS NULL OR action = ?3) AND (?4 IS NULL OR time_ms >= ?4)
+               AND (?5 IS NULL OR time_ms < ?5)
+             ORDER BY seq DESC LIMIT ?6"
+        ))?;
+        let rows = stmt.query_map(
+            rusqlite::params![
+                f.chart,
+                f.actor,
+                f.action,
+                f.since_ms,
+                f.until_ms,
+                f.limit as i64
+            ],
+            row_to_entry,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Recomputes the chain. The entries and the recorded head are read in one read
     /// transaction (one WAL snapshot): read apart, a commit landing between the two reads
     /// looks exactly like a truncated log.
@@ -444,4 +468,16 @@ mod tests {
         );
         store.close();
     }
+}
+
+/// What `Store::audit_search` matches: every field given must be equal (times: `since_ms`
+/// inclusive, `until_ms` exclusive).
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub chart: Option<String>,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub limit: usize,
 }

@@ -487,11 +487,22 @@ fn the_console_answers_only_loopback_and_never_holds_the_token() {
         .call()
         .unwrap();
     assert_eq!(forged.status().as_u16(), 401);
-    // A change made with the cookie must come from the console's own origin.
+    // A change made with the cookie must come from the console's own origin, with the
+    // session's CSRF token (tests/tests/console.rs covers each case).
+    let csrf: serde_json::Value = ag
+        .get(format!("{}/session", a.base()))
+        .header("Cookie", &session)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    let csrf = csrf["csrf"].as_str().unwrap().to_string();
     let post = |origin: Option<&str>| {
         let mut req = ag
             .post(format!("{}/sync/pause", a.base()))
-            .header("Cookie", &session);
+            .header("Cookie", &session)
+            .header("X-Chartmesh-Csrf", &csrf);
         if let Some(o) = origin {
             req = req.header("Origin", o);
         }
@@ -508,6 +519,7 @@ fn the_console_answers_only_loopback_and_never_holds_the_token() {
         .post(format!("{}/session/link", a.base()))
         .header("Cookie", &session)
         .header("Origin", &root)
+        .header("X-Chartmesh-Csrf", &csrf)
         .send_empty()
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
