@@ -51,6 +51,12 @@ enum Cmd {
         /// UDP address for peer sync, e.g. 127.0.0.1:7361.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// A relay server (HOST:PORT of a Syncthing relay) to reach practices behind NAT.
+        #[arg(long)]
+        relay: Option<String>,
+        /// The relay's id (from its relay://...?id= URI), so no other server can pose as it.
+        #[arg(long, requires = "relay")]
+        relay_id: Option<String>,
     },
     /// Show the practice's id (and a QR code), for pairing with another practice.
     Id,
@@ -218,9 +224,10 @@ enum PeerCmd {
     /// Pair with a practice: only paired practices can connect (both sides must add each other).
     Add {
         peer_id: String,
-        /// Its sync address, HOST:PORT.
+        /// Its sync address, HOST:PORT. Without it, the practice is reached through the
+        /// relay (sync.relay in config.toml) by its id.
         #[arg(long)]
-        addr: String,
+        addr: Option<String>,
         #[arg(long)]
         name: Option<String>,
     },
@@ -461,13 +468,21 @@ fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "staff".into()));
     let j = cli.json;
     match cli.cmd {
-        Cmd::Init { name, api, listen } => {
+        Cmd::Init {
+            name,
+            api,
+            listen,
+            relay,
+            relay_id,
+        } => {
             let id = datadir::init(
                 &dir,
                 InitOptions {
                     name: name.clone(),
                     api,
                     listen,
+                    relay,
+                    relay_id,
                 },
             )?;
             let v = json!({ "dataDir": dir.display().to_string(), "practice": { "id": id.id.to_string(), "name": name } });
@@ -725,7 +740,7 @@ fn run(cli: Cli) -> Result<()> {
             addr,
             name,
         }) => {
-            let mut body = json!({ "id": peer_id, "addr": addr });
+            let mut body = json!({ "id": peer_id, "addr": addr.unwrap_or_default() });
             if let Some(n) = name {
                 body["name"] = n.into();
             }

@@ -295,6 +295,84 @@ pub(crate) fn client_config(
     Ok(c)
 }
 
+/// The relay server's certificate: accepted if its SHA-256 is `pin`, or any certificate when
+/// no pin is configured (the relay only ever carries QUIC packets that are end-to-end
+/// encrypted between the practices; a pin keeps a stranger from posing as the relay and
+/// learning which practices talk). The handshake signature is verified either way.
+#[derive(Debug)]
+struct RelayPin {
+    pin: Option<[u8; 32]>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for RelayPin {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.pin {
+            Some(pin)
+                if PracticeId::from_certificate_der(end_entity.as_ref()).as_bytes() != &pin =>
+            {
+                Err(rustls::Error::General(
+                    "the relay's certificate is not the pinned one (sync.relay_id)".into(),
+                ))
+            }
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// TLS to a relay server: ALPN `bep-relay`, this practice's certificate as the client
+/// certificate (the relay routes by its SHA-256, which is the practice id).
+pub(crate) fn relay_client_config(
+    creds: &Credentials,
+    pin: Option<[u8; 32]>,
+) -> Result<rustls::ClientConfig, NetError> {
+    let provider = provider();
+    let verifier = Arc::new(RelayPin {
+        pin,
+        provider: provider.clone(),
+    });
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(bad)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(
+            vec![CertificateDer::from(creds.cert_der.clone())],
+            key(creds),
+        )
+        .map_err(bad)?;
+    c.alpn_protocols = vec![crate::relay::ALPN.to_vec()];
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
