@@ -122,6 +122,14 @@ pub struct SyncConfig {
     /// with it, a server posing as the relay is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_id: Option<String>,
+    /// Announce this practice and find paired ones on the local network (mDNS), so a peer
+    /// on the same network needs no address. Only when `listen` is not a loopback address.
+    #[serde(default = "default_true")]
+    pub lan_discovery: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl SyncConfig {
@@ -245,6 +253,7 @@ impl Default for SyncConfig {
             congestion: default_congestion(),
             relay: None,
             relay_id: None,
+            lan_discovery: true,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod datadir;
 pub mod emergency;
 pub mod guard;
 pub mod identity;
+pub mod lan;
 pub mod node;
 pub mod patient_copy;
 pub mod sync;

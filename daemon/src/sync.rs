@@ -60,7 +60,8 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// While not connected: the current base of the redial back-off (ms).
     pub backoff_ms: u64,
-    /// How the live connection reaches the peer: `direct` or `relayed`.
+    /// How the live connection reaches the peer: `direct`, `lan` (an address it announced
+    /// on the local network) or `relayed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<&'static str>,
     /// The live connection's smoothed round-trip time (ms).
@@ -155,6 +156,8 @@ pub struct SyncService {
     refusals: Mutex<RefusalThrottle>,
     next_conn: AtomicU64,
     started: Instant,
+    /// LAN discovery, when it runs (sync.lan_discovery, a non-loopback sync.listen).
+    lan: std::sync::OnceLock<crate::lan::Lan>,
 }
 
 impl SyncService {
@@ -195,7 +198,21 @@ impl SyncService {
             refusals: Mutex::new(RefusalThrottle::default()),
             next_conn: AtomicU64::new(0),
             started: Instant::now(),
+            lan: std::sync::OnceLock::new(),
         });
+        if node.config.sync.lan_discovery && !listen.ip().is_loopback() {
+            let weak = Arc::downgrade(&svc);
+            match crate::lan::Lan::start(me, svc.local_addr().port(), move |peer| {
+                if let Some(svc) = weak.upgrade() {
+                    svc.send_to(&peer, Event::DialSoon);
+                }
+            }) {
+                Ok(lan) => {
+                    let _ = svc.lan.set(lan);
+                }
+                Err(e) => tracing::warn!(error = %e, "LAN discovery is off"),
+            }
+        }
         svc.reload_peers();
         tokio::spawn(svc.clone().accept_loop());
         tokio::spawn(svc.clone().commit_loop());
@@ -612,9 +629,17 @@ impl SyncService {
                     },
                     pending_changes: (seq - served).max(0),
                     backoff_ms: s.as_ref().map_or(0, |s| s.backoff_ms),
-                    path: live
-                        .as_ref()
-                        .map(|c| chartmesh_net::PathKind::of(c.remote_address()).name()),
+                    path: live.as_ref().map(|c| {
+                        let remote = c.remote_address();
+                        match chartmesh_net::PathKind::of(remote) {
+                            chartmesh_net::PathKind::Direct
+                                if self.lan.get().is_some_and(|l| l.is_lan(&p.id, remote)) =>
+                            {
+                                "lan"
+                            }
+                            k => k.name(),
+                        }
+                    }),
                     rtt_ms: live.as_ref().map(|c| c.rtt().as_millis() as u64),
                     loss_pct: live.as_ref().map(|c| {
                         let st = c.stats().path;
@@ -627,7 +652,7 @@ impl SyncService {
                     }),
                     unreachable: chartmesh_core::sync::unreachable_reason(
                         connected,
-                        has_addr,
+                        has_addr || self.lan.get().is_some_and(|l| !l.addrs(&p.id).is_empty()),
                         &relay,
                         s.as_ref().is_some_and(|s| s.last_pull_ms.is_some()),
                     ),
@@ -1180,8 +1205,12 @@ async fn dial(svc: &SyncService, peer: PracticeId) -> Result<PeerConnection, Str
         Err(e) => return Err(e.to_string()),
     };
     let addr = addr.trim().to_string();
-    let plan =
-        chartmesh_core::sync::routes(!addr.is_empty(), svc.endpoint.relay_status().is_some());
+    let lan = svc.lan.get().map(|l| l.addrs(&peer)).unwrap_or_default();
+    let plan = chartmesh_core::sync::routes(
+        !addr.is_empty(),
+        !lan.is_empty(),
+        svc.endpoint.relay_status().is_some(),
+    );
     if plan.is_empty() {
         return Err(
             "no address and no relay: set its address (chartmesh peer add ID --addr HOST:PORT) or sync.relay"
@@ -1192,6 +1221,20 @@ async fn dial(svc: &SyncService, peer: PracticeId) -> Result<PeerConnection, Str
     for route in plan {
         let r = match route {
             chartmesh_core::sync::Route::Direct => dial_direct(svc, peer, &addr).await,
+            chartmesh_core::sync::Route::Lan => {
+                let mut r = Err("not seen on the LAN".to_string());
+                for a in &lan {
+                    r = svc
+                        .endpoint
+                        .connect(*a, peer)
+                        .await
+                        .map_err(|e| e.to_string());
+                    if r.is_ok() {
+                        break;
+                    }
+                }
+                r
+            }
             chartmesh_core::sync::Route::Relay => svc
                 .endpoint
                 .connect_relayed(peer)

@@ -16,6 +16,25 @@
 
 use std::process::Command;
 
+/// Why `tc netem` cannot be used here (the kernel lacks sch_netem), if it cannot.
+pub fn netem_unavailable() -> Option<String> {
+    if let Some(why) = unavailable(&["ip", "tc"]) {
+        return Some(why);
+    }
+    let probe = format!("cmnetem{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "add", &probe]).status();
+    let ok = Command::new("ip")
+        .args([
+            "netns", "exec", &probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
+            "1ms",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+    (!ok).then(|| "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM)".to_string())
+}
+
 /// Why namespace tests cannot run here, if they cannot (not root, a tool missing).
 pub fn unavailable(tools: &[&str]) -> Option<String> {
     // SAFETY: geteuid has no preconditions.
@@ -162,6 +181,21 @@ impl Lab {
         sh(Some(&lab.ns("ca")), "ip route add default via 192.168.10.1");
         sh(Some(&lab.ns("cb")), "ip route add default via 192.168.20.1");
         lab
+    }
+
+    /// Two practices' machines (`la` 10.88.0.1, `lb` 10.88.0.2) on one LAN (a veth between
+    /// them).
+    pub fn lan() -> Lab {
+        let mut lab = Lab::new("cl");
+        lab.add_ns("la");
+        lab.add_ns("lb");
+        lab.link("la", "10.88.0.1", "lb", "10.88.0.2");
+        lab
+    }
+
+    /// The interface of `a` facing `b`.
+    pub fn iface(&self, a: &str, b: &str) -> String {
+        format!("{}{a}{b}", self.prefix)
     }
 
     /// Restarts router `r`'s NAT: its translations are forgotten and new ones use other

@@ -357,17 +357,23 @@ impl Link {
 pub enum Route {
     /// QUIC over UDP to the address the peer was paired with.
     Direct,
+    /// QUIC over UDP to where the peer announced itself on the LAN (mDNS).
+    Lan,
     /// QUIC through the configured relay server, found by practice id.
     Relay,
 }
 
 /// The routes to try when dialling, in order: the peer's address first when it has one
-/// (a direct path is faster and spares the relay), then the relay when one is configured.
-/// Empty: the peer cannot be dialled at all (it can still dial us).
-pub fn routes(has_addr: bool, has_relay: bool) -> Vec<Route> {
-    let mut r = Vec::with_capacity(2);
+/// (a direct path is faster and spares the relay), then where it was seen on the LAN, then
+/// the relay when one is configured. Empty: the peer cannot be dialled at all (it can still
+/// dial us).
+pub fn routes(has_addr: bool, seen_on_lan: bool, has_relay: bool) -> Vec<Route> {
+    let mut r = Vec::with_capacity(3);
     if has_addr {
         r.push(Route::Direct);
+    }
+    if seen_on_lan {
+        r.push(Route::Lan);
     }
     if has_relay {
         r.push(Route::Relay);
@@ -401,7 +407,7 @@ pub fn unreachable_reason(
     };
     Some(match (has_addr, relay) {
         (false, RelayState::None) => format!(
-            "no address and no relay configured: give its address (`chartmesh peer add ID --addr HOST:PORT`), set sync.relay in config.toml, or put both practices on one network.{never}"
+            "no address, not seen on this network, and no relay configured: give its address (`chartmesh peer add ID --addr HOST:PORT`), set sync.relay in config.toml, or put both practices on one network.{never}"
         ),
         (_, RelayState::Down(e)) => format!(
             "the relay is down or unreachable ({}); {}.{never}",
@@ -427,10 +433,15 @@ mod route_tests {
 
     #[test]
     fn direct_first_then_relay_and_reasons_name_the_missing_piece() {
-        assert_eq!(routes(true, true), vec![Route::Direct, Route::Relay]);
-        assert_eq!(routes(false, true), vec![Route::Relay]);
-        assert_eq!(routes(true, false), vec![Route::Direct]);
-        assert!(routes(false, false).is_empty());
+        assert_eq!(routes(true, false, true), vec![Route::Direct, Route::Relay]);
+        assert_eq!(
+            routes(true, true, true),
+            vec![Route::Direct, Route::Lan, Route::Relay]
+        );
+        assert_eq!(routes(false, true, true), vec![Route::Lan, Route::Relay]);
+        assert_eq!(routes(false, false, true), vec![Route::Relay]);
+        assert_eq!(routes(true, false, false), vec![Route::Direct]);
+        assert!(routes(false, false, false).is_empty());
         assert_eq!(
             unreachable_reason(true, false, &RelayState::None, true),
             None
