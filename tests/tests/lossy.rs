@@ -21,7 +21,7 @@ struct Run {
     duplicated: u64,
 }
 
-fn sync_1000_over_rural_link(congestion: &str, seed: u64) -> Run {
+fn sync_1000_over_rural_link(congestion: &str, seed: u64, impaired: bool) -> Run {
     let mut a = Practice::new("Valley Clinic");
     let mut b = Practice::new("Ridge Cardiology");
     for p in [&mut a, &mut b] {
@@ -36,12 +36,12 @@ fn sync_1000_over_rural_link(congestion: &str, seed: u64) -> Run {
     // them crosses exactly one impaired hop in each direction.
     let to_a = Relay::start_impaired(
         a.sync_addr().parse().unwrap(),
-        Some(Impairment::rural(seed)),
+        impaired.then(|| Impairment::rural(seed)),
     )
     .unwrap();
     let to_b = Relay::start_impaired(
         b.sync_addr().parse().unwrap(),
-        Some(Impairment::rural(seed + 1)),
+        impaired.then(|| Impairment::rural(seed + 1)),
     )
     .unwrap();
     let (id_a, id_b) = (a.id(), b.id());
@@ -115,7 +115,7 @@ fn count_disconnects(p: &Practice) -> usize {
 
 #[test]
 fn a_thousand_charts_cross_a_lossy_long_link_in_under_15_s_on_one_connection() {
-    let r = sync_1000_over_rural_link("bbr", 14);
+    let r = sync_1000_over_rural_link("bbr", 14, true);
     eprintln!(
         "lossy link (bbr): 1,000 charts in {:.1} s; {} datagrams dropped, {} duplicated; {} disconnects",
         r.elapsed.as_secs_f64(),
@@ -137,7 +137,8 @@ fn a_thousand_charts_cross_a_lossy_long_link_in_under_15_s_on_one_connection() {
     );
 }
 
-/// Opt-in measurement: `CHARTMESH_LOSSY_CONTROLLERS=bbr,cubic,newreno`.
+/// Opt-in measurement: `CHARTMESH_LOSSY_CONTROLLERS=bbr,cubic,newreno` (each over the
+/// rural link and over a clean one).
 #[test]
 fn lossy_link_per_congestion_controller() {
     let Ok(list) = std::env::var("CHARTMESH_LOSSY_CONTROLLERS") else {
@@ -145,14 +146,17 @@ fn lossy_link_per_congestion_controller() {
         return;
     };
     for (i, c) in list.split(',').enumerate() {
-        let r = sync_1000_over_rural_link(c.trim(), 100 + i as u64);
-        eprintln!(
-            "lossy link ({c}): 1,000 charts in {:.1} s; {} dropped, {} duplicated; {} disconnects",
-            r.elapsed.as_secs_f64(),
-            r.dropped,
-            r.duplicated,
-            r.disconnects
-        );
+        for impaired in [true, false] {
+            let r = sync_1000_over_rural_link(c.trim(), 100 + i as u64, impaired);
+            eprintln!(
+                "{} link ({c}): 1,000 charts in {:.1} s; {} dropped, {} duplicated; {} disconnects",
+                if impaired { "lossy" } else { "clean" },
+                r.elapsed.as_secs_f64(),
+                r.dropped,
+                r.duplicated,
+                r.disconnects
+            );
+        }
     }
 }
 
