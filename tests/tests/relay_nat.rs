@@ -204,3 +204,41 @@ fn practices_behind_separate_nats_sync_through_a_relay_that_sees_no_chart_conten
         );
     }
 }
+
+/// `status` says why a peer cannot be reached: no address, no LAN sighting and no relay; or
+/// the relay is down. (Loopback only: no namespaces needed.)
+#[test]
+fn status_says_why_a_peer_is_unreachable() {
+    let mut a = Practice::new("Valley Clinic");
+    let other = Practice::new("Ridge Cardiology");
+    let id = other.id();
+    drop(other);
+    a.cli_ok(&["peer", "add", &id, "--name", "Ridge"]);
+    let reason = |p: &Practice| {
+        p.get("/sync")["peers"][0]["unreachable"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let r = reason(&a);
+    assert!(r.contains("no relay configured"), "{r}");
+    // A relay that is not there: nothing listens on this TCP port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    a.set_env(&[("CHARTMESH_SYNC_RELAY", &format!("127.0.0.1:{port}"))]);
+    a.restart();
+    wait_until(
+        "status to say the relay is down",
+        Duration::from_secs(20),
+        || reason(&a).contains("relay is down"),
+    );
+    let relay = &a.get("/status")["sync"]["relay"];
+    assert_eq!(relay["connected"], false, "{relay}");
+    assert!(
+        relay["lastError"].as_str().unwrap_or("").contains("connect"),
+        "{relay}"
+    );
+}
