@@ -265,8 +265,10 @@ impl AsyncUdpSocket for MuxSocket {
         self.udp.local_addr()
     }
 
+    /// As the UDP socket's (segmentation offload on direct paths); a batch for a relayed
+    /// path is split into its datagrams in `try_send`.
     fn max_transmit_segments(&self) -> usize {
-        1
+        self.udp.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {

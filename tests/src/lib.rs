@@ -183,16 +183,7 @@ impl Practice {
 
     /// [`Practice::new`] with its temporary directory (data directory and log) under `base`.
     pub fn new_in(base: &Path, name: &str) -> Practice {
-        let tmp = tempfile::tempdir_in(base).unwrap();
-        let dir = tmp.path().join("data");
-        let mut p = Practice {
-            dir,
-            _tmp: Some(tmp),
-            child: None,
-            agent: agent(),
-            env: Vec::new(),
-            netns: None,
-        };
+        let mut p = Practice::unstarted(tempfile::tempdir_in(base).unwrap(), None);
         // A fixed sync port (picked free now), so peers can reach it again after a restart.
         let listen = format!("127.0.0.1:{}", free_udp_port());
         let out = p.cli(&[
@@ -216,16 +207,7 @@ impl Practice {
     /// A practice whose daemon and CLI run in network namespace `ns`, its sync endpoint on
     /// every address there (port 7361), initialised with `init_args` added (e.g. `--relay`).
     pub fn new_in_netns(name: &str, ns: &str, init_args: &[&str]) -> Practice {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("data");
-        let mut p = Practice {
-            dir,
-            _tmp: Some(tmp),
-            child: None,
-            agent: agent(),
-            env: Vec::new(),
-            netns: Some(ns.to_string()),
-        };
+        let mut p = Practice::unstarted(tempfile::tempdir().unwrap(), Some(ns.to_string()));
         let mut args = vec![
             "init",
             "--name",
@@ -239,6 +221,18 @@ impl Practice {
         p.cli_ok(&args);
         p.start();
         p
+    }
+
+    /// A practice with its data directory in `tmp`, not initialised and not started.
+    fn unstarted(tmp: tempfile::TempDir, netns: Option<String>) -> Practice {
+        Practice {
+            dir: tmp.path().join("data"),
+            _tmp: Some(tmp),
+            child: None,
+            agent: agent(),
+            env: Vec::new(),
+            netns,
+        }
     }
 
     fn command(&self, program: PathBuf) -> Command {

@@ -238,7 +238,10 @@ fn status_says_why_a_peer_is_unreachable() {
     let relay = &a.get("/status")["sync"]["relay"];
     assert_eq!(relay["connected"], false, "{relay}");
     assert!(
-        relay["lastError"].as_str().unwrap_or("").contains("connect"),
+        relay["lastError"]
+            .as_str()
+            .unwrap_or("")
+            .contains("connect"),
         "{relay}"
     );
 }
