@@ -120,7 +120,9 @@ impl ErrorBody {
 pub struct AddPeer {
     /// Its id, plain or checked form.
     pub id: String,
-    /// Its sync address, HOST:PORT.
+    /// Its sync address, HOST:PORT; empty: reached through the relay (`sync.relay`), found
+    /// on the LAN, or dialling in.
+    #[serde(default)]
     pub addr: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,

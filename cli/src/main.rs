@@ -55,6 +55,12 @@ enum Cmd {
         /// UDP address for peer sync, e.g. 127.0.0.1:7361.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// A relay server (HOST:PORT of a Syncthing relay) to reach practices behind NAT.
+        #[arg(long)]
+        relay: Option<String>,
+        /// The relay's id (from its relay://...?id= URI), so no other server can pose as it.
+        #[arg(long, requires = "relay")]
+        relay_id: Option<String>,
     },
     /// Show the practice's id (and a QR code), for pairing with another practice.
     Id,
@@ -256,9 +262,10 @@ enum PeerCmd {
     /// Pair with a practice: only paired practices can connect (both sides must add each other).
     Add {
         peer_id: String,
-        /// Its sync address, HOST:PORT.
+        /// Its sync address, HOST:PORT. Without it, the practice is reached through the
+        /// relay (sync.relay in config.toml) by its id.
         #[arg(long)]
-        addr: String,
+        addr: Option<String>,
         #[arg(long)]
         name: Option<String>,
     },
@@ -567,7 +574,13 @@ fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "staff".into()));
     let j = cli.json;
     match cli.cmd {
-        Cmd::Init { name, api, listen } => {
+        Cmd::Init {
+            name,
+            api,
+            listen,
+            relay,
+            relay_id,
+        } => {
             if let Some(problem) = datadir::unreadable(&dir) {
                 return Err(CliError::Failed(problem).into());
             }
@@ -581,6 +594,8 @@ fn run(cli: Cli) -> Result<()> {
                     name: name.clone(),
                     api,
                     listen,
+                    relay,
+                    relay_id,
                 },
             )?;
             let config = chartmesh_datadir::config::Config::load(&dir.join(datadir::CONFIG))?;
@@ -898,7 +913,7 @@ fn run(cli: Cli) -> Result<()> {
             addr,
             name,
         }) => {
-            let mut body = json!({ "id": peer_id, "addr": addr });
+            let mut body = json!({ "id": peer_id, "addr": addr.unwrap_or_default() });
             if let Some(n) = name {
                 body["name"] = n.into();
             }

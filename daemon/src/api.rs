@@ -215,12 +215,13 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     // Store reads run off the async workers, so a slow disk never stalls the QUIC endpoint.
     let n = st.node.clone();
     tokio::task::spawn_blocking(move || {
-        let (sync_addr, peers) = match n.sync.get() {
+        let (sync_addr, peers, relay) = match n.sync.get() {
             Some(s) => (
                 Some(s.local_addr().to_string()),
                 serde_json::to_value(s.status(true)).unwrap_or_default(),
+                serde_json::to_value(s.relay()).unwrap_or_default(),
             ),
-            None => (None, Value::Array(vec![])),
+            None => (None, Value::Array(vec![]), Value::Null),
         };
         Ok(Json(json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -229,7 +230,7 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
             "charts": n.store.count()?,
             "diskBytes": n.store.disk_bytes(),
             "api": n.config.api.listen.to_string(),
-            "sync": { "listen": sync_addr.unwrap_or_else(|| n.config.sync.listen.to_string()) },
+            "sync": { "listen": sync_addr.unwrap_or_else(|| n.config.sync.listen.to_string()), "relay": relay },
             "peers": peers,
             "shares": n.store.grants(None)?.iter().filter(|g| g.is_active(crate::now_ms())).count(),
         })))
@@ -317,7 +318,9 @@ async fn add_peer(
     if let Some(n) = &b.name {
         crate::guard::check_name("--name", n).map_err(NodeError::Invalid)?;
     }
-    crate::guard::check_name("--addr", &b.addr).map_err(NodeError::Invalid)?;
+    if !b.addr.is_empty() {
+        crate::guard::check_name("--addr", &b.addr).map_err(NodeError::Invalid)?;
+    }
     let p = st
         .node
         .add_peer(&b.id, &b.addr, b.name, &user(&headers))

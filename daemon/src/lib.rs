@@ -14,6 +14,7 @@ pub mod backups;
 pub mod emergency;
 pub mod guard;
 pub mod metrics;
+pub mod lan;
 pub mod node;
 pub mod patient_copy;
 pub mod pending;

@@ -119,6 +119,8 @@ async fn run(args: Args) -> Result<()> {
                 name: name.clone(),
                 api: None,
                 listen: None,
+                relay: None,
+                relay_id: None,
             },
         )
         .with_context(|| format!("creating data directory {}", dir.display()))?;

@@ -1670,7 +1670,8 @@ impl Node {
         let ok_addr = addr
             .rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-        if !ok_addr {
+        // No address: the peer is reached through the relay, or dials in itself.
+        if !addr.is_empty() && !ok_addr {
             return Err(NodeError::Invalid(format!(
                 "--addr {addr:?} is not HOST:PORT (e.g. 192.0.2.10:7361)"
             )));

@@ -62,6 +62,29 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// While not connected: the current base of the redial back-off (ms).
     pub backoff_ms: u64,
+    /// How the live connection reaches the peer: `direct`, `lan` (an address it announced
+    /// on the local network) or `relayed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<&'static str>,
+    /// The live connection's smoothed round-trip time (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<u64>,
+    /// Share of the live connection's packets lost so far (percent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_pct: Option<f64>,
+    /// While not connected: why it cannot be reached, and what to do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
+}
+
+/// What `chartmesh status` shows of the relay.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayView {
+    pub addr: String,
+    pub connected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// What happened, for a peer's task to hand to its session.
@@ -122,6 +145,8 @@ enum Event {
 struct PeerHandle {
     tx: mpsc::UnboundedSender<Event>,
     status: Arc<Mutex<SessionStatus>>,
+    /// The connection the session uses now, for its path and statistics.
+    live: Arc<Mutex<Option<quinn::Connection>>>,
 }
 
 pub struct SyncService {
@@ -133,6 +158,8 @@ pub struct SyncService {
     refusals: Mutex<RefusalThrottle>,
     next_conn: AtomicU64,
     started: Instant,
+    /// LAN discovery, when it runs (sync.lan_discovery, a non-loopback sync.listen).
+    lan: std::sync::OnceLock<crate::lan::Lan>,
 }
 
 impl SyncService {
@@ -148,7 +175,21 @@ impl SyncService {
             cert_der: node.identity.cert_der.clone(),
             key_der: node.identity.key_der.clone(),
         };
-        let endpoint = Arc::new(Endpoint::bind(listen, &creds, pins)?);
+        let transport = node
+            .config
+            .sync
+            .transport()
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let endpoint = Arc::new(Endpoint::bind_with(listen, &creds, pins, &transport)?);
+        if let Some(relay) = node
+            .config
+            .sync
+            .relay_config()
+            .map_err(|e| anyhow::anyhow!(e))?
+        {
+            tracing::info!(relay = %relay.addr, pinned = relay.pin.is_some(), "using a relay");
+            endpoint.start_relay(relay)?;
+        }
         let me = node.identity.id;
         let svc = Arc::new(SyncService {
             node: node.clone(),
@@ -159,7 +200,21 @@ impl SyncService {
             refusals: Mutex::new(RefusalThrottle::default()),
             next_conn: AtomicU64::new(0),
             started: Instant::now(),
+            lan: std::sync::OnceLock::new(),
         });
+        if node.config.sync.lan_discovery && !listen.ip().is_loopback() {
+            let weak = Arc::downgrade(&svc);
+            match crate::lan::Lan::start(me, svc.local_addr().port(), move |peer| {
+                if let Some(svc) = weak.upgrade() {
+                    svc.send_to(&peer, Event::DialSoon);
+                }
+            }) {
+                Ok(lan) => {
+                    let _ = svc.lan.set(lan);
+                }
+                Err(e) => tracing::warn!(error = %e, "LAN discovery is off"),
+            }
+        }
         svc.reload_peers();
         tokio::spawn(svc.clone().accept_loop());
         tokio::spawn(svc.clone().commit_loop());
@@ -240,12 +295,14 @@ impl SyncService {
                         self.now(),
                     );
                     let status = Arc::new(Mutex::new(session.status()));
+                    let live = Arc::new(Mutex::new(None));
                     let (tx, rx) = mpsc::unbounded_channel();
                     peers.insert(
                         p.id,
                         PeerHandle {
                             tx: tx.clone(),
                             status: status.clone(),
+                            live: live.clone(),
                         },
                     );
                     let task = PeerTask {
@@ -258,6 +315,7 @@ impl SyncService {
                         streams: HashMap::new(),
                         emergencies: HashMap::new(),
                         status,
+                        live,
                     };
                     tokio::spawn(
                         task.run(rx)
@@ -326,6 +384,7 @@ impl SyncService {
                     .await;
                 match r {
                     Ok(pc) => {
+                        svc.endpoint.track(&pc);
                         let peer = pc.peer;
                         let conn = pc.connection.clone();
                         if !svc.send_to(&peer, Event::Connected { pc, dialed: false }) {
@@ -479,6 +538,15 @@ impl SyncService {
         }
     }
 
+    /// The relay server and whether this practice is joined to it (None: no relay set).
+    pub fn relay(&self) -> Option<RelayView> {
+        self.endpoint.relay_status().map(|r| RelayView {
+            addr: r.addr,
+            connected: r.connected,
+            last_error: r.last_error,
+        })
+    }
+
     /// The peers connected now.
     pub fn connected(&self) -> Vec<PracticeId> {
         let peers = self.peers.lock().unwrap();
@@ -522,13 +590,25 @@ impl SyncService {
         let peers = store.peers().unwrap_or_default();
         let seq = store.seq().unwrap_or(0);
         let now = now_ms();
+        let relay = match self.endpoint.relay_status() {
+            None => chartmesh_core::sync::RelayState::None,
+            Some(r) if r.connected => chartmesh_core::sync::RelayState::Up,
+            Some(r) => chartmesh_core::sync::RelayState::Down(r.last_error),
+        };
         peers
             .into_iter()
             .map(|p| {
                 let key = p.id.to_string();
-                let s = {
+                let has_addr = !p.addr.trim().is_empty();
+                let (s, live) = {
                     let handles = self.peers.lock().unwrap();
-                    handles.get(&p.id).map(|h| h.status.lock().unwrap().clone())
+                    match handles.get(&p.id) {
+                        Some(h) => (
+                            Some(h.status.lock().unwrap().clone()),
+                            h.live.lock().unwrap().clone(),
+                        ),
+                        None => (None, None),
+                    }
                 };
                 let connected = s.as_ref().is_some_and(|s| s.link == LinkState::Up);
                 let served = s.as_ref().map(|s| s.served_upto as i64).unwrap_or(0).max(
@@ -564,6 +644,33 @@ impl SyncService {
                     },
                     pending_changes: (seq - served).max(0),
                     backoff_ms: s.as_ref().map_or(0, |s| s.backoff_ms),
+                    path: live.as_ref().map(|c| {
+                        let remote = c.remote_address();
+                        match chartmesh_net::PathKind::of(remote) {
+                            chartmesh_net::PathKind::Direct
+                                if self.lan.get().is_some_and(|l| l.is_lan(&p.id, remote)) =>
+                            {
+                                "lan"
+                            }
+                            k => k.name(),
+                        }
+                    }),
+                    rtt_ms: live.as_ref().map(|c| c.rtt().as_millis() as u64),
+                    loss_pct: live.as_ref().map(|c| {
+                        let st = c.stats().path;
+                        if st.sent_packets == 0 {
+                            0.0
+                        } else {
+                            (st.lost_packets as f64 * 1000.0 / st.sent_packets as f64).round()
+                                / 10.0
+                        }
+                    }),
+                    unreachable: chartmesh_core::sync::unreachable_reason(
+                        connected,
+                        has_addr || self.lan.get().is_some_and(|l| !l.addrs(&p.id).is_empty()),
+                        &relay,
+                        s.as_ref().is_some_and(|s| s.last_pull_ms.is_some()),
+                    ),
                     last_error: s.and_then(|s| s.last_error),
                 }
             })
@@ -630,6 +737,7 @@ struct PeerTask {
     streams: HashMap<StreamId, StreamIo>,
     emergencies: HashMap<u64, oneshot::Sender<Result<chartmesh_core::emergency::Answer, String>>>,
     status: Arc<Mutex<SessionStatus>>,
+    live: Arc<Mutex<Option<quinn::Connection>>>,
 }
 
 impl PeerTask {
@@ -762,6 +870,11 @@ impl PeerTask {
                 io.read.add_permits(1);
             }
         }
+        let live = self
+            .session
+            .conn()
+            .and_then(|id| self.conns.get(&id).cloned());
+        *self.live.lock().unwrap() = live;
         let status = self.session.status();
         let mut shown = self.status.lock().unwrap();
         if status.last_error.is_some() && status.last_error != shown.last_error {
@@ -1032,8 +1145,20 @@ impl PeerTask {
     fn watch(&self, id: ConnId, conn: quinn::Connection) {
         let tx = self.tx.clone();
         let c = conn.clone();
+        let svc = self.svc.clone();
         tokio::spawn(async move {
-            let why = match c.closed().await {
+            let remote = c.remote_address();
+            let closed = tokio::select! {
+                e = c.closed() => e,
+                // Its relayed path ended (the relay restarted, a NAT dropped the relay's
+                // TCP connection): the connection is dead now, not after the idle timeout.
+                _ = svc.endpoint.path_lost(remote) => {
+                    c.close(quinn::VarInt::from_u32(CloseCode::Shutdown.code()), b"path lost");
+                    let _ = tx.send(Event::ConnectionLost { conn: id, why: Closed::Lost("the relayed path ended".into()) });
+                    return;
+                }
+            };
+            let why = match closed {
                 quinn::ConnectionError::ApplicationClosed(a) => {
                     Closed::by_peer(a.error_code.into_inner())
                 }
@@ -1094,7 +1219,57 @@ async fn dial(svc: &SyncService, peer: PracticeId) -> Result<PeerConnection, Str
         Ok(None) => return Err("not paired".into()),
         Err(e) => return Err(e.to_string()),
     };
-    let mut addrs = tokio::net::lookup_host(&addr)
+    let addr = addr.trim().to_string();
+    let lan = svc.lan.get().map(|l| l.addrs(&peer)).unwrap_or_default();
+    let plan = chartmesh_core::sync::routes(
+        !addr.is_empty(),
+        !lan.is_empty(),
+        svc.endpoint.relay_status().is_some(),
+    );
+    if plan.is_empty() {
+        return Err(
+            "no address and no relay: set its address (chartmesh peer add ID --addr HOST:PORT) or sync.relay"
+                .into(),
+        );
+    }
+    let mut errors = Vec::new();
+    for route in plan {
+        let r = match route {
+            chartmesh_core::sync::Route::Direct => dial_direct(svc, peer, &addr).await,
+            chartmesh_core::sync::Route::Lan => {
+                let mut r = Err("not seen on the LAN".to_string());
+                for a in &lan {
+                    r = svc
+                        .endpoint
+                        .connect(*a, peer)
+                        .await
+                        .map_err(|e| e.to_string());
+                    if r.is_ok() {
+                        break;
+                    }
+                }
+                r
+            }
+            chartmesh_core::sync::Route::Relay => svc
+                .endpoint
+                .connect_relayed(peer)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match r {
+            Ok(pc) => return Ok(pc),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+async fn dial_direct(
+    svc: &SyncService,
+    peer: PracticeId,
+    addr: &str,
+) -> Result<PeerConnection, String> {
+    let mut addrs = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("cannot resolve {addr}: {e}"))?;
     let a = addrs

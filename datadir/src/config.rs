@@ -169,6 +169,97 @@ pub struct SyncConfig {
     /// The UDP address peers reach this practice on (QUIC).
     #[serde(default = "default_sync")]
     pub listen: SocketAddr,
+    /// QUIC congestion controller: `bbr` (the default; tolerant of lossy links), `cubic` or
+    /// `newreno` (docs/PERFORMANCE.md has measurements of each).
+    #[serde(default = "default_congestion")]
+    pub congestion: String,
+    /// A relay server (`host:port` of a Syncthing relay, `strelaysrv`) through which paired
+    /// practices reach this one, and it them, when neither can accept a connection (NAT,
+    /// mobile routers). Unset: direct connections only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    /// The relay's id (the `id=` its URI shows, or the SHA-256 of its certificate in hex):
+    /// with it, a server posing as the relay is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_id: Option<String>,
+    /// Announce this practice and find paired ones on the local network (mDNS), so a peer
+    /// on the same network needs no address. Only when `listen` is not a loopback address.
+    #[serde(default = "default_true")]
+    pub lan_discovery: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl SyncConfig {
+    /// The transport settings this configuration asks for.
+    pub fn transport(&self) -> Result<chartmesh_net::Transport, String> {
+        let congestion = self
+            .congestion
+            .parse()
+            .map_err(|e| format!("sync.congestion = {e}"))?;
+        Ok(chartmesh_net::Transport {
+            congestion,
+            ..Default::default()
+        })
+    }
+
+    /// The relay to keep a connection to, if any.
+    pub fn relay_config(&self) -> Result<Option<chartmesh_net::RelayConfig>, String> {
+        let Some(addr) = self
+            .relay
+            .as_deref()
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        else {
+            return Ok(None);
+        };
+        let ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Err(format!(
+                "sync.relay = {addr:?} is not HOST:PORT (e.g. relay.example.org:22067)"
+            ));
+        }
+        let pin = match self.relay_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(id) => Some(parse_relay_id(id).ok_or_else(|| {
+                format!(
+                    "sync.relay_id = {id:?} is neither the relay's id (as in its relay://...?id= URI) nor 64 hex digits"
+                )
+            })?),
+        };
+        Ok(Some(chartmesh_net::RelayConfig {
+            addr: addr.to_string(),
+            pin,
+        }))
+    }
+}
+
+/// A relay's id: a Syncthing device id (base32 in groups, with a check character after
+/// every 13) or the certificate's SHA-256 in hex.
+pub fn parse_relay_id(s: &str) -> Option<[u8; 32]> {
+    let compact: String = s.chars().filter(|c| *c != '-' && *c != ' ').collect();
+    if compact.len() == 64 {
+        return hex::decode(&compact).ok()?.try_into().ok();
+    }
+    if compact.len() != 56 {
+        return None;
+    }
+    // Drop the check character ending each group of 14.
+    let data: String = compact
+        .chars()
+        .enumerate()
+        .filter(|(i, _)| i % 14 != 13)
+        .map(|(_, c)| c.to_ascii_uppercase())
+        .collect();
+    data_encoding::BASE32_NOPAD
+        .decode(data.as_bytes())
+        .ok()?
+        .try_into()
+        .ok()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -190,6 +281,9 @@ fn default_api() -> SocketAddr {
 }
 fn default_sync() -> SocketAddr {
     "127.0.0.1:7361".parse().unwrap()
+}
+fn default_congestion() -> String {
+    "bbr".into()
 }
 fn default_level() -> String {
     "info".into()
@@ -216,6 +310,10 @@ impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
             listen: default_sync(),
+            congestion: default_congestion(),
+            relay: None,
+            relay_id: None,
+            lan_discovery: true,
         }
     }
 }
@@ -273,6 +371,15 @@ impl Config {
                 format!("CHARTMESH_SYNC_LISTEN={v:?} is not an address like 127.0.0.1:7361")
             })?;
         }
+        if let Some(v) = get("CHARTMESH_SYNC_RELAY") {
+            self.sync.relay = Some(v);
+        }
+        if let Some(v) = get("CHARTMESH_SYNC_RELAY_ID") {
+            self.sync.relay_id = Some(v);
+        }
+        if let Some(v) = get("CHARTMESH_SYNC_CONGESTION") {
+            self.sync.congestion = v;
+        }
         if let Some(v) = get("CHARTMESH_LOG") {
             self.log.level = v;
         }
@@ -294,6 +401,8 @@ impl Config {
         }
         self.emergency.policy()?;
         self.backup.schedule()?;
+        self.sync.transport()?;
+        self.sync.relay_config()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(format!(
                 "log.format = {:?}: use \"text\" or \"json\"",
@@ -314,6 +423,38 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_settings_are_checked_and_ids_read_in_both_forms() {
+        let mut c = Config::default();
+        assert_eq!(c.sync.relay_config(), Ok(None));
+        c.sync.relay = Some("relay.example.org".into());
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("sync.relay") && e.contains("HOST:PORT"), "{e}");
+        c.sync.relay = Some("relay.example.org:22067".into());
+        c.sync.relay_id = Some("nope".into());
+        assert!(c.validate().unwrap_err().contains("sync.relay_id"));
+        let bytes: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
+        c.sync.relay_id = Some(hex::encode(bytes));
+        assert_eq!(c.sync.relay_config().unwrap().unwrap().pin, Some(bytes));
+        // The device-id form: base32 in four groups of 13, each followed by a check
+        // character, shown in groups of seven.
+        let b32 = data_encoding::BASE32_NOPAD.encode(&bytes);
+        let with_checks: String = b32
+            .as_bytes()
+            .chunks(13)
+            .flat_map(|g| g.iter().copied().chain([b'Q']))
+            .map(char::from)
+            .collect();
+        let shown: Vec<String> = with_checks
+            .as_bytes()
+            .chunks(7)
+            .map(|g| String::from_utf8(g.to_vec()).unwrap())
+            .collect();
+        assert_eq!(parse_relay_id(&shown.join("-")), Some(bytes));
+        c.sync.congestion = "vegas".into();
+        assert!(c.validate().unwrap_err().contains("sync.congestion"));
+    }
 
     #[test]
     fn defaults_round_trip_and_env_overrides() {

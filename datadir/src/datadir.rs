@@ -142,6 +142,9 @@ pub struct InitOptions {
     pub name: String,
     pub api: Option<std::net::SocketAddr>,
     pub listen: Option<std::net::SocketAddr>,
+    /// `sync.relay` and `sync.relay_id`.
+    pub relay: Option<String>,
+    pub relay_id: Option<String>,
 }
 
 /// Creates the directory, the identity, the token and the config. Works without a daemon.
@@ -168,6 +171,8 @@ pub fn init(dir: &Path, opts: InitOptions) -> Result<Identity, InitError> {
     if let Some(l) = opts.listen {
         config.sync.listen = l;
     }
+    config.sync.relay = opts.relay.clone();
+    config.sync.relay_id = opts.relay_id.clone();
     config.validate().map_err(InitError::Config)?;
     let identity = Identity::generate(&opts.name)?;
     identity.save(dir)?;

@@ -11,7 +11,10 @@
 //! It is the only crate that imports quinn and rustls.
 
 pub mod frame;
+pub mod mux;
+pub mod relay;
 pub mod tls;
+pub mod transport;
 pub mod wire;
 
 use chartmesh_core::PracticeId;
@@ -20,7 +23,9 @@ use std::sync::Arc;
 
 pub use frame::{FrameError, MAX_FRAME, read_frame, write_frame};
 pub use quinn;
+pub use relay::{RelayConfig, RelayStatus};
 pub use tls::{PinSet, Refusal};
+pub use transport::{Congestion, Transport};
 pub use wire::{FrameReader, FrameWriter, WireError};
 
 /// The ALPN protocol id of chartmesh's sync protocol, version 1.
@@ -40,6 +45,10 @@ pub enum NetError {
     Identity(String),
     #[error("connecting to {addr}: {message}")]
     Connect { addr: SocketAddr, message: String },
+    #[error("no relay is configured (sync.relay in config.toml)")]
+    NoRelay,
+    #[error("through the relay: {0}")]
+    Relay(String),
     #[error("the peer did not present a paired certificate")]
     Unpaired,
     #[error(transparent)]
@@ -58,6 +67,34 @@ pub struct Endpoint {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     pins: PinSet,
+    creds: Credentials,
+    paths: mux::Paths,
+    relay: std::sync::Mutex<Option<(Arc<relay::Relay>, tokio::task::JoinHandle<()>)>>,
+}
+
+/// How a connection reaches its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// UDP to the peer's address.
+    Direct,
+    /// Through the relay server.
+    Relayed,
+}
+
+impl PathKind {
+    pub fn of(addr: SocketAddr) -> PathKind {
+        if mux::is_relayed(addr) {
+            PathKind::Relayed
+        } else {
+            PathKind::Direct
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::Relayed => "relayed",
+        }
+    }
 }
 
 /// An established connection and the practice id proven by its TLS handshake.
@@ -67,32 +104,26 @@ pub struct PeerConnection {
 }
 
 impl Endpoint {
-    /// Binds `addr` (UDP). `pins` is shared: adding or removing a peer takes effect for the
-    /// next handshake.
+    /// Binds `addr` (UDP) with the default [`Transport`]. `pins` is shared: adding or
+    /// removing a peer takes effect for the next handshake.
     pub fn bind(addr: SocketAddr, creds: &Credentials, pins: PinSet) -> Result<Endpoint, NetError> {
+        Self::bind_with(addr, creds, pins, &Transport::default())
+    }
+
+    /// [`Endpoint::bind`] with chosen transport settings.
+    pub fn bind_with(
+        addr: SocketAddr,
+        creds: &Credentials,
+        pins: PinSet,
+        options: &Transport,
+    ) -> Result<Endpoint, NetError> {
         let server = tls::server_config(creds, pins.clone())?;
         let client = tls::client_config(creds, pins.clone())?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(
             quinn::crypto::rustls::QuicServerConfig::try_from(server)
                 .map_err(|e| NetError::Identity(e.to_string()))?,
         ));
-        let mut transport = quinn::TransportConfig::default();
-        transport.max_idle_timeout(Some(
-            std::time::Duration::from_secs(30)
-                .try_into()
-                .expect("idle timeout fits"),
-        ));
-        transport.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
-        // Path MTU discovery sends padded probes from both ends of every connection: with
-        // quinn's defaults most of the bytes of a no-op reconnect, and even a single probe
-        // each way costs ~3 KB, while larger packets did not measurably speed up a bulk sync
-        // (docs/PERFORMANCE.md). Packets stay at QUIC's safe 1200 bytes.
-        transport.mtu_discovery_config(None);
-        // A pull and an emergency request at a time each way, with room for a stream being
-        // torn down; control messages (nudges) are single tiny frames. The sync engine refuses
-        // more than it serves; this caps what a peer can make us hold.
-        transport.max_concurrent_bidi_streams(4u32.into());
-        transport.max_concurrent_uni_streams(8u32.into());
+        let transport = options.quinn_config();
         let transport = Arc::new(transport);
         server.transport_config(transport.clone());
         let mut client = quinn::ClientConfig::new(Arc::new(
@@ -100,13 +131,90 @@ impl Endpoint {
                 .map_err(|e| NetError::Identity(e.to_string()))?,
         ));
         client.transport_config(transport);
-        let endpoint = quinn::Endpoint::server(server, addr)
-            .map_err(|e| NetError::Bind { addr, source: e })?;
+        let bind_err = |e| NetError::Bind { addr, source: e };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_err)?;
+        let paths = mux::Paths::default();
+        let socket = Arc::new(mux::MuxSocket::new(udp, paths.clone()));
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         Ok(Endpoint {
             endpoint,
             client,
             pins,
+            creds: creds.clone(),
+            paths,
+            relay: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Keeps a connection to `config`'s relay server from now on (replacing any other), so
+    /// paired practices can reach this one through it, and this one them
+    /// ([`Endpoint::connect_relayed`]).
+    pub fn start_relay(&self, config: RelayConfig) -> Result<(), NetError> {
+        let relay = Arc::new(relay::Relay::new(config, &self.creds, self.paths.clone())?);
+        let task = tokio::spawn(relay.clone().run(self.pins.clone()));
+        if let Some((_, old)) = self.relay.lock().unwrap().replace((relay, task)) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    /// The relay's state, if one is configured.
+    pub fn relay_status(&self) -> Option<RelayStatus> {
+        self.relay.lock().unwrap().as_ref().map(|(r, _)| r.status())
+    }
+
+    /// Reaches `peer` through the relay: a relayed path, then the usual QUIC handshake
+    /// with the pinned certificate over it.
+    pub async fn connect_relayed(&self, peer: PracticeId) -> Result<PeerConnection, NetError> {
+        let relay = self.relay.lock().unwrap().as_ref().map(|(r, _)| r.clone());
+        let Some(relay) = relay else {
+            return Err(NetError::NoRelay);
+        };
+        let addr = relay.open(peer).await.map_err(NetError::Relay)?;
+        match self.connect(addr, peer).await {
+            Ok(pc) => {
+                self.track(&pc);
+                Ok(pc)
+            }
+            Err(e) => {
+                self.paths.remove(addr);
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes the relayed path of a connection once the connection ends (a no-op for a
+    /// direct one).
+    pub fn track(&self, pc: &PeerConnection) {
+        let addr = pc.connection.remote_address();
+        if !mux::is_relayed(addr) {
+            return;
+        }
+        let (paths, conn) = (self.paths.clone(), pc.connection.clone());
+        tokio::spawn(async move {
+            conn.closed().await;
+            paths.remove(addr);
+        });
+    }
+
+    /// Resolves when the relayed path a connection runs over ends (a relay restart, a NAT
+    /// that dropped the relay's TCP connection); never for a direct connection.
+    pub async fn path_lost(&self, addr: SocketAddr) {
+        match self.paths.watch_closed(addr) {
+            Some(mut rx) => {
+                let _ = rx.wait_for(|closed| *closed).await;
+            }
+            None if mux::is_relayed(addr) => {}
+            None => std::future::pending().await,
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {

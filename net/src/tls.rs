@@ -137,8 +137,44 @@ fn provider() -> Arc<CryptoProvider> {
 
 #[derive(Debug)]
 struct Pinned {
-    pins: PinSet,
+    pins: Trust,
     provider: Arc<CryptoProvider>,
+}
+
+/// Whose certificate a [`Pinned`] verifier accepts.
+#[derive(Debug)]
+enum Trust {
+    /// A paired practice's (the pin set).
+    Practices(PinSet),
+    /// The relay server's: one whose SHA-256 is the pin, or any when no pin is configured
+    /// (the relay only ever carries QUIC packets that are end-to-end encrypted between the
+    /// practices; a pin keeps a stranger from posing as the relay and learning which
+    /// practices talk). The handshake signature is verified either way.
+    Relay(Option<[u8; 32]>),
+}
+
+impl Trust {
+    fn check(
+        &self,
+        cert: &CertificateDer<'_>,
+        role: &'static str,
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        match self {
+            Trust::Practices(pins) => pins.check(cert, role, now),
+            Trust::Relay(Some(pin))
+                if PracticeId::from_certificate_der(cert.as_ref()).as_bytes() != pin =>
+            {
+                Err(rustls::Error::General(
+                    "the relay's certificate is not the pinned one (sync.relay_id)".into(),
+                ))
+            }
+            Trust::Relay(_) if role == "client" => Err(rustls::Error::General(
+                "a relay verifier does not accept clients".into(),
+            )),
+            Trust::Relay(_) => Ok(()),
+        }
+    }
 }
 
 impl ServerCertVerifier for Pinned {
@@ -254,7 +290,7 @@ pub(crate) fn server_config(
 ) -> Result<rustls::ServerConfig, NetError> {
     let provider = provider();
     let verifier = Arc::new(Pinned {
-        pins,
+        pins: Trust::Practices(pins),
         provider: provider.clone(),
     });
     let mut c = rustls::ServerConfig::builder_with_provider(provider)
@@ -277,7 +313,7 @@ pub(crate) fn client_config(
 ) -> Result<rustls::ClientConfig, NetError> {
     let provider = provider();
     let verifier = Arc::new(Pinned {
-        pins,
+        pins: Trust::Practices(pins),
         provider: provider.clone(),
     });
     let mut c = rustls::ClientConfig::builder_with_provider(provider)
@@ -292,6 +328,31 @@ pub(crate) fn client_config(
         .map_err(bad)?;
     c.alpn_protocols = vec![ALPN.to_vec()];
     c.enable_early_data = false;
+    Ok(c)
+}
+
+/// TLS to a relay server: ALPN `bep-relay`, this practice's certificate as the client
+/// certificate (the relay routes by its SHA-256, which is the practice id).
+pub(crate) fn relay_client_config(
+    creds: &Credentials,
+    pin: Option<[u8; 32]>,
+) -> Result<rustls::ClientConfig, NetError> {
+    let provider = provider();
+    let verifier = Arc::new(Pinned {
+        pins: Trust::Relay(pin),
+        provider: provider.clone(),
+    });
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(bad)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(
+            vec![CertificateDer::from(creds.cert_der.clone())],
+            key(creds),
+        )
+        .map_err(bad)?;
+    c.alpn_protocols = vec![crate::relay::ALPN.to_vec()];
     Ok(c)
 }
 
@@ -351,6 +412,24 @@ mod tests {
     /// A client offering only TLS 1.2 is refused in its first flight: the server never
     /// reads application data from it. (Over QUIC such a client cannot even be built.)
     #[test]
+    fn a_relay_is_accepted_only_with_the_pinned_certificate_when_one_is_pinned() {
+        let (relay, relay_id) = creds(None);
+        let cert = CertificateDer::from(relay.cert_der.clone());
+        let now = UnixTime::now();
+        assert!(Trust::Relay(None).check(&cert, "server", now).is_ok());
+        assert!(
+            Trust::Relay(Some(*relay_id.as_bytes()))
+                .check(&cert, "server", now)
+                .is_ok()
+        );
+        let e = Trust::Relay(Some([7; 32]))
+            .check(&cert, "server", now)
+            .unwrap_err();
+        assert!(e.to_string().contains("sync.relay_id"), "{e}");
+        assert!(Trust::Relay(None).check(&cert, "client", now).is_err());
+    }
+
+    #[test]
     fn a_tls12_only_client_is_refused_before_any_application_byte() {
         let (server_creds, server_id) = creds(None);
         let (client_creds, client_id) = creds(None);
@@ -362,7 +441,7 @@ mod tests {
             .unwrap()
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Pinned {
-                pins: PinSet::new([server_id]),
+                pins: Trust::Practices(PinSet::new([server_id])),
                 provider,
             }))
             .with_client_auth_cert(

@@ -7,6 +7,7 @@
 //! process a test starts is held in a [`KillOnDrop`].
 
 pub mod mesh;
+pub mod netns;
 pub mod raw_peer;
 
 use serde_json::Value;
@@ -170,6 +171,8 @@ pub struct Practice {
     agent: ureq::Agent,
     /// Extra environment for the daemon process (e.g. FAILPOINTS, faketime).
     env: Vec<(String, String)>,
+    /// The network namespace the daemon and CLI run in (None: this one).
+    netns: Option<String>,
 }
 
 impl Practice {
@@ -181,15 +184,7 @@ impl Practice {
 
     /// [`Practice::new`] with its temporary directory (data directory and log) under `base`.
     pub fn new_in(base: &Path, name: &str) -> Practice {
-        let tmp = tempfile::tempdir_in(base).unwrap();
-        let dir = tmp.path().join("data");
-        let mut p = Practice {
-            dir,
-            _tmp: Some(tmp),
-            child: None,
-            agent: agent(),
-            env: Vec::new(),
-        };
+        let mut p = Practice::unstarted(tempfile::tempdir_in(base).unwrap(), None);
         // A fixed sync port (picked free now), so peers can reach it again after a restart.
         let listen = format!("127.0.0.1:{}", free_udp_port());
         let out = p.cli(&[
@@ -208,6 +203,56 @@ impl Practice {
         );
         p.start();
         p
+    }
+
+    /// A practice whose daemon and CLI run in network namespace `ns`, its sync endpoint on
+    /// every address there (port 7361), initialised with `init_args` added (e.g. `--relay`).
+    pub fn new_in_netns(name: &str, ns: &str, init_args: &[&str]) -> Practice {
+        let mut p = Practice::unstarted(tempfile::tempdir().unwrap(), Some(ns.to_string()));
+        let mut args = vec![
+            "init",
+            "--name",
+            name,
+            "--api",
+            "127.0.0.1:0",
+            "--listen",
+            "0.0.0.0:7361",
+        ];
+        args.extend_from_slice(init_args);
+        p.cli_ok(&args);
+        p.start();
+        p
+    }
+
+    /// A practice with its data directory in `tmp`, not initialised and not started.
+    fn unstarted(tmp: tempfile::TempDir, netns: Option<String>) -> Practice {
+        Practice {
+            dir: tmp.path().join("data"),
+            _tmp: Some(tmp),
+            child: None,
+            agent: agent(),
+            env: Vec::new(),
+            netns,
+        }
+    }
+
+    fn command(&self, program: PathBuf) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Runs `f` where the daemon's loopback API is reachable (its namespace, if any).
+    fn reach<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        match &self.netns {
+            Some(ns) => netns::in_netns(ns, f),
+            None => f(),
+        }
     }
 
     /// The daemon's process id, while it runs.
@@ -292,7 +337,8 @@ impl Practice {
             .append(true)
             .open(self.dir.with_extension("log"))
             .unwrap();
-        let child = Command::new(bin("chartmeshd"))
+        let child = self
+            .command(bin("chartmeshd"))
             .args(["--data-dir", self.dir.to_str().unwrap()])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
@@ -403,7 +449,7 @@ impl Practice {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("chartmesh"))
+        self.command(bin("chartmesh"))
             .arg("--data-dir")
             .arg(&self.dir)
             .args(args)
@@ -444,12 +490,18 @@ impl Practice {
     }
 
     pub fn try_get(&self, path: &str) -> Result<(u16, Value), String> {
-        let mut r = self
-            .agent
-            .get(format!("{}{path}", self.base()))
-            .header("Authorization", format!("Bearer {}", self.token()))
-            .call()
-            .map_err(|e| e.to_string())?;
+        let (agent, url, auth) = (
+            self.agent.clone(),
+            format!("{}{path}", self.base()),
+            format!("Bearer {}", self.token()),
+        );
+        let mut r = self.reach(move || {
+            agent
+                .get(url)
+                .header("Authorization", auth)
+                .call()
+                .map_err(|e| e.to_string())
+        })?;
         let status = r.status().as_u16();
         let v = r
             .body_mut()
@@ -467,14 +519,22 @@ impl Practice {
     }
 
     pub fn post(&self, path: &str, body: &[u8], user: &str) -> Result<(u16, Value), String> {
-        let mut r = self
-            .agent
-            .post(format!("{}{path}", self.base()))
-            .header("Authorization", format!("Bearer {}", self.token()))
-            .header("X-Chartmesh-User", user)
-            .header("Content-Type", "application/json")
-            .send(body)
-            .map_err(|e| e.to_string())?;
+        let (agent, url, auth, user, body) = (
+            self.agent.clone(),
+            format!("{}{path}", self.base()),
+            format!("Bearer {}", self.token()),
+            user.to_string(),
+            body.to_vec(),
+        );
+        let mut r = self.reach(move || {
+            agent
+                .post(url)
+                .header("Authorization", auth)
+                .header("X-Chartmesh-User", user)
+                .header("Content-Type", "application/json")
+                .send(&body[..])
+                .map_err(|e| e.to_string())
+        })?;
         let status = r.status().as_u16();
         let v = r.body_mut().read_json().map_err(|e| e.to_string())?;
         Ok((status, v))

@@ -351,3 +351,115 @@ impl Link {
         conn
     }
 }
+
+/// A way to reach a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// QUIC over UDP to the address the peer was paired with.
+    Direct,
+    /// QUIC over UDP to where the peer announced itself on the LAN (mDNS).
+    Lan,
+    /// QUIC through the configured relay server, found by practice id.
+    Relay,
+}
+
+/// The routes to try when dialling, in order: the peer's address first when it has one
+/// (a direct path is faster and spares the relay), then where it was seen on the LAN, then
+/// the relay when one is configured. Empty: the peer cannot be dialled at all (it can still
+/// dial us).
+pub fn routes(has_addr: bool, seen_on_lan: bool, has_relay: bool) -> Vec<Route> {
+    let mut r = Vec::with_capacity(3);
+    if has_addr {
+        r.push(Route::Direct);
+    }
+    if seen_on_lan {
+        r.push(Route::Lan);
+    }
+    if has_relay {
+        r.push(Route::Relay);
+    }
+    r
+}
+
+/// What is known about the relay, for [`unreachable_reason`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayState {
+    None,
+    Up,
+    Down(Option<String>),
+}
+
+/// Why a peer that is not connected cannot be reached, in words an administrator can act
+/// on; None while it is connected.
+pub fn unreachable_reason(
+    connected: bool,
+    has_addr: bool,
+    relay: &RelayState,
+    ever_connected: bool,
+) -> Option<String> {
+    if connected {
+        return None;
+    }
+    let never = if ever_connected {
+        ""
+    } else {
+        " It has never been reached since this daemon started: check that it has paired this practice too."
+    };
+    Some(match (has_addr, relay) {
+        (false, RelayState::None) => format!(
+            "no address, not seen on this network, and no relay configured: give its address (`chartmesh peer add ID --addr HOST:PORT`), set sync.relay in config.toml, or put both practices on one network.{never}"
+        ),
+        (_, RelayState::Down(e)) => format!(
+            "the relay is down or unreachable ({}); {}.{never}",
+            e.as_deref().unwrap_or("not joined yet"),
+            if has_addr {
+                "its address did not answer either"
+            } else {
+                "it has no direct address to try"
+            }
+        ),
+        (true, RelayState::None) => format!(
+            "its address does not answer and no relay is configured (sync.relay) to reach it behind a NAT.{never}"
+        ),
+        (_, RelayState::Up) => format!(
+            "the relay is up but the peer is not connected to it: is it running, and is its sync.relay the same relay?{never}"
+        ),
+    })
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    #[test]
+    fn direct_first_then_relay_and_reasons_name_the_missing_piece() {
+        assert_eq!(routes(true, false, true), vec![Route::Direct, Route::Relay]);
+        assert_eq!(
+            routes(true, true, true),
+            vec![Route::Direct, Route::Lan, Route::Relay]
+        );
+        assert_eq!(routes(false, true, true), vec![Route::Lan, Route::Relay]);
+        assert_eq!(routes(false, false, true), vec![Route::Relay]);
+        assert_eq!(routes(true, false, false), vec![Route::Direct]);
+        assert!(routes(false, false, false).is_empty());
+        assert_eq!(
+            unreachable_reason(true, false, &RelayState::None, true),
+            None
+        );
+        let r = unreachable_reason(false, false, &RelayState::None, false).unwrap();
+        assert!(
+            r.contains("no relay configured") && r.contains("never"),
+            "{r}"
+        );
+        let r = unreachable_reason(
+            false,
+            false,
+            &RelayState::Down(Some("refused".into())),
+            true,
+        )
+        .unwrap();
+        assert!(r.contains("relay is down") && r.contains("refused"), "{r}");
+        let r = unreachable_reason(false, false, &RelayState::Up, true).unwrap();
+        assert!(r.contains("not connected to it"), "{r}");
+    }
+}

@@ -30,7 +30,9 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use link::{Backoff, CloseCode, Closed, LinkState};
+pub use link::{
+    Backoff, CloseCode, Closed, LinkState, RelayState, Route, routes, unreachable_reason,
+};
 pub use puller::PullStats;
 pub use rng::Rng;
 pub use session::{PeerRecord, PeerSession, SessionStatus};
