@@ -197,8 +197,10 @@ fn a_flapping_link_completes_the_sync_and_status_stays_truthful() {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             };
-            // The first outage comes early, so even a fast sync crosses one.
-            let mut window = Duration::from_millis(700);
+            // The link is down when the share is recorded (a short first outage), so even a
+            // sync faster than one up window crosses an outage and has to resume after it.
+            let mut window = Duration::ZERO;
+            let mut outage = Duration::from_millis(1500);
             while !stop.load(Relaxed) {
                 pause(window);
                 window = up;
@@ -208,7 +210,8 @@ fn a_flapping_link_completes_the_sync_and_status_stays_truthful() {
                 to_a.set_down(true);
                 to_b.set_down(true);
                 downs.fetch_add(1, Relaxed);
-                pause(down);
+                pause(outage);
+                outage = down;
                 to_a.set_down(false);
                 to_b.set_down(false);
             }
@@ -217,6 +220,9 @@ fn a_flapping_link_completes_the_sync_and_status_stays_truthful() {
         })
     };
     let t = Instant::now();
+    wait_until("the first outage", Duration::from_secs(10), || {
+        downs.load(std::sync::atomic::Ordering::Relaxed) >= 1
+    });
     a.cli_ok(&["share", "--all", "--with", &id_b, "--purpose", "replica"]);
     let mut checks = 0;
     wait_until(
