@@ -296,6 +296,23 @@ impl Practice {
         );
     }
 
+    /// Creates a small chart (a fixed patient under `mrn`) through the CLI; returns its id.
+    pub fn new_chart(&self, mrn: &str) -> String {
+        let c = self.cli_json(&[
+            "chart",
+            "create",
+            "--mrn",
+            mrn,
+            "--family",
+            "Ward",
+            "--given",
+            "Ida",
+            "--birth-date",
+            "1961-02-03",
+        ]);
+        c["id"].as_str().unwrap().to_string()
+    }
+
     /// Imports the first `n` bench charts (a file of them next to the data directory).
     pub fn import_first(&self, n: usize) {
         let all = std::fs::read(bench_data().join("charts-1000.jsonl")).unwrap();

@@ -10,26 +10,10 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn new_chart(p: &Practice, mrn: &str) -> String {
-    let c = p.cli_json(&[
-        "chart",
-        "create",
-        "--mrn",
-        mrn,
-        "--family",
-        "Ward",
-        "--given",
-        "Ida",
-        "--birth-date",
-        "1961-02-03",
-    ]);
-    c["id"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn corrections_say_what_changed_and_a_missing_entry_is_not_found() {
     let p = Practice::new("Valley Family Practice");
-    let chart = new_chart(&p, "OPS-1");
+    let chart = p.new_chart("OPS-1");
     p.cli_ok(&["allergy", "add", &chart, "--substance", "Latex"]);
 
     // An allergy the chart does not have: "not found", exit 4, nothing changed.
@@ -77,7 +61,7 @@ fn corrections_say_what_changed_and_a_missing_entry_is_not_found() {
 #[test]
 fn chart_show_names_and_groups_observations() {
     let p = Practice::new("Valley Family Practice");
-    let chart = new_chart(&p, "OPS-2");
+    let chart = p.new_chart("OPS-2");
     for (code, value, date) in [
         ("8480-6", "141", "2026-03-01T09:00:00Z"),
         ("2345-7", "5.4", "2026-02-01T09:00:00Z"),
@@ -161,8 +145,8 @@ fn received_and_revoked_copies_are_marked_and_peers_are_named_briefly() {
         1
     );
 
-    let read = new_chart(&a, "OPS-3");
-    let rw = new_chart(&a, "OPS-4");
+    let read = a.new_chart("OPS-3");
+    let rw = a.new_chart("OPS-4");
     // The peer by name, and by a short prefix of its id.
     a.cli_ok(&["share", &read, "--with", "ridge cardiology"]);
     let short: String = b.id().chars().take(6).collect();
@@ -412,7 +396,7 @@ fn finding<'a>(v: &'a Value, check: &str, status: Option<&str>) -> Option<&'a Va
 #[test]
 fn doctor_reports_a_broken_setup_with_the_fix_for_each() {
     let mut p = Practice::new("Valley Family Practice");
-    new_chart(&p, "DOC-1");
+    p.new_chart("DOC-1");
     let (code, v) = doctor(&p);
     assert_eq!(code, 0, "{v:#}");
     for check in [
@@ -515,7 +499,7 @@ fn metrics_are_scraped_and_parsed_as_prometheus_text() {
     let b = Practice::new("Ridge Cardiology");
     pair(&a, &b);
     wait_connected(&a, &b);
-    let chart = new_chart(&a, "MET-1");
+    let chart = a.new_chart("MET-1");
     a.cli_ok(&["share", &chart, "--with", "Ridge Cardiology"]);
     a.sync_wait(&b, 60);
     let addr = std::fs::read_to_string(a.dir.join("api.addr")).unwrap();
@@ -610,7 +594,7 @@ fn metrics_are_scraped_and_parsed_as_prometheus_text() {
 #[test]
 fn scheduled_backups_are_verified_and_only_the_newest_kept() {
     let mut p = Practice::new("Valley Family Practice");
-    new_chart(&p, "BAK-1");
+    p.new_chart("BAK-1");
     let dir = p.dir.parent().unwrap().join("scheduled");
     std::fs::create_dir(&dir).unwrap();
     // Something the schedule did not make is never deleted.

@@ -27,28 +27,12 @@ fn wait_status(p: &Practice, id: &str, status: &str) {
     );
 }
 
-fn new_chart(p: &Practice, mrn: &str) -> String {
-    let c = p.cli_json(&[
-        "chart",
-        "create",
-        "--mrn",
-        mrn,
-        "--family",
-        "Ward",
-        "--given",
-        "Ida",
-        "--birth-date",
-        "1961-02-03",
-    ]);
-    c["id"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn a_referral_round_trip_between_two_practices() {
     let [a, b] = Mesh::new(&["Valley Family Practice", "Cardiology Associates"])
         .paired()
         .into_array();
-    let chart = new_chart(&a, "REF-1");
+    let chart = a.new_chart("REF-1");
 
     // Refer: the referral is in the chart and the chart is shared read-write for it.
     let v = a.cli_json(&[
@@ -160,7 +144,7 @@ fn cancelling_a_referral_revokes_its_grant() {
     let [a, b] = Mesh::new(&["Referring Clinic", "Specialist Clinic"])
         .paired()
         .into_array();
-    let chart = new_chart(&a, "REF-2");
+    let chart = a.new_chart("REF-2");
     let v = a.cli_json(&["refer", &chart, "--to", &b.id(), "--reason", "rash"]);
     let rid = v["referral"]["id"].as_str().unwrap().to_string();
     wait_status(&b, &rid, "requested");
@@ -192,7 +176,7 @@ fn disconnected_pair(mrn: &str) -> (Practice, Practice, String) {
     let [a, b] = Mesh::new(&["North Clinic", "South Clinic"])
         .paired()
         .into_array();
-    let chart = new_chart(&a, mrn);
+    let chart = a.new_chart(mrn);
     a.cli_ok(&["allergy", "add", &chart, "--substance", "Penicillin"]);
     a.cli_ok(&[
         "share",
