@@ -708,6 +708,30 @@ enum WriteCmd {
     Reset,
 }
 
+/// A command in a stream writer's queue, its audit (if any) already submitted.
+enum Queued {
+    Send(Vec<u8>),
+    Audited(
+        Vec<u8>,
+        Option<oneshot::Receiver<Result<bool, chartmesh_store::StoreError>>>,
+    ),
+    Finish,
+    Reset,
+}
+
+impl Queued {
+    fn of(cmd: WriteCmd, node: &Node, peer: &str) -> Queued {
+        match cmd {
+            WriteCmd::Send(b) => Queued::Send(b),
+            WriteCmd::SendAudited(b, audit) => {
+                Queued::Audited(b, node.store.audit_sends(peer, audit, now_ms()).ok())
+            }
+            WriteCmd::Finish => Queued::Finish,
+            WriteCmd::Reset => Queued::Reset,
+        }
+    }
+}
+
 struct StreamIo {
     write: mpsc::UnboundedSender<WriteCmd>,
     /// One permit = read one more frame.
@@ -1055,16 +1079,34 @@ impl PeerTask {
             };
             let _ = recv_tx.send(recv);
             let mut out = FrameWriter::new(send);
-            while let Some(cmd) = wrx.recv().await {
-                let bytes = match cmd {
-                    WriteCmd::Send(b) => b,
-                    WriteCmd::SendAudited(b, audit) => {
+            // Audits are submitted as soon as their messages are queued, so the audits of
+            // the messages waiting here commit together (one fsync) while the message
+            // before them is on the wire; each message still leaves only after its own
+            // audit has committed, and in order.
+            let mut queue: std::collections::VecDeque<Queued> = Default::default();
+            loop {
+                while let Ok(cmd) = wrx.try_recv() {
+                    queue.push_back(Queued::of(cmd, &node, &peer));
+                }
+                let next = match queue.pop_front() {
+                    Some(q) => q,
+                    None => match wrx.recv().await {
+                        Some(cmd) => {
+                            queue.push_back(Queued::of(cmd, &node, &peer));
+                            continue;
+                        }
+                        None => return,
+                    },
+                };
+                let bytes = match next {
+                    Queued::Send(b) => b,
+                    Queued::Audited(b, audit) => {
                         // A chart never leaves unaudited, and the store decides each chart
                         // again as it audits: a grant revoked since the chart was read
                         // stops the message here.
-                        let audited = match node.store.audit_sends(&peer, audit, now_ms()) {
-                            Ok(rx) => rx.await.ok().and_then(Result::ok),
-                            Err(_) => None,
+                        let audited = match audit {
+                            Some(rx) => rx.await.ok().and_then(Result::ok),
+                            None => None,
                         };
                         if audited != Some(true) {
                             out.reset(1);
@@ -1079,11 +1121,11 @@ impl PeerTask {
                         }
                         b
                     }
-                    WriteCmd::Finish => {
+                    Queued::Finish => {
                         let _ = out.finish().await;
                         return;
                     }
-                    WriteCmd::Reset => {
+                    Queued::Reset => {
                         out.reset(1);
                         return;
                     }
