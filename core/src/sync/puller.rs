@@ -17,7 +17,7 @@ use super::{ApplyPlan, Incoming, LocalChart, Output, Query, StreamId, TaskId, Ti
 use crate::ids::copy_key;
 
 /// Bytes handed to the store and not yet durable, past which the puller stops reading.
-pub const APPLY_BYTES: usize = 16 * 1024 * 1024;
+pub const APPLY_BYTES: usize = 2 * 1024 * 1024;
 
 /// Counters of one pull, for status and logs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
