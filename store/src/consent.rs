@@ -324,7 +324,8 @@ impl Store {
     /// The last number taken from the change sequence.
     pub fn seq(&self) -> Result<i64, StoreError> {
         self.with_reader(|c| {
-            Ok(c.query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get(0))?)
+            Ok(c.prepare_cached("SELECT n FROM sequence WHERE id = 1")?
+                .query_row([], |r| r.get(0))?)
         })
     }
 

@@ -368,20 +368,21 @@ impl Writer {
                 for k in &kinds {
                     let _ = crate::failpoint::hit_fmt(format_args!("write.after_commit.{k}"));
                 }
-                for r in replies {
-                    (r.send)(None);
-                }
+                // The new sequence is published before anyone is answered, so a caller
+                // that saw its write acknowledged also sees the sequence it reached.
                 if let Ok(n) = self
                     .conn
-                    .query_row("SELECT n FROM sequence WHERE id = 1", [], |r| {
-                        r.get::<_, i64>(0)
-                    })
+                    .prepare_cached("SELECT n FROM sequence WHERE id = 1")
+                    .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
                 {
                     self.changed.send_if_modified(|v| {
                         let changed = *v != n;
                         *v = n;
                         changed
                     });
+                }
+                for r in replies {
+                    (r.send)(None);
                 }
             }
             Err(e) => {
