@@ -155,8 +155,8 @@ pub(crate) mod tests {
     #[test]
     fn the_same_drug_added_at_both_sides_with_different_doses_is_flagged() {
         let (a, b) = (med("Metformin", "500 mg"), med("Metformin", "1000 mg"));
-        let local = view(&[a.clone()], &[]);
-        let peer = view(&[b.clone()], &[]);
+        let local = view(std::slice::from_ref(&a), &[]);
+        let peer = view(std::slice::from_ref(&b), &[]);
         let merged = view(&[a.clone(), b.clone()], &[]);
         let got = review(&local, &peer, &merged);
         assert_eq!(got.len(), 1);
@@ -168,7 +168,7 @@ pub(crate) mod tests {
         assert!(
             review(
                 &local,
-                &view(&[same.clone()], &[]),
+                &view(std::slice::from_ref(&same), &[]),
                 &view(&[a.clone(), same], &[])
             )
             .is_empty()
@@ -183,8 +183,8 @@ pub(crate) mod tests {
         let amox = med("Amoxicillin", "500 mg");
         // Here the allergy was removed; the peer prescribed amoxicillin still seeing it.
         let local = view(&[], &[]);
-        let peer = view(&[amox.clone()], &[pen.clone()]);
-        let merged = view(&[amox.clone()], &[]);
+        let peer = view(std::slice::from_ref(&amox), std::slice::from_ref(&pen));
+        let merged = view(std::slice::from_ref(&amox), &[]);
         let got = review(&local, &peer, &merged);
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0].kind, Kind::AllergyRemovedWhilePrescribed);
@@ -195,13 +195,20 @@ pub(crate) mod tests {
         assert!(
             review(
                 &local,
-                &view(&[other.clone()], &[pen.clone()]),
+                &view(std::slice::from_ref(&other), std::slice::from_ref(&pen)),
                 &view(&[other], &[])
             )
             .is_empty()
         );
         // Removed after the prescription was seen (sequential): the peer's view already
         // lacks the allergy, so nothing is flagged.
-        assert!(review(&view(&[amox.clone()], &[pen.clone()]), &merged, &merged).is_empty());
+        assert!(
+            review(
+                &view(std::slice::from_ref(&amox), std::slice::from_ref(&pen)),
+                &merged,
+                &merged
+            )
+            .is_empty()
+        );
     }
 }
