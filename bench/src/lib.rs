@@ -28,6 +28,9 @@ pub struct Options {
     pub reps: usize,
     /// Which repetition this is (0-based): picks the incremental round.
     pub rep: usize,
+    /// What the link between the two practices does to each datagram, each way (None: a
+    /// clean loopback link, the standard run).
+    pub link: Option<relay::Impairment>,
 }
 
 struct Daemon {
@@ -255,8 +258,8 @@ pub fn run_once(o: &Options) -> Result<Value> {
     let mut db = Daemon::start(&o.bin_dir, &b)?;
     let id_a = practice_id(&o.bin_dir, &a)?;
     let id_b = practice_id(&o.bin_dir, &b)?;
-    let relay_to_a = relay::Relay::start(sync_addr(&a)?)?;
-    let relay_to_b = relay::Relay::start(b_listen.parse()?)?;
+    let relay_to_a = relay::Relay::start_impaired(sync_addr(&a)?, o.link)?;
+    let relay_to_b = relay::Relay::start_impaired(b_listen.parse()?, o.link)?;
     let wire = || relay_to_a.bytes() + relay_to_b.bytes();
     cli_ok(
         &o.bin_dir,

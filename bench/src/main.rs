@@ -21,6 +21,10 @@ struct Args {
     /// Use the binaries already built next to this one instead of building them.
     #[arg(long)]
     no_build: bool,
+    /// The link between the two practices: `clean` (loopback, the standard run) or `rural`
+    /// (15 % loss and 80 ms delay each way, 2 % duplicates, made by the bench's UDP relay).
+    #[arg(long, default_value = "clean", value_parser = ["clean", "rural"])]
+    link: String,
 }
 
 fn main() -> Result<()> {
@@ -58,6 +62,7 @@ fn main() -> Result<()> {
         expected_checksum: ds.checksum,
         n: args.n,
         reps: args.reps,
+        link: (args.link == "rural").then(|| chartmesh_bench::relay::Impairment::rural(1)),
     };
     let reps = chartmesh_bench::run(&opts)?;
     if let Some(p) = &args.json {

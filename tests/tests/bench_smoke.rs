@@ -13,6 +13,7 @@ fn bench_runs_at_small_n_and_checks_its_checksums() {
         n: 50,
         reps: 1,
         rep: 0,
+        link: None,
     };
     let reps = chartmesh_bench::run(&opts).unwrap();
     let r = &reps[0];
@@ -63,6 +64,7 @@ fn bench_runs_at_small_n_and_checks_its_checksums() {
         n: 20,
         reps: 1,
         rep: 0,
+        link: None,
     };
     let err = chartmesh_bench::run(&bad).unwrap_err().to_string();
     assert!(err.contains("checksum"), "{err}");
