@@ -35,6 +35,9 @@ pub struct ChartSummary {
     pub origin: Option<String>,
 }
 
+/// Prepared statements kept per connection.
+pub(crate) const STATEMENT_CACHE: usize = 128;
+
 pub(crate) struct ReaderPool {
     path: PathBuf,
     key: crate::StoreKey,
@@ -84,6 +87,9 @@ impl ReaderPool {
                 )?;
                 c.busy_timeout(std::time::Duration::from_secs(5))?;
                 self.key.apply(&c, &self.path)?;
+                // The sync and consent reads alone use more distinct statements than the
+                // default cache of 16 holds; a miss parses the SQL again.
+                c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
                 c
             }
         };

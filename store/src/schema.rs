@@ -231,6 +231,7 @@ pub(crate) fn open_write_connection(
     )?;
     migrate(&mut conn)?;
     crate::sync::ensure_incarnation(&conn)?;
+    conn.set_prepared_statement_cache_capacity(crate::read::STATEMENT_CACHE);
     Ok(conn)
 }
 

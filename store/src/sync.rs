@@ -417,7 +417,9 @@ fn sync_chart(conn: &Connection, key: &str) -> Result<Option<SyncChart>, StoreEr
 }
 
 fn seq_of(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn.query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get(0))?)
+    Ok(conn
+        .prepare_cached("SELECT n FROM sequence WHERE id = 1")?
+        .query_row([], |r| r.get(0))?)
 }
 
 /// Whether anything changed after `since` that `peer` may need (a pre-selection: the engine
@@ -872,11 +874,10 @@ impl Store {
     /// When the next grant expires that is not recorded as expired yet.
     pub fn next_expiry(&self) -> Result<Option<i64>, StoreError> {
         self.with_reader(|c| {
-            Ok(c.query_row(
+            Ok(c.prepare_cached(
                 "SELECT min(expires_ms) FROM grants WHERE expires_ms IS NOT NULL AND revoked_ms IS NULL AND expired_ms IS NULL",
-                [],
-                |r| r.get::<_, Option<i64>>(0),
-            )?)
+            )?
+            .query_row([], |r| r.get::<_, Option<i64>>(0))?)
         })
     }
 
