@@ -148,3 +148,8 @@ mod tests {
         assert_eq!(escaped(&v), serde_json::json!({"a\\u{7}": ["\\u{9b}x", 3]}));
     }
 }
+
+/// A byte count for people (`1.50 MiB`).
+pub fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}

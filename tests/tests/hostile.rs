@@ -24,6 +24,7 @@ fn pull(since: u64) -> Msg {
         version: PROTOCOL_VERSION,
         since,
         incarnation: 0,
+        wall_ms: None,
     }
 }
 
@@ -236,6 +237,7 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
             version: 99,
             since: 0,
             incarnation: 0,
+            wall_ms: None,
         })
         .await
         .unwrap();
