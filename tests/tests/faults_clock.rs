@@ -197,7 +197,7 @@ fn doctor_names_a_peer_whose_clock_is_two_hours_off() {
         return;
     };
     let a = Practice::new("True Clock Clinic");
-    let b = Practice::new("In Step Clinic");
+    let mut b = Practice::new("In Step Clinic");
     let ahead = skewed("Two Hours Ahead Clinic", &lib, "+2h");
     pair(&a, &b);
     pair(&a, &ahead);
@@ -288,4 +288,36 @@ fn doctor_names_a_peer_whose_clock_is_two_hours_off() {
         .unwrap_or_else(|| panic!("{text}"));
     let secs: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!((secs - 7200.0).abs() < 30.0, "{line}");
+
+    // A peer that went away: doctor names it as not reachable, when it was last seen, and
+    // what to do.
+    b.stop();
+    wait_until(
+        "the stopped peer to be seen gone",
+        Duration::from_secs(60),
+        || {
+            a.get("/sync")["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "In Step Clinic" && p["connected"] == false)
+        },
+    );
+    let out = a.cli(&["--json", "doctor"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gone = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| {
+            f["check"] == "peer" && f["detail"].as_str().unwrap().starts_with("In Step Clinic")
+        })
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!(gone["status"], "warn", "{gone}");
+    let detail = gone["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("not reachable") && detail.contains("last seen"),
+        "{detail}"
+    );
+    assert!(!gone["fix"].as_str().unwrap().is_empty(), "{gone}");
 }
