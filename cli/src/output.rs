@@ -132,6 +132,11 @@ pub fn spinner(what: &str) -> indicatif::ProgressBar {
     s
 }
 
+/// A byte count for people (`1.50 MiB`).
+pub fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,9 +152,4 @@ mod tests {
         let v = serde_json::json!({"a\u{7}": ["\u{9b}x", 3]});
         assert_eq!(escaped(&v), serde_json::json!({"a\\u{7}": ["\\u{9b}x", 3]}));
     }
-}
-
-/// A byte count for people (`1.50 MiB`).
-pub fn bytes(n: u64) -> String {
-    indicatif::HumanBytes(n).to_string()
 }
