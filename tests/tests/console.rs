@@ -532,27 +532,17 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
             .is_empty()
     );
     wait_connected(&a, &b);
-    open(&ta, "#/practice", "This practice");
-    open(&ta, "#/peers", "Peers");
-    wait_js(
-        &ta,
-        "B connected",
-        "(document.getElementById('peers') || {}).textContent.includes('connected')",
-    );
-    // The path, round trip and clock skew of the peer (both clocks are this machine's).
+    // The peer's clock is measured at its first pull of A.
     wait_until("the peer's clock measured", WAIT, || {
-        if a.get("/sync")["peers"][0]["clockSkewMs"].is_i64() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        false
+        a.get("/sync")["peers"][0]["clockSkewMs"].is_i64()
     });
     open(&ta, "#/practice", "This practice");
     open(&ta, "#/peers", "Peers");
+    // B connected, with the path, round trip and clock skew (both clocks are this machine's).
     wait_js(
         &ta,
-        "the path and clock of B",
-        "(t => t.includes('direct, ') && t.includes(' ms') && t.includes('in step'))((document.getElementById('peers') || {}).textContent || '')",
+        "B connected, its path and clock",
+        "(t => t.includes('connected') && t.includes('direct, ') && t.includes(' ms') && t.includes('in step'))((document.getElementById('peers') || {}).textContent || '')",
     );
     shot(&ta, &dir, "peers");
 

@@ -650,43 +650,44 @@ fn bytes_sent_and_received_are_counted_per_peer_across_reconnects() {
         assert_eq!(code, 201, "{v}");
     }
     let floor = (n * len * 6 / 8) as f64;
-    let before_b = sample(
-        &scrape(&b),
-        "chartmesh_sync_bytes_received_total",
-        Some("Valley Family Practice"),
-    )
-    .unwrap();
+    // What B received from A, and A sent to B, as scraped now.
+    let received = || {
+        sample(
+            &scrape(&b),
+            "chartmesh_sync_bytes_received_total",
+            Some("Valley Family Practice"),
+        )
+        .unwrap()
+    };
+    let sent_by_a = || {
+        sample(
+            &scrape(&a),
+            "chartmesh_sync_bytes_sent_total",
+            Some("Ridge Cardiology"),
+        )
+        .unwrap()
+    };
+    let before = received();
     assert!(
-        before_b < floor,
-        "nothing shared yet, {before_b} bytes received"
+        before < floor,
+        "nothing shared yet, {before} bytes received"
     );
     a.cli_ok(&["share", "--all", "--with", "Ridge Cardiology"]);
     a.sync_wait(&b, 60);
     assert_eq!(b.get("/status")["charts"], n);
 
     // The puller received at least the charts; the custodian sent at least as much.
-    let sb = scrape(&b);
-    let got = sample(
-        &sb,
-        "chartmesh_sync_bytes_received_total",
-        Some("Valley Family Practice"),
-    )
-    .unwrap();
+    let got = received();
     assert!(
         got >= floor,
         "B received {got} bytes, the charts hold at least {floor}"
     );
-    let sa = scrape(&a);
-    let sent = sample(
-        &sa,
-        "chartmesh_sync_bytes_sent_total",
-        Some("Ridge Cardiology"),
-    )
-    .unwrap();
+    let sent = sent_by_a();
     assert!(sent >= floor, "A sent {sent} bytes");
     // The totals hold the peer's bytes.
-    assert!(sample(&sb, "chartmesh_sync_all_bytes_received_total", None).unwrap() >= got);
-    assert!(sample(&sa, "chartmesh_sync_all_bytes_sent_total", None).unwrap() >= sent);
+    let all = |p: &Practice, m: &str| sample(&scrape(p), m, None).unwrap();
+    assert!(all(&b, "chartmesh_sync_all_bytes_received_total") >= got);
+    assert!(all(&a, "chartmesh_sync_all_bytes_sent_total") >= sent);
     // status --json carries the same counters.
     let st = b.cli_json(&["status"]);
     let peer = &st["peers"][0];
@@ -706,12 +707,7 @@ fn bytes_sent_and_received_are_counted_per_peer_across_reconnects() {
         std::time::Duration::from_secs(30),
         || b.get("/sync")["peers"][0]["connected"] == false,
     );
-    let paused = sample(
-        &scrape(&b),
-        "chartmesh_sync_bytes_received_total",
-        Some("Valley Family Practice"),
-    )
-    .unwrap();
+    let paused = received();
     assert!(
         paused >= got,
         "{paused} < {got} after the connection closed"
@@ -719,22 +715,12 @@ fn bytes_sent_and_received_are_counted_per_peer_across_reconnects() {
     b.cli_ok(&["sync", "resume", "--peer", "Valley Family Practice"]);
     wait_connected(&b, &a);
     b.sync_wait(&a, 60);
-    let again = sample(
-        &scrape(&b),
-        "chartmesh_sync_bytes_received_total",
-        Some("Valley Family Practice"),
-    )
-    .unwrap();
+    let again = received();
     assert!(
         again > paused,
         "{again} <= {paused}: the new connection's bytes are not added"
     );
-    let sent_again = sample(
-        &scrape(&a),
-        "chartmesh_sync_bytes_sent_total",
-        Some("Ridge Cardiology"),
-    )
-    .unwrap();
+    let sent_again = sent_by_a();
     assert!(sent_again >= sent, "{sent_again} < {sent}");
 }
 
