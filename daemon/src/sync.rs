@@ -6,7 +6,9 @@
 //!
 //! Owns: the QUIC endpoint's accept loop (a task per handshake, bounded, address validation
 //! under load), the per-peer tasks, stream reader/writer tasks, per-peer status for
-//! `chartmesh status`.
+//! `chartmesh status`: besides the session's, the bytes of every connection (quinn's
+//! statistics, kept when a connection ends so the counts never go down) and the peer's clock
+//! skew (read from the wall-clock time its `Pull` carries, with half the round trip).
 //! Must not touch: SQL (the store) or consent rules (core); no protocol decisions.
 
 use chartmesh_core::PracticeId;
