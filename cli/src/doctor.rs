@@ -176,11 +176,6 @@ pub fn check(dir: &Path, user: &str) -> Vec<Finding> {
     certificate(&mut r, dir);
     last_backup(&mut r, dir, config.as_ref());
     peers(&mut r, client.as_ref());
-    r.add(
-        "clock",
-        Status::Skip,
-        "the clock skew against peers is not reported by the API yet; keep every practice's clock on NTP",
-    );
     r.0
 }
 
@@ -568,9 +563,20 @@ fn last_backup(r: &mut Report, dir: &Path, config: Option<&chartmesh_datadir::co
     }
 }
 
+/// Past this, a peer's clock is reported as off: grant expiry and emergency access are
+/// instants, so a practice whose clock is off ends or keeps access at the wrong time.
+pub const CLOCK_SKEW_LIMIT_MS: i64 = 60_000;
+
+/// Each paired practice: whether it is reachable (how, since when, else why not) and how far
+/// its clock is from ours.
 fn peers(r: &mut Report, client: Option<&Client>) {
     let Some(c) = client else {
         r.add("peers", Status::Skip, "the daemon is not running");
+        r.add(
+            "clock",
+            Status::Skip,
+            "the daemon is not running: the clock skew against peers is measured while connected",
+        );
         return;
     };
     let Ok(v) = c.get("/sync") else {
@@ -585,7 +591,22 @@ fn peers(r: &mut Report, client: Option<&Client>) {
             "no paired practices (chartmesh peer add ID --addr HOST:PORT)",
         );
     }
-    for p in list {
+    let now = chartmesh_datadir::now_ms();
+    let ago = |ms: &Value| {
+        ms.as_i64()
+            .map(|t| {
+                let s = (now - t).max(0) / 1000;
+                match s {
+                    0..120 => format!("last seen {s} s ago"),
+                    120..7200 => format!("last seen {} min ago", s / 60),
+                    7200..172_800 => format!("last seen {} h ago", s / 3600),
+                    _ => format!("last seen {} days ago", s / 86_400),
+                }
+            })
+            .unwrap_or_else(|| "not seen since the daemon started".into())
+    };
+    let mut measured = 0;
+    for p in &list {
         let name = format!(
             "{} ({})",
             p["name"].as_str().unwrap_or(""),
@@ -597,6 +618,7 @@ fn peers(r: &mut Report, client: Option<&Client>) {
                 .collect::<String>()
         );
         let addr = p["addr"].as_str().unwrap_or("");
+        let addr = if addr.is_empty() { "no address" } else { addr };
         if p["paused"] == true {
             r.add(
                 "peer",
@@ -608,7 +630,12 @@ fn peers(r: &mut Report, client: Option<&Client>) {
                 "peer",
                 Status::Ok,
                 format!(
-                    "{name} at {addr}: connected, {}",
+                    "{name} at {addr}: connected ({}{}), {}",
+                    p["path"].as_str().unwrap_or("direct"),
+                    p["rttMs"]
+                        .as_u64()
+                        .map(|ms| format!(", {ms} ms round trip"))
+                        .unwrap_or_default(),
                     if p["inSync"] == true {
                         "in sync".to_string()
                     } else {
@@ -617,20 +644,58 @@ fn peers(r: &mut Report, client: Option<&Client>) {
                 ),
             );
         } else {
+            let why = p["unreachable"].as_str().map(str::to_string).unwrap_or_else(|| {
+                format!(
+                    "check that {addr} is right and reachable over UDP, that its daemon runs and that it paired this practice back"
+                )
+            });
             r.bad(
                 "peer",
                 Status::Warn,
                 format!(
-                    "{name} at {addr}: not reachable{}",
+                    "{name} at {addr}: not reachable, {}{}",
+                    ago(&p["lastSeenMs"]),
                     p["lastError"]
                         .as_str()
-                        .map(|e| format!(" ({e})"))
+                        .map(|e| format!(" (last error: {e})"))
                         .unwrap_or_default()
                 ),
-                format!(
-                    "check that {addr} is right and reachable over UDP, that its daemon runs and that it paired this practice back"
-                ),
+                why,
             );
         }
+        if let Some(skew) = p["clockSkewMs"].as_i64() {
+            measured += 1;
+            let secs = skew as f64 / 1000.0;
+            let who = name.as_str();
+            let dir = if skew > 0 { "ahead of" } else { "behind" };
+            if skew.abs() > CLOCK_SKEW_LIMIT_MS {
+                r.bad(
+                    "clock",
+                    Status::Warn,
+                    format!(
+                        "{who}'s clock is {:.0} s {dir} this practice's (skew {secs:+.0} s): consent expiry and emergency access end at the wrong time",
+                        secs.abs()
+                    ),
+                    "set up NTP on the practice whose clock is off (`timedatectl set-ntp true`, then check `timedatectl status`); compare both with a trusted clock to tell which",
+                );
+            } else {
+                r.add(
+                    "clock",
+                    Status::Ok,
+                    if skew.abs() < 1000 {
+                        format!("{who}: clock skew {skew:+} ms")
+                    } else {
+                        format!("{who}: clock skew {secs:+.1} s")
+                    },
+                );
+            }
+        }
+    }
+    if measured == 0 && !list.is_empty() {
+        r.add(
+            "clock",
+            Status::Skip,
+            "no peer's clock measured yet (it is measured when a connected peer pulls; older versions do not send it)",
+        );
     }
 }

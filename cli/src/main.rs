@@ -1076,6 +1076,30 @@ fn run(cli: Cli) -> Result<()> {
                             .map(|e| format!("; last error: {e}"))
                             .unwrap_or_default(),
                     );
+                    let mut link = Vec::new();
+                    if let Some(path) = p["path"].as_str() {
+                        link.push(match p["rttMs"].as_u64() {
+                            Some(ms) => format!("{path}, {ms} ms round trip"),
+                            None => path.to_string(),
+                        });
+                    }
+                    if let Some(ms) = p["clockSkewMs"].as_i64() {
+                        link.push(format!(
+                            "clock {:+.1} s{}",
+                            ms as f64 / 1000.0,
+                            if ms.abs() > doctor::CLOCK_SKEW_LIMIT_MS {
+                                " (off: see chartmesh doctor)"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                    link.push(format!(
+                        "{} sent, {} received",
+                        output::bytes(p["bytesSent"].as_u64().unwrap_or(0)),
+                        output::bytes(p["bytesReceived"].as_u64().unwrap_or(0))
+                    ));
+                    println!("    {}", link.join("; "));
                 }
                 println!("Shares:     {} active consent grant(s)", v["shares"]);
             });

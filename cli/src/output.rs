@@ -132,6 +132,11 @@ pub fn spinner(what: &str) -> indicatif::ProgressBar {
     s
 }
 
+/// A byte count for people (`1.50 MiB`).
+pub fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,6 +148,11 @@ async function pagePractice() {
   S.practice = p;
   $('practice-name').textContent = '— ' + p.name;
   const lb = p.lastBackup ? fmtTime(p.lastBackup.timeMs) + ' (' + ago(p.lastBackup.timeMs) + ', by ' + p.lastBackup.by + ')' : 'never — see docs/OPERATIONS.md, "Backups"';
+  const r = p.reachability || {};
+  const relay = r.relay
+    ? h('span', { class: r.relay.joined ? 'ok' : 'warn' }, r.relay.addr + (r.relay.joined ? ': joined' : ': not joined' + (r.relay.lastError ? ' (' + r.relay.lastError + ')' : '')))
+    : 'none configured (practices behind NAT cannot reach this one without it: docs/OPERATIONS.md)';
+  const lan = r.lanDiscovery || {};
   view('This practice',
     h('div', { class: 'cols' },
       h('div', {}, table(['', ''], [
@@ -155,6 +160,9 @@ async function pagePractice() {
         ['Practice ID', h('span', { class: 'id', id: 'practice-id' }, p.id)],
         ['Sync address (give it to the other practice)', h('code', {}, p.addresses.sync)],
         ['Console and API', h('code', {}, p.addresses.api)],
+        ['Reachable by other practices', h('span', { id: 'reach-listen', class: r.loopbackOnly ? 'warn' : 'ok' }, r.loopbackOnly ? 'no: sync listens on loopback only (set sync.listen, docs/OPERATIONS.md)' : 'yes, at ' + r.listen)],
+        ['Relay', h('span', { id: 'reach-relay' }, relay)],
+        ['LAN discovery', h('span', { id: 'reach-lan' }, lan.running ? 'on' : (lan.configured ? 'off (sync listens on loopback only)' : 'off (sync.lan_discovery = false)'))],
         ['Charts', String(p.charts)],
         ['Store size', bytes(p.storeBytes)],
         ['Last backup', lb],
@@ -196,6 +204,8 @@ async function pagePeers() {
     h('span', { class: p.connected && p.inSync ? 'ok' : (p.lastError ? 'warn' : '') }, peerState(p)),
     p.addr,
     p.lastSyncMs ? fmtTime(p.lastSyncMs) + ' (' + ago(p.lastSyncMs) + ')' : 'never',
+    p.connected ? (p.path || '') + (p.rttMs !== undefined ? ', ' + p.rttMs + ' ms' : '') : (p.unreachable || 'not connected'),
+    clockSkew(p.clockSkewMs),
     String(p.pendingChanges) + ' change(s)',
     p.sharedTo + ' out / ' + p.sharedFrom + ' in',
     h('span', {},
@@ -208,11 +218,12 @@ async function pagePeers() {
       })),
   ]);
   view('Peers', ...prompts,
-    table(['Practice', 'State', 'Address', 'Last sync', 'Pending', 'Charts shared', 'Actions'], rows, 'No practice paired yet.', 'peers'),
+    table(['Practice', 'State', 'Address', 'Last sync', 'Path, round trip', 'Clock', 'Pending', 'Charts shared', 'Actions'], rows, 'No practice paired yet.', 'peers'),
     h('h3', {}, 'Pair with a practice'),
     h('p', { class: 'muted' }, 'Paste the other practice\'s ID (on its "This practice" page) and its sync address. Once both sides have paired, charts shared with consent sync.'),
     form('pair-form', 'Pair with a practice', [
       field('Practice ID', input('id', { size: 56, required: true, autocomplete: 'off', spellcheck: 'false' })),
+      qrScanner(),
       field('Sync address', input('addr', { placeholder: 'HOST:PORT', size: 22, required: true })),
       field('Name', input('name', { size: 24 })),
     ], async (v, f) => {
@@ -220,6 +231,50 @@ async function pagePeers() {
       f.reset(); note('Paired. It connects once the other practice has paired too (it sees a prompt).');
       route();
     }, 'Pair'));
+}
+
+// The peer's clock against ours: fine within a minute, else a warning (doctor says what to do).
+function clockSkew(ms) {
+  if (ms === undefined || ms === null) return h('span', { class: 'muted' }, 'not measured');
+  const s = Math.round(ms / 1000);
+  const txt = s === 0 ? 'in step' : Math.abs(s) + ' s ' + (s > 0 ? 'ahead' : 'behind');
+  return Math.abs(ms) > 60000 ? h('span', { class: 'warn', title: 'Set up NTP on the practice whose clock is off (timedatectl set-ntp true)' }, txt + ' — fix the clock') : txt;
+}
+
+// Reads a practice ID from a photo or picture of its QR code (decoded here, in the page, by
+// the vendored jsQR) into the pairing form's ID field.
+function qrScanner() {
+  const out = h('span', { class: 'muted', id: 'qr-result', role: 'status' });
+  const file = h('input', { type: 'file', accept: 'image/*', capture: 'environment', id: 'qr-file', 'aria-describedby': 'qr-result' });
+  file.addEventListener('change', async () => {
+    const f = file.files && file.files[0];
+    if (!f) return;
+    out.textContent = 'Reading…';
+    try {
+      const id = await decodeQr(f);
+      if (!id) { out.textContent = 'No QR code found in that picture: take it straight on, closer, in good light.'; return; }
+      const box = file.closest('form').querySelector('input[name=id]');
+      box.value = id.trim();
+      out.textContent = 'Read the ID from the QR code: compare it with the one the other practice reads to you.';
+    } catch (err) { out.textContent = 'The picture could not be read: ' + err.message; }
+    file.value = '';
+  });
+  return field('or scan its QR code (a photo or picture of it)', h('span', {}, file, ' ', out));
+}
+
+async function decodeQr(f) {
+  if (typeof window.jsQR !== 'function') throw new Error('the QR decoder did not load');
+  const img = await createImageBitmap(f);
+  // Large photos are scaled down: jsQR is quick on about a megapixel.
+  const k = Math.min(1, 1200 / Math.max(img.width, img.height));
+  const w = Math.max(1, Math.round(img.width * k)), hgt = Math.max(1, Math.round(img.height * k));
+  const c = document.createElement('canvas');
+  c.width = w; c.height = hgt;
+  const g = c.getContext('2d', { willReadFrequently: true });
+  g.fillStyle = '#fff'; g.fillRect(0, 0, w, hgt);
+  g.drawImage(img, 0, 0, w, hgt);
+  const r = window.jsQR(g.getImageData(0, 0, w, hgt).data, w, hgt, { inversionAttempts: 'attemptBoth' });
+  return r ? r.data : null;
 }
 
 function peerOptions() { return S.peers.map((p) => [p.id, (p.name || '') + ' (' + p.id.slice(0, 7) + ')']); }
@@ -307,7 +362,7 @@ function obsValue(o) {
 
 async function pageChart(id) {
   const enc = encodeURIComponent(id);
-  const [c, cust, disc, refs] = await Promise.all([api('/charts/' + enc), api('/charts/' + enc + '/custody'), api('/charts/' + enc + '/disclosures'), api('/referrals?direction=all')]);
+  const [c, cust, disc, refs, hist] = await Promise.all([api('/charts/' + enc), api('/charts/' + enc + '/custody'), api('/charts/' + enc + '/disclosures'), api('/referrals?direction=all'), api('/charts/' + enc + '/history')]);
   await loadPeers();
   const p = c.patient || {};
   const nm = p.name || {};
@@ -379,9 +434,22 @@ async function pageChart(id) {
         async (v) => { await api('/referrals', { method: 'POST', body: { chart: id, to: v.to, reason: v.reason, specialty: v.specialty || null } }); note('Referred; the chart is shared read-write for the referral.'); route(); }, 'Refer') : h('p', { class: 'muted' }, 'Pair with a practice first.'),
       h('h3', {}, 'Share this chart'), S.peers.length ? shareForm(id) : '');
   }
+  // Who changed what, when and where (from the chart's own change history; what changed is
+  // named by section, never quoted).
+  const changes = (hist.changes || []).slice().sort((x, y) => y.time_ms - x.time_ms);
+  kids.push(h('h3', {}, 'History'),
+    table(['When', 'Practice', 'Who', 'What changed'], changes.slice(0, 200).map((x) => [fmtTime(x.time_ms), historyPractice(x), x.author || '', x.action || '(change)']), 'No changes recorded.', 'history'),
+    changes.length > 200 ? h('p', { class: 'muted' }, 'The 200 newest of ' + changes.length + ' changes; all of them: chartmesh history ' + id) : '');
   kids.push(h('h3', {}, 'Disclosures and consent events of this chart'),
     table(['When', 'Who', 'What', 'Practice', 'Detail'], disc.disclosures.map((e) => [fmtTime(e.time_ms), e.actor, e.action, peerName(e.peer), e.detail || '']), 'Nothing has left this practice.', 'disclosures'));
   view('Chart ' + id, ...kids);
+}
+
+// The practice that made a change: this one, a paired one by name, else its short id.
+function historyPractice(x) {
+  if (!x.practice) return '';
+  if (S.practice && x.practice === S.practice.id) return 'this practice';
+  return peerName(x.practice);
 }
 
 async function pageWork() {

@@ -3,10 +3,9 @@
 //! no patient). Requests addressed to another host name are refused (DNS rebinding).
 //!
 //! What is measured: peers paired and connected; per peer its sync lag (seconds since the
-//! last complete sync) and pending local changes; audit entries by action (refusals among
+//! last complete sync), pending local changes, clock skew and the bytes sent to and received
+//! from it (and in total, unpaired peers included); audit entries by action (refusals among
 //! them); the store's size on disk; the latency of the local API's writes (a histogram).
-//! Bytes sent and received per peer are not counted by the sync layer yet, so they are not
-//! reported (docs/API.md).
 //!
 //! Owns: the metric names and their computation at scrape time. Must not touch: sync or the
 //! store's writes (it only reads their public state).
@@ -76,6 +75,9 @@ impl Metrics {
             connected,
         );
         let up = Family::<Labels, Gauge>::default();
+        let skew = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let sent = Family::<Labels, Counter>::default();
+        let received = Family::<Labels, Counter>::default();
         let lag = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let pending = Family::<Labels, Gauge>::default();
         for p in &peers {
@@ -84,6 +86,11 @@ impl Metrics {
                 ("name".into(), p.name.clone()),
             ];
             up.get_or_create(&l).set(i64::from(p.connected));
+            sent.get_or_create(&l).inc_by(p.bytes_sent);
+            received.get_or_create(&l).inc_by(p.bytes_received);
+            if let Some(ms) = p.clock_skew_ms {
+                skew.get_or_create(&l).set(ms as f64 / 1000.0);
+            }
             pending.get_or_create(&l).set(p.pending_changes);
             if let Some(t) = p.last_sync_ms {
                 let s = if p.in_sync {
@@ -108,6 +115,41 @@ impl Metrics {
             "chartmesh_peer_pending_changes",
             "Local changes the peer has not confirmed yet",
             pending,
+        );
+        reg.register(
+            "chartmesh_peer_clock_skew_seconds",
+            "The peer's wall clock minus this practice's, measured at its last pull",
+            skew,
+        );
+        reg.register(
+            "chartmesh_sync_bytes_sent",
+            "Bytes sent to the peer (QUIC datagrams) since the daemon started",
+            sent,
+        );
+        reg.register(
+            "chartmesh_sync_bytes_received",
+            "Bytes received from the peer (QUIC datagrams) since the daemon started",
+            received,
+        );
+        let (all_tx, all_rx) = self
+            .node
+            .sync
+            .get()
+            .map(|s| s.bytes_total())
+            .unwrap_or((0, 0));
+        let total_tx = Counter::<u64>::default();
+        total_tx.inc_by(all_tx);
+        reg.register(
+            "chartmesh_sync_all_bytes_sent",
+            "Bytes sent to all peers, unpaired ones included, since the daemon started",
+            total_tx,
+        );
+        let total_rx = Counter::<u64>::default();
+        total_rx.inc_by(all_rx);
+        reg.register(
+            "chartmesh_sync_all_bytes_received",
+            "Bytes received from all peers, unpaired ones included, since the daemon started",
+            total_rx,
         );
         let counts = self.node.store.audit_counts().map_err(|e| e.to_string())?;
         let audit = Family::<Labels, Counter>::default();

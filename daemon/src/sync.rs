@@ -6,7 +6,9 @@
 //!
 //! Owns: the QUIC endpoint's accept loop (a task per handshake, bounded, address validation
 //! under load), the per-peer tasks, stream reader/writer tasks, per-peer status for
-//! `chartmesh status`.
+//! `chartmesh status`: besides the session's, the bytes of every connection (quinn's
+//! statistics, kept when a connection ends so the counts never go down) and the peer's clock
+//! skew (read from the wall-clock time its `Pull` carries, with half the round trip).
 //! Must not touch: SQL (the store) or consent rules (core); no protocol decisions.
 
 use chartmesh_core::PracticeId;
@@ -75,6 +77,50 @@ pub struct PeerStatus {
     /// While not connected: why it cannot be reached, and what to do.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unreachable: Option<String>,
+    /// The peer's wall clock minus ours (ms), measured from its last pull of us (corrected
+    /// by half the round-trip time); None until one arrived or from a build that does not
+    /// send its time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_skew_ms: Option<i64>,
+    /// Bytes sent to and received from the peer over every connection since the daemon
+    /// started (QUIC datagrams, as counted by the transport; never goes down).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// When a connection with the peer was last up (now while connected); None: not since
+    /// the daemon started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<i64>,
+}
+
+/// Per peer, what the transport and the clock say beyond the session: the bytes of its
+/// connections (those that ended, and the live ones), the clock skew, when last seen.
+#[derive(Default)]
+struct Traffic {
+    /// Bytes of the connections that ended: (sent, received).
+    ended: (u64, u64),
+    conns: HashMap<ConnId, quinn::Connection>,
+    skew_ms: Option<i64>,
+    last_seen_ms: Option<i64>,
+}
+
+impl Traffic {
+    /// (sent, received) bytes: those of ended connections plus the live ones' so far.
+    fn bytes(&self) -> (u64, u64) {
+        self.conns.values().fold(self.ended, |(tx, rx), c| {
+            let st = c.stats();
+            (tx + st.udp_tx.bytes, rx + st.udp_rx.bytes)
+        })
+    }
+
+    /// A connection ended: its bytes move to the ended total (so the sum never goes down).
+    fn retire(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.remove(&id) {
+            let st = c.stats();
+            self.ended.0 += st.udp_tx.bytes;
+            self.ended.1 += st.udp_rx.bytes;
+            self.last_seen_ms = Some(now_ms());
+        }
+    }
 }
 
 /// What `chartmesh status` shows of the relay.
@@ -147,6 +193,7 @@ struct PeerHandle {
     status: Arc<Mutex<SessionStatus>>,
     /// The connection the session uses now, for its path and statistics.
     live: Arc<Mutex<Option<quinn::Connection>>>,
+    traffic: Arc<Mutex<Traffic>>,
 }
 
 pub struct SyncService {
@@ -160,6 +207,8 @@ pub struct SyncService {
     started: Instant,
     /// LAN discovery, when it runs (sync.lan_discovery, a non-loopback sync.listen).
     lan: std::sync::OnceLock<crate::lan::Lan>,
+    /// Bytes (sent, received) with peers since unpaired, so the totals never go down.
+    unpaired_bytes: Mutex<(u64, u64)>,
 }
 
 impl SyncService {
@@ -201,6 +250,7 @@ impl SyncService {
             next_conn: AtomicU64::new(0),
             started: Instant::now(),
             lan: std::sync::OnceLock::new(),
+            unpaired_bytes: Mutex::new((0, 0)),
         });
         if node.config.sync.lan_discovery && !listen.ip().is_loopback() {
             let weak = Arc::downgrade(&svc);
@@ -270,6 +320,10 @@ impl SyncService {
             }
             pins.remove(id);
             let _ = h.tx.send(Event::Stop(CloseCode::Unpaired));
+            let (tx, rx) = h.traffic.lock().unwrap().bytes();
+            let mut gone = self.unpaired_bytes.lock().unwrap();
+            gone.0 += tx;
+            gone.1 += rx;
             false
         });
         for p in stored {
@@ -296,6 +350,7 @@ impl SyncService {
                     );
                     let status = Arc::new(Mutex::new(session.status()));
                     let live = Arc::new(Mutex::new(None));
+                    let traffic = Arc::new(Mutex::new(Traffic::default()));
                     let (tx, rx) = mpsc::unbounded_channel();
                     peers.insert(
                         p.id,
@@ -303,6 +358,7 @@ impl SyncService {
                             tx: tx.clone(),
                             status: status.clone(),
                             live: live.clone(),
+                            traffic: traffic.clone(),
                         },
                     );
                     let task = PeerTask {
@@ -316,6 +372,7 @@ impl SyncService {
                         emergencies: HashMap::new(),
                         status,
                         live,
+                        traffic,
                     };
                     tokio::spawn(
                         task.run(rx)
@@ -547,6 +604,22 @@ impl SyncService {
         })
     }
 
+    /// Bytes (sent, received) with every peer since the daemon started, unpaired ones
+    /// included (never goes down).
+    pub fn bytes_total(&self) -> (u64, u64) {
+        let peers = self.peers.lock().unwrap();
+        let gone = *self.unpaired_bytes.lock().unwrap();
+        peers.values().fold(gone, |(tx, rx), h| {
+            let (a, b) = h.traffic.lock().unwrap().bytes();
+            (tx + a, rx + b)
+        })
+    }
+
+    /// Whether LAN discovery runs (announcing this practice and listening for peers).
+    pub fn lan_discovery(&self) -> bool {
+        self.lan.get().is_some()
+    }
+
     /// The peers connected now.
     pub fn connected(&self) -> Vec<PracticeId> {
         let peers = self.peers.lock().unwrap();
@@ -600,14 +673,20 @@ impl SyncService {
             .map(|p| {
                 let key = p.id.to_string();
                 let has_addr = !p.addr.trim().is_empty();
-                let (s, live) = {
+                let (s, live, (bytes_sent, bytes_received), skew, seen) = {
                     let handles = self.peers.lock().unwrap();
                     match handles.get(&p.id) {
-                        Some(h) => (
-                            Some(h.status.lock().unwrap().clone()),
-                            h.live.lock().unwrap().clone(),
-                        ),
-                        None => (None, None),
+                        Some(h) => {
+                            let t = h.traffic.lock().unwrap();
+                            (
+                                Some(h.status.lock().unwrap().clone()),
+                                h.live.lock().unwrap().clone(),
+                                t.bytes(),
+                                t.skew_ms,
+                                t.last_seen_ms,
+                            )
+                        }
+                        None => (None, None, (0, 0), None, None),
                     }
                 };
                 let connected = s.as_ref().is_some_and(|s| s.link == LinkState::Up);
@@ -672,6 +751,10 @@ impl SyncService {
                         s.as_ref().is_some_and(|s| s.last_pull_ms.is_some()),
                     ),
                     last_error: s.and_then(|s| s.last_error),
+                    clock_skew_ms: skew,
+                    bytes_sent,
+                    bytes_received,
+                    last_seen_ms: if connected { Some(now) } else { seen },
                 }
             })
             .collect()
@@ -762,6 +845,7 @@ struct PeerTask {
     emergencies: HashMap<u64, oneshot::Sender<Result<chartmesh_core::emergency::Answer, String>>>,
     status: Arc<Mutex<SessionStatus>>,
     live: Arc<Mutex<Option<quinn::Connection>>>,
+    traffic: Arc<Mutex<Traffic>>,
 }
 
 impl PeerTask {
@@ -792,6 +876,10 @@ impl PeerTask {
                     for c in self.conns.values() {
                         c.close(quinn::VarInt::from_u32(code.code()), code.reason());
                     }
+                    let mut traffic = self.traffic.lock().unwrap();
+                    for id in self.conns.keys() {
+                        traffic.retire(*id);
+                    }
                     self.conns.clear();
                 }
                 ev => self.handle(now, ev),
@@ -805,6 +893,11 @@ impl PeerTask {
                 let id = self.svc.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
                 let conn = pc.connection;
                 self.conns.insert(id, conn.clone());
+                {
+                    let mut traffic = self.traffic.lock().unwrap();
+                    traffic.conns.insert(id, conn.clone());
+                    traffic.last_seen_ms = Some(now.wall_ms);
+                }
                 self.watch(id, conn);
                 tracing::info!(dialed, "connected");
                 self.session.handle_connected(now, id, dialed);
@@ -817,6 +910,7 @@ impl PeerTask {
                 if self.conns.remove(&conn).is_some() {
                     tracing::info!(reason = ?why, "disconnected");
                 }
+                self.traffic.lock().unwrap().retire(conn);
                 if self.session.conn() == Some(conn) {
                     self.streams.clear();
                 }
@@ -843,6 +937,21 @@ impl PeerTask {
             Event::Message { stream, msg } => {
                 if let Some(io) = self.streams.get_mut(&stream) {
                     io.reading = false;
+                }
+                if let Msg::Pull {
+                    wall_ms: Some(sent),
+                    ..
+                } = msg
+                {
+                    // The peer's clock when this arrived is about its send time plus half the
+                    // round trip.
+                    let rtt = self
+                        .session
+                        .conn()
+                        .and_then(|c| self.conns.get(&c))
+                        .map_or(0, |c| c.rtt().as_millis() as i64);
+                    let skew = sent.saturating_add(rtt / 2) - now.wall_ms;
+                    self.traffic.lock().unwrap().skew_ms = Some(skew);
                 }
                 self.session.handle_message(now, stream, msg);
             }
@@ -929,6 +1038,7 @@ impl PeerTask {
                     c.close(quinn::VarInt::from_u32(code.code()), code.reason());
                 }
                 self.conns.remove(&conn);
+                self.traffic.lock().unwrap().retire(conn);
                 if self.session.conn().is_none() {
                     self.streams.clear();
                 }

@@ -398,7 +398,33 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
         "the QR code",
         "document.querySelector('img.qr').complete && document.querySelector('img.qr').naturalWidth > 100",
     );
+    // This practice's reachability: the sync address (loopback only in this test), no
+    // relay, LAN discovery off (it needs a non-loopback address).
+    assert!(
+        text(&ta, "#reach-listen").contains("loopback only"),
+        "{}",
+        text(&ta, "#reach-listen")
+    );
+    assert!(
+        text(&ta, "#reach-relay").starts_with("none configured"),
+        "{}",
+        text(&ta, "#reach-relay")
+    );
+    assert!(
+        text(&ta, "#reach-lan").starts_with("off"),
+        "{}",
+        text(&ta, "#reach-lan")
+    );
     shot(&ta, &dir, "practice");
+    // The QR code as the other practice would photograph it: a picture of what the console
+    // shows.
+    let qr_png = ta
+        .wait_for_element("img.qr")
+        .unwrap()
+        .capture_screenshot(CaptureScreenshotFormatOption::Png)
+        .unwrap();
+    let qr_file = tmp.path().join("practice-a-qr.png");
+    std::fs::write(&qr_file, &qr_png).unwrap();
 
     // B signs in with the form: its user's name and the API token.
     tb.navigate_to(&root(&b))
@@ -429,6 +455,31 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
         "(window.cspViolations = [], document.addEventListener('securitypolicyviolation', (e) => window.cspViolations.push(e.violatedDirective)), true)",
     );
     open(&tb, "#/peers", "Peers");
+    // B scans A's QR code (the picture uploaded): the pairing form's id field is filled,
+    // decoded in the page by the vendored jsQR.
+    tb.wait_for_element("#qr-file")
+        .unwrap()
+        .set_input_files(&[qr_file.to_str().unwrap()])
+        .unwrap();
+    wait_js(
+        &tb,
+        "the id read from the QR code",
+        &format!(
+            "document.querySelector('#pair-form input[name=id]').value === {:?}",
+            a.id()
+        ),
+    );
+    assert!(
+        text(&tb, "#qr-result").starts_with("Read the ID"),
+        "{}",
+        text(&tb, "#qr-result")
+    );
+    // Not submitted here: B pairs from A's prompt below. The field is cleared so the page
+    // follows live updates again.
+    js(
+        &tb,
+        "(document.querySelector('#pair-form input[name=id]').value = '', true)",
+    );
 
     // A pairs B by pasting its id and sync address.
     open(&ta, "#/peers", "Peers");
@@ -481,12 +532,17 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
             .is_empty()
     );
     wait_connected(&a, &b);
+    // The peer's clock is measured at its first pull of A.
+    wait_until("the peer's clock measured", WAIT, || {
+        a.get("/sync")["peers"][0]["clockSkewMs"].is_i64()
+    });
     open(&ta, "#/practice", "This practice");
     open(&ta, "#/peers", "Peers");
+    // B connected, with the path, round trip and clock skew (both clocks are this machine's).
     wait_js(
         &ta,
-        "B connected",
-        "(document.getElementById('peers') || {}).textContent.includes('connected')",
+        "B connected, its path and clock",
+        "(t => t.includes('connected') && t.includes('direct, ') && t.includes(' ms') && t.includes('in step'))((document.getElementById('peers') || {}).textContent || '')",
     );
     shot(&ta, &dir, "peers");
 
@@ -555,6 +611,22 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
         "the note",
         "[...document.querySelectorAll('.note-text')].some((e) => e.textContent.includes('daytime sleepiness'))",
     );
+    // The chart's history: the note, by whom and where, named by section (not quoted).
+    let history = text(&ta, "#history");
+    let first_row = js(
+        &ta,
+        "[...document.querySelectorAll('#history tbody tr')[0].cells].map((c) => c.textContent)",
+    );
+    assert_eq!(
+        (
+            first_row[1].as_str(),
+            first_row[2].as_str(),
+            first_row[3].as_str()
+        ),
+        (Some("this practice"), Some("Nurse Adams"), Some("add note")),
+        "{history}"
+    );
+    assert!(!history.contains("daytime sleepiness"), "{history}");
     shot(&ta, &dir, "chart");
     open(&ta, "#/consent", "Consent");
     // The referral's grant (read-write, purpose referral) took the place of the share's.

@@ -168,3 +168,156 @@ fn practices_a_day_apart_pair_sync_and_honour_grant_expiry_as_documented() {
     }
     println!("fault figures: clock skew = 2 practices at ±24 h, 6 grant checks as documented");
 }
+
+/// The skew a practice measured against each peer (ms), from `status --json`.
+fn skews(p: &Practice) -> Vec<(String, Option<i64>)> {
+    p.cli_json(&["status"])["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["name"].as_str().unwrap().to_string(),
+                x["clockSkewMs"].as_i64(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 15: each practice measures the clock skew of every connected peer (its wall clock,
+/// carried by each pull, against ours, corrected by half the round trip); `status`,
+/// `/metrics` and `doctor` show it, and doctor names a peer whose clock is more than a
+/// minute off, with the fix. A peer in step gets no finding.
+#[test]
+fn doctor_names_a_peer_whose_clock_is_two_hours_off() {
+    let Some(lib) = libfaketime() else {
+        println!(
+            "SKIPPED: clock-skew test needs libfaketime (Debian package faketime; .ci/run installs it)"
+        );
+        return;
+    };
+    let a = Practice::new("True Clock Clinic");
+    let mut b = Practice::new("In Step Clinic");
+    let ahead = skewed("Two Hours Ahead Clinic", &lib, "+2h");
+    pair(&a, &b);
+    pair(&a, &ahead);
+    wait_connected(&a, &b);
+    wait_connected(&a, &ahead);
+    wait_until(
+        "both peers' clocks measured",
+        Duration::from_secs(60),
+        || skews(&a).iter().all(|(_, s)| s.is_some()),
+    );
+    let measured = skews(&a);
+    let of = |name: &str| {
+        measured
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, s)| *s)
+            .unwrap()
+    };
+    let two_h = 2 * 3_600_000;
+    assert!(
+        (of("Two Hours Ahead Clinic") - two_h).abs() < 30_000,
+        "{measured:?}"
+    );
+    assert!(of("In Step Clinic").abs() < 5_000, "{measured:?}");
+
+    // doctor at the true-clock practice: the peer two hours ahead is named with the fix;
+    // the one in step is fine.
+    let out = a.cli(&["--json", "doctor"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let clock: Vec<&serde_json::Value> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["check"] == "clock")
+        .collect();
+    let warn: Vec<_> = clock.iter().filter(|f| f["status"] == "warn").collect();
+    assert_eq!(warn.len(), 1, "{clock:#?}");
+    let detail = warn[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("Two Hours Ahead Clinic") && detail.contains("ahead of"),
+        "{detail}"
+    );
+    assert!(detail.contains("skew +7"), "the skew in seconds: {detail}");
+    assert!(
+        warn[0]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("timedatectl set-ntp true"),
+        "{}",
+        warn[0]
+    );
+    assert!(
+        clock.iter().any(
+            |f| f["status"] == "ok" && f["detail"].as_str().unwrap().contains("In Step Clinic")
+        ),
+        "{clock:#?}"
+    );
+    // Warnings do not fail doctor.
+    assert_eq!(out.status.code(), Some(0), "{v:#}");
+    // The human form names it too.
+    let text = a.cli_ok(&["doctor"]);
+    assert!(
+        text.contains("Two Hours Ahead Clinic (") && text.contains("'s clock is 7"),
+        "{text}"
+    );
+
+    // The skewed practice sees the true one two hours behind it.
+    wait_until("the skewed side measured", Duration::from_secs(60), || {
+        skews(&ahead).iter().all(|(_, s)| s.is_some())
+    });
+    let back = skews(&ahead)[0].1.unwrap();
+    assert!((back + two_h).abs() < 30_000, "{back}");
+
+    // And /metrics carries it, in seconds.
+    let addr = std::fs::read_to_string(a.dir.join("api.addr")).unwrap();
+    let text = ureq::get(format!("http://{}/metrics", addr.trim()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("chartmesh_peer_clock_skew_seconds{")
+                && l.contains("Two Hours Ahead Clinic")
+        })
+        .unwrap_or_else(|| panic!("{text}"));
+    let secs: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((secs - 7200.0).abs() < 30.0, "{line}");
+
+    // A peer that went away: doctor names it as not reachable, when it was last seen, and
+    // what to do.
+    b.stop();
+    wait_until(
+        "the stopped peer to be seen gone",
+        Duration::from_secs(60),
+        || {
+            a.get("/sync")["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "In Step Clinic" && p["connected"] == false)
+        },
+    );
+    let out = a.cli(&["--json", "doctor"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gone = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| {
+            f["check"] == "peer" && f["detail"].as_str().unwrap().starts_with("In Step Clinic")
+        })
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!(gone["status"], "warn", "{gone}");
+    let detail = gone["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("not reachable") && detail.contains("last seen"),
+        "{detail}"
+    );
+    assert!(!gone["fix"].as_str().unwrap().is_empty(), "{gone}");
+}

@@ -591,6 +591,139 @@ fn metrics_are_scraped_and_parsed_as_prometheus_text() {
     assert!(writes.unwrap_or(0.0) >= 2.0, "{text}");
 }
 
+/// Every sample of a scrape of `p`'s `/metrics`, parsed as Prometheus text.
+fn scrape(p: &Practice) -> prometheus_parse::Scrape {
+    let addr = std::fs::read_to_string(p.dir.join("api.addr")).unwrap();
+    let (status, text) = http_get(&format!("http://{}/metrics", addr.trim()), None);
+    assert_eq!(status, 200, "{text}");
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// The value of `metric` for the peer named `name` (or the unlabelled one when None).
+fn sample(s: &prometheus_parse::Scrape, metric: &str, name: Option<&str>) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == metric && name.is_none_or(|n| x.labels.get("name") == Some(n)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+/// Text that does not compress below 6 bits a character (the sync stream is zstd).
+fn random_text(seed: &mut u64, len: usize) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .";
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            ABC[(*seed >> 58) as usize] as char
+        })
+        .collect()
+}
+
+/// Issue 15: bytes sent to and received from each peer (and in total) are counted from the
+/// transport, in `/metrics` and `status --json`, and never go down across a reconnect.
+#[test]
+fn bytes_sent_and_received_are_counted_per_peer_across_reconnects() {
+    let a = Practice::new("Valley Family Practice");
+    let b = Practice::new("Ridge Cardiology");
+    pair(&a, &b);
+    wait_connected(&a, &b);
+    // N charts, each with a note of random text: at least `floor` bytes must cross however
+    // well they compress.
+    let (n, len) = (8, 6000);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    for i in 0..n {
+        let chart = a.new_chart(&format!("BYT-{i}"));
+        let body = serde_json::json!({ "entry": { "text": random_text(&mut seed, len) }, "author": "Dr Byte" });
+        let (code, v) = a
+            .post(
+                &format!("/charts/{chart}/notes"),
+                body.to_string().as_bytes(),
+                "Dr Byte",
+            )
+            .unwrap();
+        assert_eq!(code, 201, "{v}");
+    }
+    let floor = (n * len * 6 / 8) as f64;
+    // What B received from A, and A sent to B, as scraped now.
+    let received = || {
+        sample(
+            &scrape(&b),
+            "chartmesh_sync_bytes_received_total",
+            Some("Valley Family Practice"),
+        )
+        .unwrap()
+    };
+    let sent_by_a = || {
+        sample(
+            &scrape(&a),
+            "chartmesh_sync_bytes_sent_total",
+            Some("Ridge Cardiology"),
+        )
+        .unwrap()
+    };
+    let before = received();
+    assert!(
+        before < floor,
+        "nothing shared yet, {before} bytes received"
+    );
+    a.cli_ok(&["share", "--all", "--with", "Ridge Cardiology"]);
+    a.sync_wait(&b, 60);
+    assert_eq!(b.get("/status")["charts"], n);
+
+    // The puller received at least the charts; the custodian sent at least as much.
+    let got = received();
+    assert!(
+        got >= floor,
+        "B received {got} bytes, the charts hold at least {floor}"
+    );
+    let sent = sent_by_a();
+    assert!(sent >= floor, "A sent {sent} bytes");
+    // The totals hold the peer's bytes.
+    let all = |p: &Practice, m: &str| sample(&scrape(p), m, None).unwrap();
+    assert!(all(&b, "chartmesh_sync_all_bytes_received_total") >= got);
+    assert!(all(&a, "chartmesh_sync_all_bytes_sent_total") >= sent);
+    // status --json carries the same counters.
+    let st = b.cli_json(&["status"]);
+    let peer = &st["peers"][0];
+    assert!(peer["bytesReceived"].as_f64().unwrap() >= got, "{peer}");
+    assert!(peer["bytesSent"].as_u64().unwrap() > 0, "{peer}");
+    assert!(
+        st["sync"]["bytesReceived"].as_f64().unwrap() >= got,
+        "{}",
+        st["sync"]
+    );
+
+    // A reconnect (pause closes the connection, resume dials again): the bytes of the
+    // closed connection are kept, so the counters never go down.
+    b.cli_ok(&["sync", "pause", "--peer", "Valley Family Practice"]);
+    wait_until(
+        "the connection to close",
+        std::time::Duration::from_secs(30),
+        || b.get("/sync")["peers"][0]["connected"] == false,
+    );
+    let paused = received();
+    assert!(
+        paused >= got,
+        "{paused} < {got} after the connection closed"
+    );
+    b.cli_ok(&["sync", "resume", "--peer", "Valley Family Practice"]);
+    wait_connected(&b, &a);
+    b.sync_wait(&a, 60);
+    let again = received();
+    assert!(
+        again > paused,
+        "{again} <= {paused}: the new connection's bytes are not added"
+    );
+    let sent_again = sent_by_a();
+    assert!(sent_again >= sent, "{sent_again} < {sent}");
+}
+
 #[test]
 fn scheduled_backups_are_verified_and_only_the_newest_kept() {
     let mut p = Practice::new("Valley Family Practice");
@@ -799,5 +932,313 @@ fn the_service_unit_is_valid_for_systemd() {
             out.status.success() && ours.is_empty(),
             "{name} unit: {said}"
         );
+    }
+}
+
+/// Every command path of the CLI, walked from its clap tree as `chartmesh man --dir` writes
+/// it (one page per command, `chartmesh-peer-add.1`): (path, whether it has subcommands).
+fn command_tree() -> Vec<(String, bool)> {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("chartmesh"))
+        .args(["man", "--dir", tmp.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut pages: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".1").map(str::to_string))
+        .filter_map(|n| n.strip_prefix("chartmesh-").map(|p| p.replace('-', " ")))
+        .collect();
+    pages.sort();
+    pages
+        .iter()
+        .map(|p| {
+            let group = pages.iter().any(|q| q.starts_with(&format!("{p} ")));
+            (p.clone(), group)
+        })
+        .collect()
+}
+
+/// Issue 15: `--json` on every command. The clap tree is walked; every command that runs
+/// (a leaf, or a group that runs without a subcommand) is run with `--json` and its output
+/// must be JSON (a document, or JSON lines for a stream of charts), on success and on
+/// error. Commands whose output is a file format of its own are listed, with the reason.
+#[test]
+fn every_command_answers_in_json() {
+    // Output that is not ours to wrap: a shell script, a manual page.
+    const NOT_JSON: &[(&str, &str)] = &[
+        (
+            "completions",
+            "prints a shell completion script for the shell to source",
+        ),
+        (
+            "man",
+            "prints a manual page (roff), or writes them into --dir",
+        ),
+        ("help", "clap's help text"),
+    ];
+    let mut a = Practice::new("Json Clinic");
+    let b = Practice::new("Json Partner");
+    pair(&a, &b);
+    wait_connected(&a, &b);
+    let chart = a.new_chart("JSON-1");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let fresh = t("fresh");
+    // A practice id to pair and unpair: the fresh directory's.
+    let init = Command::new(bin("chartmesh"))
+        .args([
+            "--json",
+            "--data-dir",
+            &fresh,
+            "init",
+            "--name",
+            "Fresh Json",
+        ])
+        .output()
+        .unwrap();
+    let fresh_id = serde_json::from_slice::<Value>(&init.stdout).unwrap_or_else(|e| {
+        panic!(
+            "init --json: {e}: {}",
+            String::from_utf8_lossy(&init.stdout)
+        )
+    })["practice"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.cli_ok(&["share", &chart, "--with", "Json Partner"]);
+    a.sync_wait(&b, 60);
+
+    // (command path, its arguments after the path, whether it must succeed)
+    let backup = t("backup.db");
+    let export = t("export.jsonl");
+    let runs: Vec<(&str, Vec<String>, bool)> = vec![
+        ("id", vec![], true),
+        ("status", vec![], true),
+        ("peer list", vec![], true),
+        (
+            "peer add",
+            vec![fresh_id.clone(), "--addr".into(), "127.0.0.1:9".into()],
+            true,
+        ),
+        ("peer remove", vec![fresh_id.clone()], true),
+        (
+            "share",
+            vec![chart.clone(), "--with".into(), "Json Partner".into()],
+            true,
+        ),
+        ("shares", vec![], true),
+        (
+            "chart create",
+            [
+                "--mrn",
+                "JSON-2",
+                "--family",
+                "Json",
+                "--given",
+                "Ann",
+                "--birth-date",
+                "1980-01-01",
+            ]
+            .map(String::from)
+            .to_vec(),
+            true,
+        ),
+        ("chart show", vec![chart.clone()], true),
+        ("chart search", vec!["Ward".into()], true),
+        (
+            "note add",
+            vec![chart.clone(), "--text".into(), "json note".into()],
+            true,
+        ),
+        (
+            "med add",
+            vec![
+                chart.clone(),
+                "--name".into(),
+                "amoxicillin".into(),
+                "--dose".into(),
+                "500 mg".into(),
+            ],
+            true,
+        ),
+        (
+            "med stop",
+            vec![
+                chart.clone(),
+                "--name".into(),
+                "amoxicillin".into(),
+                "--reason".into(),
+                "course done".into(),
+            ],
+            true,
+        ),
+        (
+            "allergy add",
+            vec![chart.clone(), "--substance".into(), "latex".into()],
+            true,
+        ),
+        (
+            "allergy remove",
+            vec![
+                chart.clone(),
+                "--substance".into(),
+                "latex".into(),
+                "--reason".into(),
+                "in error".into(),
+            ],
+            true,
+        ),
+        (
+            "obs add",
+            vec![
+                chart.clone(),
+                "--code".into(),
+                "8867-4".into(),
+                "--value".into(),
+                "72".into(),
+                "--unit".into(),
+                "/min".into(),
+            ],
+            true,
+        ),
+        ("history", vec![chart.clone()], true),
+        ("alerts", vec![chart.clone()], true),
+        ("audit", vec![], true),
+        ("audit verify", vec![], true),
+        ("due", vec![], true),
+        ("report population", vec![], true),
+        ("export", vec!["-o".into(), export.clone()], true),
+        ("export", vec![chart.clone()], true),
+        ("import", vec![export.clone()], true),
+        ("backup", vec![backup.clone()], true),
+        ("backup verify", vec![backup.clone()], true),
+        ("doctor", vec![], false),
+        ("console", vec![], true),
+        ("sync wait", vec!["--timeout".into(), "30".into()], true),
+        (
+            "sync pause",
+            vec!["--peer".into(), "Json Partner".into()],
+            true,
+        ),
+        (
+            "sync resume",
+            vec!["--peer".into(), "Json Partner".into()],
+            true,
+        ),
+        (
+            "refer",
+            vec![
+                chart.clone(),
+                "--to".into(),
+                "Json Partner".into(),
+                "--reason".into(),
+                "a second opinion".into(),
+            ],
+            true,
+        ),
+        ("referrals", vec![], true),
+        ("referral accept", vec!["no-such-referral".into()], false),
+        ("referral decline", vec!["no-such-referral".into()], false),
+        (
+            "referral note",
+            vec!["no-such-referral".into(), "--text".into(), "x".into()],
+            false,
+        ),
+        ("referral complete", vec!["no-such-referral".into()], false),
+        ("referral cancel", vec!["no-such-referral".into()], false),
+        ("conflicts", vec![], true),
+        (
+            "conflicts resolve",
+            vec!["999".into(), "--note".into(), "x".into()],
+            false,
+        ),
+        (
+            "emergency request",
+            vec![
+                "--mrn".into(),
+                "NOBODY".into(),
+                "--reason".into(),
+                "unconscious, no history".into(),
+            ],
+            // Denied (exit 5): emergency access is off at the partner.
+            false,
+        ),
+        ("emergency log", vec![], true),
+        (
+            "service install",
+            vec!["--print".into(), "--user-service".into()],
+            true,
+        ),
+        ("service status", vec!["--user-service".into()], false),
+        ("service uninstall", vec!["--user-service".into()], false),
+        (
+            "revoke",
+            vec![chart.clone(), "--from".into(), "Json Partner".into()],
+            true,
+        ),
+    ];
+    let mut bad = Vec::new();
+    let mut check = |path: &str, out: std::process::Output, must_succeed: bool| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json = serde_json::from_str::<Value>(&text).is_ok()
+            || (!text.trim().is_empty()
+                && text
+                    .lines()
+                    .all(|l| serde_json::from_str::<Value>(l).is_ok()));
+        if !json || (must_succeed && !out.status.success()) {
+            bad.push(format!(
+                "{path} ({}): {}{}",
+                out.status,
+                text.chars().take(300).collect::<String>(),
+                stderr(&out).chars().take(300).collect::<String>()
+            ));
+        }
+    };
+    for (path, args, must) in &runs {
+        let mut all = vec!["--json"];
+        all.extend(path.split(' '));
+        all.extend(args.iter().map(String::as_str));
+        check(path, a.cli(&all), *must);
+    }
+    // What needs the daemon stopped, or another data directory.
+    a.stop();
+    for (path, args) in [
+        ("restore", vec![backup.as_str(), "--yes"]),
+        ("key rotate", vec![]),
+        ("chart show", vec![chart.as_str(), "--offline"]),
+    ] {
+        let mut all = vec!["--json"];
+        all.extend(path.split(' '));
+        all.extend(args);
+        check(path, a.cli(&all), true);
+    }
+    let out = Command::new(bin("chartmesh"))
+        .args([
+            "--json",
+            "--data-dir",
+            &t("fresh2"),
+            "init",
+            "--name",
+            "Fresh Two",
+        ])
+        .output()
+        .unwrap();
+    check("init", out, true);
+    assert!(bad.is_empty(), "not JSON with --json:\n{}", bad.join("\n"));
+
+    // Every command that runs was run (or is listed with its reason).
+    let ran: std::collections::BTreeSet<&str> = runs
+        .iter()
+        .map(|r| r.0)
+        .chain(["key rotate", "restore", "init"])
+        .collect();
+    for (path, group) in command_tree() {
+        let last = path.rsplit(' ').next().unwrap();
+        if ran.contains(path.as_str()) || NOT_JSON.iter().any(|(p, _)| *p == path || *p == last) {
+            continue;
+        }
+        assert!(group, "`chartmesh {path}` is not checked with --json here");
     }
 }

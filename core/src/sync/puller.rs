@@ -94,6 +94,7 @@ impl Puller {
                 version: PROTOCOL_VERSION,
                 since,
                 incarnation,
+                wall_ms: Some(ctx.now.wall_ms),
             },
         });
         Puller {

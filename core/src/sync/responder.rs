@@ -114,6 +114,7 @@ impl Responder {
                     version,
                     since,
                     incarnation,
+                    ..
                 },
             ) => {
                 if version != PROTOCOL_VERSION {

@@ -89,7 +89,8 @@ fn a_connection_starts_a_pull_and_tells_the_peer_what_is_pending() {
             msg: Msg::Pull {
                 version: PROTOCOL_VERSION,
                 since: 0,
-                incarnation: 0
+                incarnation: 0,
+                ..
             },
             ..
         }
@@ -259,6 +260,7 @@ fn serving(grants: Vec<Grant>, own: Vec<ChartRow>) -> (PeerSession, StreamId, Ve
             version: PROTOCOL_VERSION,
             since: 0,
             incarnation: 0,
+            wall_ms: None,
         },
     );
     let (task, q) = query_task(&drain(&mut s));
@@ -563,6 +565,7 @@ fn a_responder_asked_from_past_its_sequence_takes_a_new_incarnation() {
             version: PROTOCOL_VERSION,
             since: 100,
             incarnation: 42,
+            wall_ms: None,
         },
     );
     let (task, _) = query_task(&drain(&mut s));
@@ -623,4 +626,77 @@ fn decoding_refuses_bad_ids_long_lists_and_too_many_heads() {
     let ok = Msg::Done { upto: 3 };
     assert_eq!(Msg::decode(&ok.encode(), 64).unwrap(), ok);
     assert!(Msg::decode(&[0u8; 100], 64).is_err());
+}
+
+/// A `Pull` carries the puller's wall clock; one from a build before that field (its bytes
+/// end after the incarnation) still decodes, without it, and an older build reads a new one.
+#[test]
+fn a_pull_carries_the_wall_clock_and_one_without_it_still_decodes() {
+    let (a, b) = ids();
+    let (_, sent) = connected(a, b);
+    let pull = sent
+        .iter()
+        .find_map(|o| match o {
+            Output::Send {
+                msg: m @ Msg::Pull { .. },
+                ..
+            } => Some(m.clone()),
+            _ => None,
+        })
+        .expect("a pull");
+    assert!(
+        matches!(pull, Msg::Pull { wall_ms: Some(w), .. } if w == t(1).wall_ms),
+        "{pull:?}"
+    );
+    let bytes = pull.encode();
+    assert_eq!(Msg::decode(&bytes, MAX_REQUEST).unwrap(), pull);
+
+    // What a build before the field sends: the same variant, three fields.
+    #[derive(serde::Serialize)]
+    enum OldMsg {
+        Pull {
+            version: u32,
+            since: u64,
+            incarnation: u64,
+        },
+    }
+    let old = postcard::to_stdvec(&OldMsg::Pull {
+        version: PROTOCOL_VERSION,
+        since: 5,
+        incarnation: 9,
+    })
+    .unwrap();
+    assert_eq!(
+        Msg::decode(&old, MAX_REQUEST).unwrap(),
+        Msg::Pull {
+            version: PROTOCOL_VERSION,
+            since: 5,
+            incarnation: 9,
+            wall_ms: None
+        }
+    );
+    // And what an older build reads of a new one: its three fields, the rest ignored.
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    enum OldIn {
+        Pull {
+            version: u32,
+            since: u64,
+            incarnation: u64,
+        },
+    }
+    let new = Msg::Pull {
+        version: PROTOCOL_VERSION,
+        since: 5,
+        incarnation: 9,
+        wall_ms: Some(-3),
+    }
+    .encode();
+    assert_eq!(
+        postcard::from_bytes::<OldIn>(&new).unwrap(),
+        OldIn::Pull {
+            version: PROTOCOL_VERSION,
+            since: 5,
+            incarnation: 9
+        }
+    );
 }

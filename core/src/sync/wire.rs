@@ -82,6 +82,12 @@ pub enum Msg {
         version: u32,
         since: u64,
         incarnation: Incarnation,
+        /// The puller's wall clock when it sent this (ms since the epoch), for the responder
+        /// to measure the clock skew between the two practices. Absent from builds before it
+        /// was added: it is the last field, and a `Pull` that ends before it decodes as None
+        /// (an older build ignores the bytes after the fields it knows).
+        #[serde(default, deserialize_with = "trailing_opt")]
+        wall_ms: Option<i64>,
     },
     /// Responder → puller: the version is not spoken here; the stream ends.
     Unsupported {
@@ -177,6 +183,12 @@ pub struct Delivery {
     /// longer shared, unreadable or too large; they look the same).
     #[serde(with = "opt_bytes")]
     pub data: Option<Vec<u8>>,
+}
+
+/// An optional last field of a message, absent when an older build sent it: postcard is not
+/// self-describing, so the end of the input where the field would start reads as None.
+fn trailing_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(Option::<i64>::deserialize(d).unwrap_or(None))
 }
 
 mod opt_bytes {

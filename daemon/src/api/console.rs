@@ -449,6 +449,14 @@ pub async fn script() -> impl IntoResponse {
     )
 }
 
+/// The QR decoder the pairing form uses (jsQR 1.4.0, Apache-2.0; `src/vendor/README.md`).
+pub async fn qr_decoder() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../vendor/jsQR.js"),
+    )
+}
+
 pub async fn style() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
@@ -475,17 +483,38 @@ pub async fn practice(State(st): State<ApiState>) -> Result<Json<Value>, NodeErr
             .into_iter()
             .next()
             .map(|e| json!({ "timeMs": e.event.time_ms, "by": e.event.actor, "detail": e.event.detail }));
-        let sync_addr = n
-            .sync
-            .get()
+        let sync = n.sync.get();
+        let sync_addr = sync
             .map(|s| s.local_addr().to_string())
             .unwrap_or_else(|| n.config.sync.listen.to_string());
+        let loopback = sync.map_or(n.config.sync.listen.ip().is_loopback(), |s| {
+            s.local_addr().ip().is_loopback()
+        });
+        // How other practices reach this one: the sync address (unless loopback only), the
+        // relay (configured, joined, its last error) and LAN discovery.
+        let reachability = json!({
+            "listen": sync_addr,
+            "loopbackOnly": loopback,
+            "relay": n.config.sync.relay.as_ref().map(|addr| {
+                let view = sync.and_then(|s| s.relay());
+                json!({
+                    "addr": addr,
+                    "joined": view.as_ref().is_some_and(|v| v.connected),
+                    "lastError": view.and_then(|v| v.last_error),
+                })
+            }),
+            "lanDiscovery": {
+                "configured": n.config.sync.lan_discovery,
+                "running": sync.is_some_and(|s| s.lan_discovery()),
+            },
+        });
         Ok(Json(json!({
             "id": n.practice_id(),
             "name": n.config.practice.name,
             "version": env!("CARGO_PKG_VERSION"),
             "dataDir": n.data_dir.display().to_string(),
             "addresses": { "sync": sync_addr, "api": n.config.api.listen.to_string() },
+            "reachability": reachability,
             "storeBytes": n.store.disk_bytes(),
             "charts": n.store.count()?,
             "lastBackup": last_backup,
