@@ -215,13 +215,14 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     // Store reads run off the async workers, so a slow disk never stalls the QUIC endpoint.
     let n = st.node.clone();
     tokio::task::spawn_blocking(move || {
-        let (sync_addr, peers, relay) = match n.sync.get() {
+        let (sync_addr, peers, relay, public) = match n.sync.get() {
             Some(s) => (
                 Some(s.local_addr().to_string()),
                 serde_json::to_value(s.status(true)).unwrap_or_default(),
                 serde_json::to_value(s.relay()).unwrap_or_default(),
+                s.public_addr().map(|a| a.to_string()),
             ),
-            None => (None, Value::Array(vec![]), Value::Null),
+            None => (None, Value::Array(vec![]), Value::Null, None),
         };
         Ok(Json(json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -230,7 +231,7 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
             "charts": n.store.count()?,
             "diskBytes": n.store.disk_bytes(),
             "api": n.config.api.listen.to_string(),
-            "sync": { "listen": sync_addr.unwrap_or_else(|| n.config.sync.listen.to_string()), "relay": relay },
+            "sync": { "listen": sync_addr.unwrap_or_else(|| n.config.sync.listen.to_string()), "relay": relay, "publicAddr": public },
             "peers": peers,
             "shares": n.store.grants(None)?.iter().filter(|g| g.is_active(crate::now_ms())).count(),
         })))
