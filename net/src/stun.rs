@@ -48,7 +48,7 @@ pub fn parse_binding_response(d: &[u8]) -> Option<(TransactionId, SocketAddr)> {
     }
     let kind = u16::from_be_bytes([d[0], d[1]]);
     let len = u16::from_be_bytes([d[2], d[3]]) as usize;
-    if kind != BINDING_SUCCESS || len % 4 != 0 || HEADER + len > d.len() {
+    if kind != BINDING_SUCCESS || !len.is_multiple_of(4) || HEADER + len > d.len() {
         return None;
     }
     let id: TransactionId = d[8..20].try_into().ok()?;

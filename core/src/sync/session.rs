@@ -624,14 +624,11 @@ impl PeerSession {
             // Checked on decode: at most MAX_CANDIDATES dialable addresses. Only these are
             // ever dialled, and only while the connection is relayed (a direct one needs
             // nothing better); the pinned handshake refuses whoever else answers.
-            Msg::Candidates { addrs } => {
-                if self.link.relayed() == Some(true) {
-                    let mut addrs = addrs;
-                    addrs.retain(dialable);
-                    addrs.truncate(MAX_CANDIDATES);
-                    self.punch.peer = addrs;
-                    self.punch_now(now.mono_ms);
-                }
+            Msg::Candidates { mut addrs } if self.link.relayed() == Some(true) => {
+                addrs.retain(dialable);
+                addrs.truncate(MAX_CANDIDATES);
+                self.punch.peer = addrs;
+                self.punch_now(now.mono_ms);
             }
             _ => {}
         }
