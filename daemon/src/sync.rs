@@ -1159,7 +1159,7 @@ impl PeerTask {
                             tracing::info!(error = %e, "hole punching did not connect; staying relayed")
                         }
                     }
-                }));
+                }.in_current_span()));
             }
             Output::Pulled { stats } => {
                 tracing::debug!(

@@ -213,37 +213,18 @@ impl SyncConfig {
 
     /// The STUN server to ask for this practice's public address, if any (`host:port`).
     pub fn stun_server(&self) -> Result<Option<String>, String> {
-        let Some(addr) = self
-            .stun
-            .as_deref()
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-        else {
-            return Ok(None);
-        };
-        if !host_port(addr) {
-            return Err(format!(
-                "sync.stun = {addr:?} is not HOST:PORT (e.g. stun.example.org:3478)"
-            ));
-        }
-        Ok(Some(addr.to_string()))
+        Ok(
+            host_port_setting("sync.stun", &self.stun, "stun.example.org:3478")?
+                .map(str::to_string),
+        )
     }
 
     /// The relay to keep a connection to, if any.
     pub fn relay_config(&self) -> Result<Option<chartmesh_net::RelayConfig>, String> {
-        let Some(addr) = self
-            .relay
-            .as_deref()
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
+        let Some(addr) = host_port_setting("sync.relay", &self.relay, "relay.example.org:22067")?
         else {
             return Ok(None);
         };
-        if !host_port(addr) {
-            return Err(format!(
-                "sync.relay = {addr:?} is not HOST:PORT (e.g. relay.example.org:22067)"
-            ));
-        }
         let pin = match self.relay_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
             None => None,
             Some(id) => Some(parse_relay_id(id).ok_or_else(|| {
@@ -259,10 +240,24 @@ impl SyncConfig {
     }
 }
 
-/// Whether `addr` looks like `host:port` with a non-zero port.
-fn host_port(addr: &str) -> bool {
-    addr.rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+/// A `host:port` setting (`name`), trimmed; None when unset or empty.
+fn host_port_setting<'a>(
+    name: &str,
+    value: &'a Option<String>,
+    example: &str,
+) -> Result<Option<&'a str>, String> {
+    let Some(addr) = value.as_deref().map(str::trim).filter(|a| !a.is_empty()) else {
+        return Ok(None);
+    };
+    let ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !ok {
+        return Err(format!(
+            "{name} = {addr:?} is not HOST:PORT (e.g. {example})"
+        ));
+    }
+    Ok(Some(addr))
 }
 
 /// A relay's id: a Syncthing device id (base32 in groups, with a check character after

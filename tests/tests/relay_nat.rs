@@ -106,6 +106,15 @@ fn start_stun(lab: &Lab) -> (KillOnDrop, tempfile::TempDir) {
     (child, dir)
 }
 
+/// Imports one more chart (one not among the first 1,000) at `p`.
+fn import_one_more(p: &Practice) {
+    let extra = std::fs::read_to_string(bench_data().join("charts-10000.jsonl")).unwrap();
+    let line = extra.lines().nth(5000).unwrap();
+    let file = p.dir.with_extension("extra.jsonl");
+    std::fs::write(&file, format!("{line}\n")).unwrap();
+    p.cli_ok(&["import", file.to_str().unwrap()]);
+}
+
 fn peer_view(p: &Practice, id: &str) -> Value {
     p.get("/sync")["peers"]
         .as_array()
@@ -207,11 +216,7 @@ fn practices_behind_separate_nats_sync_through_a_relay_that_sees_no_chart_conten
     let (joins_before, lost_before) = (joins(&a), lost(&a));
     lab.restart_nat("ra");
     let t = Instant::now();
-    let extra = std::fs::read_to_string(bench_data().join("charts-10000.jsonl")).unwrap();
-    let line = extra.lines().nth(5000).unwrap();
-    let file = a.dir.with_extension("extra.jsonl");
-    std::fs::write(&file, format!("{line}\n")).unwrap();
-    a.cli_ok(&["import", file.to_str().unwrap()]);
+    import_one_more(&a);
     wait_until(
         "B to be back in sync after A's NAT restarted",
         Duration::from_secs(30),
@@ -508,11 +513,7 @@ fn behind_endpoint_independent_nats_a_relayed_sync_switches_to_direct_and_loses_
     // reaches B within 30 s.
     lab.restart_nat("ra");
     let t = Instant::now();
-    let extra = std::fs::read_to_string(bench_data().join("charts-10000.jsonl")).unwrap();
-    let line = extra.lines().nth(5000).unwrap();
-    let file = a.dir.with_extension("extra.jsonl");
-    std::fs::write(&file, format!("{line}\n")).unwrap();
-    a.cli_ok(&["import", file.to_str().unwrap()]);
+    import_one_more(&a);
     wait_until(
         "B to be back in sync, through the relay, after A's NAT restarted",
         Duration::from_secs(40),
