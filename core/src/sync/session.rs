@@ -607,19 +607,18 @@ impl PeerSession {
                 self.pull_due = true;
                 self.maybe_pull(now);
             }
-            Msg::Caught { upto, incarnation } => {
-                // Nothing of the peer's up to `upto` is for us: move the checkpoint there,
-                // unless a pull is running or due (which moves it anyway).
+            // Nothing of the peer's up to `upto` is for us: move the checkpoint there, unless
+            // a pull is running or due (which moves it anyway).
+            Msg::Caught { upto, incarnation }
                 if self.pull.is_none()
                     && !self.pull_due
                     && self.pulled
                     && incarnation == self.record.checkpoint_incarnation
-                    && upto > self.record.checkpoint
-                {
-                    self.record.checkpoint = upto;
-                    self.out
-                        .push_back(Output::Persist(Persist::Checkpoint { upto, incarnation }));
-                }
+                    && upto > self.record.checkpoint =>
+            {
+                self.record.checkpoint = upto;
+                self.out
+                    .push_back(Output::Persist(Persist::Checkpoint { upto, incarnation }));
             }
             // Checked on decode: at most MAX_CANDIDATES dialable addresses. Only these are
             // ever dialled, and only while the connection is relayed (a direct one needs
