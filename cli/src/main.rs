@@ -61,6 +61,10 @@ enum Cmd {
         /// The relay's id (from its relay://...?id= URI), so no other server can pose as it.
         #[arg(long, requires = "relay")]
         relay_id: Option<String>,
+        /// A STUN server (HOST:PORT, e.g. coturn on 3478) telling this practice its public
+        /// address, so practices behind NAT can switch from the relay to a direct connection.
+        #[arg(long)]
+        stun: Option<String>,
     },
     /// Show the practice's id (and a QR code), for pairing with another practice.
     Id,
@@ -580,6 +584,7 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             relay,
             relay_id,
+            stun,
         } => {
             if let Some(problem) = datadir::unreadable(&dir) {
                 return Err(CliError::Failed(problem).into());
@@ -596,6 +601,7 @@ fn run(cli: Cli) -> Result<()> {
                     listen,
                     relay,
                     relay_id,
+                    stun,
                 },
             )?;
             let config = chartmesh_datadir::config::Config::load(&dir.join(datadir::CONFIG))?;
@@ -1062,8 +1068,18 @@ fn run(cli: Cli) -> Result<()> {
                         .as_i64()
                         .map(chartmesh_datadir::rfc3339)
                         .unwrap_or_else(|| "never".into());
+                    // How the live connection reaches it: direct, lan or relayed, with
+                    // its round-trip time and loss.
+                    let path = match p["path"].as_str() {
+                        Some(path) => format!(
+                            " ({path}, RTT {} ms, loss {}%)",
+                            p["rttMs"].as_u64().unwrap_or(0),
+                            p["lossPct"].as_f64().unwrap_or(0.0)
+                        ),
+                        None => String::new(),
+                    };
                     println!(
-                        "  {} ({}) at {}: {state}; last sync {last}; shared to it {}, from it {}; pending {}{}",
+                        "  {} ({}) at {}: {state}{path}; last sync {last}; shared to it {}, from it {}; pending {}{}",
                         p["name"].as_str().unwrap_or(""),
                         &p["id"].as_str().unwrap_or("")
                             [..9.min(p["id"].as_str().unwrap_or("").len())],

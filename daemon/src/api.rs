@@ -216,15 +216,16 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     // Store reads run off the async workers, so a slow disk never stalls the QUIC endpoint.
     let n = st.node.clone();
     tokio::task::spawn_blocking(move || {
-        let (sync_addr, peers, relay, lan, (sent, received)) = match n.sync.get() {
+        let (sync_addr, peers, relay, lan, (sent, received), public) = match n.sync.get() {
             Some(s) => (
                 Some(s.local_addr().to_string()),
                 serde_json::to_value(s.status(true)).unwrap_or_default(),
                 serde_json::to_value(s.relay()).unwrap_or_default(),
                 s.lan_discovery(),
                 s.bytes_total(),
+                s.public_addr().map(|a| a.to_string()),
             ),
-            None => (None, Value::Array(vec![]), Value::Null, false, (0, 0)),
+            None => (None, Value::Array(vec![]), Value::Null, false, (0, 0), None),
         };
         Ok(Json(json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -239,6 +240,7 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
                 "lanDiscovery": lan,
                 "bytesSent": sent,
                 "bytesReceived": received,
+                "publicAddr": public,
             },
             "peers": peers,
             "shares": n.store.grants(None)?.iter().filter(|g| g.is_active(crate::now_ms())).count(),

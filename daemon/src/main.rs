@@ -121,6 +121,7 @@ async fn run(args: Args) -> Result<()> {
                 listen: None,
                 relay: None,
                 relay_id: None,
+                stun: None,
             },
         )
         .with_context(|| format!("creating data directory {}", dir.display()))?;

@@ -41,6 +41,20 @@ const MAX_HANDSHAKES: usize = 64;
 /// retry), which a spoofed or bare Initial packet cannot.
 const VALIDATE_ABOVE: usize = 8;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the STUN server is asked for this practice's public address (a NAT that
+/// restarted maps it anew), and how soon again while it has not answered.
+const STUN_EVERY: Duration = Duration::from_secs(30);
+const STUN_RETRY: Duration = Duration::from_secs(5);
+/// One hole-punching dial: quinn resends its Initial packets meanwhile (about 1 s and 3 s
+/// in), so the peer's NAT has time to open. Shorter than the engine's `SETTLED_MS`, so two
+/// punched connections are always judged as one race.
+const PUNCH_DIAL: Duration = Duration::from_secs(4);
+/// Candidates are dialled one after another this far apart (the first that answers wins).
+const PUNCH_STAGGER: Duration = Duration::from_millis(250);
+/// A direct connection to a peer also reachable through the relay is given up after this
+/// long without a packet from it (keep-alives go every 5 s), so a dead direct path (a NAT
+/// restart) falls back to the relay in seconds, not at the 30 s idle timeout.
+const DIRECT_SILENCE: Duration = Duration::from_secs(15);
 
 /// What `chartmesh status` shows of one peer.
 #[derive(Debug, Clone, Serialize)]
@@ -177,6 +191,8 @@ enum Event {
     Incarnation(u64),
     Pause(bool),
     DialSoon,
+    /// This practice's candidate addresses (for hole punching) changed.
+    Candidates(Vec<SocketAddr>),
     Stop(CloseCode),
     Emergency {
         request: chartmesh_core::emergency::Request,
@@ -209,6 +225,12 @@ pub struct SyncService {
     lan: std::sync::OnceLock<crate::lan::Lan>,
     /// Bytes (sent, received) with peers since unpaired, so the totals never go down.
     unpaired_bytes: Mutex<(u64, u64)>,
+    /// This practice's public address as the STUN server (sync.stun) last saw it.
+    observed: Mutex<Option<SocketAddr>>,
+    /// The candidates last handed to the sessions.
+    candidates: Mutex<Vec<SocketAddr>>,
+    /// Asks the STUN loop to ask again now (a direct path was lost).
+    restun: tokio::sync::Notify,
 }
 
 impl SyncService {
@@ -251,6 +273,9 @@ impl SyncService {
             started: Instant::now(),
             lan: std::sync::OnceLock::new(),
             unpaired_bytes: Mutex::new((0, 0)),
+            observed: Mutex::new(None),
+            candidates: Mutex::new(Vec::new()),
+            restun: tokio::sync::Notify::new(),
         });
         if node.config.sync.lan_discovery && !listen.ip().is_loopback() {
             let weak = Arc::downgrade(&svc);
@@ -265,7 +290,17 @@ impl SyncService {
                 Err(e) => tracing::warn!(error = %e, "LAN discovery is off"),
             }
         }
+        svc.update_candidates();
         svc.reload_peers();
+        if let Some(server) = node
+            .config
+            .sync
+            .stun_server()
+            .map_err(|e| anyhow::anyhow!(e))?
+        {
+            tracing::info!(stun = %server, "learning the public address from a STUN server");
+            tokio::spawn(svc.clone().stun_loop(server));
+        }
         tokio::spawn(svc.clone().accept_loop());
         tokio::spawn(svc.clone().commit_loop());
         tokio::spawn(svc.clone().peers_loop());
@@ -340,7 +375,7 @@ impl SyncService {
                         .peer_record(&p.id.to_string())
                         .unwrap_or_default();
                     let incarnation = self.node.store.incarnation().unwrap_or(0);
-                    let session = PeerSession::new(
+                    let mut session = PeerSession::new(
                         self.me,
                         p.id,
                         record,
@@ -348,6 +383,8 @@ impl SyncService {
                         rand::random(),
                         self.now(),
                     );
+                    session
+                        .set_local_candidates(self.now(), self.candidates.lock().unwrap().clone());
                     let status = Arc::new(Mutex::new(session.status()));
                     let live = Arc::new(Mutex::new(None));
                     let traffic = Arc::new(Mutex::new(Traffic::default()));
@@ -373,6 +410,7 @@ impl SyncService {
                         status,
                         live,
                         traffic,
+                        punching: None,
                     };
                     tokio::spawn(
                         task.run(rx)
@@ -401,6 +439,77 @@ impl SyncService {
                 _ = self.shutdown.cancelled() => return,
                 _ = self.node.peers_changed.notified() => self.reload_peers(),
             }
+        }
+    }
+
+    /// Asks the STUN server for this practice's public address every 30 s (every 5 s while
+    /// it has not answered, and at once when a direct path was lost), so a NAT that restarted
+    /// with a new mapping is noticed and the peers are told.
+    async fn stun_loop(self: Arc<Self>, server: String) {
+        loop {
+            let wait = match self.ask_stun(&server).await {
+                Ok(addr) => {
+                    let changed = self.observed.lock().unwrap().replace(addr) != Some(addr);
+                    if changed {
+                        tracing::info!(public = %addr, "public address (STUN)");
+                        self.update_candidates();
+                    }
+                    STUN_EVERY
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "no public address from STUN");
+                    STUN_RETRY
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.restun.notified() => {}
+            }
+        }
+    }
+
+    async fn ask_stun(&self, server: &str) -> Result<SocketAddr, String> {
+        let local = self.endpoint.local_addr();
+        let addr = tokio::net::lookup_host(server)
+            .await
+            .map_err(|e| format!("cannot resolve the STUN server {server}: {e}"))?
+            .find(|a| a.is_ipv4() == local.is_ipv4() || local.is_ipv6())
+            .ok_or_else(|| format!("the STUN server {server} has no usable address"))?;
+        self.endpoint
+            .observe_public_addr(addr)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where peers may reach this practice directly: the public address (STUN), then the
+    /// addresses of its interfaces with the sync port (a peer on the same network, or
+    /// behind the same NAT); at most `MAX_CANDIDATES`.
+    fn update_candidates(&self) {
+        let local = self.endpoint.local_addr();
+        let mut c: Vec<SocketAddr> = self.observed.lock().unwrap().iter().copied().collect();
+        if local.ip().is_unspecified() {
+            if let Ok(ifs) = if_addrs::get_if_addrs() {
+                c.extend(
+                    ifs.iter()
+                        .filter(|i| !i.is_loopback() && i.ip().is_ipv4() == local.is_ipv4())
+                        .map(|i| SocketAddr::new(i.ip(), local.port())),
+                );
+            }
+        } else {
+            c.push(local);
+        }
+        let mut seen = std::collections::HashSet::new();
+        c.retain(|a| chartmesh_core::sync::dialable(a) && seen.insert(*a));
+        c.truncate(chartmesh_core::sync::MAX_CANDIDATES);
+        let changed = {
+            let mut cur = self.candidates.lock().unwrap();
+            let changed = *cur != c;
+            *cur = c.clone();
+            changed
+        };
+        if changed {
+            self.broadcast(|| Event::Candidates(c.clone()));
         }
     }
 
@@ -593,6 +702,11 @@ impl SyncService {
                 }
             }
         }
+    }
+
+    /// This practice's public address as the STUN server (sync.stun) last saw it.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        *self.observed.lock().unwrap()
     }
 
     /// The relay server and whether this practice is joined to it (None: no relay set).
@@ -846,6 +960,8 @@ struct PeerTask {
     status: Arc<Mutex<SessionStatus>>,
     live: Arc<Mutex<Option<quinn::Connection>>>,
     traffic: Arc<Mutex<Traffic>>,
+    /// Hole-punching dials in progress.
+    punching: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl PeerTask {
@@ -892,6 +1008,8 @@ impl PeerTask {
             Event::Connected { pc, dialed } => {
                 let id = self.svc.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
                 let conn = pc.connection;
+                let path = chartmesh_net::PathKind::of(conn.remote_address());
+                let relayed = path == chartmesh_net::PathKind::Relayed;
                 self.conns.insert(id, conn.clone());
                 {
                     let mut traffic = self.traffic.lock().unwrap();
@@ -899,16 +1017,22 @@ impl PeerTask {
                     traffic.last_seen_ms = Some(now.wall_ms);
                 }
                 self.watch(id, conn);
-                tracing::info!(dialed, "connected");
-                self.session.handle_connected(now, id, dialed);
+                tracing::info!(dialed, path = path.name(), "connected");
+                self.session.handle_connected_via(now, id, dialed, relayed);
             }
             Event::DialFailed(e) => {
                 tracing::debug!(error = %e, "dial failed");
                 self.session.handle_dial_failed(now, e);
             }
             Event::ConnectionLost { conn, why } => {
-                if self.conns.remove(&conn).is_some() {
+                if let Some(c) = self.conns.remove(&conn) {
                     tracing::info!(reason = ?why, "disconnected");
+                    // A direct path lost: the NAT may have a new mapping; learn it now.
+                    if self.session.conn() == Some(conn)
+                        && !chartmesh_net::mux::is_relayed(c.remote_address())
+                    {
+                        self.svc.restun.notify_one();
+                    }
                 }
                 self.traffic.lock().unwrap().retire(conn);
                 if self.session.conn() == Some(conn) {
@@ -971,6 +1095,7 @@ impl PeerTask {
             Event::Incarnation(i) => self.session.handle_new_incarnation(i),
             Event::Pause(p) => self.session.set_paused(now, p),
             Event::DialSoon => self.session.dial_soon(now),
+            Event::Candidates(c) => self.session.set_local_candidates(now, c),
             Event::Stop(_) => {}
             Event::Emergency { request, reply } => {
                 match self.session.request_emergency(now, request) {
@@ -1008,6 +1133,12 @@ impl PeerTask {
             .conn()
             .and_then(|id| self.conns.get(&id).cloned());
         *self.live.lock().unwrap() = live;
+        // Direct now (or gone): dials still punching would only race the kept connection.
+        if self.session.relayed() != Some(true)
+            && let Some(p) = self.punching.take()
+        {
+            p.abort();
+        }
         let status = self.session.status();
         let mut shown = self.status.lock().unwrap();
         if status.last_error.is_some() && status.last_error != shown.last_error {
@@ -1142,6 +1273,27 @@ impl PeerTask {
                 if let Some(reply) = self.emergencies.remove(&id) {
                     let _ = reply.send(result);
                 }
+            }
+            Output::Punch { addrs } => {
+                if let Some(p) = self.punching.take() {
+                    p.abort();
+                }
+                tracing::info!(
+                    candidates = addrs.len(),
+                    "trying a direct connection (hole punching)"
+                );
+                let (svc, peer, tx) = (svc.clone(), self.peer, self.tx.clone());
+                self.punching = Some(tokio::spawn(async move {
+                    match punch(&svc, peer, addrs).await {
+                        Ok(pc) => {
+                            tracing::info!(addr = %pc.connection.remote_address(), "direct connection by hole punching");
+                            let _ = tx.send(Event::Connected { pc, dialed: true });
+                        }
+                        Err(e) => {
+                            tracing::info!(error = %e, "hole punching did not connect; staying relayed")
+                        }
+                    }
+                }.in_current_span()));
             }
             Output::Pulled { stats } => {
                 tracing::debug!(
@@ -1300,8 +1452,17 @@ impl PeerTask {
         let svc = self.svc.clone();
         tokio::spawn(async move {
             let remote = c.remote_address();
+            let watchdog =
+                !chartmesh_net::mux::is_relayed(remote) && svc.endpoint.relay_status().is_some();
             let closed = tokio::select! {
                 e = c.closed() => e,
+                // A direct path to a peer also reachable through the relay: given up when
+                // the peer has been silent for a while, so the relay takes over quickly.
+                _ = silent(&c, DIRECT_SILENCE), if watchdog => {
+                    c.close(quinn::VarInt::from_u32(CloseCode::Shutdown.code()), b"path lost");
+                    let _ = tx.send(Event::ConnectionLost { conn: id, why: Closed::Lost(format!("no packet on the direct path for {} s", DIRECT_SILENCE.as_secs())) });
+                    return;
+                }
                 // Its relayed path ended (the relay restarted, a NAT dropped the relay's
                 // TCP connection): the connection is dead now, not after the idle timeout.
                 _ = svc.endpoint.path_lost(remote) => {
@@ -1354,7 +1515,7 @@ impl PeerTask {
                     )
                     .await;
                     if let Ok(Ok(Some(bytes))) = read
-                        && let Ok(msg @ (Msg::Nudge | Msg::Caught { .. })) =
+                        && let Ok(msg @ (Msg::Nudge | Msg::Caught { .. } | Msg::Candidates { .. })) =
                             Msg::decode(&bytes, MAX_CONTROL)
                     {
                         let _ = tx.send(Event::Control(msg));
@@ -1431,6 +1592,59 @@ async fn dial_direct(
         .connect(a, peer)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Dials `peer` at each of its candidate addresses, one every 250 ms, each for 4 s; the
+/// first to complete the pinned handshake wins and the others are dropped.
+async fn punch(
+    svc: &SyncService,
+    peer: PracticeId,
+    addrs: Vec<SocketAddr>,
+) -> Result<PeerConnection, String> {
+    let mut dials = tokio::task::JoinSet::new();
+    let mut errors = Vec::new();
+    for (i, a) in addrs.into_iter().enumerate() {
+        let endpoint = svc.endpoint.clone();
+        dials.spawn(async move {
+            tokio::time::sleep(PUNCH_STAGGER * i as u32).await;
+            match tokio::time::timeout(PUNCH_DIAL, endpoint.connect(a, peer)).await {
+                Ok(Ok(pc)) => Ok(pc),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("{a}: no answer within {} s", PUNCH_DIAL.as_secs())),
+            }
+        });
+    }
+    while let Some(r) = dials.join_next().await {
+        match r {
+            Ok(Ok(pc)) => {
+                dials.abort_all();
+                return Ok(pc);
+            }
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => {}
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Resolves once `c` has received no datagram for `limit`.
+async fn silent(c: &quinn::Connection, limit: Duration) {
+    let step = Duration::from_secs(1);
+    let mut last = c.stats().udp_rx.datagrams;
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(step).await;
+        let now = c.stats().udp_rx.datagrams;
+        if now == last {
+            quiet += step;
+            if quiet >= limit {
+                return;
+            }
+        } else {
+            last = now;
+            quiet = Duration::ZERO;
+        }
+    }
 }
 
 /// Applies one batch durably: each item prepared on the CPU pool (loading a new copy,

@@ -182,6 +182,12 @@ pub struct SyncConfig {
     /// with it, a server posing as the relay is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_id: Option<String>,
+    /// A STUN server (`host:port`, e.g. coturn's default port 3478) that tells this practice
+    /// its public address as seen from outside its NAT. With it, two practices connected
+    /// through the relay try to reach each other directly (hole punching) and switch to the
+    /// direct connection when their NATs allow it. Unset: the relayed connection stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stun: Option<String>,
     /// Announce this practice and find paired ones on the local network (mDNS), so a peer
     /// on the same network needs no address. Only when `listen` is not a loopback address.
     #[serde(default = "default_true")]
@@ -205,24 +211,20 @@ impl SyncConfig {
         })
     }
 
+    /// The STUN server to ask for this practice's public address, if any (`host:port`).
+    pub fn stun_server(&self) -> Result<Option<String>, String> {
+        Ok(
+            host_port_setting("sync.stun", &self.stun, "stun.example.org:3478")?
+                .map(str::to_string),
+        )
+    }
+
     /// The relay to keep a connection to, if any.
     pub fn relay_config(&self) -> Result<Option<chartmesh_net::RelayConfig>, String> {
-        let Some(addr) = self
-            .relay
-            .as_deref()
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
+        let Some(addr) = host_port_setting("sync.relay", &self.relay, "relay.example.org:22067")?
         else {
             return Ok(None);
         };
-        let ok = addr
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-        if !ok {
-            return Err(format!(
-                "sync.relay = {addr:?} is not HOST:PORT (e.g. relay.example.org:22067)"
-            ));
-        }
         let pin = match self.relay_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
             None => None,
             Some(id) => Some(parse_relay_id(id).ok_or_else(|| {
@@ -236,6 +238,26 @@ impl SyncConfig {
             pin,
         }))
     }
+}
+
+/// A `host:port` setting (`name`), trimmed; None when unset or empty.
+fn host_port_setting<'a>(
+    name: &str,
+    value: &'a Option<String>,
+    example: &str,
+) -> Result<Option<&'a str>, String> {
+    let Some(addr) = value.as_deref().map(str::trim).filter(|a| !a.is_empty()) else {
+        return Ok(None);
+    };
+    let ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !ok {
+        return Err(format!(
+            "{name} = {addr:?} is not HOST:PORT (e.g. {example})"
+        ));
+    }
+    Ok(Some(addr))
 }
 
 /// A relay's id: a Syncthing device id (base32 in groups, with a check character after
@@ -313,6 +335,7 @@ impl Default for SyncConfig {
             congestion: default_congestion(),
             relay: None,
             relay_id: None,
+            stun: None,
             lan_discovery: true,
         }
     }
@@ -377,6 +400,9 @@ impl Config {
         if let Some(v) = get("CHARTMESH_SYNC_RELAY_ID") {
             self.sync.relay_id = Some(v);
         }
+        if let Some(v) = get("CHARTMESH_SYNC_STUN") {
+            self.sync.stun = Some(v);
+        }
         if let Some(v) = get("CHARTMESH_SYNC_CONGESTION") {
             self.sync.congestion = v;
         }
@@ -403,6 +429,7 @@ impl Config {
         self.backup.schedule()?;
         self.sync.transport()?;
         self.sync.relay_config()?;
+        self.sync.stun_server()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(format!(
                 "log.format = {:?}: use \"text\" or \"json\"",
@@ -437,6 +464,14 @@ mod tests {
         let bytes: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
         c.sync.relay_id = Some(hex::encode(bytes));
         assert_eq!(c.sync.relay_config().unwrap().unwrap().pin, Some(bytes));
+        c.sync.stun = Some("stun.example.org".into());
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("sync.stun") && e.contains("HOST:PORT"), "{e}");
+        c.sync.stun = Some("stun.example.org:3478".into());
+        assert_eq!(
+            c.sync.stun_server(),
+            Ok(Some("stun.example.org:3478".into()))
+        );
         // The device-id form: base32 in four groups of 13, each followed by a check
         // character, shown in groups of seven.
         let b32 = data_encoding::BASE32_NOPAD.encode(&bytes);

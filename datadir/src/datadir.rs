@@ -145,6 +145,8 @@ pub struct InitOptions {
     /// `sync.relay` and `sync.relay_id`.
     pub relay: Option<String>,
     pub relay_id: Option<String>,
+    /// `sync.stun`.
+    pub stun: Option<String>,
 }
 
 /// Creates the directory, the identity, the token and the config. Works without a daemon.
@@ -173,6 +175,7 @@ pub fn init(dir: &Path, opts: InitOptions) -> Result<Identity, InitError> {
     }
     config.sync.relay = opts.relay.clone();
     config.sync.relay_id = opts.relay_id.clone();
+    config.sync.stun = opts.stun.clone();
     config.validate().map_err(InitError::Config)?;
     let identity = Identity::generate(&opts.name)?;
     identity.save(dir)?;

@@ -13,6 +13,7 @@
 pub mod frame;
 pub mod mux;
 pub mod relay;
+pub mod stun;
 pub mod tls;
 pub mod transport;
 pub mod wire;
@@ -49,6 +50,8 @@ pub enum NetError {
     NoRelay,
     #[error("through the relay: {0}")]
     Relay(String),
+    #[error("STUN: {0}")]
+    Stun(String),
     #[error("the peer did not present a paired certificate")]
     Unpaired,
     #[error(transparent)]
@@ -70,6 +73,9 @@ pub struct Endpoint {
     creds: Credentials,
     paths: mux::Paths,
     relay: std::sync::Mutex<Option<(Arc<relay::Relay>, tokio::task::JoinHandle<()>)>>,
+    /// The real UDP socket under the mux, for STUN requests from quinn's own port.
+    udp: Arc<dyn quinn::AsyncUdpSocket>,
+    stun: mux::StunWaiters,
 }
 
 /// How a connection reaches its peer.
@@ -136,7 +142,12 @@ impl Endpoint {
         let runtime = Arc::new(quinn::TokioRuntime);
         let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_err)?;
         let paths = mux::Paths::default();
-        let socket = Arc::new(mux::MuxSocket::new(udp, paths.clone()));
+        let stun = mux::StunWaiters::default();
+        let socket = Arc::new(mux::MuxSocket::new(
+            udp.clone(),
+            paths.clone(),
+            stun.clone(),
+        ));
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -151,7 +162,47 @@ impl Endpoint {
             creds: creds.clone(),
             paths,
             relay: std::sync::Mutex::new(None),
+            udp,
+            stun,
         })
+    }
+
+    /// Asks the STUN server at `server` (RFC 8489 Binding) for the public address of this
+    /// endpoint's UDP socket: the request leaves from the port QUIC uses, so the answer is
+    /// the NAT mapping QUIC packets get (towards that server). Retransmits after 0.5 s and
+    /// 1 s; gives up after 3.5 s.
+    pub async fn observe_public_addr(&self, server: SocketAddr) -> Result<SocketAddr, NetError> {
+        let id: stun::TransactionId = rand::random();
+        let Some(mut answer) = self.stun.expect(id, server) else {
+            return Err(NetError::Stun(format!(
+                "too many STUN requests to {server} waiting"
+            )));
+        };
+        let request = stun::binding_request(&id);
+        let mut wait = std::time::Duration::from_millis(500);
+        let mut last_err = None;
+        for _ in 0..3 {
+            let t = quinn::udp::Transmit {
+                destination: server,
+                ecn: None,
+                contents: &request,
+                segment_size: None,
+                src_ip: None,
+            };
+            if let Err(e) = self.udp.try_send(&t) {
+                last_err = Some(e);
+            }
+            match tokio::time::timeout(wait, &mut answer).await {
+                Ok(Ok(addr)) => return Ok(addr),
+                Ok(Err(_)) => break,
+                Err(_) => wait *= 2,
+            }
+        }
+        self.stun.forget(&id);
+        Err(NetError::Stun(match last_err {
+            Some(e) => format!("cannot send to the STUN server {server}: {e}"),
+            None => format!("the STUN server {server} did not answer within 3.5 s"),
+        }))
     }
 
     /// Keeps a connection to `config`'s relay server from now on (replacing any other), so

@@ -5,6 +5,10 @@
 //! only ever carries QUIC packets it cannot read.
 //!
 //! A relayed path carries each datagram as a 2-byte big-endian length and the datagram.
+//!
+//! The real UDP socket also carries STUN (RFC 8489) to and from a STUN server, so this
+//! practice learns the public address its QUIC packets leave from: answers are taken out
+//! of what quinn receives ([`crate::stun::is_stun`]) and handed to whoever waits for them.
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -181,10 +185,59 @@ fn push_frame(buf: &mut Vec<u8>, d: &[u8]) {
     buf.extend_from_slice(d);
 }
 
+/// STUN transactions waiting for their answer: transaction id → (server, waiter).
+#[derive(Default, Clone)]
+pub(crate) struct StunWaiters {
+    inner: Arc<Mutex<HashMap<crate::stun::TransactionId, StunWaiter>>>,
+}
+
+type StunWaiter = (SocketAddr, tokio::sync::oneshot::Sender<SocketAddr>);
+
+/// At most this many STUN transactions wait at once (a few per configured server).
+const MAX_STUN_WAITERS: usize = 16;
+
+impl StunWaiters {
+    /// Waits for the answer to transaction `id` from `server`; None when too many wait.
+    pub(crate) fn expect(
+        &self,
+        id: crate::stun::TransactionId,
+        server: SocketAddr,
+    ) -> Option<tokio::sync::oneshot::Receiver<SocketAddr>> {
+        let mut w = self.inner.lock().unwrap();
+        w.retain(|_, (_, tx)| !tx.is_closed());
+        if w.len() >= MAX_STUN_WAITERS {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        w.insert(id, (normal(server), tx));
+        Some(rx)
+    }
+
+    pub(crate) fn forget(&self, id: &crate::stun::TransactionId) {
+        self.inner.lock().unwrap().remove(id);
+    }
+
+    /// A STUN datagram arrived from `from`: an answer to a waiting transaction from the
+    /// server it was sent to is delivered; anything else is dropped.
+    fn deliver(&self, from: SocketAddr, d: &[u8]) {
+        let Some((id, mapped)) = crate::stun::parse_binding_response(d) else {
+            return;
+        };
+        let mut w = self.inner.lock().unwrap();
+        if w.get(&id)
+            .is_some_and(|(server, _)| *server == normal(from))
+            && let Some((_, tx)) = w.remove(&id)
+        {
+            let _ = tx.send(normal(mapped));
+        }
+    }
+}
+
 /// The socket quinn drives: real UDP and the relayed paths.
 pub(crate) struct MuxSocket {
     udp: Arc<dyn AsyncUdpSocket>,
     paths: Paths,
+    stun: StunWaiters,
 }
 
 impl fmt::Debug for MuxSocket {
@@ -197,8 +250,34 @@ impl fmt::Debug for MuxSocket {
 }
 
 impl MuxSocket {
-    pub(crate) fn new(udp: Arc<dyn AsyncUdpSocket>, paths: Paths) -> MuxSocket {
-        MuxSocket { udp, paths }
+    pub(crate) fn new(udp: Arc<dyn AsyncUdpSocket>, paths: Paths, stun: StunWaiters) -> MuxSocket {
+        MuxSocket { udp, paths, stun }
+    }
+
+    /// Takes the STUN datagrams out of the `n` received ones (delivering them to their
+    /// waiters), moving the others to the front. Returns how many are left for quinn.
+    fn take_stun(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], n: usize) -> usize {
+        let mut kept = 0;
+        for i in 0..n {
+            let len = meta[i].len.min(bufs[i].len());
+            if crate::stun::is_stun(&bufs[i][..len]) {
+                let stride = meta[i].stride.max(1);
+                for d in bufs[i][..len].chunks(stride) {
+                    self.stun.deliver(meta[i].addr, d);
+                }
+                continue;
+            }
+            if kept != i {
+                let (front, back) = bufs.split_at_mut(i);
+                if front[kept].len() < len {
+                    continue;
+                }
+                front[kept][..len].copy_from_slice(&back[0][..len]);
+                meta[kept] = meta[i];
+            }
+            kept += 1;
+        }
+        kept
     }
 }
 
@@ -258,7 +337,18 @@ impl AsyncUdpSocket for MuxSocket {
             }
             inner.waker = Some(cx.waker().clone());
         }
-        self.udp.poll_recv(cx, bufs, meta)
+        loop {
+            match self.udp.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => {
+                    let kept = self.take_stun(bufs, meta, n);
+                    // Only STUN arrived: read on (until the socket has nothing more).
+                    if kept > 0 || n == 0 {
+                        return Poll::Ready(Ok(kept));
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

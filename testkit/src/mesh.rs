@@ -1088,6 +1088,8 @@ impl Mesh {
                         .unwrap();
                 }
             }
+            // The simulated network has no NATs: every connection is direct.
+            Output::Punch { .. } => {}
             Output::Pulled { stats } => {
                 self.stats.pulls += 1;
                 self.note(format!(

@@ -100,8 +100,11 @@ pub const RELAY_IP: &str = "10.77.0.1";
 
 impl Lab {
     fn new(tag: &str) -> Lab {
-        // Short: interface names are limited to 15 characters.
-        let prefix = format!("{tag}{}", std::process::id() % 100_000);
+        // Short: interface names are limited to 15 characters. One digit tells apart the
+        // labs of tests running at once in one process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let prefix = format!("{tag}{}{n}", std::process::id() % 100_000);
         Lab {
             prefix,
             namespaces: Vec::new(),
@@ -210,6 +213,72 @@ impl Lab {
                  iptables -t nat -A POSTROUTING -o {wan} -p tcp -j MASQUERADE --to-ports 20000-29999 --random && \
                  iptables -t nat -A POSTROUTING -o {wan} -p udp -j MASQUERADE --to-ports 20000-29999 --random && \
                  iptables -t nat -A POSTROUTING -o {wan} -j MASQUERADE"
+            ),
+        );
+    }
+}
+
+impl Lab {
+    /// Makes router `r` a NAT that maps every new destination to a new, random external
+    /// port (`MASQUERADE --random-fully`): the mapping a peer sees differs from the one a
+    /// STUN server saw, so hole punching through it fails.
+    pub fn random_fully(&self, r: &str) {
+        let wan = self.wan(r);
+        sh(
+            Some(&self.ns(r)),
+            &format!(
+                "iptables -t nat -F POSTROUTING && conntrack -F 2>/dev/null; \
+                 iptables -t nat -A POSTROUTING -o {wan} -j MASQUERADE --random-fully"
+            ),
+        );
+    }
+
+    /// Limits TCP (the relay's traffic) to `kbit` kbit/s on its way from the internet to
+    /// each router (an HTB class chosen by a u32 filter on the protocol), leaving UDP (STUN,
+    /// a direct path) as it is: a relayed sync then takes a while.
+    pub fn slow_tcp(&self, kbit: u32) {
+        for r in ["ra", "rb"] {
+            let dev = self.iface("inet", r);
+            sh(
+                Some(&self.ns("inet")),
+                &format!(
+                    "tc qdisc add dev {dev} root handle 1: htb default 10 r2q 1000 && \
+                     tc class add dev {dev} parent 1: classid 1:10 htb rate 1gbit && \
+                     tc class add dev {dev} parent 1: classid 1:20 htb rate {kbit}kbit && \
+                     tc filter add dev {dev} protocol ip parent 1:0 prio 1 u32 match ip protocol 6 0xff flowid 1:20"
+                ),
+            );
+        }
+    }
+
+    /// Whether [`Lab::slow_tcp`] can work here (the kernel has HTB and u32 filters).
+    pub fn can_shape() -> bool {
+        let probe = format!("cmhtb{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "add", &probe]).status();
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &probe, "sh", "-c"])
+            .arg(
+                "tc qdisc add dev lo root handle 1: htb default 10 && \
+                 tc class add dev lo parent 1: classid 1:20 htb rate 1mbit && \
+                 tc filter add dev lo protocol ip parent 1:0 prio 1 u32 match ip protocol 6 0xff flowid 1:20",
+            )
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+        ok
+    }
+
+    /// Drops (`block`) or lets through again UDP between the two routers of
+    /// [`Lab::two_nats`]: their direct path, while the relay and STUN (on the internet
+    /// namespace itself) stay reachable.
+    pub fn block_direct_udp(&self, block: bool) {
+        let op = if block { "-I" } else { "-D" };
+        sh(
+            Some(&self.ns("inet")),
+            &format!(
+                "iptables {op} FORWARD -p udp -s 10.77.1.0/24 -d 10.77.2.0/24 -j DROP && \
+                 iptables {op} FORWARD -p udp -s 10.77.2.0/24 -d 10.77.1.0/24 -j DROP"
             ),
         );
     }

@@ -4,9 +4,16 @@
 //! is captured and must hold no chart content; after a NAT restart (translations flushed,
 //! new external ports) the practices are back in sync by themselves within 30 s.
 //!
-//! Needs root, iproute2, iptables, conntrack, tcpdump and strelaysrv (`.ci/run` installs
-//! them); skips with a message otherwise. The relay runs with `-pools=` and no status
-//! server: it contacts nobody.
+//! With a STUN server (coturn's `turnserver`, STUN only) on the internet namespace too, two
+//! practices connected through the relay learn their public addresses, exchange them over
+//! the relayed connection and dial each other at once (hole punching): behind NATs that keep
+//! one mapping per socket (plain MASQUERADE) they switch to a direct connection in the
+//! middle of a sync, losing nothing, and fall back to the relay when the NAT restarts;
+//! behind one that maps every destination anew (`--random-fully`) they stay relayed.
+//!
+//! Needs root, iproute2, iptables, conntrack, tcpdump, strelaysrv and turnserver (`.ci/run`
+//! installs them); skips with a message otherwise. The relay runs with `-pools=` and no
+//! status server, coturn with no TURN, CLI, TLS or TCP: they contact nobody.
 
 use chartmesh_tests::netns::{Lab, RELAY_IP, unavailable};
 use chartmesh_tests::*;
@@ -53,6 +60,59 @@ fn start_relay(lab: &Lab) -> RelayServer {
         id,
         _dir: dir,
     }
+}
+
+/// coturn as a plain STUN server on the internet namespace, UDP port 3478.
+fn start_stun(lab: &Lab) -> (KillOnDrop, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("inet"),
+            "turnserver",
+            "-n",
+            "--stun-only",
+        ])
+        .args([
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+            "--no-tcp",
+            "--no-software-attribute",
+        ])
+        .args([
+            "-L",
+            RELAY_IP,
+            "-p",
+            "3478",
+            "--log-file",
+            "stdout",
+            "--simple-log",
+        ])
+        .arg("--pidfile")
+        .arg(dir.path().join("turnserver.pid"))
+        .arg("--db")
+        .arg(dir.path().join("turndb"))
+        .stdout(std::fs::File::create(dir.path().join("stun.log")).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("turnserver starts");
+    let child = KillOnDrop(child);
+    let inet = lab.ns("inet");
+    wait_until("the STUN server to listen", Duration::from_secs(20), || {
+        chartmesh_tests::netns::sh(Some(&inet), "ss -lun").contains(&format!("{RELAY_IP}:3478"))
+    });
+    (child, dir)
+}
+
+/// Imports one more chart (one not among the first 1,000) at `p`.
+fn import_one_more(p: &Practice) {
+    let extra = std::fs::read_to_string(bench_data().join("charts-10000.jsonl")).unwrap();
+    let line = extra.lines().nth(5000).unwrap();
+    let file = p.dir.with_extension("extra.jsonl");
+    std::fs::write(&file, format!("{line}\n")).unwrap();
+    p.cli_ok(&["import", file.to_str().unwrap()]);
 }
 
 fn peer_view(p: &Practice, id: &str) -> Value {
@@ -156,11 +216,7 @@ fn practices_behind_separate_nats_sync_through_a_relay_that_sees_no_chart_conten
     let (joins_before, lost_before) = (joins(&a), lost(&a));
     lab.restart_nat("ra");
     let t = Instant::now();
-    let extra = std::fs::read_to_string(bench_data().join("charts-10000.jsonl")).unwrap();
-    let line = extra.lines().nth(5000).unwrap();
-    let file = a.dir.with_extension("extra.jsonl");
-    std::fs::write(&file, format!("{line}\n")).unwrap();
-    a.cli_ok(&["import", file.to_str().unwrap()]);
+    import_one_more(&a);
     wait_until(
         "B to be back in sync after A's NAT restarted",
         Duration::from_secs(30),
@@ -244,4 +300,280 @@ fn status_says_why_a_peer_is_unreachable() {
             .contains("connect"),
         "{relay}"
     );
+}
+
+/// Two practices behind NATs, a relay and a STUN server between them; both pair by id alone,
+/// A holds the 1,000 bench charts and shares them all, B (last to pair) starts the sync.
+struct NatPair {
+    a: Practice,
+    b: Practice,
+    id_a: String,
+    id_b: String,
+    _relay: RelayServer,
+    _stun: (KillOnDrop, tempfile::TempDir),
+    lab: Lab,
+}
+
+fn nat_pair(setup: impl FnOnce(&Lab)) -> Option<NatPair> {
+    let tools = [
+        "ip",
+        "iptables",
+        "conntrack",
+        "strelaysrv",
+        "turnserver",
+        "ss",
+    ];
+    if let Some(why) = unavailable(&tools) {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let lab = Lab::two_nats();
+    setup(&lab);
+    let relay = start_relay(&lab);
+    let stun = start_stun(&lab);
+    let relay_addr = format!("{RELAY_IP}:22067");
+    let stun_addr = format!("{RELAY_IP}:3478");
+    let args = [
+        "--relay",
+        &relay_addr,
+        "--relay-id",
+        &relay.id,
+        "--stun",
+        &stun_addr,
+    ];
+    let a = Practice::new_in_netns("Valley Clinic", &lab.ns("ca"), &args);
+    let b = Practice::new_in_netns("Ridge Cardiology", &lab.ns("cb"), &args);
+    wait_until(
+        "both to join the relay and learn their public address",
+        Duration::from_secs(30),
+        || {
+            [&a, &b].iter().all(|p| {
+                let s = p.get("/status");
+                s["sync"]["relay"]["connected"] == true && s["sync"]["publicAddr"].is_string()
+            })
+        },
+    );
+    // The STUN server saw each clinic as its router's public address.
+    assert!(
+        a.get("/status")["sync"]["publicAddr"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.77.1.2:"),
+        "{}",
+        a.get("/status")["sync"]
+    );
+    a.cli_ok(&[
+        "import",
+        bench_data().join("charts-1000.jsonl").to_str().unwrap(),
+    ]);
+    let (id_a, id_b) = (a.id(), b.id());
+    a.cli_ok(&["peer", "add", &id_b, "--name", "Ridge"]);
+    a.cli_ok(&["share", "--all", "--with", &id_b, "--purpose", "replica"]);
+    b.cli_ok(&["peer", "add", &id_a, "--name", "Valley"]);
+    Some(NatPair {
+        a,
+        b,
+        id_a,
+        id_b,
+        _relay: relay,
+        _stun: stun,
+        lab,
+    })
+}
+
+/// Prints both daemons' logs if the test fails (they go with their temporary directories).
+struct LogsOnPanic<'a>(&'a Practice, &'a Practice);
+
+impl Drop for LogsOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (n, p) in [("A", self.0), ("B", self.1)] {
+                let log = p.log();
+                let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                eprintln!("---- {n}'s log (last lines) ----");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+fn charts(p: &Practice) -> u64 {
+    p.get("/status")["charts"].as_u64().unwrap_or(0)
+}
+
+/// Endpoint-independent NATs (plain MASQUERADE keeps a socket's port for every destination):
+/// the practices connect through the relay, and switch to a direct connection in the middle
+/// of the sync of 1,000 charts; the sync goes on on it from its checkpoint, nothing is lost
+/// and no chart B already held is sent again. A NAT restart then breaks the direct path, and
+/// the relay takes over by itself.
+#[test]
+fn behind_endpoint_independent_nats_a_relayed_sync_switches_to_direct_and_loses_nothing() {
+    // The direct path is blocked at first, so the sync starts relayed; the relay's TCP is
+    // slowed (where the kernel can shape traffic) so that the sync is still running when the
+    // direct path opens.
+    let slow = Lab::can_shape();
+    // (Every part is bound: what a pattern leaves out is dropped at once.)
+    let Some(NatPair {
+        lab,
+        _relay,
+        _stun,
+        a,
+        b,
+        id_a,
+        id_b,
+    }) = nat_pair(|lab| {
+        lab.block_direct_udp(true);
+        if slow {
+            lab.slow_tcp(4000);
+        }
+    })
+    else {
+        return;
+    };
+    let _logs = LogsOnPanic(&a, &b);
+    let t = Instant::now();
+    wait_until(
+        "B to hold some of the charts, through the relay",
+        Duration::from_secs(40),
+        || charts(&b) >= 50,
+    );
+    assert_eq!(peer_view(&b, &id_a)["path"], "relayed");
+    assert!(
+        a.log().contains("hole punching did not connect")
+            || b.log().contains("hole punching did not connect")
+            || charts(&b) < 1000,
+        "punching was tried while the direct path was blocked"
+    );
+    // Open the direct path; the next round of hole punching finds it.
+    lab.block_direct_udp(false);
+    let opened = Instant::now();
+    let mut held_at_switch = None;
+    wait_until(
+        "both practices to switch to a direct connection",
+        Duration::from_secs(60),
+        || {
+            let before = charts(&b);
+            if held_at_switch.is_none() && peer_view(&a, &id_b)["path"] == "direct" {
+                held_at_switch = Some(before);
+            }
+            held_at_switch.is_some() && peer_view(&b, &id_a)["path"] == "direct"
+        },
+    );
+    let held_at_switch = held_at_switch.unwrap();
+    eprintln!(
+        "direct {:.1} s after the path opened ({:.1} s after the sync began), B holding {held_at_switch} of 1,000 charts",
+        opened.elapsed().as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    if slow {
+        assert!(
+            held_at_switch < 1000,
+            "the switch came in the middle of the sync"
+        );
+    }
+    let in_sync = |p: &Practice, id: &str| peer_view(p, id)["inSync"] == true;
+    wait_until(
+        "B to hold the 1,000 charts",
+        Duration::from_secs(180),
+        || charts(&b) == 1000 && in_sync(&a, &id_b),
+    );
+    eprintln!("1,000 charts in {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(
+        set_checksum(&b.export_all()),
+        (1000, manifest_checksum(1000))
+    );
+    let v = peer_view(&a, &id_b);
+    assert_eq!(v["path"], "direct", "{v}");
+    assert!(v["rttMs"].as_u64().is_some(), "{v}");
+    let text = a.cli_ok(&["status"]);
+    assert!(text.contains("(direct, RTT "), "{text}");
+    // Each chart was received once: nothing B already held came again after the switch.
+    let entries = b.get("/audit")["entries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut received = std::collections::HashMap::new();
+    for e in entries.iter().filter(|e| e["action"] == "sync-receive") {
+        *received
+            .entry(e["chart_id"].as_str().unwrap_or("").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(received.len(), 1000);
+    let twice: Vec<_> = received.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "charts received twice: {twice:?}");
+    let sent = a.get("/audit")["entries"].as_array().map_or(0, |es| {
+        es.iter().filter(|e| e["action"] == "sync-send").count()
+    });
+    eprintln!("A sent {sent} charts (1,000 distinct) across the switch");
+
+    // A's NAT restarts with new, random external ports (so punching fails from now on): the
+    // direct path is dead, the practices go back to the relay by themselves and a new chart
+    // reaches B within 30 s.
+    lab.restart_nat("ra");
+    let t = Instant::now();
+    import_one_more(&a);
+    wait_until(
+        "B to be back in sync, through the relay, after A's NAT restarted",
+        Duration::from_secs(40),
+        || charts(&b) == 1001 && in_sync(&a, &id_b),
+    );
+    eprintln!(
+        "after the NAT restart: in sync again in {:.1} s, path {}",
+        t.elapsed().as_secs_f64(),
+        peer_view(&a, &id_b)["path"]
+    );
+    assert!(
+        a.log().contains("no packet on the direct path")
+            || b.log().contains("no packet on the direct path")
+    );
+}
+
+/// A NAT that maps each destination to a new random port (`--random-fully`): the address
+/// STUN saw is not the one the peer would have to reach, so punching fails; the practices
+/// stay relayed and the 1,000 charts still arrive.
+#[test]
+fn behind_a_nat_that_maps_each_destination_anew_the_sync_stays_relayed() {
+    let Some(NatPair {
+        lab: _lab,
+        _relay,
+        _stun,
+        a,
+        b,
+        id_a,
+        id_b,
+    }) = nat_pair(|lab| lab.random_fully("rb"))
+    else {
+        return;
+    };
+    let _logs = LogsOnPanic(&a, &b);
+    let t = Instant::now();
+    wait_until(
+        "hole punching to be tried and fail at both practices",
+        Duration::from_secs(60),
+        || {
+            [&a, &b]
+                .iter()
+                .all(|p| p.log().contains("hole punching did not connect"))
+        },
+    );
+    let in_sync = |p: &Practice, id: &str| peer_view(p, id)["inSync"] == true;
+    wait_until(
+        "B to hold the 1,000 charts through the relay",
+        Duration::from_secs(180),
+        || charts(&b) == 1000 && in_sync(&a, &id_b),
+    );
+    eprintln!(
+        "relayed behind --random-fully: 1,000 charts in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        set_checksum(&b.export_all()),
+        (1000, manifest_checksum(1000))
+    );
+    assert_eq!(peer_view(&a, &id_b)["path"], "relayed");
+    assert_eq!(peer_view(&b, &id_a)["path"], "relayed");
+    assert!(!a.log().contains("direct connection by hole punching"));
+    assert!(!b.log().contains("direct connection by hole punching"));
 }

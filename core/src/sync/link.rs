@@ -1,6 +1,11 @@
 //! The link to one peer: whether to dial, when (exponential back-off with jitter), which of
 //! two simultaneous connections both sides keep, and when a connection has proven itself.
 //!
+//! Which connection is kept: a direct one (UDP, on the LAN or through hole-punched NATs)
+//! beats a relayed one at both sides; between two of one kind, both keep the one dialled by
+//! the smaller practice id. Both rules depend only on what both sides see alike (the path of
+//! the connection, who dialled it), so the two sides agree without talking.
+//!
 //! A connection counts as *good* only once the peer has spoken on it (a message read): a
 //! connection the peer closes straight after the handshake — it has not paired us yet, or it
 //! refuses us — is a failed dial, so the back-off keeps growing instead of redialling at once.
@@ -145,6 +150,8 @@ enum State {
         good: bool,
         /// When it came up (monotonic ms).
         since: u64,
+        /// Through the relay (else direct: UDP to the peer's own address).
+        relayed: bool,
     },
 }
 
@@ -196,6 +203,14 @@ impl Link {
         }
     }
 
+    /// Whether the live connection runs through the relay (None: no live connection).
+    pub fn relayed(&self) -> Option<bool> {
+        match self.state {
+            State::Up { relayed, .. } => Some(relayed),
+            _ => None,
+        }
+    }
+
     pub fn backoff_ms(&self) -> u64 {
         self.backoff.current_ms()
     }
@@ -239,27 +254,40 @@ impl Link {
         self.last_error = Some(why);
     }
 
-    /// A connection was established (dialled by us or accepted). Both sides keep the one
-    /// dialled by the practice with the smaller id, so they agree without talking.
-    pub fn connected(&mut self, now: u64, conn: ConnId, dialed: bool) -> Verdict {
+    /// A connection was established (dialled by us or accepted; `relayed`: through the
+    /// relay). Of two, both sides keep a direct one over a relayed one, and of two of one
+    /// kind the one dialled by the practice with the smaller id, so they agree without
+    /// talking.
+    pub fn connected(&mut self, now: u64, conn: ConnId, dialed: bool, relayed: bool) -> Verdict {
         if self.paused {
             return Verdict::Reject(super::CloseCode::Paused);
         }
         let preferred = |dialed: bool| dialed == self.me_preferred;
         let verdict = match self.state {
             // A peer that dials us while we hold a connection it has spoken on has lost that
-            // one (it restarted, or its side timed out): the new one replaces it, or we
-            // would keep a dead connection until the idle timeout.
-            // (Not within the first seconds of a connection: two practices that dialled each
-            // other at once get their two connections within a round trip.)
+            // one (it restarted, its side timed out, its direct path died and it came back
+            // through the relay): the new one replaces it, or we would keep a dead
+            // connection until the idle timeout. (A peer dials only when it has no
+            // connection.) Not within the first seconds of a connection: two practices that
+            // dialled each other at once get their two connections within a round trip.
             State::Up {
                 conn: existing,
                 good: true,
                 since,
                 ..
             } if !dialed && since + SETTLED_MS <= now => Verdict::Replace(existing),
-            // Two fresh connections (both sides dialled at once): both keep the one dialled
-            // by the smaller id.
+            // A direct connection (hole punched, or on the LAN) replaces a relayed one:
+            // faster, and it spares the relay. Both sides see the same two paths.
+            State::Up {
+                conn: existing,
+                relayed: true,
+                ..
+            } if !relayed => Verdict::Replace(existing),
+            State::Up { relayed: false, .. } if relayed => {
+                return Verdict::Reject(super::CloseCode::Duplicate);
+            }
+            // Two fresh connections of one kind (both sides dialled at once): both keep the
+            // one dialled by the smaller id.
             State::Up {
                 conn: existing,
                 dialed: ex_dialed,
@@ -278,6 +306,7 @@ impl Link {
             dialed,
             good: false,
             since: now,
+            relayed,
         };
         verdict
     }

@@ -35,7 +35,9 @@ pub use link::{
 };
 pub use puller::PullStats;
 pub use rng::Rng;
-pub use session::{PeerRecord, PeerSession, SessionStatus};
+pub use session::{
+    PUNCH_MIN_MS, PUNCH_RETRY_MAX_MS, PUNCH_RETRY_MS, PeerRecord, PeerSession, SessionStatus,
+};
 pub use wire::*;
 
 use crate::audit::AuditEvent;
@@ -277,5 +279,11 @@ pub enum Output {
     /// A pull from the peer completed (for logs and status).
     Pulled {
         stats: PullStats,
+    },
+    /// Hole punching: dial these addresses of the peer (it dials ours at about the same
+    /// moment, so both NATs open), each for a few seconds; report a connection with
+    /// `handle_connected_via(…, dialed: true, relayed: false)`, nothing on failure.
+    Punch {
+        addrs: Vec<std::net::SocketAddr>,
     },
 }

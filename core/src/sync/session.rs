@@ -33,6 +33,14 @@ pub const EMERGENCY_TIMEOUT_MS: u64 = 15_000;
 pub const REFUSAL_AUDIT_INTERVAL_MS: u64 = super::throttle::REFUSAL_INTERVAL_MS;
 /// Violations within one interval past which the connection is closed.
 pub const MAX_VIOLATIONS: u32 = 20;
+/// Hole punching: at most one round of dials to the peer's candidates per this interval,
+/// whatever the peer sends (a round asked for sooner waits for it).
+pub const PUNCH_MIN_MS: u64 = 2_000;
+/// While the connection stays relayed, the practice with the smaller id starts another round
+/// (sending its candidates again, which makes the other side dial at the same moment) after
+/// this long, doubling up to [`PUNCH_RETRY_MAX_MS`].
+pub const PUNCH_RETRY_MS: u64 = 5_000;
+pub const PUNCH_RETRY_MAX_MS: u64 = 60_000;
 
 /// What the store remembers of a peer between sessions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,6 +108,25 @@ pub struct PeerSession {
     violations: u32,
     violations_since: u64,
     stopped: bool,
+    punch: Punch,
+}
+
+/// Hole-punching state: the addresses each side may be reached at directly, and when to
+/// dial the peer's.
+#[derive(Default)]
+struct Punch {
+    /// This practice's candidates (the driver's STUN answer and interface addresses).
+    local: Vec<std::net::SocketAddr>,
+    /// The peer's, from its last `Candidates` (validated on decode).
+    peer: Vec<std::net::SocketAddr>,
+    /// Whether this side starts the periodic rounds (it has the smaller id).
+    leader: bool,
+    last: Option<u64>,
+    /// A round asked for within [`PUNCH_MIN_MS`] of the last one, due then.
+    due: Option<u64>,
+    /// The leader's next round while still relayed, and the wait after it.
+    next_round: Option<u64>,
+    retry_ms: u64,
 }
 
 impl PeerSession {
@@ -139,6 +166,11 @@ impl PeerSession {
             violations: 0,
             violations_since: 0,
             stopped: false,
+            punch: Punch {
+                leader: me < peer,
+                retry_ms: PUNCH_RETRY_MS,
+                ..Default::default()
+            },
         }
     }
 
@@ -206,6 +238,10 @@ impl PeerSession {
                     min(Some(r.last_activity + STALL_MS));
                 }
             }
+            if self.link.relayed() == Some(true) {
+                min(self.punch.due);
+                min(self.punch.next_round);
+            }
         }
         for e in self.emergencies.values() {
             min(Some(e.deadline));
@@ -262,8 +298,77 @@ impl PeerSession {
                 true,
             );
         }
+        if self.link.relayed() == Some(true) {
+            if self.punch.due.is_some_and(|d| d <= t) {
+                self.punch_now(t);
+            }
+            if self.punch.next_round.is_some_and(|r| r <= t) {
+                self.punch.next_round = Some(t + self.punch.retry_ms);
+                self.punch.retry_ms = (self.punch.retry_ms * 2).min(PUNCH_RETRY_MAX_MS);
+                self.send_candidates();
+                self.punch_now(t);
+            }
+        }
         let reports = self.throttle.flush(t);
         self.audit_reports(now, reports);
+    }
+
+    // ---- direct paths (hole punching) ----
+
+    /// This practice's candidate addresses changed (a new STUN answer, an interface
+    /// address): while relayed, the peer is told at once, and both sides dial again.
+    pub fn set_local_candidates(&mut self, now: Time, mut addrs: Vec<std::net::SocketAddr>) {
+        addrs.retain(dialable);
+        addrs.dedup();
+        addrs.truncate(MAX_CANDIDATES);
+        if addrs == self.punch.local {
+            return;
+        }
+        self.punch.local = addrs;
+        if self.link.relayed() == Some(true) {
+            self.send_candidates();
+            self.punch_now(now.mono_ms);
+        }
+    }
+
+    fn send_candidates(&mut self) {
+        if !self.punch.local.is_empty() {
+            self.out.push_back(Output::Control {
+                msg: Msg::Candidates {
+                    addrs: self.punch.local.clone(),
+                },
+            });
+        }
+    }
+
+    /// Dials the peer's candidates now, or as soon as the rate limit allows; only while
+    /// the live connection is relayed.
+    fn punch_now(&mut self, t: u64) {
+        if self.link.relayed() != Some(true) || self.punch.peer.is_empty() {
+            self.punch.due = None;
+            return;
+        }
+        if let Some(last) = self.punch.last
+            && last + PUNCH_MIN_MS > t
+        {
+            self.punch.due = Some(last + PUNCH_MIN_MS);
+            return;
+        }
+        self.punch.last = Some(t);
+        self.punch.due = None;
+        self.out.push_back(Output::Punch {
+            addrs: self.punch.peer.clone(),
+        });
+    }
+
+    /// The peer's candidate addresses, as it last sent them.
+    pub fn peer_candidates(&self) -> &[std::net::SocketAddr] {
+        &self.punch.peer
+    }
+
+    /// Whether the live connection runs through the relay (None: not connected).
+    pub fn relayed(&self) -> Option<bool> {
+        self.link.relayed()
     }
 
     // ---- the link ----
@@ -273,8 +378,14 @@ impl PeerSession {
         self.link.dial_failed(now.mono_ms, &mut self.rng, why);
     }
 
-    /// A connection to the peer is up: dialled by us (`dialed`) or accepted.
+    /// A direct connection to the peer is up: dialled by us (`dialed`) or accepted.
     pub fn handle_connected(&mut self, now: Time, conn: ConnId, dialed: bool) {
+        self.handle_connected_via(now, conn, dialed, false)
+    }
+
+    /// A connection to the peer is up: dialled by us (`dialed`) or accepted, through the
+    /// relay (`relayed`) or direct (a direct one is preferred: `link`).
+    pub fn handle_connected_via(&mut self, now: Time, conn: ConnId, dialed: bool, relayed: bool) {
         if self.stopped {
             self.out.push_back(Output::Close {
                 conn,
@@ -282,7 +393,7 @@ impl PeerSession {
             });
             return;
         }
-        match self.link.connected(now.mono_ms, conn, dialed) {
+        match self.link.connected(now.mono_ms, conn, dialed, relayed) {
             Verdict::Reject(code) => self.out.push_back(Output::Close { conn, code }),
             verdict => {
                 if let Verdict::Replace(old) = verdict {
@@ -298,6 +409,18 @@ impl PeerSession {
                 self.maybe_pull(now);
                 // Tell it at once whether we hold anything it needs.
                 self.handle_local_commit(now);
+                self.punch.due = None;
+                if relayed {
+                    // Through the relay: tell the peer where we may be reached directly;
+                    // it does the same, and each side dials the other's as they arrive.
+                    self.punch.peer.clear();
+                    self.punch.retry_ms = PUNCH_RETRY_MS;
+                    self.punch.next_round =
+                        self.punch.leader.then_some(now.mono_ms + PUNCH_RETRY_MS);
+                    self.send_candidates();
+                } else {
+                    self.punch.next_round = None;
+                }
             }
         }
     }
@@ -484,19 +607,27 @@ impl PeerSession {
                 self.pull_due = true;
                 self.maybe_pull(now);
             }
-            Msg::Caught { upto, incarnation } => {
-                // Nothing of the peer's up to `upto` is for us: move the checkpoint there,
-                // unless a pull is running or due (which moves it anyway).
+            // Nothing of the peer's up to `upto` is for us: move the checkpoint there, unless
+            // a pull is running or due (which moves it anyway).
+            Msg::Caught { upto, incarnation }
                 if self.pull.is_none()
                     && !self.pull_due
                     && self.pulled
                     && incarnation == self.record.checkpoint_incarnation
-                    && upto > self.record.checkpoint
-                {
-                    self.record.checkpoint = upto;
-                    self.out
-                        .push_back(Output::Persist(Persist::Checkpoint { upto, incarnation }));
-                }
+                    && upto > self.record.checkpoint =>
+            {
+                self.record.checkpoint = upto;
+                self.out
+                    .push_back(Output::Persist(Persist::Checkpoint { upto, incarnation }));
+            }
+            // Checked on decode: at most MAX_CANDIDATES dialable addresses. Only these are
+            // ever dialled, and only while the connection is relayed (a direct one needs
+            // nothing better); the pinned handshake refuses whoever else answers.
+            Msg::Candidates { mut addrs } if self.link.relayed() == Some(true) => {
+                addrs.retain(dialable);
+                addrs.truncate(MAX_CANDIDATES);
+                self.punch.peer = addrs;
+                self.punch_now(now.mono_ms);
             }
             _ => {}
         }

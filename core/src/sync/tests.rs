@@ -699,4 +699,245 @@ fn a_pull_carries_the_wall_clock_and_one_without_it_still_decodes() {
             incarnation: 9
         }
     );
+// ---- direct over relayed, and hole punching ----
+
+fn relayed_session(me: PracticeId, peer: PracticeId) -> PeerSession {
+    let mut s = PeerSession::new(me, peer, PeerRecord::default(), 42, 7, t(0));
+    s.set_local_candidates(t(0), vec!["203.0.113.7:7361".parse().unwrap()]);
+    s.handle_timeout(t(0));
+    assert_eq!(drain(&mut s), vec![Output::Dial]);
+    s
+}
+
+fn punches(out: &[Output]) -> Vec<Vec<std::net::SocketAddr>> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Punch { addrs } => Some(addrs.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sent_candidates(out: &[Output]) -> Vec<Vec<std::net::SocketAddr>> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Control {
+                msg: Msg::Candidates { addrs },
+            } => Some(addrs.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Both practices see the same connections (who dialled each, and whether it is relayed),
+/// in their own orders of arrival, and must end up keeping the same one.
+#[test]
+fn both_sides_keep_a_direct_connection_over_a_relayed_one_and_agree_on_which() {
+    let (a, b) = ids();
+    // A connection as both see it: (dialled by a?, relayed?).
+    let conns = [(true, true), (false, true), (true, false), (false, false)];
+    // Every order of arrival at each side (within the first seconds, as in a punch).
+    let orders: Vec<Vec<usize>> = vec![
+        vec![0, 2],
+        vec![2, 0],
+        vec![0, 1, 2, 3],
+        vec![1, 0, 3, 2],
+        vec![0, 3, 2],
+        vec![1, 2, 3],
+        vec![3, 2, 1, 0],
+        vec![0, 1],
+        vec![2, 3],
+        vec![3, 2],
+    ];
+    for oa in &orders {
+        for ob in orders.iter().filter(|o| {
+            let mut x = (*o).clone();
+            let mut y = oa.clone();
+            x.sort();
+            y.sort();
+            x == y
+        }) {
+            let mut kept = Vec::new();
+            for (me, peer, order) in [(a, b, oa), (b, a, ob)] {
+                let mut s = PeerSession::new(me, peer, PeerRecord::default(), 42, 7, t(0));
+                for (n, &c) in order.iter().enumerate() {
+                    let (by_a, relayed) = conns[c];
+                    let dialed = by_a == (me == a);
+                    s.handle_connected_via(t(10 + n as u64), c as u64 + 1, dialed, relayed);
+                }
+                kept.push(s.conn());
+            }
+            assert_eq!(kept[0], kept[1], "orders {oa:?} / {ob:?}");
+            let k = kept[0].unwrap() as usize - 1;
+            // A direct one is kept whenever there is one.
+            assert!(
+                !conns[k].1 || oa.iter().all(|&c| conns[c].1),
+                "orders {oa:?}: kept relayed {k}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_direct_connection_replaces_the_relayed_one_and_the_pull_resumes_from_its_checkpoint() {
+    let (a, b) = ids();
+    let record = PeerRecord {
+        checkpoint: 40,
+        checkpoint_incarnation: 9,
+        ..Default::default()
+    };
+    let mut s = PeerSession::new(a, b, record, 42, 7, t(0));
+    s.handle_timeout(t(0));
+    drain(&mut s);
+    s.handle_connected_via(t(1), 1, true, true);
+    assert_eq!(s.relayed(), Some(true));
+    let out = drain(&mut s);
+    let first = pull_stream(&out);
+    s.handle_message(t(2), first, offer((0..3).map(|i| format!("c{i}")), 1));
+    drain(&mut s);
+    // The punched connection arrives (accepted): the relayed one is closed, and a new pull
+    // starts from the same checkpoint (what was applied meanwhile compares equal by digest
+    // and is not wanted again).
+    s.handle_connected_via(t(3), 2, false, false);
+    let out = drain(&mut s);
+    assert_eq!(
+        out[0],
+        Output::Close {
+            conn: 1,
+            code: CloseCode::Duplicate
+        }
+    );
+    assert_eq!((s.conn(), s.relayed()), (Some(2), Some(false)));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            msg: Msg::Pull {
+                since: 40,
+                incarnation: 9,
+                ..
+            },
+            stream
+        } if *stream != first
+    )));
+    // A late relayed connection does not replace it.
+    s.handle_connected_via(t(4), 3, true, true);
+    assert_eq!(
+        drain(&mut s),
+        vec![Output::Close {
+            conn: 3,
+            code: CloseCode::Duplicate
+        }]
+    );
+    // The direct path dies: back to dialling (the driver's routes: the relay).
+    s.handle_connection_lost(t(5), 2, Closed::Lost("idle".into()));
+    assert_eq!(s.conn(), None);
+    let at = s.poll_timeout().unwrap();
+    s.handle_timeout(t(at));
+    assert_eq!(drain(&mut s), vec![Output::Dial]);
+}
+
+#[test]
+fn candidates_are_exchanged_over_the_relay_and_punching_is_rate_limited() {
+    let (a, b) = ids();
+    let (small, big) = if a < b { (a, b) } else { (b, a) };
+    let peer_addrs: Vec<std::net::SocketAddr> = vec![
+        "198.51.100.9:7361".parse().unwrap(),
+        "192.168.20.2:7361".parse().unwrap(),
+    ];
+    for (me, peer, leader) in [(small, big, true), (big, small, false)] {
+        let mut s = relayed_session(me, peer);
+        s.handle_connected_via(t(1), 1, true, true);
+        let out = drain(&mut s);
+        assert_eq!(
+            sent_candidates(&out),
+            vec![vec!["203.0.113.7:7361".parse().unwrap()]],
+            "our candidates go to the peer as soon as we are relayed"
+        );
+        assert!(punches(&out).is_empty(), "nothing to dial yet");
+        // Its candidates arrive: dial exactly them, at once.
+        s.handle_control(
+            t(100),
+            Msg::Candidates {
+                addrs: peer_addrs.clone(),
+            },
+        );
+        assert_eq!(punches(&drain(&mut s)), vec![peer_addrs.clone()]);
+        // Again at once (a hostile or chatty peer): no dial until the interval has passed.
+        s.handle_control(
+            t(200),
+            Msg::Candidates {
+                addrs: peer_addrs.clone(),
+            },
+        );
+        assert!(punches(&drain(&mut s)).is_empty());
+        assert!(s.poll_timeout().unwrap() <= 100 + PUNCH_MIN_MS);
+        s.handle_timeout(t(100 + PUNCH_MIN_MS));
+        assert_eq!(punches(&drain(&mut s)), vec![peer_addrs.clone()]);
+        // Still relayed later: the smaller id starts another round (its candidates again,
+        // so the other dials at the same moment) and dials; the other waits for it.
+        s.handle_timeout(t(1 + PUNCH_RETRY_MS));
+        let out = drain(&mut s);
+        assert_eq!(!sent_candidates(&out).is_empty(), leader);
+        assert_eq!(!punches(&out).is_empty(), leader);
+        // A new public address (a new STUN answer) is sent at once.
+        s.set_local_candidates(t(9_000), vec!["203.0.113.7:40000".parse().unwrap()]);
+        assert_eq!(
+            sent_candidates(&drain(&mut s)),
+            vec![vec!["203.0.113.7:40000".parse().unwrap()]]
+        );
+        // Once direct, candidates are neither sent nor dialled.
+        s.handle_connected_via(t(10_000), 2, false, false);
+        drain(&mut s);
+        s.handle_control(
+            t(20_000),
+            Msg::Candidates {
+                addrs: peer_addrs.clone(),
+            },
+        );
+        s.set_local_candidates(t(20_000), vec!["203.0.113.7:40001".parse().unwrap()]);
+        s.handle_timeout(t(100_000));
+        let out = drain(&mut s);
+        assert!(
+            punches(&out).is_empty() && sent_candidates(&out).is_empty(),
+            "{out:?}"
+        );
+    }
+}
+
+#[test]
+fn candidate_messages_are_bounded_and_only_dialable_addresses_pass() {
+    let v6: Vec<std::net::SocketAddr> = (0..MAX_CANDIDATES)
+        .map(|i| {
+            format!("[2001:db8::{i}:ffff:ffff:ffff]:65535")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let m = Msg::Candidates { addrs: v6.clone() };
+    let bytes = m.encode();
+    assert!(bytes.len() <= MAX_CONTROL, "{} bytes", bytes.len());
+    assert_eq!(Msg::decode(&bytes, MAX_CONTROL).unwrap(), m);
+    let mut nine = v6.clone();
+    nine.push("198.51.100.1:1".parse().unwrap());
+    assert!(Msg::decode(&Msg::Candidates { addrs: nine }.encode(), MAX_CONTROL).is_err());
+    for bad in [
+        "127.0.0.1:7361",
+        "0.0.0.0:7361",
+        "198.51.100.1:0",
+        "224.0.0.251:5353",
+        "255.255.255.255:7361",
+        "240.0.0.3:1025",
+        "[::1]:7361",
+        "[::]:7361",
+        "[ff02::1]:7361",
+        "[::ffff:127.0.0.1]:7361",
+    ] {
+        let m = Msg::Candidates {
+            addrs: vec![bad.parse().unwrap()],
+        };
+        assert!(Msg::decode(&m.encode(), MAX_CONTROL).is_err(), "{bad}");
+    }
+    for good in ["192.168.1.10:7361", "10.77.1.2:7361", "[2001:db8::1]:7361"] {
+        assert!(dialable(&good.parse().unwrap()), "{good}");
+    }
 }

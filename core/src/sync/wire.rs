@@ -38,8 +38,12 @@ pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// requests. Anything bigger is a protocol violation, refused before it is decoded.
 pub const MAX_REQUEST: usize = 512 * 1024;
 
-/// The largest control message (`Nudge`, `Caught`), on its own unidirectional stream.
-pub const MAX_CONTROL: usize = 64;
+/// The largest control message (`Nudge`, `Caught`, `Candidates`), on its own
+/// unidirectional stream.
+pub const MAX_CONTROL: usize = 256;
+
+/// Addresses in one `Candidates` message.
+pub const MAX_CANDIDATES: usize = 8;
 
 /// The target size of one `Changes` message (a message may exceed it by one chart).
 pub const CHANGES_TARGET: usize = 512 * 1024;
@@ -136,6 +140,13 @@ pub enum Msg {
     },
     EmergencyAnswer {
         answer: crate::emergency::Answer,
+    },
+    /// Either side, on its own stream, while the two are connected through the relay: the
+    /// addresses this practice may be reached at directly (its public address as a STUN
+    /// server saw it, its own interface addresses), at most [`MAX_CANDIDATES`]. The other
+    /// side dials them (hole punching) and dials nothing else.
+    Candidates {
+        addrs: Vec<std::net::SocketAddr>,
     },
 }
 
@@ -304,6 +315,18 @@ impl Msg {
                 }
                 _ => Ok(()),
             },
+            Msg::Candidates { addrs } => {
+                if addrs.len() > MAX_CANDIDATES {
+                    return bad(format!(
+                        "{} candidate addresses (the limit is {MAX_CANDIDATES})",
+                        addrs.len()
+                    ));
+                }
+                match addrs.iter().find(|a| !dialable(a)) {
+                    Some(a) => bad(format!("a candidate address that is not dialable: {a}")),
+                    None => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -322,6 +345,7 @@ impl Msg {
             Msg::Caught { .. } => "Caught",
             Msg::EmergencyRequest { .. } => "EmergencyRequest",
             Msg::EmergencyAnswer { .. } => "EmergencyAnswer",
+            Msg::Candidates { .. } => "Candidates",
         }
     }
 }
@@ -332,4 +356,31 @@ fn valid_chart(id: &str) -> Result<(), ProtocolError> {
     ChartId::parse(id)
         .map(|_| ())
         .map_err(|_| ProtocolError::Malformed("an invalid chart id".into()))
+}
+
+/// Whether a candidate address from a peer may be dialled: a unicast address of another
+/// machine with a port. Loopback, unspecified, multicast, broadcast and reserved addresses
+/// (240.0.0.0/4, which also holds relayed paths' virtual addresses) are refused, so a peer
+/// cannot make this practice send packets to itself or to a group.
+pub fn dialable(a: &std::net::SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if a.port() == 0 {
+        return false;
+    }
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.is_broadcast()
+                || ip.octets()[0] >= 240
+                || ip.octets()[0] == 0)
+        }
+        IpAddr::V6(ip) => {
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.to_ipv4_mapped().is_some())
+        }
+    }
 }
