@@ -756,6 +756,15 @@ impl ChartDoc {
         })
     }
 
+    /// Whether any change of the document was written by `practice` (its automerge actor).
+    pub fn has_changes_by(&mut self, practice: &crate::PracticeId) -> bool {
+        let actor = ActorId::from(&practice.actor_bytes()[..]);
+        self.doc
+            .get_changes_meta(&[])
+            .into_iter()
+            .any(|m| *m.actor == actor)
+    }
+
     /// Every change of the document, oldest first (in causal order).
     pub fn history(&mut self) -> Vec<HistoryEntry> {
         self.doc

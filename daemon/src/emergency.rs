@@ -435,7 +435,7 @@ impl Node {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.store.end_emergency_access(now_ms()) {
+            match self.store.end_emergency_access(now_ms(), self.identity.id) {
                 Ok(None) => {}
                 Ok(Some(rx)) => match rx.await {
                     Ok(Ok(removed)) if !removed.is_empty() => {

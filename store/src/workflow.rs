@@ -276,7 +276,16 @@ impl Store {
     /// expired and was not replaced by a lasting one): every row of each copy, in the same
     /// transaction as its audit entry. Returns the removed copies' keys in the store.
     /// None when nothing has ended (checked on a read connection, without the writer).
-    pub fn end_emergency_access(&self, now_ms: i64) -> Result<Option<EmergencyEnd>, StoreError> {
+    ///
+    /// `me` is this practice: a copy holding entries written here (under a read-write grant
+    /// of the same chart, before or after the emergency) is not removed, as no entry written
+    /// here is ever deleted; it is kept marked revoked and read-only, like any copy whose
+    /// grant ended.
+    pub fn end_emergency_access(
+        &self,
+        now_ms: i64,
+        me: chartmesh_core::PracticeId,
+    ) -> Result<Option<EmergencyEnd>, StoreError> {
         // Ended: the time counted by this practice's clock has passed, or the custodian's
         // expiry (or revocation) has arrived and marked the copy.
         const ENDED: &str = "SELECT chart_id, peer FROM emergency_access e WHERE e.expires_ms <= ?1
@@ -302,6 +311,25 @@ impl Store {
                 // Still held under an expiring grant from that custodian: remove it. A
                 // copy since shared without an end (or not held at all) stays.
                 if let Some((key, Some(_))) = received_copy(ctx.conn, &peer, &chart)? {
+                    let written_here = crate::write::load_doc(ctx.conn, &key)?
+                        .is_some_and(|(mut doc, _, _)| doc.has_changes_by(&me));
+                    if written_here {
+                        ctx.conn.execute(
+                            "UPDATE charts SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+                            params![key, now_ms],
+                        )?;
+                        ctx.audit(
+                            &AuditEvent::new(now_ms, "emergency", "emergency-expired")
+                                .chart(&key)
+                                .peer(&peer)
+                                .detail("emergency access ended; the copy holds entries written here, so it is kept, read-only"),
+                        )?;
+                        ctx.conn.execute(
+                            "DELETE FROM emergency_access WHERE chart_id = ?1 AND peer = ?2",
+                            params![chart, peer],
+                        )?;
+                        continue;
+                    }
                     remove_copy(ctx.conn, &key)?;
                     ctx.audit(
                         &AuditEvent::new(now_ms, "emergency", "emergency-expired")

@@ -1471,7 +1471,7 @@ impl Mesh {
                     .unwrap()
                     .unwrap();
             }
-            if let Some(rx) = store.end_emergency_access(wall).unwrap() {
+            if let Some(rx) = store.end_emergency_access(wall, self.nodes[i].id).unwrap() {
                 rx.blocking_recv().unwrap().unwrap();
             }
         }

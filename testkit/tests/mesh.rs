@@ -71,6 +71,21 @@ fn scenarios_odd_seeds() {
     scenarios(1);
 }
 
+/// Seeds that once failed (found by long runs), replayed by every run.
+const REGRESSIONS: &[(u64, &str)] = &[(
+    3366,
+    "an expired emergency grant removed a copy holding notes written here under a later read-write share",
+)];
+
+#[test]
+fn regression_seeds() {
+    for (seed, what) in REGRESSIONS {
+        if let Err(report) = run(*seed, PRACTICES, &ops_of_seed(*seed)) {
+            panic!("seed {seed} ({what}) fails again:\n{report}");
+        }
+    }
+}
+
 #[test]
 fn replay() {
     let Some(seed) = std::env::var("CHARTMESH_SIM_SEED")
