@@ -699,6 +699,8 @@ fn a_pull_carries_the_wall_clock_and_one_without_it_still_decodes() {
             incarnation: 9
         }
     );
+}
+
 // ---- direct over relayed, and hole punching ----
 
 fn relayed_session(me: PracticeId, peer: PracticeId) -> PeerSession {
