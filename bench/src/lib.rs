@@ -31,6 +31,66 @@ pub struct Options {
     /// What the link between the two practices does to each datagram, each way (None: a
     /// clean loopback link, the standard run).
     pub link: Option<relay::Impairment>,
+    /// Both practices reach each other only through a Syncthing relay server (`strelaysrv`)
+    /// on loopback, paired by id with no address; wire bytes are then quinn's count at A.
+    pub via_relay: bool,
+}
+
+/// A Syncthing relay server on loopback for a relayed run; stopped when dropped.
+struct RelayServer {
+    child: Child,
+    addr: String,
+    id: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RelayServer {
+    fn start() -> Result<RelayServer> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = dir.path().join("relay.log");
+        let child = Command::new("strelaysrv")
+            .arg(format!("-listen={addr}"))
+            .args(["-pools=", "-status-srv=", "-nat=false"])
+            .arg(format!("-keys={}", dir.path().display()))
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::options().append(true).open(&log)?)
+            .spawn()
+            .context("starting strelaysrv (Debian package syncthing-relaysrv) for --via relay")?;
+        let mut server = RelayServer {
+            child,
+            addr,
+            id: String::new(),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(rest) = text.split("id=").nth(1) {
+                server.id = rest
+                    .split(['&', '\n', ' '])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "strelaysrv did not print its id within 20 s (see {})",
+            log.display()
+        )
+    }
+}
+
+impl Drop for RelayServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 struct Daemon {
@@ -170,20 +230,27 @@ pub fn run_once(o: &Options) -> Result<Value> {
     } else {
         Some(guard)
     };
+    let relay_server = if o.via_relay {
+        Some(RelayServer::start()?)
+    } else {
+        None
+    };
+    let relay_args: Vec<&str> = match &relay_server {
+        Some(r) => vec!["--relay", &r.addr, "--relay-id", &r.id],
+        None => vec![],
+    };
     let a = root.join("a");
-    cli_ok(
-        &o.bin_dir,
-        &a,
-        &[
-            "init",
-            "--name",
-            "Bench A",
-            "--api",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    )?;
+    let mut init_a = vec![
+        "init",
+        "--name",
+        "Bench A",
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    init_a.extend(&relay_args);
+    cli_ok(&o.bin_dir, &a, &init_a)?;
     let da = Daemon::start(&o.bin_dir, &a)?;
 
     // 1. load: import the N charts into A durably.
@@ -242,51 +309,49 @@ pub fn run_once(o: &Options) -> Result<Value> {
     let da = Daemon::start(&o.bin_dir, &a)?;
     let b = root.join("b");
     let b_listen = format!("127.0.0.1:{}", free_udp_port()?);
-    cli_ok(
-        &o.bin_dir,
-        &b,
-        &[
-            "init",
-            "--name",
-            "Bench B",
-            "--api",
-            "127.0.0.1:0",
-            "--listen",
-            &b_listen,
-        ],
-    )?;
+    let mut init_b = vec![
+        "init",
+        "--name",
+        "Bench B",
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        &b_listen,
+    ];
+    init_b.extend(&relay_args);
+    cli_ok(&o.bin_dir, &b, &init_b)?;
     let mut db = Daemon::start(&o.bin_dir, &b)?;
     let id_a = practice_id(&o.bin_dir, &a)?;
     let id_b = practice_id(&o.bin_dir, &b)?;
     let relay_to_a = relay::Relay::start_impaired(sync_addr(&a)?, o.link)?;
     let relay_to_b = relay::Relay::start_impaired(b_listen.parse()?, o.link)?;
-    let wire = || relay_to_a.bytes() + relay_to_b.bytes();
-    cli_ok(
-        &o.bin_dir,
-        &a,
-        &[
-            "peer",
-            "add",
-            &id_b,
-            "--addr",
-            &relay_to_b.addr.to_string(),
-            "--name",
-            "Bench B",
-        ],
-    )?;
-    cli_ok(
-        &o.bin_dir,
-        &b,
-        &[
-            "peer",
-            "add",
-            &id_a,
-            "--addr",
-            &relay_to_a.addr.to_string(),
-            "--name",
-            "Bench A",
-        ],
-    )?;
+    // Through the relay the UDP relays carry nothing: A's own count (quinn's, every byte of
+    // every connection since A started, both ways) is the wire.
+    let a_bytes = || -> u64 {
+        Api::of(&a)
+            .and_then(|api| api.get("/status"))
+            .map(|s| {
+                s["sync"]["bytesSent"].as_u64().unwrap_or(0)
+                    + s["sync"]["bytesReceived"].as_u64().unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    let wire = || {
+        if o.via_relay {
+            a_bytes()
+        } else {
+            relay_to_a.bytes() + relay_to_b.bytes()
+        }
+    };
+    let (to_b, to_a) = (relay_to_b.addr.to_string(), relay_to_a.addr.to_string());
+    let mut add_b = vec!["peer", "add", &id_b, "--name", "Bench B"];
+    let mut add_a = vec!["peer", "add", &id_a, "--name", "Bench A"];
+    if !o.via_relay {
+        add_b.extend(["--addr", &to_b]);
+        add_a.extend(["--addr", &to_a]);
+    }
+    cli_ok(&o.bin_dir, &a, &add_b)?;
+    cli_ok(&o.bin_dir, &b, &add_a)?;
     sync_wait(&o.bin_dir, &b, &id_a)?;
 
     // 3. initial sync: from the grant until all N are durable in B (B's pull complete).

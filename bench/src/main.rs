@@ -25,6 +25,10 @@ struct Args {
     /// (15 % loss and 80 ms delay each way, 2 % duplicates, made by the bench's UDP relay).
     #[arg(long, default_value = "clean", value_parser = ["clean", "rural"])]
     link: String,
+    /// `direct` (the standard run) or `relay`: through a Syncthing relay server on loopback
+    /// (`strelaysrv`, Debian package syncthing-relaysrv), paired by id alone.
+    #[arg(long, default_value = "direct", value_parser = ["direct", "relay"])]
+    via: String,
 }
 
 fn main() -> Result<()> {
@@ -63,6 +67,7 @@ fn main() -> Result<()> {
         n: args.n,
         reps: args.reps,
         link: (args.link == "rural").then(|| chartmesh_bench::relay::Impairment::rural(1)),
+        via_relay: args.via == "relay",
     };
     let reps = chartmesh_bench::run(&opts)?;
     if let Some(p) = &args.json {

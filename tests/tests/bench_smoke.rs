@@ -14,6 +14,7 @@ fn bench_runs_at_small_n_and_checks_its_checksums() {
         reps: 1,
         rep: 0,
         link: None,
+        via_relay: false,
     };
     let reps = chartmesh_bench::run(&opts).unwrap();
     let r = &reps[0];
@@ -65,6 +66,7 @@ fn bench_runs_at_small_n_and_checks_its_checksums() {
         reps: 1,
         rep: 0,
         link: None,
+        via_relay: false,
     };
     let err = chartmesh_bench::run(&bad).unwrap_err().to_string();
     assert!(err.contains("checksum"), "{err}");
