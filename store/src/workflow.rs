@@ -92,6 +92,10 @@ pub(crate) fn file_conflicts(
     Ok(new)
 }
 
+/// How far the custodian's end of an emergency grant may lie after this practice's own count
+/// of it (the two clocks differ) and still be the same grant.
+const EMERGENCY_CLOCK_SLACK_MS: i64 = 60_000;
+
 /// The copy of `custodian`'s chart `chart` held here: its key in `charts` (the custodian's
 /// id, or `ID@CUSTODIAN` where received copies are keyed by custodian) and the end of the
 /// grant it is held under. Looked up by origin, never by assuming key == chart id.
@@ -277,10 +281,11 @@ impl Store {
     /// transaction as its audit entry. Returns the removed copies' keys in the store.
     /// None when nothing has ended (checked on a read connection, without the writer).
     ///
-    /// `me` is this practice: a copy holding entries written here (under a read-write grant
-    /// of the same chart, before or after the emergency) is not removed, as no entry written
-    /// here is ever deleted; it is kept marked revoked and read-only, like any copy whose
-    /// grant ended.
+    /// A copy held since under another, still active grant of the same chart stays as that
+    /// grant says. `me` is this practice: a copy holding entries written here (under a
+    /// read-write grant of the same chart, before or after the emergency) is not removed, as
+    /// no entry written here is ever deleted; it is kept marked revoked and read-only, like
+    /// any copy whose grant ended.
     pub fn end_emergency_access(
         &self,
         now_ms: i64,
@@ -288,7 +293,8 @@ impl Store {
     ) -> Result<Option<EmergencyEnd>, StoreError> {
         // Ended: the time counted by this practice's clock has passed, or the custodian's
         // expiry (or revocation) has arrived and marked the copy.
-        const ENDED: &str = "SELECT chart_id, peer FROM emergency_access e WHERE e.expires_ms <= ?1
+        const ENDED: &str =
+            "SELECT chart_id, peer, expires_ms FROM emergency_access e WHERE e.expires_ms <= ?1
              OR EXISTS (SELECT 1 FROM charts c WHERE c.origin = e.peer
                         AND (c.id = e.chart_id OR c.id = e.chart_id || '@' || e.peer)
                         AND c.revoked_ms IS NOT NULL)";
@@ -301,43 +307,57 @@ impl Store {
         }
         let (tx, rx) = oneshot::channel();
         self.writer()?.send(crate::write::task(tx, move |ctx| {
-            let ended: Vec<(String, String)> = ctx
+            let ended: Vec<(String, String, i64)> = ctx
                 .conn
                 .prepare_cached(ENDED)?
-                .query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<_, _>>()?;
             let mut removed = Vec::new();
-            for (chart, peer) in ended {
-                // Still held under an expiring grant from that custodian: remove it. A
-                // copy since shared without an end (or not held at all) stays.
-                if let Some((key, Some(_))) = received_copy(ctx.conn, &peer, &chart)? {
-                    let written_here = crate::write::load_doc(ctx.conn, &key)?
-                        .is_some_and(|(mut doc, _, _)| doc.has_changes_by(&me));
-                    if written_here {
-                        ctx.conn.execute(
-                            "UPDATE charts SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
-                            params![key, now_ms],
-                        )?;
-                        ctx.audit(
-                            &AuditEvent::new(now_ms, "emergency", "emergency-expired")
-                                .chart(&key)
-                                .peer(&peer)
-                                .detail("emergency access ended; the copy holds entries written here, so it is kept, read-only"),
-                        )?;
-                        ctx.conn.execute(
-                            "DELETE FROM emergency_access WHERE chart_id = ?1 AND peer = ?2",
-                            params![chart, peer],
-                        )?;
-                        continue;
+            for (chart, peer, emergency_ends) in ended {
+                if let Some(key) = received_copy(ctx.conn, &peer, &chart)?.map(|(k, _)| k) {
+                    let (access, expires, revoked): (Option<String>, Option<i64>, Option<i64>) =
+                        ctx.conn
+                            .prepare_cached(
+                                "SELECT access, expires_ms, revoked_ms FROM charts WHERE id = ?1",
+                            )?
+                            .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                    // Held since under another grant of the custodian that is still active
+                    // (an emergency grants reading until its end; a later share replaces it
+                    // at the custodian): the copy stays, as that grant says.
+                    let other_grant = revoked.is_none()
+                        && match expires {
+                            None => true,
+                            Some(e) => {
+                                e > now_ms
+                                    && (access.as_deref() == Some("read-write")
+                                        || e > emergency_ends + EMERGENCY_CLOCK_SLACK_MS)
+                            }
+                        };
+                    if !other_grant {
+                        let written_here = crate::write::load_doc(ctx.conn, &key)?
+                            .is_some_and(|(mut doc, _, _)| doc.has_changes_by(&me));
+                        if written_here {
+                            ctx.conn.execute(
+                                "UPDATE charts SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+                                params![key, now_ms],
+                            )?;
+                            ctx.audit(
+                                &AuditEvent::new(now_ms, "emergency", "emergency-expired")
+                                    .chart(&key)
+                                    .peer(&peer)
+                                    .detail("emergency access ended; the copy holds entries written here, so it is kept, read-only"),
+                            )?;
+                        } else {
+                            remove_copy(ctx.conn, &key)?;
+                            ctx.audit(
+                                &AuditEvent::new(now_ms, "emergency", "emergency-expired")
+                                    .chart(&key)
+                                    .peer(&peer)
+                                    .detail("emergency access ended; the copy was removed"),
+                            )?;
+                            removed.push(key);
+                        }
                     }
-                    remove_copy(ctx.conn, &key)?;
-                    ctx.audit(
-                        &AuditEvent::new(now_ms, "emergency", "emergency-expired")
-                            .chart(&key)
-                            .peer(&peer)
-                            .detail("emergency access ended; the copy was removed"),
-                    )?;
-                    removed.push(key);
                 }
                 ctx.conn.execute(
                     "DELETE FROM emergency_access WHERE chart_id = ?1 AND peer = ?2",

@@ -72,10 +72,16 @@ fn scenarios_odd_seeds() {
 }
 
 /// Seeds that once failed (found by long runs), replayed by every run.
-const REGRESSIONS: &[(u64, &str)] = &[(
-    3366,
-    "an expired emergency grant removed a copy holding notes written here under a later read-write share",
-)];
+const REGRESSIONS: &[(u64, &str)] = &[
+    (
+        3366,
+        "an expired emergency grant removed a copy holding notes written here under a later read-write share",
+    ),
+    (
+        28164,
+        "an expired emergency grant removed a copy held under a later, still active share; the holder's checkpoint was past it",
+    ),
+];
 
 #[test]
 fn regression_seeds() {
