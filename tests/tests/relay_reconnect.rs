@@ -8,7 +8,9 @@
 //! CONNECTION_CLOSE never left (a relay does not pass one end's close on), and the other
 //! practice kept the dead connection as its live one; it then refused the resumed
 //! practice's new connections as duplicates of it, and each was redialled 200 ms later,
-//! until the dead one was 5 s old (if it had been spoken on) or timed out (30 s).
+//! until the dead one was 5 s old (if it had been spoken on) or timed out (30 s). And the
+//! relay refused one half of a session whose two halves arrived at the same instant, so the
+//! dialler waited 10 s for an answer.
 //!
 //! Needs strelaysrv (`.ci/run` installs it); skips with a message otherwise. The relay runs
 //! with `-pools=` and no status server: it contacts nobody.
@@ -125,7 +127,9 @@ fn pausing_and_resuming_through_a_relay_reconnects_at_once_without_a_duplicate_s
         times.push(t.elapsed().as_millis());
     }
     let dups = duplicates(&a) + duplicates(&b) - dup_before;
-    eprintln!("reconnects through the relay (ms): {times:?}; connections refused as duplicates: {dups}");
+    eprintln!(
+        "reconnects through the relay (ms): {times:?}; connections refused as duplicates: {dups}"
+    );
     assert!(
         times.iter().all(|&ms| ms <= 2_000),
         "every reconnect within 2 s: {times:?} ms ({dups} refused as duplicates)\n--- A ---\n{}\n--- B ---\n{}",

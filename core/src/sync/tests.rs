@@ -529,7 +529,8 @@ fn a_peer_that_dials_again_through_the_relay_replaces_its_older_relayed_connecti
                     "{case}: {out:?}"
                 );
                 assert!(
-                    !out.iter().any(|o| matches!(o, Output::Close { conn: 2, .. })),
+                    !out.iter()
+                        .any(|o| matches!(o, Output::Close { conn: 2, .. })),
                     "{case}: {out:?}"
                 );
                 assert_eq!((s.conn(), s.relayed()), (Some(2), Some(true)), "{case}");
