@@ -31,6 +31,9 @@ pub use wire::{FrameReader, FrameWriter, WireError};
 
 /// The ALPN protocol id of chartmesh's sync protocol, version 1.
 pub const ALPN: &[u8] = b"chartmesh/1";
+/// How long a relayed path outlives its connection, so the connection's CONNECTION_CLOSE
+/// (and quinn's answers to the peer's packets while it drains) still reach the peer.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -243,7 +246,11 @@ impl Endpoint {
     }
 
     /// Closes the relayed path of a connection once the connection ends (a no-op for a
-    /// direct one).
+    /// direct one), [`CLOSE_GRACE`] later: a connection closed here resolves `closed()` at
+    /// once, before quinn has sent its CONNECTION_CLOSE, and a path removed then drops that
+    /// datagram. The peer would not learn that the connection ended (a relay does not pass
+    /// one end's close of its TCP connection on to the other), hold it as live until the
+    /// idle timeout, and refuse our next connection as its duplicate meanwhile.
     pub fn track(&self, pc: &PeerConnection) {
         let addr = pc.connection.remote_address();
         if !mux::is_relayed(addr) {
@@ -252,6 +259,7 @@ impl Endpoint {
         let (paths, conn) = (self.paths.clone(), pc.connection.clone());
         tokio::spawn(async move {
             conn.closed().await;
+            tokio::time::sleep(CLOSE_GRACE).await;
             paths.remove(addr);
         });
     }

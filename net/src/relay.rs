@@ -46,6 +46,8 @@ const MAX_MESSAGE: usize = 1024;
 const PING_EVERY: Duration = Duration::from_secs(5);
 const PING_TIMEOUT: Duration = Duration::from_secs(12);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an invited practice waits before joining the session (see where it is used).
+const INVITED_JOIN_DELAY: Duration = Duration::from_millis(20);
 
 /// Where the relay is and, optionally, the SHA-256 of its certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,6 +357,14 @@ impl Relay {
                             }
                             let paths = self.paths.clone();
                             tokio::spawn(async move {
+                                // strelaysrv admits a session's second half only while its
+                                // session task waits for one (a non-blocking hand-over):
+                                // two halves arriving within the same instant, as the
+                                // dialler's and ours do when both are close to the relay,
+                                // make it refuse one as "already connected", and the
+                                // dialler then waits 10 s for an answer. The dialler joins
+                                // as soon as it has the invitation; we join a moment later.
+                                tokio::time::sleep(INVITED_JOIN_DELAY).await;
                                 match join_session(relay_addr, &inv).await {
                                     Ok(stream) => {
                                         let addr = paths.add(from, stream);

@@ -184,10 +184,19 @@ impl Practice {
 
     /// [`Practice::new`] with its temporary directory (data directory and log) under `base`.
     pub fn new_in(base: &Path, name: &str) -> Practice {
+        Self::new_in_with(base, name, &[])
+    }
+
+    /// [`Practice::new`] initialised with `init_args` added (e.g. `--relay ADDR --relay-id ID`).
+    pub fn new_with(name: &str, init_args: &[&str]) -> Practice {
+        Self::new_in_with(&std::env::temp_dir(), name, init_args)
+    }
+
+    fn new_in_with(base: &Path, name: &str, init_args: &[&str]) -> Practice {
         let mut p = Practice::unstarted(tempfile::tempdir_in(base).unwrap(), None);
         // A fixed sync port (picked free now), so peers can reach it again after a restart.
         let listen = format!("127.0.0.1:{}", free_udp_port());
-        let out = p.cli(&[
+        let mut args = vec![
             "init",
             "--name",
             name,
@@ -195,7 +204,9 @@ impl Practice {
             "127.0.0.1:0",
             "--listen",
             &listen,
-        ]);
+        ];
+        args.extend_from_slice(init_args);
+        let out = p.cli(&args);
         assert!(
             out.status.success(),
             "init failed: {}",

@@ -3,8 +3,10 @@
 //!
 //! Which connection is kept: a direct one (UDP, on the LAN or through hole-punched NATs)
 //! beats a relayed one at both sides; between two of one kind, both keep the one dialled by
-//! the smaller practice id. Both rules depend only on what both sides see alike (the path of
-//! the connection, who dialled it), so the two sides agree without talking.
+//! the smaller practice id — except that a peer which dials us again through the relay has
+//! given up its previous relayed connection, so its new one replaces that one. The rules
+//! depend only on what both sides see alike (the path of the connection, who dialled it),
+//! so the two sides agree without talking.
 //!
 //! A connection counts as *good* only once the peer has spoken on it (a message read): a
 //! connection the peer closes straight after the handshake — it has not paired us yet, or it
@@ -78,7 +80,8 @@ pub enum Closed {
     /// This side closed it (paused, unpaired, shutting down, a duplicate).
     Local,
     /// The peer closed it as the duplicate of another connection: if that one is not ours
-    /// too, the two sides disagree, and we dial again at once.
+    /// too, the two sides disagree, and we dial again soon (backing off while none of
+    /// those connections is ever spoken on).
     Duplicate,
     /// Timed out, reset or a network error.
     Lost(String),
@@ -286,6 +289,19 @@ impl Link {
             State::Up { relayed: false, .. } if relayed => {
                 return Verdict::Reject(super::CloseCode::Duplicate);
             }
+            // A second relayed connection dialled by the peer while we hold one it dialled
+            // too: the peer dials only when it holds no connection, so it has given up the
+            // older one (its relayed session ended at its end, or its dial never saw our
+            // answer) even if we have not noticed yet. A relay ends a session's two halves
+            // independently, and the close of a QUIC connection over a relayed path is
+            // often lost with the path, so the older one can look alive here for the 30 s
+            // idle timeout: keeping it would refuse every redial as a duplicate all along.
+            State::Up {
+                conn: existing,
+                dialed: false,
+                relayed: true,
+                ..
+            } if !dialed && relayed => Verdict::Replace(existing),
             // Two fresh connections of one kind (both sides dialled at once): both keep the
             // one dialled by the smaller id.
             State::Up {
@@ -332,7 +348,15 @@ impl Link {
         }
         let next_dial = match why {
             Closed::Local => None,
-            Closed::Duplicate => Some(now + jitter(BACKOFF_MIN_MS, rng)),
+            // The two sides disagree on which connection to keep: dial again soon, but a
+            // connection refused as a duplicate before the peer spoke on it is a failed
+            // dial too, so redials grow apart (200 ms, 400 ms, ...) instead of storming
+            // every 200 ms while the peer holds on to a connection it believes live.
+            Closed::Duplicate if good => {
+                self.backoff.reset();
+                Some(now + self.backoff.next(rng))
+            }
+            Closed::Duplicate => Some(now + self.backoff.next(rng)),
             Closed::PeerLeft => Some(now + jitter(PEER_LEFT_RETRY_MS, rng)),
             // A connection the peer refused, or that never carried a message, is a failed
             // dial: back off like an unreachable peer.

@@ -499,6 +499,107 @@ fn a_peer_that_dials_again_replaces_a_connection_it_had_spoken_on() {
     )));
 }
 
+/// The relayed reconnect storm: the peer's relayed connection ended at its end (the relay
+/// ends a session's halves independently; the QUIC close went down with the path), so it
+/// dials again through the relay while we still hold the old one. Its new connection must
+/// replace the old one at once, whoever has the smaller id, however young or silent the old
+/// one is: refusing it as a duplicate makes the peer redial every 200 ms until the old one
+/// times out here (30 s).
+#[test]
+fn a_peer_that_dials_again_through_the_relay_replaces_its_older_relayed_connection() {
+    let (a, b) = ids();
+    for (me, peer) in [(a, b), (b, a)] {
+        for spoken in [false, true] {
+            for age in [5, 400, 4_000, 20_000] {
+                let mut s = PeerSession::new(me, peer, PeerRecord::default(), 42, 7, t(0));
+                s.handle_connected_via(t(1), 1, false, true);
+                if spoken {
+                    s.handle_control(t(2), Msg::Nudge);
+                }
+                drain(&mut s);
+                s.handle_connected_via(t(1 + age), 2, false, true);
+                let out = drain(&mut s);
+                let case = format!("smaller={} spoken={spoken} age={age}", me < peer);
+                assert_eq!(
+                    out.first(),
+                    Some(&Output::Close {
+                        conn: 1,
+                        code: CloseCode::Duplicate
+                    }),
+                    "{case}: {out:?}"
+                );
+                assert!(
+                    !out.iter()
+                        .any(|o| matches!(o, Output::Close { conn: 2, .. })),
+                    "{case}: {out:?}"
+                );
+                assert_eq!((s.conn(), s.relayed()), (Some(2), Some(true)), "{case}");
+                // And the sync starts on the new one.
+                assert!(
+                    out.iter().any(|o| matches!(
+                        o,
+                        Output::Send {
+                            msg: Msg::Pull { .. },
+                            ..
+                        }
+                    )),
+                    "{case}: {out:?}"
+                );
+            }
+        }
+    }
+    // Two connections dialled at once from both ends keep the tie-break: the peer's second
+    // relayed dial replaces only a connection it dialled itself, never ours.
+    let (small, big) = if a < b { (a, b) } else { (b, a) };
+    let mut s = PeerSession::new(small, big, PeerRecord::default(), 42, 7, t(0));
+    s.handle_timeout(t(0));
+    assert_eq!(drain(&mut s), vec![Output::Dial]);
+    s.handle_connected_via(t(1), 1, true, true);
+    drain(&mut s);
+    s.handle_connected_via(t(5), 2, false, true);
+    assert_eq!(
+        drain(&mut s),
+        vec![Output::Close {
+            conn: 2,
+            code: CloseCode::Duplicate
+        }]
+    );
+    assert_eq!(s.conn(), Some(1));
+}
+
+/// A side whose connections the peer keeps closing as duplicates before a word is spoken
+/// on them backs off like a failed dial (200 ms doubling), instead of redialling every
+/// 200 ms; one spoken on first redials within 250 ms.
+#[test]
+fn connections_refused_as_duplicates_back_off() {
+    let (a, b) = ids();
+    let mut s = PeerSession::new(a, b, PeerRecord::default(), 1, 7, t(0));
+    let mut now = 0;
+    let mut waits = Vec::new();
+    for i in 0..8u64 {
+        s.handle_timeout(t(now));
+        assert_eq!(drain(&mut s), vec![Output::Dial], "attempt {i}");
+        s.handle_connected_via(t(now + 1), i + 1, true, true);
+        drain(&mut s);
+        s.handle_connection_lost(t(now + 2), i + 1, Closed::Duplicate);
+        let next = s.poll_timeout().expect("a redial is planned");
+        waits.push(next - (now + 2));
+        now = next;
+    }
+    assert!(waits[0] >= 150 && waits[0] <= 250, "{waits:?}");
+    assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+    assert!(waits[5] >= 4_800, "{waits:?}");
+    // In 8 refusals the redials are spread over more than 20 s, not 1.6 s.
+    assert!(waits.iter().sum::<u64>() >= 20_000, "{waits:?}");
+    s.handle_timeout(t(now));
+    drain(&mut s);
+    s.handle_connected_via(t(now), 99, true, true);
+    s.handle_control(t(now + 1), Msg::Nudge);
+    drain(&mut s);
+    s.handle_connection_lost(t(now + 2), 99, Closed::Duplicate);
+    assert!(s.poll_timeout().unwrap() - (now + 2) <= 250);
+}
+
 #[test]
 fn a_rolled_back_responder_is_pulled_again_from_nothing() {
     let (a, b) = ids();
