@@ -7,7 +7,7 @@
 use anyhow::Result;
 use chartmesh_core::audit::AuditEvent;
 use chartmesh_datadir::datadir;
-use chartmesh_store::{Store, StoreOptions};
+use chartmesh_store::{Store, StoreError};
 use std::path::Path;
 
 use crate::client::CliError;
@@ -50,13 +50,11 @@ impl Offline {
         let key = datadir::store_key(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
         // A store of an older schema (or plaintext) is refused untouched: chartmeshd
         // upgrades it.
-        Store::open_read_only(&path, &key)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .close();
-        let store = Store::open(&path, &key, StoreOptions::default()).map_err(|e| {
-            anyhow::anyhow!(
+        let store = Store::open_existing(&path, &key).map_err(|e| match e {
+            StoreError::Sqlite(_) => anyhow::anyhow!(
                 "{e}; offline reads are audited, so they need write access to the store"
-            )
+            ),
+            e => anyhow::anyhow!("{e}"),
         })?;
         Ok(Offline {
             store,

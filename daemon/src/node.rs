@@ -664,7 +664,7 @@ impl Node {
         let horizon = today + time::Duration::days(within_days as i64);
         let t0 = std::time::Instant::now();
         let results = self
-            .on_pool(move || -> Result<Vec<(String, String, Vec<due::DueItem>, Vec<String>)>, NodeError> {
+            .on_pool(move || -> Result<Vec<DueRow>, NodeError> {
                 use rayon::prelude::*;
                 // The facts kept beside each chart; a chart without them (written before
                 // they existed, or unreadable as records) is read from its document.
@@ -692,7 +692,9 @@ impl Node {
                                 .conditions
                                 .iter()
                                 .filter(|c| c.is_active())
-                                .map(|c| format!("{} {}", c.code, c.display.clone().unwrap_or_default()))
+                                .map(|c| {
+                                    format!("{} {}", c.code, c.display.clone().unwrap_or_default())
+                                })
                                 .collect();
                             conditions.sort();
                             conditions.dedup();
@@ -1275,6 +1277,14 @@ fn read_review(store: &Store) -> Result<Vec<ReviewItem>, NodeError> {
 
 /// Additions to a stored chart: (chart, entries, patient fields, schema version they need).
 type Addition = (String, Vec<Entry>, Vec<(&'static str, Option<Value>)>, u32);
+
+/// One chart's due evaluation: (chart id, patient name, due items, active conditions).
+type DueRow = (
+    String,
+    String,
+    Vec<chartmesh_core::due::DueItem>,
+    Vec<String>,
+);
 
 /// What a FHIR import does with one patient it parsed.
 enum FhirPlan {

@@ -107,7 +107,30 @@ impl Store {
     pub fn open(path: &Path, key: &StoreKey, options: StoreOptions) -> Result<Store, StoreError> {
         failpoint::setup_from_env();
         let conn = schema::open_write_connection(path, key)?;
-        let writer = write::WriterHandle::spawn(conn, options.clone())?;
+        let writer = write::WriterHandle::spawn(conn, options.clone(), true)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                writer: Some(writer),
+                readers: read::ReaderPool::new(path.to_path_buf(), key.clone()),
+                options,
+            }),
+        })
+    }
+
+    /// Opens an existing store of this build's schema for an admin command run while the
+    /// daemon is stopped (the caller holds the daemon's lock): reads and audit entries, no
+    /// upgrade. A store of another schema version (or a plaintext one) is refused before
+    /// anything is written to it; chartmeshd upgrades stores. The WAL is left for the daemon
+    /// to fold in at its next start instead of being checkpointed at close.
+    pub fn open_existing(path: &Path, key: &StoreKey) -> Result<Store, StoreError> {
+        failpoint::setup_from_env();
+        if !path.exists() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        let options = StoreOptions::default();
+        let conn = schema::open_write_connection_as(path, key, false)?;
+        let writer = write::WriterHandle::spawn(conn, options.clone(), false)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),

@@ -211,6 +211,16 @@ pub(crate) fn open_write_connection(
     path: &Path,
     key: &crate::StoreKey,
 ) -> Result<Connection, StoreError> {
+    open_write_connection_as(path, key, true)
+}
+
+/// The write connection; with `upgrade` false a store of another schema version is refused
+/// before anything is written to it (an offline admin command: chartmeshd upgrades stores).
+pub(crate) fn open_write_connection_as(
+    path: &Path,
+    key: &crate::StoreKey,
+    upgrade: bool,
+) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
@@ -218,6 +228,9 @@ pub(crate) fn open_write_connection(
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     key.apply(&conn, path)?;
+    if !upgrade {
+        check_version(&conn, false)?;
+    }
     // WAL + synchronous=FULL: a committed transaction survives kill -9 and power loss.
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {

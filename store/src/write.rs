@@ -127,10 +127,21 @@ pub(crate) struct WriterHandle {
 }
 
 impl WriterHandle {
+    /// Starts the writer thread. With `checkpoint_at_close` false the WAL is left as it is
+    /// when the writer stops (committed and synced: durable either way) for the next opener
+    /// to fold in; an offline admin command saves the checkpoint's two fsyncs that way.
     pub(crate) fn spawn(
         conn: Connection,
         options: StoreOptions,
+        checkpoint_at_close: bool,
     ) -> Result<WriterHandle, StoreError> {
+        if !checkpoint_at_close {
+            // Nor does SQLite's own checkpoint when the last connection closes.
+            conn.set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                true,
+            )?;
+        }
         let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(1024);
         let head = read_head(&conn)?;
         let seq: i64 = conn.query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get(0))?;
@@ -143,6 +154,7 @@ impl WriterHandle {
                     options,
                     head,
                     changed,
+                    checkpoint_at_close,
                 }
                 .run(rx)
             })
@@ -206,6 +218,7 @@ struct Writer {
     head: Head,
     /// The change sequence after the last commit, for those waiting on local changes.
     changed: tokio::sync::watch::Sender<i64>,
+    checkpoint_at_close: bool,
 }
 
 /// A caller's answer, held until the batch's commit says whether it stands.
@@ -254,6 +267,10 @@ impl Writer {
             self.commit_batch(batch);
         }
         // Fold the WAL into the database so the next open does not have to replay it.
+        if !self.checkpoint_at_close {
+            tracing::debug!("store writer stopped; the WAL is left for the next opener");
+            return;
+        }
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
             tracing::warn!(error = %e, "checkpoint at shutdown failed; the WAL is replayed at the next start");
         }

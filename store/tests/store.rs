@@ -553,3 +553,83 @@ fn a_write_past_the_chart_size_limit_is_refused_and_loses_nothing() {
         .unwrap()
         .expect("a small write still fits");
 }
+
+/// An offline admin command's store (`Store::open_existing`): a store of an older schema is
+/// refused before anything is written to it; on a current one the audit entry it commits
+/// is durable in the WAL it leaves (no checkpoint at close), and the next opener reads it.
+#[test]
+fn an_offline_open_refuses_an_older_schema_untouched_and_leaves_its_audit_in_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
+    store
+        .insert_charts(vec![new_chart(&chart("c1", "Ames", "M1"))], "import".into())
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    store.close();
+    drop(store);
+    let wal = dir.path().join("store.db-wal");
+    assert!(!wal.exists(), "a daemon's store folds its WAL in at close");
+
+    // Older schema: refused, no file changed or added.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", key().to_hex()))
+            .unwrap();
+        let v: u32 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        conn.pragma_update(None, "user_version", v - 1).unwrap();
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        drop(conn);
+        let before = files_under(dir.path());
+        let err = Store::open_existing(&path, &key()).err().expect("refused");
+        assert!(
+            err.to_string()
+                .contains("start chartmeshd once to upgrade it"),
+            "{err}"
+        );
+        assert_eq!(
+            files_under(dir.path()),
+            before,
+            "the refused store was changed"
+        );
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", key().to_hex()))
+            .unwrap();
+        conn.pragma_update(None, "user_version", v).unwrap();
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+    }
+
+    // Current schema: the audit entry is committed into a WAL left for the next opener.
+    let off = Store::open_existing(&path, &key()).unwrap();
+    assert!(off.get("c1").unwrap().is_some());
+    off.audit(vec![
+        AuditEvent::new(9, "admin", "read")
+            .chart("c1")
+            .detail("chart; offline"),
+    ])
+    .unwrap()
+    .blocking_recv()
+    .unwrap()
+    .unwrap();
+    off.close();
+    drop(off);
+    assert!(
+        std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0,
+        "the committed entry stays in the WAL"
+    );
+    let next = Store::open(&path, &key(), StoreOptions::default()).unwrap();
+    let entries = next.audit_entries(Some("c1"), None, None).unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.event.actor == "admin" && e.event.action == "read"),
+        "{entries:?}"
+    );
+    assert!(next.verify_audit().unwrap().is_ok());
+}
