@@ -69,6 +69,10 @@ pub struct HistoryEntry {
 
 pub struct ChartDoc {
     doc: AutoCommit,
+    /// Set by [`ChartDoc::mark_saved`]: the heads of what is stored, which
+    /// [`ChartDoc::save_incremental`] saves after (automerge's own cursor is empty after a
+    /// load, so its first incremental save would encode the whole document again).
+    saved: Option<Vec<ChangeHash>>,
 }
 
 /// A chart's id and search-index fields, read from its document.
@@ -120,7 +124,7 @@ impl ChartDoc {
         doc.init_root_from_hydrate(root)
             .expect("init of an empty document");
         doc.commit_with(meta.commit_options());
-        ChartDoc { doc }
+        ChartDoc { doc, saved: None }
     }
 
     /// Loads a saved document followed by incremental saves (in order).
@@ -134,19 +138,38 @@ impl ChartDoc {
             doc.load_incremental(inc)
                 .map_err(|e| CoreError::CorruptDocument(e.to_string()))?;
         }
-        Ok(ChartDoc { doc })
+        Ok(ChartDoc { doc, saved: None })
     }
 
     /// Full save, uncompressed columns. Documents are small (a few KB); skipping DEFLATE
     /// makes saving cheaper, and the sync layer compresses many documents at once better
     /// than DEFLATE does one at a time.
     pub fn save(&mut self) -> Vec<u8> {
-        self.doc.save_nocompress()
+        let bytes = self.doc.save_nocompress();
+        if self.saved.is_some() {
+            self.saved = Some(self.doc.get_heads());
+        }
+        bytes
     }
 
-    /// The changes made since the last save or incremental save.
+    /// The changes made since the last save, incremental save or [`ChartDoc::mark_saved`].
     pub fn save_incremental(&mut self) -> Vec<u8> {
-        self.doc.save_incremental()
+        match &self.saved {
+            Some(heads) => {
+                let heads = heads.clone();
+                let bytes = self.doc.save_after(&heads);
+                self.saved = Some(self.doc.get_heads());
+                bytes
+            }
+            None => self.doc.save_incremental(),
+        }
+    }
+
+    /// Marks the document as it is now as stored: the next incremental save holds only
+    /// what changes after this (what a `save_incremental` whose bytes are dropped does, without
+    /// encoding the whole loaded document).
+    pub fn mark_saved(&mut self) {
+        self.saved = Some(self.doc.get_heads());
     }
 
     pub fn heads(&mut self) -> Vec<ChangeHash> {
@@ -1117,6 +1140,53 @@ mod tests {
             h.iter()
                 .any(|e| e.practice.as_deref() == Some(pb.as_str()) && e.time_ms == 11)
         );
+    }
+
+    /// A stored document loaded and marked saved: its next incremental save holds exactly
+    /// the changes made after the mark (as the dropped `save_incremental` did), and the
+    /// stored base plus those bytes load to the same document; so does the next one.
+    #[test]
+    fn an_incremental_save_after_mark_saved_holds_only_the_new_changes() {
+        let note = |id: &str| {
+            Entry::Note(Note {
+                id: id.into(),
+                author: "Dr A".into(),
+                date: "2025-01-01T00:00:00Z".into(),
+                text: "t".into(),
+                ..Default::default()
+            })
+        };
+        let mut a = ChartDoc::create(&sample(), &meta(b"a", "import", 1));
+        let base = a.save();
+        let mut marked = ChartDoc::load(&base, []).unwrap();
+        let mut old_way = ChartDoc::load(&base, []).unwrap();
+        marked.mark_saved();
+        let _ = old_way.save_incremental();
+        let mut stored = vec![base.clone()];
+        for (i, id) in ["n-1", "n-2"].into_iter().enumerate() {
+            marked
+                .append(&note(id), &meta(b"a", "Dr A", 10 + i as i64))
+                .unwrap();
+            old_way
+                .append(&note(id), &meta(b"a", "Dr A", 10 + i as i64))
+                .unwrap();
+            let inc = marked.save_incremental();
+            assert!(inc.len() < base.len(), "only the new change is saved");
+            assert_eq!(inc.len(), old_way.save_incremental().len());
+            stored.push(inc);
+            let mut back =
+                ChartDoc::load(&stored[0], stored[1..].iter().map(|v| v.as_slice())).unwrap();
+            assert_eq!(back.heads(), marked.heads());
+            assert_eq!(back.to_json().unwrap(), marked.to_json().unwrap());
+        }
+        assert!(marked.save_incremental().is_empty(), "nothing new");
+        // A full save moves the mark too.
+        marked
+            .append(&note("n-3"), &meta(b"a", "Dr A", 20))
+            .unwrap();
+        let full = marked.save();
+        assert!(marked.save_incremental().is_empty());
+        assert_eq!(ChartDoc::load(&full, []).unwrap().heads(), marked.heads());
     }
 
     #[test]

@@ -105,9 +105,20 @@ impl Default for StoreOptions {
 impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
     pub fn open(path: &Path, key: &StoreKey, options: StoreOptions) -> Result<Store, StoreError> {
+        Self::open_writer(path, key, options, true)
+    }
+
+    /// The store with its writer; `daemon` false for an offline admin command (no upgrade,
+    /// the WAL left at close).
+    fn open_writer(
+        path: &Path,
+        key: &StoreKey,
+        options: StoreOptions,
+        daemon: bool,
+    ) -> Result<Store, StoreError> {
         failpoint::setup_from_env();
-        let conn = schema::open_write_connection(path, key)?;
-        let writer = write::WriterHandle::spawn(conn, options.clone(), true)?;
+        let conn = schema::open_write_connection_as(path, key, daemon)?;
+        let writer = write::WriterHandle::spawn(conn, options.clone(), daemon)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -124,21 +135,10 @@ impl Store {
     /// anything is written to it; chartmeshd upgrades stores. The WAL is left for the daemon
     /// to fold in at its next start instead of being checkpointed at close.
     pub fn open_existing(path: &Path, key: &StoreKey) -> Result<Store, StoreError> {
-        failpoint::setup_from_env();
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
-        let options = StoreOptions::default();
-        let conn = schema::open_write_connection_as(path, key, false)?;
-        let writer = write::WriterHandle::spawn(conn, options.clone(), false)?;
-        Ok(Store {
-            inner: Arc::new(Inner {
-                path: path.to_path_buf(),
-                writer: Some(writer),
-                readers: read::ReaderPool::new(path.to_path_buf(), key.clone()),
-                options,
-            }),
-        })
+        Self::open_writer(path, key, StoreOptions::default(), false)
     }
 
     /// Opens an existing database for reading only (another process may be writing).

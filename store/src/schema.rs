@@ -207,13 +207,6 @@ pub(crate) fn take_seq(conn: &Connection, count: i64) -> Result<i64, StoreError>
     Ok(last - count + 1)
 }
 
-pub(crate) fn open_write_connection(
-    path: &Path,
-    key: &crate::StoreKey,
-) -> Result<Connection, StoreError> {
-    open_write_connection_as(path, key, true)
-}
-
 /// The write connection; with `upgrade` false a store of another schema version is refused
 /// before anything is written to it (an offline admin command: chartmeshd upgrades stores).
 pub(crate) fn open_write_connection_as(

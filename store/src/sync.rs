@@ -161,7 +161,7 @@ fn compute_merge(
         ));
     }
     // Mark what is stored, so only the merge's changes are saved.
-    let _ = doc.save_incremental();
+    doc.mark_saved();
     let referrals_before = doc.referrals().unwrap_or_default();
     // Within the limits for peer documents, counting what the chart holds already.
     let merged = match doc.merge_limited(data, &chartmesh_core::doc_limits::LoadLimits::default()) {
@@ -931,7 +931,7 @@ pub fn rotate_incarnation(
     path: &std::path::Path,
     key: &crate::StoreKey,
 ) -> Result<Incarnation, StoreError> {
-    let mut conn = crate::schema::open_write_connection(path, key)?;
+    let mut conn = crate::schema::open_write_connection_as(path, key, true)?;
     let incarnation = new_incarnation();
     let tx = conn.transaction()?;
     set_incarnation(&tx, incarnation)?;

@@ -706,7 +706,7 @@ fn apply_edit(
         .prepare_cached("SELECT doc_bytes FROM charts WHERE id = ?1")?
         .query_row([chart_id], |r| r.get(0))?;
     // Mark what is stored, so save_incremental returns only this edit's changes.
-    let _ = doc.save_incremental();
+    doc.mark_saved();
     edit(&mut doc)?;
     let json = doc.to_json()?;
     let now = audit.first().map(|a| a.time_ms).unwrap_or(0);
