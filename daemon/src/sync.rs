@@ -1515,8 +1515,9 @@ impl PeerTask {
                     )
                     .await;
                     if let Ok(Ok(Some(bytes))) = read
-                        && let Ok(msg @ (Msg::Nudge | Msg::Caught { .. } | Msg::Candidates { .. })) =
-                            Msg::decode(&bytes, MAX_CONTROL)
+                        && let Ok(
+                            msg @ (Msg::Nudge { .. } | Msg::Caught { .. } | Msg::Candidates { .. }),
+                        ) = Msg::decode(&bytes, MAX_CONTROL)
                     {
                         let _ = tx.send(Event::Control(msg));
                     }

@@ -318,7 +318,7 @@ async fn a_hostile_peer_is_refused_and_audited_and_others_are_still_served() {
                 assert!(matches!(done, Msg::Done { upto: 1 }), "{done:?}");
                 // Ask for the next pull.
                 let mut u = conn.open_uni().await.unwrap();
-                chartmesh_net::write_frame(&mut u, &Msg::Nudge.encode())
+                chartmesh_net::write_frame(&mut u, &Msg::Nudge { upto: None }.encode())
                     .await
                     .unwrap();
                 let _ = u.finish();
@@ -606,7 +606,7 @@ async fn a_hostile_custodian_cannot_plant_bad_ids_squat_ours_or_grow_our_memory(
 
             // Ask for another pull, and flood it.
             let mut u = conn.open_uni().await.unwrap();
-            chartmesh_net::write_frame(&mut u, &Msg::Nudge.encode())
+            chartmesh_net::write_frame(&mut u, &Msg::Nudge { upto: None }.encode())
                 .await
                 .unwrap();
             let _ = u.finish();

@@ -93,6 +93,9 @@ pub struct PeerSession {
     streams: BTreeMap<StreamId, Role>,
     pull: Option<Puller>,
     pull_due: bool,
+    /// When the due pull was asked for only by nudges during a running pull: what they
+    /// announced (up to, incarnation). A running pull that reaches it makes it unneeded.
+    due_cover: Option<(u64, Incarnation)>,
     pull_retry_at: Option<u64>,
     pulled: bool,
     /// When the last pull completed (monotonic), for the periodic pull.
@@ -154,6 +157,7 @@ impl PeerSession {
             streams: BTreeMap::new(),
             pull: None,
             pull_due: false,
+            due_cover: None,
             pull_retry_at: None,
             pulled: false,
             last_pull_done: now.mono_ms,
@@ -265,6 +269,7 @@ impl PeerSession {
         {
             self.last_pull_done = t;
             self.pull_due = true;
+            self.due_cover = None;
             self.maybe_pull(now);
         }
         if let Some(p) = &self.pull
@@ -405,6 +410,7 @@ impl PeerSession {
                 }
                 self.pulled = false;
                 self.pull_due = true;
+                self.due_cover = None;
                 self.pull_retry_at = None;
                 self.maybe_pull(now);
                 // Tell it at once whether we hold anything it needs.
@@ -603,7 +609,17 @@ impl PeerSession {
     pub fn handle_control(&mut self, now: Time, msg: Msg) {
         self.link.proven();
         match msg {
-            Msg::Nudge => {
+            Msg::Nudge { upto } => {
+                // During a pull, a nudge whose changes that pull turns out to cover needs
+                // no second pull (the nudge is sent at connect too, as the pull starts).
+                self.due_cover = match (self.pull.is_some(), self.pull_due, upto) {
+                    (true, false, Some(u)) => Some(u),
+                    (true, true, Some((u, inc))) => self
+                        .due_cover
+                        .filter(|c| c.1 == inc)
+                        .map(|c| (c.0.max(u), inc)),
+                    _ => None,
+                };
                 self.pull_due = true;
                 self.maybe_pull(now);
             }
@@ -652,6 +668,7 @@ impl PeerSession {
             return;
         }
         self.pull_due = false;
+        self.due_cover = None;
         self.next_stream += 1;
         let stream = self.next_stream;
         self.streams.insert(stream, Role::Pull);
@@ -667,6 +684,7 @@ impl PeerSession {
             self.out.push_back(Output::Reset { stream });
             self.link.last_error = Some(format!("pull failed: {why}"));
             self.pull_due = true;
+            self.due_cover = None;
             self.pulled = false;
             if self.link.state() == LinkState::Up {
                 self.pull_retry_at = Some(now.mono_ms + PULL_RETRY_MS);
@@ -702,6 +720,12 @@ impl PeerSession {
                         .push_back(Output::Persist(Persist::Checkpoint { upto, incarnation }));
                 }
                 self.out.push_back(Output::Pulled { stats });
+                if let Some((u, inc)) = self.due_cover.take()
+                    && inc == incarnation
+                    && u <= upto
+                {
+                    self.pull_due = false;
+                }
                 // A nudge that arrived during the pull asks for another.
                 self.maybe_pull(now);
             }
@@ -927,7 +951,14 @@ impl PeerSession {
                         },
                     });
                 }
-                _ => self.out.push_back(Output::Control { msg: Msg::Nudge }),
+                Answer::Pending { upto, .. } => self.out.push_back(Output::Control {
+                    msg: Msg::Nudge {
+                        upto: Some((upto, self.incarnation)),
+                    },
+                }),
+                _ => self.out.push_back(Output::Control {
+                    msg: Msg::Nudge { upto: None },
+                }),
             }
         }
         if std::mem::take(&mut self.recheck) {

@@ -429,7 +429,7 @@ fn a_refused_or_silent_connection_backs_off_like_an_unreachable_peer() {
     s.handle_timeout(t(now));
     drain(&mut s);
     s.handle_connected(t(now), 99, true);
-    s.handle_control(t(now + 1), Msg::Nudge);
+    s.handle_control(t(now + 1), Msg::Nudge { upto: None });
     s.handle_connection_lost(t(now + 2), 99, Closed::Lost("timeout".into()));
     assert!(s.poll_timeout().unwrap() - (now + 2) <= 250);
 }
@@ -469,7 +469,7 @@ fn a_peer_that_dials_again_replaces_a_connection_it_had_spoken_on() {
     // The smaller practice holds the connection it dialled, proven; the other restarts and
     // dials: the old one is dead at the other end, so the new one replaces it at once.
     let (mut s, _) = connected(small, big);
-    s.handle_control(t(2), Msg::Nudge);
+    s.handle_control(t(2), Msg::Nudge { upto: None });
     drain(&mut s);
     // Within the first seconds it is the race of two simultaneous dials: kept by the rule.
     s.handle_connected(t(5), 9, false);
@@ -514,7 +514,7 @@ fn a_peer_that_dials_again_through_the_relay_replaces_its_older_relayed_connecti
                 let mut s = PeerSession::new(me, peer, PeerRecord::default(), 42, 7, t(0));
                 s.handle_connected_via(t(1), 1, false, true);
                 if spoken {
-                    s.handle_control(t(2), Msg::Nudge);
+                    s.handle_control(t(2), Msg::Nudge { upto: None });
                 }
                 drain(&mut s);
                 s.handle_connected_via(t(1 + age), 2, false, true);
@@ -594,7 +594,7 @@ fn connections_refused_as_duplicates_back_off() {
     s.handle_timeout(t(now));
     drain(&mut s);
     s.handle_connected_via(t(now), 99, true, true);
-    s.handle_control(t(now + 1), Msg::Nudge);
+    s.handle_control(t(now + 1), Msg::Nudge { upto: None });
     drain(&mut s);
     s.handle_connection_lost(t(now + 2), 99, Closed::Duplicate);
     assert!(s.poll_timeout().unwrap() - (now + 2) <= 250);
@@ -1043,4 +1043,117 @@ fn candidate_messages_are_bounded_and_only_dialable_addresses_pass() {
     for good in ["192.168.1.10:7361", "10.77.1.2:7361", "[2001:db8::1]:7361"] {
         assert!(dialable(&good.parse().unwrap()), "{good}");
     }
+}
+
+/// A nudge that arrives while a pull runs asks for another pull only if that pull does not
+/// cover what the nudge announced (the nudge a peer sends as the connection opens used to
+/// cost a second, empty pull each time). A nudge from an older build (no `upto`) or of
+/// another incarnation still asks for one.
+#[test]
+fn a_nudge_covered_by_the_running_pull_asks_for_no_second_pull() {
+    let (a, b) = ids();
+    let cases: [(Option<(u64, u64)>, bool); 4] = [
+        (Some((7, 3)), false),
+        (Some((9, 3)), true),
+        (Some((7, 4)), true),
+        (None, true),
+    ];
+    for (nudge, pulls_again) in cases {
+        let (mut s, out) = connected(a, b);
+        let stream = pull_stream(&out);
+        s.handle_control(t(2), Msg::Nudge { upto: nudge });
+        assert!(
+            !drain(&mut s).iter().any(|o| matches!(
+                o,
+                Output::Send {
+                    msg: Msg::Pull { .. },
+                    ..
+                }
+            )),
+            "one pull at a time"
+        );
+        s.handle_message(
+            t(3),
+            stream,
+            Msg::OfferEnd {
+                upto: 7,
+                incarnation: 3,
+            },
+        );
+        let out = drain(&mut s);
+        assert!(
+            out.contains(&Output::Send {
+                stream,
+                msg: Msg::Done { upto: 7 }
+            }),
+            "{out:?}"
+        );
+        let again = out.iter().any(|o| {
+            matches!(
+                o,
+                Output::Send {
+                    msg: Msg::Pull { since: 7, .. },
+                    ..
+                }
+            )
+        });
+        assert_eq!(again, pulls_again, "nudge {nudge:?}: {out:?}");
+        assert_eq!(s.status().pulled, !pulls_again, "nudge {nudge:?}");
+    }
+
+    // The nudge says what it covers: the sequence its pending check read.
+    let (mut s, out) = connected(a, b);
+    let task = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Query {
+                task,
+                query: Query::Pending { .. },
+            } => Some(*task),
+            _ => None,
+        })
+        .expect("a pending check at connect");
+    s.handle_answer(
+        t(2),
+        task,
+        Answer::Pending {
+            pending: true,
+            upto: 12,
+        },
+    );
+    let out = drain(&mut s);
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Output::Control {
+                msg: Msg::Nudge {
+                    upto: Some((12, _))
+                }
+            }
+        )),
+        "{out:?}"
+    );
+    // On the wire it decodes to itself; a nudge of a build before the field still decodes.
+    let n = Msg::Nudge {
+        upto: Some((12, 5)),
+    };
+    assert_eq!(Msg::decode(&n.encode(), MAX_REQUEST).unwrap(), n);
+    #[derive(serde::Serialize)]
+    #[allow(dead_code)]
+    enum OldMsg {
+        Pull,
+        Unsupported,
+        Offer,
+        OfferEnd,
+        Credit,
+        Want,
+        Changes,
+        Done,
+        Nudge,
+    }
+    let old = postcard::to_stdvec(&OldMsg::Nudge).unwrap();
+    assert_eq!(
+        Msg::decode(&old, MAX_REQUEST).unwrap(),
+        Msg::Nudge { upto: None }
+    );
 }

@@ -123,8 +123,13 @@ pub enum Msg {
     Done {
         upto: u64,
     },
-    /// Either side, on its own stream: I have changes, pull from me.
-    Nudge,
+    /// Either side, on its own stream: I have changes, pull from me; they are all within
+    /// `upto` of my store's incarnation (absent from builds before it was added: then the
+    /// receiver pulls again whatever its running pull covers).
+    Nudge {
+        #[serde(default, deserialize_with = "trailing_opt")]
+        upto: Option<(u64, Incarnation)>,
+    },
     /// Either side, on its own stream, instead of a nudge when its new changes hold nothing
     /// the other side may need: nothing for you up to `upto` of my `incarnation`; you may
     /// move your checkpoint of me there without pulling.
@@ -198,8 +203,10 @@ pub struct Delivery {
 
 /// An optional last field of a message, absent when an older build sent it: postcard is not
 /// self-describing, so the end of the input where the field would start reads as None.
-fn trailing_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    Ok(Option::<i64>::deserialize(d).unwrap_or(None))
+fn trailing_opt<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Ok(Option::<T>::deserialize(d).unwrap_or(None))
 }
 
 mod opt_bytes {
@@ -341,7 +348,7 @@ impl Msg {
             Msg::Want { .. } => "Want",
             Msg::Changes { .. } => "Changes",
             Msg::Done { .. } => "Done",
-            Msg::Nudge => "Nudge",
+            Msg::Nudge { .. } => "Nudge",
             Msg::Caught { .. } => "Caught",
             Msg::EmergencyRequest { .. } => "EmergencyRequest",
             Msg::EmergencyAnswer { .. } => "EmergencyAnswer",
