@@ -24,6 +24,7 @@ mod puller;
 mod responder;
 mod rng;
 mod session;
+pub mod portmap;
 pub mod throttle;
 pub mod wire;
 
