@@ -630,7 +630,7 @@ impl Drop for Miniupnpd {
 }
 
 impl Miniupnpd {
-    /// Its UDP port mappings (external port → internal address), from the nat chain.
+    /// Its UDP port mappings (the nat chain's DNAT rules by external port).
     fn udp_rules(&self) -> String {
         chartmesh_tests::netns::sh(Some(&self.ns), "iptables-legacy -t nat -S MINIUPNPD")
             .lines()
@@ -644,7 +644,7 @@ impl Miniupnpd {
     }
 }
 
-fn start_miniupnpd(lab: &Lab) -> Miniupnpd {
+fn start_miniupnpd(lab: &Lab, natpmp: bool) -> Miniupnpd {
     use chartmesh_tests::netns::sh;
     let ns = lab.ns("ra");
     let wan = lab.wan("ra");
@@ -674,7 +674,7 @@ fn start_miniupnpd(lab: &Lab) -> Miniupnpd {
              ext_ip={RA_PUBLIC}\n\
              listening_ip={lan}\n\
              port=0\n\
-             enable_natpmp=yes\n\
+             enable_natpmp={}\n\
              enable_upnp=yes\n\
              secure_mode=yes\n\
              system_uptime=yes\n\
@@ -682,6 +682,7 @@ fn start_miniupnpd(lab: &Lab) -> Miniupnpd {
              uuid=3a1c3f0e-4c1b-4e55-9a4e-6f7d2b8e9c01\n\
              allow 1024-65535 192.168.10.0/24 1024-65535\n\
              deny 0-65535 0.0.0.0/0 0-65535\n",
+            if natpmp { "yes" } else { "no" },
             dir.path().join("leases").display()
         ),
     )
@@ -698,7 +699,8 @@ fn start_miniupnpd(lab: &Lab) -> Miniupnpd {
         .expect("miniupnpd starts");
     let m = Miniupnpd { child, ns, dir };
     wait_until("miniupnpd to listen", Duration::from_secs(20), || {
-        chartmesh_tests::netns::sh(Some(&m.ns), "ss -lun").contains(":5351")
+        let ss = chartmesh_tests::netns::sh(Some(&m.ns), "ss -lun");
+        ss.contains(":1900") && (!natpmp || ss.contains(":5351"))
     });
     m
 }
@@ -725,7 +727,7 @@ fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails()
         id_b,
     }) = nat_pair(|lab| {
         lab.random_fully("rb");
-        upnp = Some(start_miniupnpd(lab));
+        upnp = Some(start_miniupnpd(lab, true));
     })
     else {
         return;
@@ -745,8 +747,10 @@ fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails()
         "{m}"
     );
     assert!(m["leaseLeftS"].as_u64().unwrap() > 3600, "{m}");
+    // The router holds it: its log names the clinic's address, its nat chain the port.
     assert!(
-        upnp.udp_rules().contains("--dport 7361") && upnp.udp_rules().contains("192.168.10.2"),
+        upnp.udp_rules().contains("--dport 7361")
+            && upnp.log().contains("7361->192.168.10.2:7361"),
         "miniupnpd holds the mapping: {}\n{}",
         upnp.udp_rules(),
         upnp.log()
@@ -839,5 +843,35 @@ fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails()
         upnp.udp_rules()
     );
     assert!(a.log().contains("port mapping deleted"), "{}", a.log());
+    drop(upnp);
+}
+
+/// A router that offers UPnP IGD only (NAT-PMP/PCP off): the practice finds it by SSDP, maps
+/// its sync port with AddPortMapping, shows it, and deletes it (DeletePortMapping) when it
+/// stops.
+#[test]
+fn a_router_with_upnp_only_maps_the_port_by_upnp_and_the_mapping_goes_at_shutdown() {
+    if let Some(why) = unavailable(&["ip", "iptables", "miniupnpd", "iptables-legacy", "ss"]) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::two_nats();
+    let upnp = start_miniupnpd(&lab, false);
+    let mut a = Practice::new_in_netns("Valley Clinic", &lab.ns("ca"), &[]);
+    let mapping = |p: &Practice| p.get("/status")["sync"]["portMapping"].clone();
+    wait_until("A's router to map its sync port", Duration::from_secs(30), || {
+        mapping(&a)["external"].is_string()
+    });
+    let m = mapping(&a);
+    assert_eq!(m["protocol"], "UPnP", "{m}");
+    assert_eq!(m["external"], format!("{RA_PUBLIC}:7361"), "{m}");
+    assert!(upnp.udp_rules().contains("--dport 7361"), "{}", upnp.log());
+    a.stop();
+    assert!(
+        !upnp.udp_rules().contains("--dport 7361"),
+        "the mapping outlived A: {}\n{}",
+        upnp.udp_rules(),
+        upnp.log()
+    );
     drop(upnp);
 }
