@@ -216,8 +216,7 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     // Store reads run off the async workers, so a slow disk never stalls the QUIC endpoint.
     let n = st.node.clone();
     tokio::task::spawn_blocking(move || {
-        let (sync_addr, peers, relay, lan, (sent, received), public, mapping) = match n.sync.get()
-        {
+        let (sync_addr, peers, relay, lan, (sent, received), public, mapping) = match n.sync.get() {
             Some(s) => (
                 Some(s.local_addr().to_string()),
                 serde_json::to_value(s.status(true)).unwrap_or_default(),

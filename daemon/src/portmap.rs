@@ -83,11 +83,15 @@ impl PortMapper {
             if moved {
                 changed();
             }
-            if moved || (held.is_some() && self.state.lock().unwrap().lease(now).is_none()) {
-                // On another network (or run out): the old mapping is worth nothing.
+            let lapsed = held.is_some() && self.state.lock().unwrap().lease(now).is_none();
+            if moved || lapsed {
+                // On another network, or run out: the old mapping is worth nothing.
                 if let Some(old) = held.take() {
                     let _ = tokio::time::timeout(RELEASE_WAIT, old.release()).await;
                 }
+            }
+            if lapsed && !moved {
+                changed();
             }
             let outcome = {
                 let work = async {
@@ -108,10 +112,10 @@ impl PortMapper {
             let now = self.now_ms();
             match outcome {
                 Some(Ok(fresh)) => {
-                    if let Some(m) = fresh {
-                        if let Some(old) = held.replace(m) {
-                            let _ = tokio::time::timeout(RELEASE_WAIT, old.release()).await;
-                        }
+                    if let Some(m) = fresh
+                        && let Some(old) = held.replace(m)
+                    {
+                        let _ = tokio::time::timeout(RELEASE_WAIT, old.release()).await;
                     }
                     let m = held.as_ref().expect("a mapping is held");
                     let lease = Lease {

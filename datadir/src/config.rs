@@ -495,18 +495,23 @@ mod tests {
     fn port_mapping_is_on_by_default_and_reads_on_off_or_booleans() {
         assert!(Config::default().sync.port_mapping);
         let read = |t: &str| toml::from_str::<Config>(t).map(|c| c.sync.port_mapping);
-        assert_eq!(read("[sync]\nport_mapping = \"off\"\n").unwrap(), false);
-        assert_eq!(read("[sync]\nport_mapping = \"on\"\n").unwrap(), true);
-        assert_eq!(read("[sync]\nport_mapping = false\n").unwrap(), false);
-        assert_eq!(read("[sync]\n").unwrap(), true);
-        let e = read("[sync]\nport_mapping = \"maybe\"\n").unwrap_err().to_string();
-        assert!(e.contains("sync.port_mapping") && e.contains("\"off\""), "{e}");
+        assert!(!read("[sync]\nport_mapping = \"off\"\n").unwrap());
+        assert!(read("[sync]\nport_mapping = \"on\"\n").unwrap());
+        assert!(!read("[sync]\nport_mapping = false\n").unwrap());
+        assert!(read("[sync]\n").unwrap());
+        let e = read("[sync]\nport_mapping = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sync.port_mapping") && e.contains("\"off\""),
+            "{e}"
+        );
         // Written back as on/off, and read again.
         let mut c = Config::default();
         c.sync.port_mapping = false;
         let text = c.to_toml();
         assert!(text.contains("port_mapping = \"off\""), "{text}");
-        assert_eq!(read(&text).unwrap(), false);
+        assert!(!read(&text).unwrap());
         // The environment overrides it.
         c.apply_env(|k| (k == "CHARTMESH_SYNC_PORT_MAPPING").then(|| "on".into()))
             .unwrap();

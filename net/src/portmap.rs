@@ -241,9 +241,10 @@ async fn upnp_map(local: Option<IpAddr>, port: u16) -> Result<Mapping, (bool, St
     let gateway = igd_next::aio::tokio::search_gateway(options)
         .await
         .map_err(|e| match e {
-            igd_next::SearchError::NoResponseWithinTimeout => {
-                (false, format!("UPnP: no Internet Gateway Device answered within {SSDP_WAIT:?}"))
-            }
+            igd_next::SearchError::NoResponseWithinTimeout => (
+                false,
+                format!("UPnP: no Internet Gateway Device answered within {SSDP_WAIT:?}"),
+            ),
             e => (false, format!("UPnP: {e}")),
         })?;
     upnp_add(gateway, local, port).await.map_err(|e| (true, e))
@@ -373,7 +374,10 @@ mod tests {
             Some(Ipv4Addr::new(192, 168, 10, 1))
         );
         // No default route, a route without a gateway, garbage: none.
-        assert_eq!(parse_default_route(&table.lines().take(1).collect::<String>()), None);
+        assert_eq!(
+            parse_default_route(&table.lines().take(1).collect::<String>()),
+            None
+        );
         assert_eq!(
             parse_default_route("h\nwg0\t00000000\t00000000\t0001\t0\t0\t0\t00000000\n"),
             None

@@ -409,6 +409,21 @@ fn charts(p: &Practice) -> u64 {
     p.get("/status")["charts"].as_u64().unwrap_or(0)
 }
 
+/// Waits for B to hold A's 1,000 charts with A seeing B in sync, prints how long it took
+/// since `t` (`how`: by which path), and checks B's set against the bench manifest.
+fn all_charts_arrive(a: &Practice, b: &Practice, id_b: &str, t: Instant, how: &str) {
+    wait_until(
+        "B to hold the 1,000 charts",
+        Duration::from_secs(180),
+        || charts(b) == 1000 && peer_view(a, id_b)["inSync"] == true,
+    );
+    eprintln!("{how}: 1,000 charts in {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(
+        set_checksum(&b.export_all()),
+        (1000, manifest_checksum(1000))
+    );
+}
+
 /// Endpoint-independent NATs (plain MASQUERADE keeps a socket's port for every destination):
 /// the practices connect through the relay, and switch to a direct connection in the middle
 /// of the sync of 1,000 charts; the sync goes on on it from its checkpoint, nothing is lost
@@ -567,20 +582,7 @@ fn behind_a_nat_that_maps_each_destination_anew_the_sync_stays_relayed() {
                 .all(|p| p.log().contains("hole punching did not connect"))
         },
     );
-    let in_sync = |p: &Practice, id: &str| peer_view(p, id)["inSync"] == true;
-    wait_until(
-        "B to hold the 1,000 charts through the relay",
-        Duration::from_secs(180),
-        || charts(&b) == 1000 && in_sync(&a, &id_b),
-    );
-    eprintln!(
-        "relayed behind --random-fully: 1,000 charts in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    assert_eq!(
-        set_checksum(&b.export_all()),
-        (1000, manifest_checksum(1000))
-    );
+    all_charts_arrive(&a, &b, &id_b, t, "relayed behind --random-fully");
     assert_eq!(peer_view(&a, &id_b)["path"], "relayed");
     assert_eq!(peer_view(&b, &id_a)["path"], "relayed");
     assert!(!a.log().contains("direct connection by hole punching"));
@@ -736,9 +738,11 @@ fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails()
     let logs = LogsOnPanic(&a, &b);
     let t = Instant::now();
     let mapping = |p: &Practice| p.get("/status")["sync"]["portMapping"].clone();
-    wait_until("A's router to map its sync port", Duration::from_secs(30), || {
-        mapping(&a)["external"].is_string()
-    });
+    wait_until(
+        "A's router to map its sync port",
+        Duration::from_secs(30),
+        || mapping(&a)["external"].is_string(),
+    );
     let m = mapping(&a);
     eprintln!("A's mapping: {m}");
     assert_eq!(m["external"], format!("{RA_PUBLIC}:7361"), "{m}");
@@ -749,8 +753,7 @@ fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails()
     assert!(m["leaseLeftS"].as_u64().unwrap() > 3600, "{m}");
     // The router holds it: its log names the clinic's address, its nat chain the port.
     assert!(
-        upnp.udp_rules().contains("--dport 7361")
-            && upnp.log().contains("7361->192.168.10.2:7361"),
+        upnp.udp_rules().contains("--dport 7361") && upnp.log().contains("7361->192.168.10.2:7361"),
         "miniupnpd holds the mapping: {}\n{}",
         upnp.udp_rules(),
         upnp.log()
@@ -767,7 +770,6 @@ fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails()
     );
     assert!(mapping(&b)["external"].is_null());
 
-    let in_sync = |p: &Practice, id: &str| peer_view(p, id)["inSync"] == true;
     wait_until(
         "the path to become direct at both practices",
         Duration::from_secs(60),
@@ -782,19 +784,7 @@ fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails()
         .map(str::to_string)
         .unwrap_or_default();
     assert!(line.contains(&format!("{RA_PUBLIC}:7361")), "{line}");
-    wait_until(
-        "B to hold the 1,000 charts",
-        Duration::from_secs(180),
-        || charts(&b) == 1000 && in_sync(&a, &id_b),
-    );
-    eprintln!(
-        "through A's mapped port: 1,000 charts in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    assert_eq!(
-        set_checksum(&b.export_all()),
-        (1000, manifest_checksum(1000))
-    );
+    all_charts_arrive(&a, &b, &id_b, t, "through A's mapped port");
     assert_eq!(peer_view(&a, &id_b)["path"], "direct");
     assert_eq!(peer_view(&b, &id_a)["path"], "direct");
 
@@ -806,15 +796,25 @@ fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails()
         "{s}"
     );
     let text = a.cli_ok(&["status"]);
-    assert!(text.contains(&format!("Mapped:     {RA_PUBLIC}:7361 by the router")), "{text}");
+    assert!(
+        text.contains(&format!("Mapped:     {RA_PUBLIC}:7361 by the router")),
+        "{text}"
+    );
     let text = b.cli_ok(&["status"]);
-    assert!(text.contains("no port mapping: no gateway answered"), "{text}");
+    assert!(
+        text.contains("no port mapping: no gateway answered"),
+        "{text}"
+    );
     let doctor: Value =
         serde_json::from_slice(&a.cli(&["--json", "doctor"]).stdout).expect("doctor --json");
     assert!(
-        doctor["findings"].as_array().unwrap().iter().any(|f| f["check"] == "port mapping"
-            && f["status"] == "ok"
-            && f["detail"].as_str().unwrap_or("").contains(RA_PUBLIC)),
+        doctor["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["check"] == "port mapping"
+                && f["status"] == "ok"
+                && f["detail"].as_str().unwrap_or("").contains(RA_PUBLIC)),
         "{doctor}"
     );
     let api = std::fs::read_to_string(a.dir.join("api.addr")).unwrap();
@@ -828,9 +828,11 @@ fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails()
             .unwrap()
     });
     assert!(
-        metrics.lines().any(|l| l.starts_with("chartmesh_port_mapping{")
-            && l.contains(&format!("external=\"{RA_PUBLIC}:7361\""))
-            && l.ends_with(" 1")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("chartmesh_port_mapping{")
+                && l.contains(&format!("external=\"{RA_PUBLIC}:7361\""))
+                && l.ends_with(" 1")),
         "{metrics}"
     );
 
@@ -859,9 +861,11 @@ fn a_router_with_upnp_only_maps_the_port_by_upnp_and_the_mapping_goes_at_shutdow
     let upnp = start_miniupnpd(&lab, false);
     let mut a = Practice::new_in_netns("Valley Clinic", &lab.ns("ca"), &[]);
     let mapping = |p: &Practice| p.get("/status")["sync"]["portMapping"].clone();
-    wait_until("A's router to map its sync port", Duration::from_secs(30), || {
-        mapping(&a)["external"].is_string()
-    });
+    wait_until(
+        "A's router to map its sync port",
+        Duration::from_secs(30),
+        || mapping(&a)["external"].is_string(),
+    );
     let m = mapping(&a);
     assert_eq!(m["protocol"], "UPnP", "{m}");
     assert_eq!(m["external"], format!("{RA_PUBLIC}:7361"), "{m}");

@@ -20,11 +20,11 @@
 //! automerge, so nothing is lost or duplicated.
 
 mod link;
+pub mod portmap;
 mod puller;
 mod responder;
 mod rng;
 mod session;
-pub mod portmap;
 pub mod throttle;
 pub mod wire;
 

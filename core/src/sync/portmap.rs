@@ -272,7 +272,10 @@ mod tests {
         let half = 1_000 + 3_600_000;
         assert_eq!(m.wake_at_ms(), half);
         assert_eq!(m.due(half - 1), None);
-        assert_eq!(m.candidate(half - 1), Some("203.0.113.7:7361".parse().unwrap()));
+        assert_eq!(
+            m.candidate(half - 1),
+            Some("203.0.113.7:7361".parse().unwrap())
+        );
         assert_eq!(m.due(half), Some(Step::Renew));
         // Renewed with the same address: the candidate did not change.
         assert!(!m.granted(lease(half, LEASE_SECS)));
