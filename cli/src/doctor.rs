@@ -171,6 +171,9 @@ pub fn check(dir: &Path, user: &str) -> Vec<Finding> {
     if let Some(c) = &config {
         ports(&mut r, c, status.as_ref(), dir);
     }
+    if let Some(s) = &status {
+        port_mapping(&mut r, &s["sync"]["portMapping"]);
+    }
     disk(&mut r, dir);
     store(&mut r, dir, client.as_ref());
     certificate(&mut r, dir);
@@ -560,6 +563,32 @@ fn last_backup(r: &mut Report, dir: &Path, config: Option<&chartmesh_datadir::co
                 );
             }
         }
+    }
+}
+
+/// The gateway's mapping of the sync port (`sync.port_mapping`), or why there is none.
+/// Informational: most practices are reached through the relay or hole punching without it.
+fn port_mapping(r: &mut Report, v: &Value) {
+    if v.is_null() {
+        return;
+    }
+    match (v["protocol"].as_str(), v["external"].as_str()) {
+        (Some(protocol), Some(external)) => r.add(
+            "port mapping",
+            Status::Ok,
+            format!(
+                "the router maps {external} to the sync port ({protocol}, lease {} min left)",
+                v["leaseLeftS"].as_u64().unwrap_or(0) / 60
+            ),
+        ),
+        _ => r.add(
+            "port mapping",
+            Status::Info,
+            format!(
+                "none: {} (peers reach this practice through the relay or hole punching)",
+                v["reason"].as_str().unwrap_or("unknown")
+            ),
+        ),
     }
 }
 

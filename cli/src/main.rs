@@ -1054,6 +1054,18 @@ fn run(cli: Cli) -> Result<()> {
                 println!("Data dir:   {}", v["dataDir"].as_str().unwrap_or(""));
                 println!("API:        {}", v["api"].as_str().unwrap_or(""));
                 println!("Sync:       {}", v["sync"]["listen"].as_str().unwrap_or(""));
+                let pm = &v["sync"]["portMapping"];
+                match (pm["protocol"].as_str(), pm["external"].as_str()) {
+                    (Some(protocol), Some(external)) => println!(
+                        "Mapped:     {external} by the router ({protocol}, lease {} min left)",
+                        pm["leaseLeftS"].as_u64().unwrap_or(0) / 60
+                    ),
+                    _ => {
+                        if let Some(why) = pm["reason"].as_str() {
+                            println!("Mapped:     no port mapping: {why}");
+                        }
+                    }
+                }
                 let peers = v["peers"].as_array().cloned().unwrap_or_default();
                 println!("Peers:      {}", peers.len());
                 for p in &peers {

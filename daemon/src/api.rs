@@ -216,7 +216,7 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
     // Store reads run off the async workers, so a slow disk never stalls the QUIC endpoint.
     let n = st.node.clone();
     tokio::task::spawn_blocking(move || {
-        let (sync_addr, peers, relay, lan, (sent, received), public) = match n.sync.get() {
+        let (sync_addr, peers, relay, lan, (sent, received), public, mapping) = match n.sync.get() {
             Some(s) => (
                 Some(s.local_addr().to_string()),
                 serde_json::to_value(s.status(true)).unwrap_or_default(),
@@ -224,8 +224,17 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
                 s.lan_discovery(),
                 s.bytes_total(),
                 s.public_addr().map(|a| a.to_string()),
+                serde_json::to_value(s.port_mapping()).unwrap_or_default(),
             ),
-            None => (None, Value::Array(vec![]), Value::Null, false, (0, 0), None),
+            None => (
+                None,
+                Value::Array(vec![]),
+                Value::Null,
+                false,
+                (0, 0),
+                None,
+                Value::Null,
+            ),
         };
         Ok(Json(json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -241,6 +250,9 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, NodeError> {
                 "bytesSent": sent,
                 "bytesReceived": received,
                 "publicAddr": public,
+                // The gateway's mapping of the sync port: protocol, external address,
+                // leaseLeftS; or the reason there is none.
+                "portMapping": mapping,
             },
             "peers": peers,
             "shares": n.store.grants(None)?.iter().filter(|g| g.is_active(crate::now_ms())).count(),

@@ -153,6 +153,10 @@ async function pagePractice() {
     ? h('span', { class: r.relay.joined ? 'ok' : 'warn' }, r.relay.addr + (r.relay.joined ? ': joined' : ': not joined' + (r.relay.lastError ? ' (' + r.relay.lastError + ')' : '')))
     : 'none configured (practices behind NAT cannot reach this one without it: docs/OPERATIONS.md)';
   const lan = r.lanDiscovery || {};
+  const pm = r.portMapping || {};
+  const mapped = pm.external
+    ? h('span', { class: 'ok' }, pm.external + ' (' + pm.protocol + ', lease ' + Math.floor((pm.leaseLeftS || 0) / 60) + ' min left)')
+    : 'none' + (pm.reason ? ': ' + pm.reason : '');
   view('This practice',
     h('div', { class: 'cols' },
       h('div', {}, table(['', ''], [
@@ -162,6 +166,7 @@ async function pagePractice() {
         ['Console and API', h('code', {}, p.addresses.api)],
         ['Reachable by other practices', h('span', { id: 'reach-listen', class: r.loopbackOnly ? 'warn' : 'ok' }, r.loopbackOnly ? 'no: sync listens on loopback only (set sync.listen, docs/OPERATIONS.md)' : 'yes, at ' + r.listen)],
         ['Relay', h('span', { id: 'reach-relay' }, relay)],
+        ['Port mapped by the router', h('span', { id: 'reach-portmap' }, mapped)],
         ['LAN discovery', h('span', { id: 'reach-lan' }, lan.running ? 'on' : (lan.configured ? 'off (sync listens on loopback only)' : 'off (sync.lan_discovery = false)'))],
         ['Charts', String(p.charts)],
         ['Store size', bytes(p.storeBytes)],

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod node;
 pub mod patient_copy;
 pub mod pending;
+pub mod portmap;
 pub mod sync;
 pub mod workflow;
 

@@ -4,7 +4,8 @@
 //!
 //! What is measured: peers paired and connected; per peer its sync lag (seconds since the
 //! last complete sync), pending local changes, clock skew and the bytes sent to and received
-//! from it (and in total, unpaired peers included); audit entries by action (refusals among
+//! from it (and in total, unpaired peers included); the port mapping on the gateway and its
+//! lease; audit entries by action (refusals among
 //! them); the store's size on disk; the latency of the local API's writes (a histogram).
 //!
 //! Owns: the metric names and their computation at scrape time. Must not touch: sync or the
@@ -150,6 +151,31 @@ impl Metrics {
             "chartmesh_sync_all_bytes_received",
             "Bytes received from all peers, unpaired ones included, since the daemon started",
             total_rx,
+        );
+        // The gateway's mapping of the sync port: 1 with its protocol and external address
+        // while held, and the seconds its lease has left (0 without one).
+        let mapped = Family::<Labels, Gauge>::default();
+        let lease_left = Gauge::<i64>::default();
+        if let Some(pm) = self.node.sync.get().and_then(|s| s.port_mapping())
+            && let (Some(protocol), Some(external)) = (pm.protocol, pm.external)
+        {
+            mapped
+                .get_or_create(&vec![
+                    ("protocol".into(), protocol.name().into()),
+                    ("external".into(), external.to_string()),
+                ])
+                .set(1);
+            lease_left.set(pm.lease_left_s.unwrap_or(0) as i64);
+        }
+        reg.register(
+            "chartmesh_port_mapping",
+            "1 while the gateway maps a public port to the sync port (by protocol and external address)",
+            mapped,
+        );
+        reg.register(
+            "chartmesh_port_mapping_lease_seconds",
+            "Seconds the port mapping's lease has left (renewed at half-life; 0 without one)",
+            lease_left,
         );
         let counts = self.node.store.audit_counts().map_err(|e| e.to_string())?;
         let audit = Family::<Labels, Counter>::default();

@@ -231,6 +231,8 @@ pub struct SyncService {
     candidates: Mutex<Vec<SocketAddr>>,
     /// Asks the STUN loop to ask again now (a direct path was lost).
     restun: tokio::sync::Notify,
+    /// Port mapping on the default gateway (sync.port_mapping), set once at start.
+    portmap: std::sync::OnceLock<Arc<crate::portmap::PortMapper>>,
 }
 
 impl SyncService {
@@ -276,6 +278,7 @@ impl SyncService {
             observed: Mutex::new(None),
             candidates: Mutex::new(Vec::new()),
             restun: tokio::sync::Notify::new(),
+            portmap: std::sync::OnceLock::new(),
         });
         if node.config.sync.lan_discovery && !listen.ip().is_loopback() {
             let weak = Arc::downgrade(&svc);
@@ -290,6 +293,25 @@ impl SyncService {
                 Err(e) => tracing::warn!(error = %e, "LAN discovery is off"),
             }
         }
+        let portmap = if !node.config.sync.port_mapping {
+            crate::portmap::PortMapper::off("off (sync.port_mapping = \"off\")")
+        } else if listen.ip().is_loopback() {
+            crate::portmap::PortMapper::off(
+                "sync.listen is a loopback address: nothing outside this machine can reach it",
+            )
+        } else {
+            let weak = Arc::downgrade(&svc);
+            crate::portmap::PortMapper::start(
+                svc.local_addr().port(),
+                svc.shutdown.clone(),
+                move || {
+                    if let Some(svc) = weak.upgrade() {
+                        svc.update_candidates();
+                    }
+                },
+            )
+        };
+        let _ = svc.portmap.set(portmap);
         svc.update_candidates();
         svc.reload_peers();
         if let Some(server) = node
@@ -340,6 +362,10 @@ impl SyncService {
         // timeout of a dial to an offline peer (half a second of an idle daemon's exit).
         tokio::task::yield_now().await;
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.shutdown()).await;
+        // The shutdown token has fired: the port mapping is being deleted on the gateway.
+        if let Some(pm) = self.portmap.get() {
+            pm.stopped().await;
+        }
     }
 
     /// Brings the per-peer tasks and pins in line with the paired peers in the store.
@@ -482,12 +508,19 @@ impl SyncService {
             .map_err(|e| e.to_string())
     }
 
-    /// Where peers may reach this practice directly: the public address (STUN), then the
+    /// Where peers may reach this practice directly: the port the gateway maps to it (port
+    /// mapping: reachable whatever the NAT does), the public address (STUN), then the
     /// addresses of its interfaces with the sync port (a peer on the same network, or
     /// behind the same NAT); at most `MAX_CANDIDATES`.
     fn update_candidates(&self) {
         let local = self.endpoint.local_addr();
-        let mut c: Vec<SocketAddr> = self.observed.lock().unwrap().iter().copied().collect();
+        let mut c: Vec<SocketAddr> = self
+            .portmap
+            .get()
+            .and_then(|pm| pm.candidate())
+            .into_iter()
+            .collect();
+        c.extend(self.observed.lock().unwrap().iter().copied());
         if local.ip().is_unspecified() {
             if let Ok(ifs) = if_addrs::get_if_addrs() {
                 c.extend(
@@ -702,6 +735,12 @@ impl SyncService {
                 }
             }
         }
+    }
+
+    /// The port mapping on the gateway (protocol, external address, lease left), or why
+    /// there is none.
+    pub fn port_mapping(&self) -> Option<chartmesh_core::sync::portmap::PortMapStatus> {
+        self.portmap.get().map(|pm| pm.status())
     }
 
     /// This practice's public address as the STUN server (sync.stun) last saw it.

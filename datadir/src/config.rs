@@ -192,6 +192,42 @@ pub struct SyncConfig {
     /// on the same network needs no address. Only when `listen` is not a loopback address.
     #[serde(default = "default_true")]
     pub lan_discovery: bool,
+    /// Ask the router (the default gateway) to forward a public UDP port to the sync port,
+    /// by PCP, NAT-PMP or UPnP IGD, where it offers one of them: peers then reach this
+    /// practice directly even where hole punching fails. `on` (the default) or `off`. Only
+    /// when `listen` is not a loopback address.
+    #[serde(
+        default = "default_true",
+        deserialize_with = "on_off",
+        serialize_with = "ser_on_off"
+    )]
+    pub port_mapping: bool,
+}
+
+/// `on`/`off` (or `true`/`false`), as written in config.toml or the environment.
+fn parse_on_off(name: &str, v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{name} = {v:?}: use \"on\" or \"off\"")),
+    }
+}
+
+fn on_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OnOff {
+        Bool(bool),
+        Text(String),
+    }
+    match OnOff::deserialize(d)? {
+        OnOff::Bool(b) => Ok(b),
+        OnOff::Text(t) => parse_on_off("sync.port_mapping", &t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn ser_on_off<S: serde::Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if *v { "on" } else { "off" })
 }
 
 fn default_true() -> bool {
@@ -337,6 +373,7 @@ impl Default for SyncConfig {
             relay_id: None,
             stun: None,
             lan_discovery: true,
+            port_mapping: true,
         }
     }
 }
@@ -403,6 +440,9 @@ impl Config {
         if let Some(v) = get("CHARTMESH_SYNC_STUN") {
             self.sync.stun = Some(v);
         }
+        if let Some(v) = get("CHARTMESH_SYNC_PORT_MAPPING") {
+            self.sync.port_mapping = parse_on_off("CHARTMESH_SYNC_PORT_MAPPING", &v)?;
+        }
         if let Some(v) = get("CHARTMESH_SYNC_CONGESTION") {
             self.sync.congestion = v;
         }
@@ -450,6 +490,38 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_mapping_is_on_by_default_and_reads_on_off_or_booleans() {
+        assert!(Config::default().sync.port_mapping);
+        let read = |t: &str| toml::from_str::<Config>(t).map(|c| c.sync.port_mapping);
+        assert!(!read("[sync]\nport_mapping = \"off\"\n").unwrap());
+        assert!(read("[sync]\nport_mapping = \"on\"\n").unwrap());
+        assert!(!read("[sync]\nport_mapping = false\n").unwrap());
+        assert!(read("[sync]\n").unwrap());
+        let e = read("[sync]\nport_mapping = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sync.port_mapping") && e.contains("\"off\""),
+            "{e}"
+        );
+        // Written back as on/off, and read again.
+        let mut c = Config::default();
+        c.sync.port_mapping = false;
+        let text = c.to_toml();
+        assert!(text.contains("port_mapping = \"off\""), "{text}");
+        assert!(!read(&text).unwrap());
+        // The environment overrides it.
+        c.apply_env(|k| (k == "CHARTMESH_SYNC_PORT_MAPPING").then(|| "on".into()))
+            .unwrap();
+        assert!(c.sync.port_mapping);
+        assert!(
+            c.apply_env(|k| (k == "CHARTMESH_SYNC_PORT_MAPPING").then(|| "x".into()))
+                .unwrap_err()
+                .contains("CHARTMESH_SYNC_PORT_MAPPING")
+        );
+    }
 
     #[test]
     fn relay_settings_are_checked_and_ids_read_in_both_forms() {

@@ -12,6 +12,7 @@
 
 pub mod frame;
 pub mod mux;
+pub mod portmap;
 pub mod relay;
 pub mod stun;
 pub mod tls;
@@ -55,6 +56,8 @@ pub enum NetError {
     Relay(String),
     #[error("STUN: {0}")]
     Stun(String),
+    #[error("port mapping: {0}")]
+    PortMap(String),
     #[error("the peer did not present a paired certificate")]
     Unpaired,
     #[error(transparent)]

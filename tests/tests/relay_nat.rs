@@ -11,9 +11,15 @@
 //! middle of a sync, losing nothing, and fall back to the relay when the NAT restarts;
 //! behind one that maps every destination anew (`--random-fully`) they stay relayed.
 //!
-//! Needs root, iproute2, iptables, conntrack, tcpdump, strelaysrv and turnserver (`.ci/run`
-//! installs them); skips with a message otherwise. The relay runs with `-pools=` and no
-//! status server, coturn with no TURN, CLI, TLS or TCP: they contact nobody.
+//! Where hole punching fails, a router that offers port mapping (miniupnpd: NAT-PMP, PCP,
+//! UPnP IGD) still gives a direct path: the practice behind it maps its sync port and sends
+//! the mapped address as a candidate.
+//!
+//! Needs root, iproute2, iptables, conntrack, tcpdump, strelaysrv, turnserver and (for the
+//! port-mapping case) miniupnpd with iptables-legacy (`.ci/run` installs them); skips with a
+//! message otherwise. The relay runs with `-pools=` and no status server, coturn with no
+//! TURN, CLI, TLS or TCP, miniupnpd on the clinic's side of its router only: they contact
+//! nobody.
 
 use chartmesh_tests::netns::{Lab, RELAY_IP, unavailable};
 use chartmesh_tests::*;
@@ -403,6 +409,21 @@ fn charts(p: &Practice) -> u64 {
     p.get("/status")["charts"].as_u64().unwrap_or(0)
 }
 
+/// Waits for B to hold A's 1,000 charts with A seeing B in sync, prints how long it took
+/// since `t` (`how`: by which path), and checks B's set against the bench manifest.
+fn all_charts_arrive(a: &Practice, b: &Practice, id_b: &str, t: Instant, how: &str) {
+    wait_until(
+        "B to hold the 1,000 charts",
+        Duration::from_secs(180),
+        || charts(b) == 1000 && peer_view(a, id_b)["inSync"] == true,
+    );
+    eprintln!("{how}: 1,000 charts in {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(
+        set_checksum(&b.export_all()),
+        (1000, manifest_checksum(1000))
+    );
+}
+
 /// Endpoint-independent NATs (plain MASQUERADE keeps a socket's port for every destination):
 /// the practices connect through the relay, and switch to a direct connection in the middle
 /// of the sync of 1,000 charts; the sync goes on on it from its checkpoint, nothing is lost
@@ -561,22 +582,300 @@ fn behind_a_nat_that_maps_each_destination_anew_the_sync_stays_relayed() {
                 .all(|p| p.log().contains("hole punching did not connect"))
         },
     );
-    let in_sync = |p: &Practice, id: &str| peer_view(p, id)["inSync"] == true;
-    wait_until(
-        "B to hold the 1,000 charts through the relay",
-        Duration::from_secs(180),
-        || charts(&b) == 1000 && in_sync(&a, &id_b),
-    );
-    eprintln!(
-        "relayed behind --random-fully: 1,000 charts in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    assert_eq!(
-        set_checksum(&b.export_all()),
-        (1000, manifest_checksum(1000))
-    );
+    all_charts_arrive(&a, &b, &id_b, t, "relayed behind --random-fully");
     assert_eq!(peer_view(&a, &id_b)["path"], "relayed");
     assert_eq!(peer_view(&b, &id_a)["path"], "relayed");
     assert!(!a.log().contains("direct connection by hole punching"));
     assert!(!b.log().contains("direct connection by hole punching"));
+}
+
+/// The address [`start_miniupnpd`] gives router `ra` as its public one (the lab's 10.77/16 is
+/// private, and miniupnpd maps nothing on a private external address): put on `ra`'s WAN
+/// link and routed to it from the internet namespace. Nothing leaves the namespaces.
+const RA_PUBLIC: &str = "11.77.1.2";
+
+/// miniupnpd (Debian's miniupnpd-iptables) on router `ra`: NAT-PMP/PCP and UPnP IGD for the
+/// clinic's subnet only (secure mode: a client maps ports to itself alone), its rules in
+/// chains of the legacy iptables tables it drives (made here, as its init script would).
+/// Stopped with SIGTERM (it deletes its rules) when dropped; the namespace goes with the lab.
+struct Miniupnpd {
+    child: std::process::Child,
+    ns: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Miniupnpd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Its chains, in case the namespace outlives the test (it does not: the lab
+        // deletes it).
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "sh", "-c"])
+            .arg(
+                "for t in nat filter; do iptables-legacy -t $t -F MINIUPNPD; done; \
+                 iptables-legacy -t nat -F MINIUPNPD-POSTROUTING",
+            )
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Miniupnpd {
+    /// Its UDP port mappings (the nat chain's DNAT rules by external port).
+    fn udp_rules(&self) -> String {
+        chartmesh_tests::netns::sh(Some(&self.ns), "iptables-legacy -t nat -S MINIUPNPD")
+            .lines()
+            .filter(|l| l.contains("-p udp"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("miniupnpd.log")).unwrap_or_default()
+    }
+}
+
+fn start_miniupnpd(lab: &Lab, natpmp: bool) -> Miniupnpd {
+    use chartmesh_tests::netns::sh;
+    let ns = lab.ns("ra");
+    let wan = lab.wan("ra");
+    let lan = lab.iface("ra", "ca");
+    sh(Some(&ns), &format!("ip addr add {RA_PUBLIC}/32 dev {wan}"));
+    sh(
+        Some(&lab.ns("inet")),
+        &format!("ip route add {RA_PUBLIC}/32 via 10.77.1.2"),
+    );
+    sh(
+        Some(&ns),
+        &format!(
+            "iptables-legacy -t nat -N MINIUPNPD && \
+             iptables-legacy -t nat -I PREROUTING -i {wan} -j MINIUPNPD && \
+             iptables-legacy -t nat -N MINIUPNPD-POSTROUTING && \
+             iptables-legacy -t nat -I POSTROUTING -o {wan} -j MINIUPNPD-POSTROUTING && \
+             iptables-legacy -t filter -N MINIUPNPD && \
+             iptables-legacy -t filter -I FORWARD -i {wan} ! -o {wan} -j MINIUPNPD"
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("miniupnpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "ext_ifname={wan}\n\
+             ext_ip={RA_PUBLIC}\n\
+             listening_ip={lan}\n\
+             port=0\n\
+             enable_natpmp={}\n\
+             enable_upnp=yes\n\
+             secure_mode=yes\n\
+             system_uptime=yes\n\
+             lease_file={}\n\
+             uuid=3a1c3f0e-4c1b-4e55-9a4e-6f7d2b8e9c01\n\
+             allow 1024-65535 192.168.10.0/24 1024-65535\n\
+             deny 0-65535 0.0.0.0/0 0-65535\n",
+            if natpmp { "yes" } else { "no" },
+            dir.path().join("leases").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("miniupnpd.log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns, "miniupnpd", "-d", "-f"])
+        .arg(&conf)
+        .arg("-P")
+        .arg(dir.path().join("miniupnpd.pid"))
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .expect("miniupnpd starts");
+    let m = Miniupnpd { child, ns, dir };
+    wait_until("miniupnpd to listen", Duration::from_secs(20), || {
+        let ss = chartmesh_tests::netns::sh(Some(&m.ns), "ss -lun");
+        ss.contains(":1900") && (!natpmp || ss.contains(":5351"))
+    });
+    m
+}
+
+/// Port mapping: A's router runs miniupnpd (NAT-PMP/PCP, UPnP IGD), B's NAT maps every
+/// destination anew (`--random-fully`), so hole punching alone fails (the test above: the
+/// sync stays relayed). A asks its gateway to map its sync port, and sends the mapped
+/// address to B as a candidate; B dials it, and the sync ends up direct. `status` shows A's
+/// mapping and why B has none; `/metrics` carries it; A deletes it when it stops.
+#[test]
+fn a_port_mapped_by_the_router_makes_the_path_direct_where_hole_punching_fails() {
+    if let Some(why) = unavailable(&["miniupnpd", "iptables-legacy"]) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut upnp = None;
+    let Some(NatPair {
+        lab,
+        _relay,
+        _stun,
+        mut a,
+        b,
+        id_a,
+        id_b,
+    }) = nat_pair(|lab| {
+        lab.random_fully("rb");
+        upnp = Some(start_miniupnpd(lab, true));
+    })
+    else {
+        return;
+    };
+    let upnp = upnp.unwrap();
+    let logs = LogsOnPanic(&a, &b);
+    let t = Instant::now();
+    let mapping = |p: &Practice| p.get("/status")["sync"]["portMapping"].clone();
+    wait_until(
+        "A's router to map its sync port",
+        Duration::from_secs(30),
+        || mapping(&a)["external"].is_string(),
+    );
+    let m = mapping(&a);
+    eprintln!("A's mapping: {m}");
+    assert_eq!(m["external"], format!("{RA_PUBLIC}:7361"), "{m}");
+    assert!(
+        matches!(m["protocol"].as_str(), Some("PCP" | "NAT-PMP" | "UPnP")),
+        "{m}"
+    );
+    assert!(m["leaseLeftS"].as_u64().unwrap() > 3600, "{m}");
+    // The router holds it: its log names the clinic's address, its nat chain the port.
+    assert!(
+        upnp.udp_rules().contains("--dport 7361") && upnp.log().contains("7361->192.168.10.2:7361"),
+        "miniupnpd holds the mapping: {}\n{}",
+        upnp.udp_rules(),
+        upnp.log()
+    );
+    // B's router offers no port mapping: it says so, quietly.
+    wait_until(
+        "B to give up on port mapping",
+        Duration::from_secs(30),
+        || {
+            mapping(&b)["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("no gateway answered"))
+        },
+    );
+    assert!(mapping(&b)["external"].is_null());
+
+    wait_until(
+        "the path to become direct at both practices",
+        Duration::from_secs(60),
+        || peer_view(&a, &id_b)["path"] == "direct" && peer_view(&b, &id_a)["path"] == "direct",
+    );
+    eprintln!("direct after {:.1} s", t.elapsed().as_secs_f64());
+    // B reached A at the mapped address (random-fully NAT at B: A's dials cannot succeed).
+    let line = b
+        .log()
+        .lines()
+        .find(|l| l.contains("direct connection by hole punching"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(line.contains(&format!("{RA_PUBLIC}:7361")), "{line}");
+    all_charts_arrive(&a, &b, &id_b, t, "through A's mapped port");
+    assert_eq!(peer_view(&a, &id_b)["path"], "direct");
+    assert_eq!(peer_view(&b, &id_a)["path"], "direct");
+
+    // `status --json`, the text status, doctor and /metrics show the mapping.
+    let s = a.cli_json(&["status"]);
+    assert_eq!(
+        s["sync"]["portMapping"]["external"],
+        format!("{RA_PUBLIC}:7361"),
+        "{s}"
+    );
+    let text = a.cli_ok(&["status"]);
+    assert!(
+        text.contains(&format!("Mapped:     {RA_PUBLIC}:7361 by the router")),
+        "{text}"
+    );
+    let text = b.cli_ok(&["status"]);
+    assert!(
+        text.contains("no port mapping: no gateway answered"),
+        "{text}"
+    );
+    let doctor: Value =
+        serde_json::from_slice(&a.cli(&["--json", "doctor"]).stdout).expect("doctor --json");
+    assert!(
+        doctor["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["check"] == "port mapping"
+                && f["status"] == "ok"
+                && f["detail"].as_str().unwrap_or("").contains(RA_PUBLIC)),
+        "{doctor}"
+    );
+    let api = std::fs::read_to_string(a.dir.join("api.addr")).unwrap();
+    let url = format!("http://{}/metrics", api.trim());
+    let metrics = chartmesh_tests::netns::in_netns(&lab.ns("ca"), move || {
+        ureq::get(url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    });
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("chartmesh_port_mapping{")
+                && l.contains(&format!("external=\"{RA_PUBLIC}:7361\""))
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+
+    // A stops gracefully: it deletes the mapping on the router.
+    drop(logs);
+    a.stop();
+    assert!(
+        !upnp.udp_rules().contains("--dport 7361"),
+        "the mapping outlived A: {}",
+        upnp.udp_rules()
+    );
+    assert!(a.log().contains("port mapping deleted"), "{}", a.log());
+    drop(upnp);
+}
+
+/// A router that offers UPnP IGD only (NAT-PMP/PCP off): the practice finds it by SSDP, maps
+/// its sync port with AddPortMapping, shows it, and deletes it (DeletePortMapping) when it
+/// stops.
+#[test]
+fn a_router_with_upnp_only_maps_the_port_by_upnp_and_the_mapping_goes_at_shutdown() {
+    if let Some(why) = unavailable(&["ip", "iptables", "miniupnpd", "iptables-legacy", "ss"]) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::two_nats();
+    let upnp = start_miniupnpd(&lab, false);
+    let mut a = Practice::new_in_netns("Valley Clinic", &lab.ns("ca"), &[]);
+    let mapping = |p: &Practice| p.get("/status")["sync"]["portMapping"].clone();
+    wait_until(
+        "A's router to map its sync port",
+        Duration::from_secs(30),
+        || mapping(&a)["external"].is_string(),
+    );
+    let m = mapping(&a);
+    assert_eq!(m["protocol"], "UPnP", "{m}");
+    assert_eq!(m["external"], format!("{RA_PUBLIC}:7361"), "{m}");
+    assert!(upnp.udp_rules().contains("--dport 7361"), "{}", upnp.log());
+    a.stop();
+    assert!(
+        !upnp.udp_rules().contains("--dport 7361"),
+        "the mapping outlived A: {}\n{}",
+        upnp.udp_rules(),
+        upnp.log()
+    );
+    drop(upnp);
 }

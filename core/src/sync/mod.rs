@@ -20,6 +20,7 @@
 //! automerge, so nothing is lost or duplicated.
 
 mod link;
+pub mod portmap;
 mod puller;
 mod responder;
 mod rng;

@@ -491,7 +491,7 @@ pub async fn practice(State(st): State<ApiState>) -> Result<Json<Value>, NodeErr
             s.local_addr().ip().is_loopback()
         });
         // How other practices reach this one: the sync address (unless loopback only), the
-        // relay (configured, joined, its last error) and LAN discovery.
+        // relay (configured, joined, its last error), LAN discovery and port mapping.
         let reachability = json!({
             "listen": sync_addr,
             "loopbackOnly": loopback,
@@ -507,6 +507,8 @@ pub async fn practice(State(st): State<ApiState>) -> Result<Json<Value>, NodeErr
                 "configured": n.config.sync.lan_discovery,
                 "running": sync.is_some_and(|s| s.lan_discovery()),
             },
+            // The router's mapping of the sync port, or why there is none.
+            "portMapping": sync.and_then(|s| s.port_mapping()),
         });
         Ok(Json(json!({
             "id": n.practice_id(),
