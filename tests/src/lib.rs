@@ -112,6 +112,63 @@ pub fn wait_connected(a: &Practice, b: &Practice) {
 
 /// A child process killed (and reaped) when dropped, so a failing test cannot leave it
 /// running.
+/// A Syncthing relay server (`strelaysrv`, Debian's syncthing-relaysrv) run by a test, in
+/// network namespace `netns` when given, listening on `listen`; stopped when dropped.
+pub struct RelayServer {
+    _child: KillOnDrop,
+    /// Where it listens (HOST:PORT).
+    pub addr: String,
+    /// Its id (the SHA-256 of its certificate), as `--relay-id` takes it.
+    pub id: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RelayServer {
+    /// Starts it (no pool, no status server) and waits for it to print its id.
+    pub fn start(netns: Option<&str>, listen: &str) -> RelayServer {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("relay.log");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "strelaysrv"]);
+                c
+            }
+            None => Command::new("strelaysrv"),
+        };
+        let child = cmd
+            .arg(format!("-listen={listen}"))
+            .args(["-pools=", "-status-srv=", "-nat=false"])
+            .arg(format!("-keys={}", dir.path().display()))
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("strelaysrv starts");
+        let child = KillOnDrop(child);
+        let mut id = String::new();
+        wait_until(
+            "the relay to print its URI",
+            std::time::Duration::from_secs(20),
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                match text.split("id=").nth(1) {
+                    Some(rest) => {
+                        id = rest.split(['&', '\n', ' ']).next().unwrap().to_string();
+                        true
+                    }
+                    None => false,
+                }
+            },
+        );
+        RelayServer {
+            _child: child,
+            addr: listen.to_string(),
+            id,
+            _dir: dir,
+        }
+    }
+}
+
 pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {

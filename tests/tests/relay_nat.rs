@@ -27,45 +27,8 @@ use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct RelayServer {
-    _child: KillOnDrop,
-    id: String,
-    _dir: tempfile::TempDir,
-}
-
 fn start_relay(lab: &Lab) -> RelayServer {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("relay.log");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("inet"), "strelaysrv"])
-        .arg(format!("-listen={RELAY_IP}:22067"))
-        .args(["-pools=", "-status-srv=", "-nat=false"])
-        .arg(format!("-keys={}", dir.path().display()))
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
-        .spawn()
-        .expect("strelaysrv starts");
-    let child = KillOnDrop(child);
-    let mut id = String::new();
-    wait_until(
-        "the relay to print its URI",
-        Duration::from_secs(20),
-        || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            match text.split("id=").nth(1) {
-                Some(rest) => {
-                    id = rest.split(['&', '\n', ' ']).next().unwrap().to_string();
-                    true
-                }
-                None => false,
-            }
-        },
-    );
-    RelayServer {
-        _child: child,
-        id,
-        _dir: dir,
-    }
+    RelayServer::start(Some(&lab.ns("inet")), &format!("{RELAY_IP}:22067"))
 }
 
 /// coturn as a plain STUN server on the internet namespace, UDP port 3478.

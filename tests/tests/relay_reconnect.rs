@@ -20,52 +20,13 @@ use serde_json::Value;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct RelayServer {
-    _child: KillOnDrop,
-    addr: String,
-    id: String,
-    _dir: tempfile::TempDir,
-}
-
 fn start_relay() -> RelayServer {
-    let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let addr = format!("127.0.0.1:{port}");
-    let log = dir.path().join("relay.log");
-    let child = Command::new("strelaysrv")
-        .arg(format!("-listen={addr}"))
-        .args(["-pools=", "-status-srv=", "-nat=false"])
-        .arg(format!("-keys={}", dir.path().display()))
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
-        .spawn()
-        .expect("strelaysrv starts");
-    let child = KillOnDrop(child);
-    let mut id = String::new();
-    wait_until(
-        "the relay to print its URI",
-        Duration::from_secs(20),
-        || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            match text.split("id=").nth(1) {
-                Some(rest) => {
-                    id = rest.split(['&', '\n', ' ']).next().unwrap().to_string();
-                    true
-                }
-                None => false,
-            }
-        },
-    );
-    RelayServer {
-        _child: child,
-        addr,
-        id,
-        _dir: dir,
-    }
+    RelayServer::start(None, &format!("127.0.0.1:{port}"))
 }
 
 fn peer_view(p: &Practice, id: &str) -> Value {
