@@ -87,6 +87,33 @@ pub(crate) fn grants_of(c: &Connection, peer: &str) -> Result<Vec<Grant>, StoreE
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
+/// The peer's grants that apply to `charts`: each chart's own grant and an all-charts grant
+/// (what [`chartmesh_core::consent::applicable`] looks at), by primary key, instead of every
+/// grant of the peer.
+pub(crate) fn grants_for(
+    c: &Connection,
+    peer: &str,
+    charts: &[&str],
+) -> Result<Vec<Grant>, StoreError> {
+    let mut st = c.prepare_cached(&format!(
+        "{GRANT_COLUMNS} WHERE chart_id = ?1 AND peer = ?2"
+    ))?;
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for chart in std::iter::once(ALL_CHARTS).chain(charts.iter().copied()) {
+        if !seen.insert(chart) {
+            continue;
+        }
+        if let Some(g) = st
+            .query_row(params![chart, peer], row_to_grant)
+            .optional()?
+        {
+            out.push(g);
+        }
+    }
+    Ok(out)
+}
+
 impl Store {
     pub(crate) fn exec(
         &self,

@@ -11,7 +11,7 @@
 //! grants as stored at that moment, before it writes anything a peer sent.
 
 use chartmesh_core::audit::AuditEvent;
-use chartmesh_core::consent::{self, Access, Grant, Refusal};
+use chartmesh_core::consent::{self, Access, Refusal};
 use chartmesh_core::ids::copy_key;
 use chartmesh_core::sync::{
     Answer, Candidates, ChartRow, FetchItem, Fetched, Incarnation, Incoming, LocalChart,
@@ -622,7 +622,11 @@ fn fetch(
     items: &[FetchItem],
     budget: usize,
 ) -> Result<Answer, StoreError> {
-    let grants = crate::consent::grants_of(c, peer)?;
+    // The grants that apply to these charts (each one's own, and an all-charts grant): the
+    // engine decides with them, and reading every grant of the peer for each batch would
+    // cost batches × grants.
+    let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let grants = crate::consent::grants_for(c, peer, &keys)?;
     let mut out = Vec::with_capacity(items.len());
     let mut bytes = 0usize;
     let mut rest = Vec::new();
@@ -818,15 +822,19 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         let peer = peer.to_string();
         self.writer()?.send(task(tx, move |ctx| {
-            let grants = crate::consent::grants_of(ctx.conn, &peer)?;
+            let sent: Vec<&str> = events
+                .iter()
+                .filter(|e| e.action == "sync-send")
+                .map(|e| e.chart_id.as_deref().unwrap_or_default())
+                .collect();
+            let grants = crate::consent::grants_for(ctx.conn, &peer, &sent)?;
+            let grants = consent::GrantIndex::new(&grants);
             let mut refused = Vec::new();
             for e in events.iter().filter(|e| e.action == "sync-send") {
                 let key = e.chart_id.as_deref().unwrap_or_default();
                 let row = sync_chart(ctx.conn, key)?;
                 let allowed = match row.as_ref().map(|r| (r, r.held())) {
-                    Some((_, None)) => {
-                        consent::may_send(consent::applicable(&grants, key), None, now_ms)
-                    }
+                    Some((_, None)) => consent::may_send(grants.applicable(key), None, now_ms),
                     Some((_, Some(h))) => consent::may_return(&h, &peer, now_ms),
                     None => Err(Refusal::NoGrant),
                 };
@@ -897,7 +905,9 @@ impl Store {
             .map_err(|_| StoreError::Io(format!("{peer:?} is not a practice id")))?;
         self.writer()?.send(task(tx, move |ctx| {
             let t = std::time::Instant::now();
-            let grants = crate::consent::grants_of(ctx.conn, &peer)?;
+            let charts: Vec<&str> = items.iter().map(|i| i.chart.as_str()).collect();
+            let grants = crate::consent::grants_for(ctx.conn, &peer, &charts)?;
+            let grants = consent::GrantIndex::new(&grants);
             let mut out = Vec::with_capacity(items.len());
             let n = items.len();
             for item in items {
@@ -972,7 +982,7 @@ fn apply_one(
     peer: &str,
     peer_id: &PracticeId,
     item: SyncItem,
-    grants: &[Grant],
+    grants: &consent::GrantIndex<'_>,
     now: i64,
 ) -> Result<SyncOutcome, StoreError> {
     crate::failpoint!("sync.apply.item");
@@ -1160,7 +1170,7 @@ fn merge(
     chart: &str,
     data: &[u8],
     digest: u64,
-    own: Option<(&PracticeId, &[Grant])>,
+    own: Option<(&PracticeId, &consent::GrantIndex<'_>)>,
     prepared: Option<PreparedMerge>,
     now: i64,
 ) -> Result<SyncOutcome, StoreError> {
@@ -1210,9 +1220,8 @@ fn merge(
     if let Some((peer_id, grants)) = own {
         // Changes to one of our charts: an active read-write grant, every change under the
         // peer's own actor, and referral steps only in its own name.
-        if let Err(r) =
-            consent::may_apply_change(consent::applicable(grants, chart), peer_id, &actors, now)
-                .and_then(|_| consent::may_claim_referral_steps(&referral_claims, peer))
+        if let Err(r) = consent::may_apply_change(grants.applicable(chart), peer_id, &actors, now)
+            .and_then(|_| consent::may_claim_referral_steps(&referral_claims, peer))
         {
             return refuse(ctx, audit(), r.as_str());
         }

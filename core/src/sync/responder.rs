@@ -368,6 +368,7 @@ impl Responder {
     /// Decides every fetched chart again and sends what may leave, audited before it leaves.
     fn deliver(&mut self, ctx: &mut Ctx<'_>, grants: &[Grant], items: Vec<Fetched>) {
         let now = ctx.now.wall_ms;
+        let grants = consent::GrantIndex::new(grants);
         let mut batch: Vec<Delivery> = Vec::new();
         let mut audit = Vec::new();
         let mut size = 0;
@@ -379,7 +380,7 @@ impl Responder {
             };
             let decision = match &f.row {
                 None => Err("requested a chart that is not shared with it"),
-                Some(row) => may_leave(row, f.item.returned, grants, ctx.peer, now)
+                Some(row) => may_leave(row, f.item.returned, &grants, ctx.peer, now)
                     .map_err(|_| "requested a chart that is not shared with it"),
             };
             let data = match (decision, f.data) {
@@ -432,12 +433,12 @@ impl Responder {
 fn may_leave(
     row: &super::ChartRow,
     returned: bool,
-    grants: &[Grant],
+    grants: &consent::GrantIndex<'_>,
     peer: &str,
     now: i64,
 ) -> Result<(), consent::Refusal> {
     match (row.held(), returned) {
-        (None, false) => consent::may_send(consent::applicable(grants, &row.chart), None, now),
+        (None, false) => consent::may_send(grants.applicable(&row.chart), None, now),
         (Some(held), true) => consent::may_return(&held, peer, now),
         _ => Err(consent::Refusal::NoGrant),
     }
@@ -448,13 +449,16 @@ fn may_leave(
 /// checkpoint and no longer allows it is `Revoked` (the peer marks its copy); a copy of the
 /// peer's chart changed here is `Returned` while it may be returned.
 pub(crate) fn plan_offer(c: &Candidates, peer: &str, now: i64) -> Vec<OfferItem> {
-    let changed = |g: &Grant| c.changed_grants.iter().any(|x| x == &g.chart_id);
+    let changed_grants: std::collections::HashSet<&str> =
+        c.changed_grants.iter().map(String::as_str).collect();
+    let changed = |g: &Grant| changed_grants.contains(g.chart_id.as_str());
     let mut items = Vec::with_capacity(c.own.len() + c.returned.len());
+    let grants = consent::GrantIndex::new(&c.grants);
     for row in &c.own {
         if row.origin.is_some() {
             continue;
         }
-        let grant = consent::applicable(&c.grants, &row.chart);
+        let grant = grants.applicable(&row.chart);
         match consent::may_send(grant, None, now) {
             Ok(()) => {
                 let g = grant.expect("an active grant");
