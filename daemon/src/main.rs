@@ -148,10 +148,12 @@ async fn run(args: Args) -> Result<()> {
     let identity = Identity::load(&dir)?;
     let key = datadir::daemon_store_key(&dir).context("loading the store key")?;
     // Damaged pages or lost commits stop the start: nothing corrupt is served or sent
-    // (chartmesh_store::integrity, docs/RELIABILITY.md).
-    if let Some(r) = chartmesh_store::integrity::check_store(&datadir::store_path(&dir), &key)
-        .context("checking the chart store")?
-    {
+    // (chartmesh_store::integrity, docs/RELIABILITY.md). The check runs on the connection
+    // that then becomes the writer's.
+    let (store, checked) =
+        Store::open_checked(&datadir::store_path(&dir), &key, StoreOptions::default())
+            .context("opening the chart store")?;
+    if let Some(r) = checked {
         tracing::info!(
             pages = r.pages,
             scanned = r.scanned,
@@ -159,8 +161,6 @@ async fn run(args: Args) -> Result<()> {
             "store checked"
         );
     }
-    let store = Store::open(&datadir::store_path(&dir), &key, StoreOptions::default())
-        .context("opening the chart store")?;
     let token = datadir::read_token(&dir)
         .context("reading the API token (api-token in the data directory)")?;
     let listener = tokio::net::TcpListener::bind(config.api.listen)

@@ -167,28 +167,46 @@ fn first_page_damaged(path: &Path, key: &StoreKey) -> bool {
     pages > 1 && failed < pages
 }
 
-/// Checks the store at `path` before it is opened for writing (see the module docs).
-/// A missing store is fine (it is about to be created).
+/// Checks the store at `path` before it is opened for writing (see the module docs), on a
+/// connection of its own that changes nothing. A missing store is fine (it is about to be
+/// created). The daemon checks on its write connection instead: [`crate::Store::open_checked`].
 pub fn check_store(path: &Path, key: &StoreKey) -> Result<Option<IntegrityReport>, StoreError> {
     if !path.exists() {
-        // A new store: a mark left by a deleted one must not apply to it (inodes are reused).
-        let _ = std::fs::remove_file(mark_path(path));
-        let _ = std::fs::remove_file(clean_path(path));
+        forget_marks(path);
         return Ok(None);
     }
-    let t = std::time::Instant::now();
-    let scan = !closed_cleanly(path);
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| damaged(format!("it does not open ({e})")))?;
+    let conn = open_to_check(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     // Looking must not change anything: no checkpoint of the WAL when this connection closes.
     let _ = conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
         true,
     );
-    key.apply(&conn, path).map_err(|e| match e {
+    check_connection(&conn, path, key).map(Some)
+}
+
+/// A new store: a mark left by a deleted one must not apply to it (inodes are reused).
+pub(crate) fn forget_marks(path: &Path) {
+    let _ = std::fs::remove_file(mark_path(path));
+    let _ = std::fs::remove_file(clean_path(path));
+}
+
+/// Opens an existing store file to check it; a file that does not open is damaged.
+pub(crate) fn open_to_check(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| damaged(format!("it does not open ({e})")))
+}
+
+/// The check on `conn`, a connection just opened to the existing store at `path` and not
+/// keyed yet: applies `key` (telling a wrong key from a damaged first page), then reads
+/// with the connection held query-only, and gives it back writable.
+pub(crate) fn check_connection(
+    conn: &Connection,
+    path: &Path,
+    key: &StoreKey,
+) -> Result<IntegrityReport, StoreError> {
+    let t = std::time::Instant::now();
+    let scan = !closed_cleanly(path);
+    key.apply(conn, path).map_err(|e| match e {
         StoreError::WrongKey(p) if first_page_damaged(path, key) => {
             damaged(format!("its first page does not verify ({})", p.display()))
         }
@@ -196,6 +214,17 @@ pub fn check_store(path: &Path, key: &StoreKey) -> Result<Option<IntegrityReport
         other => damaged(format!("its first page does not read ({other})")),
     })?;
     let _ = conn.execute_batch("PRAGMA query_only = 1;");
+    let report = read_check(conn, path, scan, t);
+    conn.execute_batch("PRAGMA query_only = 0;")?;
+    report
+}
+
+fn read_check(
+    conn: &Connection,
+    path: &Path,
+    scan: bool,
+    t: std::time::Instant,
+) -> Result<IntegrityReport, StoreError> {
     let mut problems: Vec<String> = Vec::new();
     let run = (|| -> Result<(), rusqlite::Error> {
         if !scan {
@@ -247,13 +276,13 @@ pub fn check_store(path: &Path, key: &StoreKey) -> Result<Option<IntegrityReport
             path.display()
         )));
     }
-    Ok(Some(IntegrityReport {
+    Ok(IntegrityReport {
         pages: if scan { pages } else { 0 },
         scanned: scan,
         audit_head,
         recorded_head: recorded,
         millis: t.elapsed().as_millis() as u64,
-    }))
+    })
 }
 
 /// What the full check (`chartmesh doctor`, `chartmesh backup verify`) found.
@@ -412,5 +441,67 @@ mod tests {
             Err(StoreError::Damaged(m)) => assert!(m.contains("damaged"), "{m}"),
             other => panic!("the damage went unnoticed: {other:?}"),
         }
+    }
+
+    /// The daemon's start checks on the connection that becomes its writer: a new store
+    /// has no report, a clean close skips the scan, the connection writes afterwards (not
+    /// left query-only), and a wrong key or a damaged page refuses the start with nothing
+    /// written.
+    #[test]
+    fn open_checked_checks_on_the_write_connection_and_then_writes_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let key = StoreKey::from_bytes([7; 32]);
+        // A stale mark of a deleted store must not apply to a new one.
+        std::fs::write(mark_path(&path), "1 99\n").unwrap();
+        let (store, report) = Store::open_checked(&path, &key, StoreOptions::default()).unwrap();
+        assert_eq!(report, None);
+        assert!(!mark_path(&path).exists() || recorded_head(&path) != Some(99));
+        let audit = |store: &Store, n: i64| {
+            for i in 0..n {
+                let rx = store
+                    .audit(vec![chartmesh_core::audit::AuditEvent::new(i, "t", "read")])
+                    .unwrap();
+                rx.blocking_recv().unwrap().unwrap();
+            }
+        };
+        audit(&store, 150);
+        store.close();
+        drop(store);
+        record_clean_close(&path);
+        let (store, report) = Store::open_checked(&path, &key, StoreOptions::default()).unwrap();
+        let report = report.unwrap();
+        assert!(!report.scanned, "{report:?}");
+        assert_eq!((report.audit_head, report.recorded_head), (150, Some(150)));
+        audit(&store, 1);
+        store.close();
+        drop(store);
+        // No clean close: the next start scans.
+        let (store, report) = Store::open_checked(&path, &key, StoreOptions::default()).unwrap();
+        let report = report.unwrap();
+        assert!(report.scanned && report.pages > 3, "{report:?}");
+        assert_eq!(report.audit_head, 151);
+        store.close();
+        drop(store);
+        match Store::open_checked(
+            &path,
+            &StoreKey::from_bytes([8; 32]),
+            StoreOptions::default(),
+        ) {
+            Err(StoreError::WrongKey(_)) => {}
+            other => panic!("expected WrongKey, got {:?}", other.map(|(_, r)| r)),
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[2 * 4096 + 100] ^= 0x55;
+        std::fs::write(&path, &bytes).unwrap();
+        match Store::open_checked(&path, &key, StoreOptions::default()) {
+            Err(StoreError::Damaged(m)) => assert!(m.contains("damaged"), "{m}"),
+            other => panic!("the damage went unnoticed: {:?}", other.map(|(_, r)| r)),
+        }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "a refused start wrote to the store"
+        );
     }
 }

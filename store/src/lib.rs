@@ -105,28 +105,43 @@ impl Default for StoreOptions {
 impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
     pub fn open(path: &Path, key: &StoreKey, options: StoreOptions) -> Result<Store, StoreError> {
-        Self::open_writer(path, key, options, true)
+        Ok(Self::open_writer(path, key, options, true, false)?.0)
+    }
+
+    /// [`Store::open`] for the daemon's start: first the start-up check of
+    /// [`integrity`] (damaged pages after an unclean stop, lost commits) on the same
+    /// connection that then becomes the writer's, so the file is opened and keyed once.
+    /// Returns what the check read (`None` for a store it creates). A damaged store is
+    /// [`StoreError::Damaged`] and nothing is written to it.
+    pub fn open_checked(
+        path: &Path,
+        key: &StoreKey,
+        options: StoreOptions,
+    ) -> Result<(Store, Option<integrity::IntegrityReport>), StoreError> {
+        Self::open_writer(path, key, options, true, true)
     }
 
     /// The store with its writer; `daemon` false for an offline admin command (no upgrade,
-    /// the WAL left at close).
+    /// the WAL left at close); `check` runs the start-up check first.
     fn open_writer(
         path: &Path,
         key: &StoreKey,
         options: StoreOptions,
         daemon: bool,
-    ) -> Result<Store, StoreError> {
+        check: bool,
+    ) -> Result<(Store, Option<integrity::IntegrityReport>), StoreError> {
         failpoint::setup_from_env();
-        let conn = schema::open_write_connection_as(path, key, daemon)?;
+        let (conn, report) = schema::open_write_connection_checked(path, key, daemon, check)?;
         let writer = write::WriterHandle::spawn(conn, options.clone(), daemon)?;
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 writer: Some(writer),
                 readers: read::ReaderPool::new(path.to_path_buf(), key.clone()),
                 options,
             }),
-        })
+        };
+        Ok((store, report))
     }
 
     /// Opens an existing store of this build's schema for an admin command run while the
@@ -138,7 +153,7 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
-        Self::open_writer(path, key, StoreOptions::default(), false)
+        Ok(Self::open_writer(path, key, StoreOptions::default(), false, false)?.0)
     }
 
     /// Opens an existing database for reading only (another process may be writing).

@@ -214,13 +214,38 @@ pub(crate) fn open_write_connection_as(
     key: &crate::StoreKey,
     upgrade: bool,
 ) -> Result<Connection, StoreError> {
+    Ok(open_write_connection_checked(path, key, upgrade, false)?.0)
+}
+
+/// [`open_write_connection_as`]; with `check`, the start-up check of [`crate::integrity`]
+/// runs first on this same connection (its report; `None` for a store about to be
+/// created), so the daemon opens and keys the file once.
+pub(crate) fn open_write_connection_checked(
+    path: &Path,
+    key: &crate::StoreKey,
+    upgrade: bool,
+    check: bool,
+) -> Result<(Connection, Option<crate::integrity::IntegrityReport>), StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
     }
-    let mut conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    key.apply(&conn, path)?;
+    let busy = std::time::Duration::from_secs(5);
+    let (mut conn, report) = if check && path.exists() {
+        let conn =
+            crate::integrity::open_to_check(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        conn.busy_timeout(busy)?;
+        let report = crate::integrity::check_connection(&conn, path, key)?;
+        (conn, Some(report))
+    } else {
+        if check {
+            crate::integrity::forget_marks(path);
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(busy)?;
+        key.apply(&conn, path)?;
+        (conn, None)
+    };
     if !upgrade {
         check_version(&conn, false)?;
     }
@@ -238,7 +263,7 @@ pub(crate) fn open_write_connection_as(
     migrate(&mut conn)?;
     crate::sync::ensure_incarnation(&conn)?;
     conn.set_prepared_statement_cache_capacity(crate::read::STATEMENT_CACHE);
-    Ok(conn)
+    Ok((conn, report))
 }
 
 pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
