@@ -45,6 +45,32 @@ fn note(id: &str) -> Entry {
     })
 }
 
+/// Appends `e` to chart `id` as Dr X (with `audit`) and waits for the commit.
+fn append(
+    store: &Store,
+    id: &str,
+    e: Entry,
+    audit: Vec<AuditEvent>,
+) -> Result<(), chartmesh_store::StoreError> {
+    let m = meta("Dr X");
+    store
+        .edit(id.into(), Box::new(move |d| d.append(&e, &m)), audit)
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .map(|_| ())
+}
+
+/// Sets the schema version of the store file at `path` (as an older build would have left it).
+fn set_user_version(path: &std::path::Path, v: u32) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", key().to_hex()))
+        .unwrap();
+    conn.pragma_update(None, "user_version", v).unwrap();
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+}
+
 #[test]
 fn charts_survive_reopen_and_edits_compact() {
     let dir = tempfile::tempdir().unwrap();
@@ -78,18 +104,13 @@ fn charts_survive_reopen_and_edits_compact() {
         ]
     );
     for i in 0..7 {
-        let e = note(&format!("n{i}"));
-        let m = meta("Dr X");
-        store
-            .edit(
-                "c1".into(),
-                Box::new(move |d| d.append(&e, &m)),
-                vec![AuditEvent::new(9, "Dr X", "update").chart("c1")],
-            )
-            .unwrap()
-            .blocking_recv()
-            .unwrap()
-            .unwrap();
+        append(
+            &store,
+            "c1",
+            note(&format!("n{i}")),
+            vec![AuditEvent::new(9, "Dr X", "update").chart("c1")],
+        )
+        .unwrap();
     }
     store.close();
     drop(store);
@@ -152,14 +173,7 @@ fn every_chart_write_takes_the_next_sequence_number() {
         .unwrap()
         .unwrap();
     assert_eq!(store.seq().unwrap(), 3);
-    let m = meta("Dr X");
-    let e = note("n1");
-    store
-        .edit("c1".into(), Box::new(move |d| d.append(&e, &m)), vec![])
-        .unwrap()
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
+    append(&store, "c1", note("n1"), vec![]).unwrap();
     // c1 changed last: it now sorts after the others, and a checkpoint at 3 sees only it.
     assert_eq!(
         store.charts_since(0, 10).unwrap(),
@@ -316,13 +330,7 @@ fn a_merge_prepared_off_the_writer_is_redone_when_the_chart_changed_meanwhile() 
     let data = peer.changes_after(&stored_heads);
     let prepared = store.prepare_merge("c1", &data, true).unwrap();
     assert!(prepared.is_some());
-    let (m, e) = (meta("Dr X"), note("local"));
-    store
-        .edit("c1".into(), Box::new(move |d| d.append(&e, &m)), vec![])
-        .unwrap()
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
+    append(&store, "c1", note("local"), vec![]).unwrap();
     // The stale preparation is not used: both notes survive.
     assert_eq!(
         apply(data, prepared),
@@ -519,13 +527,7 @@ fn a_write_past_the_chart_size_limit_is_refused_and_loses_nothing() {
     };
     let mut written = 0;
     let err = loop {
-        let (m, e) = (meta("Dr X"), big(written));
-        match store
-            .edit("c1".into(), Box::new(move |d| d.append(&e, &m)), vec![])
-            .unwrap()
-            .blocking_recv()
-            .unwrap()
-        {
+        match append(&store, "c1", big(written), vec![]) {
             Ok(_) => written += 1,
             Err(e) => break e,
         }
@@ -545,13 +547,7 @@ fn a_write_past_the_chart_size_limit_is_refused_and_loses_nothing() {
         .unwrap()
         .notes;
     assert_eq!(notes.len(), written, "the refused note was not kept");
-    let (m, e) = (meta("Dr X"), note("small"));
-    store
-        .edit("c1".into(), Box::new(move |d| d.append(&e, &m)), vec![])
-        .unwrap()
-        .blocking_recv()
-        .unwrap()
-        .expect("a small write still fits");
+    append(&store, "c1", note("small"), vec![]).expect("a small write still fits");
 }
 
 /// An offline admin command's store (`Store::open_existing`): a store of an older schema is
@@ -575,16 +571,14 @@ fn an_offline_open_refuses_an_older_schema_untouched_and_leaves_its_audit_in_the
 
     // Older schema: refused, no file changed or added.
     {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", key().to_hex()))
-            .unwrap();
-        let v: u32 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        conn.pragma_update(None, "user_version", v - 1).unwrap();
-        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-            .unwrap();
-        drop(conn);
+        let v: u32 = {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", key().to_hex()))
+                .unwrap();
+            conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        set_user_version(&path, v - 1);
         let before = files_under(dir.path());
         let err = Store::open_existing(&path, &key()).err().expect("refused");
         assert!(
@@ -597,12 +591,7 @@ fn an_offline_open_refuses_an_older_schema_untouched_and_leaves_its_audit_in_the
             before,
             "the refused store was changed"
         );
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", key().to_hex()))
-            .unwrap();
-        conn.pragma_update(None, "user_version", v).unwrap();
-        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-            .unwrap();
+        set_user_version(&path, v);
     }
 
     // Current schema: the audit entry is committed into a WAL left for the next opener.
