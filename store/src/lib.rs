@@ -80,7 +80,7 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     writer: Option<write::WriterHandle>,
-    readers: read::ReaderPool,
+    readers: Arc<read::ReaderPool>,
     options: StoreOptions,
 }
 
@@ -132,12 +132,23 @@ impl Store {
     ) -> Result<(Store, Option<integrity::IntegrityReport>), StoreError> {
         failpoint::setup_from_env();
         let (conn, report) = schema::open_write_connection_checked(path, key, daemon, check)?;
-        let writer = write::WriterHandle::spawn(conn, options.clone(), daemon)?;
+        let (writer, readers) = if daemon {
+            let readers = Arc::new(read::ReaderPool::new(path.to_path_buf(), key.clone()));
+            (
+                write::WriterHandle::spawn(conn, options.clone(), true)?,
+                readers,
+            )
+        } else {
+            // An offline command reads and writes through this one connection.
+            let readers = Arc::new(read::ReaderPool::writable(path.to_path_buf(), key.clone()));
+            let writer = write::WriterHandle::inline(conn, options.clone(), readers.clone())?;
+            (writer, readers)
+        };
         let store = Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 writer: Some(writer),
-                readers: read::ReaderPool::new(path.to_path_buf(), key.clone()),
+                readers,
                 options,
             }),
         };
@@ -172,7 +183,7 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
-        let readers = read::ReaderPool::new(path.to_path_buf(), key.clone());
+        let readers = Arc::new(read::ReaderPool::new(path.to_path_buf(), key.clone()));
         readers.check_schema(older_ok)?;
         Ok(Store {
             inner: Arc::new(Inner {

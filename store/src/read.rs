@@ -1,5 +1,7 @@
 //! Reads: a small pool of read-only connections. In WAL mode readers see the last committed
-//! state and never block the writer.
+//! state and never block the writer. An offline admin command's pool holds write
+//! connections instead, shared by its reads and its inline writer
+//! ([`crate::write::WriterHandle::inline`]).
 
 use chartmesh_core::ChartDoc;
 use chartmesh_core::audit::{AuditEntry, AuditEvent, ChainBreak, verify_chain};
@@ -42,9 +44,11 @@ pub(crate) struct ReaderPool {
     path: PathBuf,
     key: crate::StoreKey,
     idle: Mutex<Vec<Connection>>,
+    /// Every connection is a write connection (an offline command's pool).
+    writable: bool,
 }
 
-struct Lease<'a> {
+pub(crate) struct Lease<'a> {
     pool: &'a ReaderPool,
     conn: Option<Connection>,
 }
@@ -53,6 +57,12 @@ impl std::ops::Deref for Lease<'_> {
     type Target = Connection;
     fn deref(&self) -> &Connection {
         self.conn.as_ref().expect("leased connection")
+    }
+}
+
+impl std::ops::DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.conn.as_mut().expect("leased connection")
     }
 }
 
@@ -73,13 +83,44 @@ impl ReaderPool {
             path,
             key,
             idle: Mutex::new(Vec::new()),
+            writable: false,
         }
+    }
+
+    /// A pool of write connections for an offline command; see [`ReaderPool::give`].
+    pub(crate) fn writable(path: PathBuf, key: crate::StoreKey) -> Self {
+        ReaderPool {
+            writable: true,
+            ..ReaderPool::new(path, key)
+        }
+    }
+
+    /// Adds an open write connection to a writable pool.
+    pub(crate) fn give(&self, conn: Connection) {
+        debug_assert!(self.writable);
+        self.idle.lock().unwrap().push(conn);
+    }
+
+    /// A connection the inline writer may write through: one of a writable pool's, or (while
+    /// that one is leased, e.g. by a read in progress) a new write connection.
+    pub(crate) fn lease_writable(&self) -> Result<Lease<'_>, StoreError> {
+        if !self.writable {
+            return Err(StoreError::ReadOnly);
+        }
+        self.lease()
     }
 
     fn lease(&self) -> Result<Lease<'_>, StoreError> {
         let conn = self.idle.lock().unwrap().pop();
         let conn = match conn {
             Some(c) => c,
+            None if self.writable => {
+                let (c, _) = crate::schema::open_write_connection_checked(
+                    &self.path, &self.key, false, false,
+                )?;
+                crate::write::leave_wal_at_close(&c)?;
+                c
+            }
             None => {
                 let c = Connection::open_with_flags(
                     &self.path,

@@ -122,8 +122,23 @@ pub(crate) type ExecFn = Box<dyn FnOnce(&Connection) -> Result<u64, StoreError> 
 
 pub(crate) struct WriterHandle {
     pub(crate) changes: tokio::sync::watch::Receiver<i64>,
-    tx: Mutex<Option<Sender<WriteOp>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    mode: Mode,
+}
+
+/// Where the writes run.
+enum Mode {
+    /// The daemon's: a thread owns the write connection and commits queued writes in batches.
+    Thread {
+        tx: Mutex<Option<Sender<WriteOp>>>,
+        thread: Mutex<Option<JoinHandle<()>>>,
+    },
+    /// An offline admin command's: each write commits at once on the caller's thread, on a
+    /// connection leased from the store's pool (the same one its reads use: one open, one
+    /// key, one schema parse per command). `None` once closed.
+    Inline {
+        writer: Mutex<Option<Writer>>,
+        pool: std::sync::Arc<crate::read::ReaderPool>,
+    },
 }
 
 impl WriterHandle {
@@ -136,48 +151,83 @@ impl WriterHandle {
         checkpoint_at_close: bool,
     ) -> Result<WriterHandle, StoreError> {
         if !checkpoint_at_close {
-            // Nor does SQLite's own checkpoint when the last connection closes.
-            conn.set_db_config(
-                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-                true,
-            )?;
+            leave_wal_at_close(&conn)?;
         }
         let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(1024);
-        let head = read_head(&conn)?;
-        let seq: i64 = conn.query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get(0))?;
-        let (changed, changes) = tokio::sync::watch::channel(seq);
+        let (writer, changes) = Writer::new(&conn, options)?;
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || {
-                Writer {
-                    conn,
-                    options,
-                    head,
-                    changed,
-                    checkpoint_at_close,
-                }
-                .run(rx)
-            })
+            .spawn(move || writer.run(conn, rx, checkpoint_at_close))
             .map_err(|e| StoreError::Corrupt(format!("cannot start the writer thread: {e}")))?;
         Ok(WriterHandle {
             changes,
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            mode: Mode::Thread {
+                tx: Mutex::new(Some(tx)),
+                thread: Mutex::new(Some(thread)),
+            },
+        })
+    }
+
+    /// The writer of an offline admin command: no thread; `conn` (a write connection,
+    /// see [`crate::schema::open_write_connection_checked`]) goes into `pool`, which then
+    /// serves reads and writes alike. The WAL is left for the daemon to fold in.
+    pub(crate) fn inline(
+        conn: Connection,
+        options: StoreOptions,
+        pool: std::sync::Arc<crate::read::ReaderPool>,
+    ) -> Result<WriterHandle, StoreError> {
+        leave_wal_at_close(&conn)?;
+        let (writer, changes) = Writer::new(&conn, options)?;
+        pool.give(conn);
+        Ok(WriterHandle {
+            changes,
+            mode: Mode::Inline {
+                writer: Mutex::new(Some(writer)),
+                pool,
+            },
         })
     }
 
     pub(crate) fn send(&self, op: WriteOp) -> Result<(), StoreError> {
-        let tx = self.tx.lock().unwrap().clone().ok_or(StoreError::Closed)?;
-        tx.send(op).map_err(|_| StoreError::Closed)
+        match &self.mode {
+            Mode::Thread { tx, .. } => {
+                let tx = tx.lock().unwrap().clone().ok_or(StoreError::Closed)?;
+                tx.send(op).map_err(|_| StoreError::Closed)
+            }
+            Mode::Inline { writer, pool } => {
+                let mut w = writer.lock().unwrap();
+                let w = w.as_mut().ok_or(StoreError::Closed)?;
+                let mut conn = pool.lease_writable()?;
+                w.commit_batch(&mut conn, vec![op]);
+                Ok(())
+            }
+        }
     }
 
     /// Closes the queue and waits for the writer to commit what was queued.
     pub(crate) fn close(&self) {
-        self.tx.lock().unwrap().take();
-        if let Some(t) = self.thread.lock().unwrap().take() {
-            let _ = t.join();
+        match &self.mode {
+            Mode::Thread { tx, thread } => {
+                tx.lock().unwrap().take();
+                if let Some(t) = thread.lock().unwrap().take() {
+                    let _ = t.join();
+                }
+            }
+            Mode::Inline { writer, .. } => {
+                writer.lock().unwrap().take();
+            }
         }
     }
+}
+
+/// Neither the writer nor SQLite's own close checkpoints: the WAL (committed and synced)
+/// stays for the next opener.
+pub(crate) fn leave_wal_at_close(conn: &Connection) -> Result<(), StoreError> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
+    Ok(())
 }
 
 impl Drop for WriterHandle {
@@ -213,12 +263,10 @@ fn read_head(conn: &Connection) -> Result<Head, StoreError> {
 }
 
 struct Writer {
-    conn: Connection,
     options: StoreOptions,
     head: Head,
     /// The change sequence after the last commit, for those waiting on local changes.
     changed: tokio::sync::watch::Sender<i64>,
-    checkpoint_at_close: bool,
 }
 
 /// A caller's answer, held until the batch's commit says whether it stands.
@@ -255,7 +303,25 @@ fn carried(e: &StoreError) -> StoreError {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<WriteOp>) {
+    /// The writer's state as `conn` reads it, and the receiver of its change sequence.
+    fn new(
+        conn: &Connection,
+        options: StoreOptions,
+    ) -> Result<(Writer, tokio::sync::watch::Receiver<i64>), StoreError> {
+        let head = read_head(conn)?;
+        let seq: i64 = conn.query_row("SELECT n FROM sequence WHERE id = 1", [], |r| r.get(0))?;
+        let (changed, changes) = tokio::sync::watch::channel(seq);
+        Ok((
+            Writer {
+                options,
+                head,
+                changed,
+            },
+            changes,
+        ))
+    }
+
+    fn run(mut self, mut conn: Connection, rx: Receiver<WriteOp>, checkpoint_at_close: bool) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < self.options.max_batch {
@@ -264,28 +330,25 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_batch(batch);
+            self.commit_batch(&mut conn, batch);
         }
         // Fold the WAL into the database so the next open does not have to replay it.
-        if !self.checkpoint_at_close {
+        if !checkpoint_at_close {
             tracing::debug!("store writer stopped; the WAL is left for the next opener");
             return;
         }
-        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
             tracing::warn!(error = %e, "checkpoint at shutdown failed; the WAL is replayed at the next start");
         }
         tracing::debug!("store writer stopped");
     }
 
-    fn commit_batch(&mut self, batch: Vec<WriteOp>) {
+    fn commit_batch(&mut self, conn: &mut Connection, batch: Vec<WriteOp>) {
         let head_before = self.head.clone();
         let options = self.options.clone();
         let mut head = self.head.clone();
         let mut replies = Vec::with_capacity(batch.len());
-        let tx = match self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        {
+        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(e) => {
                 let e = StoreError::from(e);
@@ -375,7 +438,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 if head.seq != head_before.seq
-                    && let Some(path) = self.conn.path()
+                    && let Some(path) = conn.path()
                 {
                     crate::integrity::record_commit(std::path::Path::new(path), head.seq);
                 }
@@ -387,8 +450,7 @@ impl Writer {
                 }
                 // The new sequence is published before anyone is answered, so a caller
                 // that saw its write acknowledged also sees the sequence it reached.
-                if let Ok(n) = self
-                    .conn
+                if let Ok(n) = conn
                     .prepare_cached("SELECT n FROM sequence WHERE id = 1")
                     .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
                 {

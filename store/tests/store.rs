@@ -3,7 +3,7 @@
 use chartmesh_core::audit::AuditEvent;
 use chartmesh_core::chart::{Entry, Note};
 use chartmesh_core::{ChangeMeta, Chart, ChartDoc, PracticeId};
-use chartmesh_store::{IndexFields, InsertOutcome, NewChart, Store, StoreOptions};
+use chartmesh_store::{IndexFields, InsertOutcome, NewChart, Store, StoreError, StoreOptions};
 
 fn chart(id: &str, family: &str, mrn: &str) -> Chart {
     let s = format!(
@@ -621,4 +621,81 @@ fn an_offline_open_refuses_an_older_schema_untouched_and_leaves_its_audit_in_the
         "{entries:?}"
     );
     assert!(next.verify_audit().unwrap().is_ok());
+}
+
+/// An offline command's store has no writer thread: its reads and writes share one
+/// connection, and a write made while a read still holds it (an export that audits as it
+/// goes) commits through a second write connection. Both are durable and chained, and a
+/// write after close is refused.
+#[test]
+fn an_offline_store_writes_inline_even_while_a_read_holds_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    {
+        let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
+        store
+            .insert_charts(
+                vec![
+                    new_chart(&chart("c1", "Ames", "M1")),
+                    new_chart(&chart("c2", "Bell", "M2")),
+                ],
+                "import".into(),
+            )
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
+        store.close();
+    }
+    let off = Store::open_existing(&path, &key()).unwrap();
+    let changes = off.subscribe_changes().expect("an offline store can write");
+    let seq_before = *changes.borrow();
+    // Each write is committed when `audit` returns: the reply is already there.
+    let mut rx = off
+        .audit(vec![AuditEvent::new(1, "admin", "read").chart("c1")])
+        .unwrap();
+    rx.try_recv().expect("answered at once").unwrap();
+    let mut seen = Vec::new();
+    off.for_each_chart(None, &mut |rec| {
+        off.audit(vec![
+            AuditEvent::new(2, "admin", "export").chart(rec.id.clone()),
+        ])?
+        .try_recv()
+        .expect("answered at once")?;
+        seen.push(rec.id);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, ["c1", "c2"]);
+    append(&off, "c1", note("n-offline"), vec![]).unwrap();
+    assert!(*changes.borrow() > seq_before, "the change sequence moved");
+    off.close();
+    assert!(matches!(
+        off.audit(vec![AuditEvent::new(3, "admin", "read")]),
+        Err(StoreError::Closed)
+    ));
+    drop(off);
+
+    let next = Store::open(&path, &key(), StoreOptions::default()).unwrap();
+    let actions: Vec<(String, Option<String>)> = next
+        .audit_entries(None, None, None)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.actor == "admin")
+        .map(|e| (e.event.action, e.event.chart_id))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("read".to_string(), Some("c1".to_string())),
+            ("export".to_string(), Some("c1".to_string())),
+            ("export".to_string(), Some("c2".to_string())),
+        ]
+    );
+    assert!(next.verify_audit().unwrap().is_ok());
+    let doc = next.get("c1").unwrap().unwrap().doc.to_chart().unwrap();
+    assert!(
+        doc.notes.iter().any(|n| n.id == "n-offline"),
+        "the note is kept"
+    );
 }
