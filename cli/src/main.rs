@@ -1593,8 +1593,8 @@ fn run(cli: Cli) -> Result<()> {
                 None => {
                     let client = Client::connect(&dir, &user)?;
                     let mut q = Vec::new();
-                    if let Some(c) = a.chart {
-                        q.push(format!("chart={}", enc(&c)));
+                    if let Some(c) = &a.chart {
+                        q.push(format!("chart={}", enc(c)));
                     }
                     if let Some(s) = a.since {
                         q.push(format!("since={}", enc(&s)));
@@ -1611,13 +1611,22 @@ fn run(cli: Cli) -> Result<()> {
                     let v = client.get(&format!("/audit?{}", q.join("&")))?;
                     print(j, &v, |v| {
                         for e in v["entries"].as_array().cloned().unwrap_or_default() {
+                            // An entry for a list names its charts: the one asked about, or
+                            // how many (`--json` has them all).
+                            let charts = e["charts"].as_array().map_or(0, Vec::len);
+                            let chart = match (e["chart_id"].as_str(), &a.chart) {
+                                (Some(c), _) => c.to_string(),
+                                (None, _) if charts == 0 => "-".to_string(),
+                                (None, Some(c)) => c.clone(),
+                                (None, None) => format!("{charts} charts"),
+                            };
                             println!(
                                 "{:>6} {}  {:<14} {:<20} {} {}",
                                 e["seq"],
                                 chartmesh_datadir::rfc3339(e["time_ms"].as_i64().unwrap_or(0)),
                                 e["action"].as_str().unwrap_or(""),
                                 e["actor"].as_str().unwrap_or(""),
-                                e["chart_id"].as_str().unwrap_or("-"),
+                                chart,
                                 e["detail"].as_str().unwrap_or("")
                             );
                         }

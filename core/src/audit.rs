@@ -25,6 +25,11 @@ pub struct AuditEvent {
     /// A short, content-free detail (e.g. "section=notes" or a refusal reason).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The charts one entry discloses together (the patients a list showed), sorted and
+    /// without repeats: each is found by an audit search for its chart, as `chart_id` is,
+    /// and the entry's hash covers them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub charts: Vec<String>,
 }
 
 impl AuditEvent {
@@ -36,6 +41,7 @@ impl AuditEvent {
             chart_id: None,
             peer: None,
             detail: None,
+            charts: Vec::new(),
         }
     }
     pub fn chart(mut self, id: impl Into<String>) -> Self {
@@ -50,6 +56,19 @@ impl AuditEvent {
         self.detail = Some(d.into());
         self
     }
+    /// The charts this entry discloses together (sorted, repeats dropped).
+    pub fn charts<S: Into<String>>(mut self, ids: impl IntoIterator<Item = S>) -> Self {
+        self.charts.extend(ids.into_iter().map(Into::into));
+        self.normalize_charts();
+        self
+    }
+    /// Sorts `charts` and drops repeats: the order the hash and the store keep.
+    pub fn normalize_charts(&mut self) {
+        if !self.charts.is_sorted_by(|a, b| a < b) {
+            self.charts.sort_unstable();
+            self.charts.dedup();
+        }
+    }
 }
 
 /// A stored entry: the event, its position and the chain hashes.
@@ -62,8 +81,10 @@ pub struct AuditEntry {
     pub hash: String,
 }
 
-/// hash = SHA-256(prev_hash \n seq \n time \n actor \n action \n chart \n peer \n detail), each field
-/// length-prefixed so that no two different entries hash alike.
+/// hash = SHA-256(prev_hash \n seq \n time \n actor \n action \n chart \n peer \n detail
+/// [\n "charts" \n count \n chart...]), each field length-prefixed so that no two different
+/// entries hash alike; the charts part only when the entry names any (entries written
+/// before it existed hash as they did).
 pub fn entry_hash(prev_hash: &str, seq: i64, e: &AuditEvent) -> String {
     let mut h = Sha256::new();
     let mut field = |s: &str| {
@@ -78,6 +99,13 @@ pub fn entry_hash(prev_hash: &str, seq: i64, e: &AuditEvent) -> String {
     field(e.chart_id.as_deref().unwrap_or("\u{0}"));
     field(e.peer.as_deref().unwrap_or("\u{0}"));
     field(e.detail.as_deref().unwrap_or("\u{0}"));
+    if !e.charts.is_empty() {
+        field("charts");
+        field(&e.charts.len().to_string());
+        for c in &e.charts {
+            field(c);
+        }
+    }
     hex::encode(h.finalize())
 }
 
@@ -170,6 +198,41 @@ mod tests {
                 e
             })
             .collect()
+    }
+
+    /// An entry naming several charts: its hash covers each of them (one dropped, added or
+    /// changed breaks it), and an entry naming none hashes as entries always did.
+    #[test]
+    fn the_charts_an_entry_discloses_are_covered_by_its_hash() {
+        let plain = AuditEvent::new(1, "nurse", "read").detail("listed");
+        // The eight fields alone, as every entry was hashed before entries named charts.
+        let mut h8 = Sha256::new();
+        for f in [GENESIS, "1", "1", "nurse", "read", "\u{0}", "\u{0}", "listed"] {
+            h8.update((f.len() as u64).to_le_bytes());
+            h8.update(f.as_bytes());
+        }
+        assert_eq!(entry_hash(GENESIS, 1, &plain), hex::encode(h8.finalize()));
+        let listed = plain.clone().charts(["c2", "c1", "c2"]);
+        assert_eq!(listed.charts, ["c1", "c2"], "sorted, repeats dropped");
+        let h = entry_hash(GENESIS, 1, &listed);
+        assert_ne!(h, entry_hash(GENESIS, 1, &plain));
+        for other in [
+            plain.clone().charts(["c1"]),
+            plain.clone().charts(["c1", "c2", "c3"]),
+            plain.clone().charts(["c1", "c3"]),
+            plain.clone().charts(["c1c2"]),
+        ] {
+            assert_ne!(entry_hash(GENESIS, 1, &other), h, "{:?}", other.charts);
+        }
+        let mut c = chain(3);
+        c[1].event = c[1].event.clone().charts(["x", "y"]);
+        c[1].hash = entry_hash(&c[0].hash, 2, &c[1].event);
+        c[2].prev_hash = c[1].hash.clone();
+        c[2].hash = entry_hash(&c[1].hash, 3, &c[2].event);
+        assert_eq!(verify_chain(&c, None), Ok(3));
+        let mut dropped = c.clone();
+        dropped[1].event.charts.pop();
+        assert_eq!(verify_chain(&dropped, None).unwrap_err().seq, 2);
     }
 
     #[test]

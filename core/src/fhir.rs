@@ -283,7 +283,7 @@ pub fn audit_bundle(entries: &[crate::audit::AuditEntry], practice: &str) -> Val
                 "extension": [ext_str("audit-hash", &e.hash), ext_str("audit-prev-hash", &e.prev_hash)],
             });
             let mut entities = Vec::new();
-            if let Some(c) = &ev.chart_id {
+            for c in ev.chart_id.iter().chain(&ev.charts) {
                 entities.push(json!({ "what": { "reference": format!("Patient/{}", patient_id(c)) } }));
             }
             if let Some(p) = &ev.peer {

@@ -77,18 +77,19 @@ pub fn check_text(what: &str, text: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// The audit entries of a list answer: one per chart it disclosed, so `chartmesh audit
-/// --chart ID` shows every list that named the patient (not only a count).
+/// The audit entry of a list answer: one entry naming every chart it disclosed (none for
+/// an empty list), so `chartmesh audit --chart ID` shows every list that named the patient
+/// (not only a count) while a list of thousands costs one chained entry.
 pub fn disclosed<'a>(
     actor: &str,
     action: &str,
     what: &str,
     charts: impl Iterator<Item = &'a str>,
-) -> Vec<AuditEvent> {
-    let now = crate::now_ms();
-    charts
-        .map(|c| AuditEvent::new(now, actor, action).chart(c).detail(what))
-        .collect()
+) -> Option<AuditEvent> {
+    let e = AuditEvent::new(crate::now_ms(), actor, action)
+        .detail(what)
+        .charts(charts);
+    (!e.charts.is_empty()).then_some(e)
 }
 
 /// At most `max` events per key in any `window`; the keys kept are bounded (the oldest

@@ -289,7 +289,7 @@ impl ReaderPool {
         let conn = self.lease()?;
         let mut stmt = conn.prepare_cached(&format!(
             "{AUDIT_COLUMNS}
-             WHERE (?1 IS NULL OR chart_id = ?1) AND (?2 IS NULL OR time_ms >= ?2)
+             WHERE (?1 IS NULL OR {BY_CHART}) AND (?2 IS NULL OR time_ms >= ?2)
              ORDER BY seq LIMIT ?3"
         ))?;
         let lim = limit.map(|l| l as i64).unwrap_or(-1);
@@ -313,7 +313,7 @@ impl ReaderPool {
         let conn = self.lease()?;
         let mut stmt = conn.prepare_cached(&format!(
             "{AUDIT_COLUMNS}
-             WHERE (?1 IS NULL OR chart_id = ?1) AND (?2 IS NULL OR actor = ?2)
+             WHERE (?1 IS NULL OR {BY_CHART}) AND (?2 IS NULL OR actor = ?2)
                AND (?3 IS NULL OR action = ?3) AND (?4 IS NULL OR time_ms >= ?4)
                AND (?5 IS NULL OR time_ms < ?5)
              ORDER BY seq DESC LIMIT ?6"
@@ -338,10 +338,28 @@ impl ReaderPool {
     pub(crate) fn verify_audit(&self) -> Result<Result<usize, ChainBreak>, StoreError> {
         let conn = self.lease()?;
         let tx = conn.unchecked_transaction()?;
+        // A backup or a store before schema 11 has no entries naming several charts.
+        let names_charts: bool = tx.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('audit') WHERE name = 'charts'",
+            [],
+            |r| r.get(0),
+        )?;
+        let columns = if names_charts {
+            AUDIT_COLUMNS.to_string()
+        } else {
+            AUDIT_COLUMNS.replace(", charts FROM", ", NULL FROM")
+        };
         let entries: Vec<AuditEntry> = tx
-            .prepare(&format!("{AUDIT_COLUMNS} ORDER BY rowid"))?
+            .prepare(&format!("{columns} ORDER BY rowid"))?
             .query_map([], row_to_entry)?
             .collect::<Result<_, _>>()?;
+        let index: Vec<(String, i64)> = if names_charts {
+            tx.prepare("SELECT chart_id, seq FROM audit_charts")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
         let head = tx
             .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| {
                 r.get::<_, String>(0)
@@ -355,7 +373,8 @@ impl ReaderPool {
         Ok(verify_chain(
             &entries,
             head.as_ref().map(|(s, h)| (*s, h.as_str())),
-        ))
+        )
+        .and_then(|n| chart_index_matches(&entries, &index).map(|()| n)))
     }
 }
 
@@ -432,8 +451,40 @@ impl ReaderPool {
     }
 }
 
+/// The index rows that find an entry by chart name exactly the charts the (verified)
+/// entries name: a row removed would hide an access from a search for that patient, a row
+/// added would invent one.
+fn chart_index_matches(entries: &[AuditEntry], index: &[(String, i64)]) -> Result<(), ChainBreak> {
+    use std::collections::HashSet;
+    let named: HashSet<(i64, &str)> = entries
+        .iter()
+        .flat_map(|e| e.event.charts.iter().map(move |c| (e.seq, c.as_str())))
+        .collect();
+    let indexed: HashSet<(i64, &str)> = index.iter().map(|(c, s)| (*s, c.as_str())).collect();
+    if let Some((seq, c)) = indexed.iter().filter(|k| !named.contains(k)).min() {
+        return Err(ChainBreak {
+            seq: *seq,
+            reason: format!("the chart index ties chart {c} to this entry, which does not name it"),
+        });
+    }
+    if let Some((seq, c)) = named.iter().filter(|k| !indexed.contains(k)).min() {
+        return Err(ChainBreak {
+            seq: *seq,
+            reason: format!(
+                "the chart index lacks chart {c} of this entry (a search for that chart would miss it)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) const AUDIT_COLUMNS: &str =
-    "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash FROM audit";
+    "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash, charts FROM audit";
+
+/// The audit entries about chart ?1: by its own column, or among the charts one entry
+/// disclosed together.
+const BY_CHART: &str =
+    "chart_id = ?1 OR seq IN (SELECT seq FROM audit_charts WHERE chart_id = ?1)";
 
 pub(crate) fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
     Ok(AuditEntry {
@@ -445,6 +496,12 @@ pub(crate) fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry
             chart_id: r.get(4)?,
             peer: r.get(5)?,
             detail: r.get(6)?,
+            charts: match r.get::<_, Option<String>>(9)? {
+                None => Vec::new(),
+                Some(json) => serde_json::from_str(&json).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, e.into())
+                })?,
+            },
         },
         prev_hash: r.get(7)?,
         hash: r.get(8)?,

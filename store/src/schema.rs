@@ -197,6 +197,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         coalesce((SELECT length(doc) FROM chart_docs WHERE chart_docs.chart_id = charts.id), 0) +
         coalesce((SELECT sum(length(data)) FROM chart_changes WHERE chart_changes.chart_id = charts.id), 0);
     "#,
+    // 11: one audit entry for the patients a list disclosed together (a due list, search
+    // results): their chart ids in the entry (JSON array, covered by its hash) and, to find
+    // the entry by chart, one small index row per chart.
+    r#"
+    ALTER TABLE audit ADD COLUMN charts TEXT;
+    CREATE TABLE audit_charts (
+        chart_id TEXT NOT NULL,
+        seq      INTEGER NOT NULL,
+        PRIMARY KEY (chart_id, seq)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// Takes `count` numbers of the change sequence; returns the first.

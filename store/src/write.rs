@@ -499,12 +499,30 @@ fn reply_error(op: WriteOp, e: &StoreError) {
 }
 
 fn push_audit(tx: &Connection, head: &mut Head, e: &AuditEvent) -> Result<(), StoreError> {
+    // The charts as the store keeps them and reads them back (sorted, no repeats).
+    let normalized;
+    let e = if e.charts.is_sorted_by(|a, b| a < b) {
+        e
+    } else {
+        let mut n = e.clone();
+        n.normalize_charts();
+        normalized = n;
+        &normalized
+    };
     let seq = head.seq + 1;
     let hash = entry_hash(&head.hash, seq, e);
+    let charts = (!e.charts.is_empty())
+        .then(|| serde_json::to_string(&e.charts).expect("chart ids serialize"));
     tx.prepare_cached(
-        "INSERT INTO audit(seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+        "INSERT INTO audit(seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash, charts) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
     )?
-    .execute(params![seq, e.time_ms, e.actor, e.action, e.chart_id, e.peer, e.detail, head.hash, hash])?;
+    .execute(params![seq, e.time_ms, e.actor, e.action, e.chart_id, e.peer, e.detail, head.hash, hash, charts])?;
+    if !e.charts.is_empty() {
+        let mut index = tx.prepare_cached("INSERT INTO audit_charts(chart_id, seq) VALUES (?1, ?2)")?;
+        for c in &e.charts {
+            index.execute(params![c, seq])?;
+        }
+    }
     head.seq = seq;
     head.hash = hash;
     Ok(())

@@ -699,3 +699,112 @@ fn an_offline_store_writes_inline_even_while_a_read_holds_its_connection() {
         "the note is kept"
     );
 }
+
+/// One audit entry for a list of patients: a search by any chart it names finds it (by the
+/// index and by the filtered search), the chain verifies, and the index is checked against
+/// the entries: a row removed (an access hidden from that patient's trail) or added (one
+/// invented) fails verification at that entry. A store of the schema before such entries
+/// (a backup) still verifies.
+#[test]
+fn an_entry_naming_many_charts_is_found_by_each_and_its_index_is_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
+    store
+        .audit(vec![
+            AuditEvent::new(1, "nurse", "read").chart("c9"),
+            AuditEvent::new(2, "nurse", "read")
+                .detail("listed in the due list")
+                .charts(["c3", "c1", "c2"]),
+        ])
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    for c in ["c1", "c2", "c3"] {
+        let found = store.audit_entries(Some(c), None, None).unwrap();
+        assert_eq!(found.len(), 1, "{c}: {found:?}");
+        assert_eq!(found[0].event.charts, ["c1", "c2", "c3"]);
+        let searched = store
+            .audit_search(&chartmesh_store::AuditFilter {
+                chart: Some(c.into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(searched, found, "{c}");
+    }
+    assert_eq!(store.audit_entries(Some("c9"), None, None).unwrap().len(), 1);
+    assert!(store.audit_entries(Some("c4"), None, None).unwrap().is_empty());
+    let n = store.verify_audit().unwrap().expect("verifies");
+    store.close();
+    drop(store);
+
+    let raw = || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", key().to_hex()))
+            .unwrap();
+        conn
+    };
+    let seq: i64 = raw()
+        .query_row("SELECT seq FROM audit_charts WHERE chart_id = 'c2'", [], |r| r.get(0))
+        .unwrap();
+    // Removed from the index: the entry is hidden from c2's trail, and verify says so.
+    raw()
+        .execute("DELETE FROM audit_charts WHERE chart_id = 'c2'", [])
+        .unwrap();
+    let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
+    assert!(store.audit_entries(Some("c2"), None, None).unwrap().is_empty());
+    let err = store.verify_audit().unwrap().unwrap_err();
+    assert_eq!(err.seq, seq);
+    assert!(err.reason.contains("lacks chart c2"), "{}", err.reason);
+    store.close();
+    drop(store);
+    // Put back, and one invented for another chart.
+    raw()
+        .execute_batch(&format!(
+            "INSERT INTO audit_charts(chart_id, seq) VALUES ('c2', {seq}), ('c7', {seq});"
+        ))
+        .unwrap();
+    let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
+    let err = store.verify_audit().unwrap().unwrap_err();
+    assert!(err.reason.contains("chart c7"), "{}", err.reason);
+    store.close();
+    drop(store);
+    raw()
+        .execute("DELETE FROM audit_charts WHERE chart_id = 'c7'", [])
+        .unwrap();
+    // Edited in the entry itself: its hash no longer matches.
+    raw()
+        .execute(
+            "UPDATE audit SET charts = '[\"c1\",\"c3\"]' WHERE seq = ?1",
+            [seq],
+        )
+        .unwrap();
+    let check = Store::open_to_check(&path, &key()).unwrap();
+    assert_eq!(check.verify_audit().unwrap().unwrap_err().seq, seq);
+    drop(check);
+
+    // A store of the previous schema (no such entries, no index): verifies as before.
+    let old = dir.path().join("old.db");
+    {
+        let store = Store::open(&old, &key(), StoreOptions::default()).unwrap();
+        store
+            .audit(vec![AuditEvent::new(1, "nurse", "read").chart("c1")])
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
+        store.close();
+    }
+    let conn = rusqlite::Connection::open(&old).unwrap();
+    conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", key().to_hex()))
+        .unwrap();
+    let v: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    conn.execute_batch("DROP TABLE audit_charts; ALTER TABLE audit DROP COLUMN charts;")
+        .unwrap();
+    drop(conn);
+    set_user_version(&old, v - 1);
+    let check = Store::open_to_check(&old, &key()).unwrap();
+    assert_eq!(check.verify_audit().unwrap(), Ok(n - 1));
+}
