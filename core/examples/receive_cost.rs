@@ -26,6 +26,27 @@ fn main() {
         .collect();
     let load = t.elapsed();
     let t = Instant::now();
+    let limits = chartmesh_core::doc_limits::LoadLimits::default();
+    for b in &saved {
+        std::hint::black_box(chartmesh_core::doc_limits::scan(b, &limits).unwrap());
+    }
+    let scan = t.elapsed();
+    let t = Instant::now();
+    for d in docs.iter_mut() {
+        std::hint::black_box(d.referral_ids());
+    }
+    let referrals = t.elapsed();
+    let t = Instant::now();
+    for d in docs.iter_mut() {
+        std::hint::black_box(d.due_view().unwrap());
+    }
+    let due_view = t.elapsed();
+    let t = Instant::now();
+    for d in docs.iter_mut() {
+        std::hint::black_box(d.automerge().get_missing_deps(&[]));
+    }
+    let missing = t.elapsed();
+    let t = Instant::now();
     let jsons: Vec<serde_json::Value> = docs.iter().map(|d| d.to_json().unwrap()).collect();
     let to_json = t.elapsed();
     let t = Instant::now();
@@ -50,6 +71,13 @@ fn main() {
         assert_eq!(h.mrn, j["patient"]["mrn"].as_str().unwrap());
     }
     let header = t.elapsed();
+    println!(
+        "per chart (µs): limits scan {:.1}, referral ids {:.1}, due view {:.1}, missing deps {:.1}",
+        us(scan),
+        us(referrals),
+        us(due_view),
+        us(missing)
+    );
     println!(
         "per chart (µs): load {:.0}, to_json {:.0}, validate via bytes {:.0}, validate from value {:.0}, heads {:.1}, header {:.1}",
         us(load),

@@ -207,7 +207,9 @@ mod tests {
         let plain = AuditEvent::new(1, "nurse", "read").detail("listed");
         // The eight fields alone, as every entry was hashed before entries named charts.
         let mut h8 = Sha256::new();
-        for f in [GENESIS, "1", "1", "nurse", "read", "\u{0}", "\u{0}", "listed"] {
+        for f in [
+            GENESIS, "1", "1", "nurse", "read", "\u{0}", "\u{0}", "listed",
+        ] {
             h8.update((f.len() as u64).to_le_bytes());
             h8.update(f.as_bytes());
         }

@@ -370,11 +370,10 @@ impl ReaderPool {
             let (s, hash) = h.split_once(':')?;
             Some((s.parse::<i64>().ok()?, hash.to_string()))
         });
-        Ok(verify_chain(
-            &entries,
-            head.as_ref().map(|(s, h)| (*s, h.as_str())),
+        Ok(
+            verify_chain(&entries, head.as_ref().map(|(s, h)| (*s, h.as_str())))
+                .and_then(|n| chart_index_matches(&entries, &index).map(|()| n)),
         )
-        .and_then(|n| chart_index_matches(&entries, &index).map(|()| n)))
     }
 }
 
@@ -478,13 +477,11 @@ fn chart_index_matches(entries: &[AuditEntry], index: &[(String, i64)]) -> Resul
     Ok(())
 }
 
-pub(crate) const AUDIT_COLUMNS: &str =
-    "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash, charts FROM audit";
+pub(crate) const AUDIT_COLUMNS: &str = "SELECT seq, time_ms, actor, action, chart_id, peer, detail, prev_hash, hash, charts FROM audit";
 
 /// The audit entries about chart ?1: by its own column, or among the charts one entry
 /// disclosed together.
-const BY_CHART: &str =
-    "chart_id = ?1 OR seq IN (SELECT seq FROM audit_charts WHERE chart_id = ?1)";
+const BY_CHART: &str = "chart_id = ?1 OR seq IN (SELECT seq FROM audit_charts WHERE chart_id = ?1)";
 
 pub(crate) fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
     Ok(AuditEntry {
@@ -499,7 +496,11 @@ pub(crate) fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry
             charts: match r.get::<_, Option<String>>(9)? {
                 None => Vec::new(),
                 Some(json) => serde_json::from_str(&json).map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, e.into())
+                    rusqlite::Error::FromSqlConversionFailure(
+                        9,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
                 })?,
             },
         },

@@ -518,7 +518,8 @@ fn push_audit(tx: &Connection, head: &mut Head, e: &AuditEvent) -> Result<(), St
     )?
     .execute(params![seq, e.time_ms, e.actor, e.action, e.chart_id, e.peer, e.detail, head.hash, hash, charts])?;
     if !e.charts.is_empty() {
-        let mut index = tx.prepare_cached("INSERT INTO audit_charts(chart_id, seq) VALUES (?1, ?2)")?;
+        let mut index =
+            tx.prepare_cached("INSERT INTO audit_charts(chart_id, seq) VALUES (?1, ?2)")?;
         for c in &e.charts {
             index.execute(params![c, seq])?;
         }

@@ -734,8 +734,16 @@ fn an_entry_naming_many_charts_is_found_by_each_and_its_index_is_verified() {
             .unwrap();
         assert_eq!(searched, found, "{c}");
     }
-    assert_eq!(store.audit_entries(Some("c9"), None, None).unwrap().len(), 1);
-    assert!(store.audit_entries(Some("c4"), None, None).unwrap().is_empty());
+    assert_eq!(
+        store.audit_entries(Some("c9"), None, None).unwrap().len(),
+        1
+    );
+    assert!(
+        store
+            .audit_entries(Some("c4"), None, None)
+            .unwrap()
+            .is_empty()
+    );
     let n = store.verify_audit().unwrap().expect("verifies");
     store.close();
     drop(store);
@@ -747,14 +755,23 @@ fn an_entry_naming_many_charts_is_found_by_each_and_its_index_is_verified() {
         conn
     };
     let seq: i64 = raw()
-        .query_row("SELECT seq FROM audit_charts WHERE chart_id = 'c2'", [], |r| r.get(0))
+        .query_row(
+            "SELECT seq FROM audit_charts WHERE chart_id = 'c2'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     // Removed from the index: the entry is hidden from c2's trail, and verify says so.
     raw()
         .execute("DELETE FROM audit_charts WHERE chart_id = 'c2'", [])
         .unwrap();
     let store = Store::open(&path, &key(), StoreOptions::default()).unwrap();
-    assert!(store.audit_entries(Some("c2"), None, None).unwrap().is_empty());
+    assert!(
+        store
+            .audit_entries(Some("c2"), None, None)
+            .unwrap()
+            .is_empty()
+    );
     let err = store.verify_audit().unwrap().unwrap_err();
     assert_eq!(err.seq, seq);
     assert!(err.reason.contains("lacks chart c2"), "{}", err.reason);
@@ -800,7 +817,9 @@ fn an_entry_naming_many_charts_is_found_by_each_and_its_index_is_verified() {
     let conn = rusqlite::Connection::open(&old).unwrap();
     conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", key().to_hex()))
         .unwrap();
-    let v: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    let v: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
     conn.execute_batch("DROP TABLE audit_charts; ALTER TABLE audit DROP COLUMN charts;")
         .unwrap();
     drop(conn);
