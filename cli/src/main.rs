@@ -1613,7 +1613,9 @@ fn run(cli: Cli) -> Result<()> {
                         for e in v["entries"].as_array().cloned().unwrap_or_default() {
                             // An entry for a list names its charts: the one asked about, or
                             // how many (`--json` has them all).
-                            let charts = e["charts"].as_array().map_or(0, Vec::len);
+                            let charts = e["charts_named"]
+                                .as_u64()
+                                .unwrap_or(e["charts"].as_array().map_or(0, |c| c.len() as u64));
                             let chart = match (e["chart_id"].as_str(), &a.chart) {
                                 (Some(c), _) => c.to_string(),
                                 (None, _) if charts == 0 => "-".to_string(),

@@ -79,6 +79,29 @@ pub struct AuditEntry {
     pub event: AuditEvent,
     pub prev_hash: String,
     pub hash: String,
+    /// Set when the entry was listed with its `charts` cut down (a listing for one chart
+    /// keeps only that chart, a listing of everything none): how many charts the entry
+    /// names. Its hash covers them all; `audit verify` reads them whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charts_named: Option<usize>,
+}
+
+impl AuditEntry {
+    /// Cuts `charts` down to `keep` (if the entry names it) and records how many it named:
+    /// a trail of one patient does not carry every other patient of each list it is on.
+    pub fn trim_charts(&mut self, keep: Option<&str>) {
+        if self.event.charts.is_empty() {
+            return;
+        }
+        self.charts_named = Some(self.event.charts.len());
+        let kept = keep.filter(|k| {
+            self.event
+                .charts
+                .binary_search_by(|c| c.as_str().cmp(k))
+                .is_ok()
+        });
+        self.event.charts = kept.map(|k| vec![k.to_string()]).unwrap_or_default();
+    }
 }
 
 /// hash = SHA-256(prev_hash \n seq \n time \n actor \n action \n chart \n peer \n detail
@@ -193,6 +216,7 @@ mod tests {
                     event,
                     prev_hash: prev.clone(),
                     hash: hash.clone(),
+                    charts_named: None,
                 };
                 prev = hash;
                 e

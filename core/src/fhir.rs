@@ -292,6 +292,14 @@ pub fn audit_bundle(entries: &[crate::audit::AuditEntry], practice: &str) -> Val
             if let Some(d) = &ev.detail {
                 r["outcomeDesc"] = d.clone().into();
             }
+            // Listed for one patient: the entry named more charts than the entities here
+            // (its hash covers them all; the whole log's export lists every one).
+            if let Some(n) = e.charts_named {
+                r["extension"]
+                    .as_array_mut()
+                    .expect("extension array")
+                    .push(json!({ "url": format!("{EXT}/audit-charts-named"), "valueInteger": n }));
+            }
             if !entities.is_empty() {
                 r["entity"] = Value::Array(entities);
             }

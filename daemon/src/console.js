@@ -532,20 +532,20 @@ async function pageAudit(params) {
       $('verify-result').className = v.ok ? 'ok' : 'err';
     }, { id: 'verify' }), ' ', h('span', { id: 'verify-result', role: 'status' }), ' ',
     h('a', { href: '/api/v1/audit?format=fhir' + (q.get('chart') ? '&chart=' + encodeURIComponent(q.get('chart')) : ''), download: 'audit-events.json' }, 'Export as FHIR AuditEvent')),
-    table(['#', 'When', 'Who', 'Action', 'Chart', 'Practice', 'Detail'], r.entries.map((e) => [String(e.seq), fmtTime(e.time_ms), e.actor, e.action, chartCell(e, q.get('chart')), e.peer ? peerName(e.peer) : '', e.detail || '']), 'No entries match.'),
+    table(['#', 'When', 'Who', 'Action', 'Chart', 'Practice', 'Detail'], r.entries.map((e) => [String(e.seq), fmtTime(e.time_ms), e.actor, e.action, chartCell(e), e.peer ? peerName(e.peer) : '', e.detail || '']), 'No entries match.'),
   ];
   view('Audit log (newest first)', ...kids);
 }
 
-// The chart an audit entry is about; an entry for a list names its charts: the one searched
-// for, the only one, or how many.
-function chartCell(e, asked) {
+// The chart an audit entry is about. An entry for a list is given with the chart searched
+// for only (the server cuts the list down) or, in a search of everything, with the count.
+function chartCell(e) {
   const link = (c) => h('a', { href: '#/chart/' + encodeURIComponent(c) }, c);
   if (e.chart_id) return link(e.chart_id);
   const charts = e.charts || [];
-  if (asked && charts.includes(asked)) return link(asked);
   if (charts.length === 1) return link(charts[0]);
-  return charts.length ? charts.length + ' charts' : '';
+  const named = e.charts_named || charts.length;
+  return named ? named + ' charts' : '';
 }
 
 // ---- routing ----

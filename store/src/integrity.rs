@@ -119,6 +119,14 @@ pub fn record_clean_close(path: &Path) {
     }
 }
 
+/// Was the store closed cleanly and left untouched since? Leaves the stamp in place: an
+/// offline command that opens the store this way records a new one when it closes cleanly
+/// (a crash meanwhile leaves the old one, which no longer matches the files).
+pub(crate) fn still_clean(path: &Path) -> bool {
+    let recorded = std::fs::read_to_string(clean_path(path)).ok();
+    recorded.is_some() && recorded == stamp(path)
+}
+
 /// Was the store closed cleanly and left untouched since? Consumes the stamp either way.
 fn closed_cleanly(path: &Path) -> bool {
     let clean = clean_path(path);
@@ -216,6 +224,10 @@ pub(crate) fn check_connection(
     let _ = conn.execute_batch("PRAGMA query_only = 1;");
     let report = read_check(conn, path, scan, t);
     conn.execute_batch("PRAGMA query_only = 0;")?;
+    if scan {
+        // The scan went through every page: give back the page cache it filled.
+        let _ = conn.execute_batch("PRAGMA shrink_memory;");
+    }
     report
 }
 
@@ -404,6 +416,52 @@ mod tests {
         // A mark from another file (a restored or re-keyed store) does not apply.
         std::fs::write(mark_path(&path), "1 99\n").unwrap();
         assert!(check_store(&path, &key).is_ok());
+    }
+
+    /// An offline command on a cleanly closed store (it writes its audit entry and leaves
+    /// the WAL) keeps the next start free of the page scan; on a store that was not closed
+    /// cleanly it does not make it look clean.
+    #[test]
+    fn an_offline_command_keeps_a_clean_close_clean_and_an_unclean_one_unclean() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let key = StoreKey::from_bytes([7; 32]);
+        let offline_read = || {
+            let off = Store::open_existing(&path, &key).unwrap();
+            off.audit(vec![chartmesh_core::audit::AuditEvent::new(
+                1, "admin", "read",
+            )])
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
+            off.close();
+        };
+        let store = Store::open(&path, &key, StoreOptions::default()).unwrap();
+        store.close();
+        drop(store);
+        record_clean_close(&path);
+        offline_read();
+        let wal = std::fs::metadata(dir.path().join("store.db-wal")).unwrap();
+        assert!(wal.len() > 0, "the offline entry stays in the WAL");
+        let r = check_store(&path, &key).unwrap().unwrap();
+        assert!(!r.scanned, "{r:?}");
+        // Not closed cleanly (the stamp was used by the start above): still scanned after.
+        offline_read();
+        assert!(check_store(&path, &key).unwrap().unwrap().scanned);
+        // A stamp left by a clean close, then a write by something else: scanned.
+        record_clean_close(&path);
+        let other = Store::open(&path, &key, StoreOptions::default()).unwrap();
+        other
+            .audit(vec![chartmesh_core::audit::AuditEvent::new(2, "x", "read")])
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
+        other.close();
+        drop(other);
+        offline_read();
+        assert!(check_store(&path, &key).unwrap().unwrap().scanned);
     }
 
     /// A store closed cleanly and untouched opens without the page scan; a byte changed

@@ -82,6 +82,9 @@ struct Inner {
     writer: Option<write::WriterHandle>,
     readers: Arc<read::ReaderPool>,
     options: StoreOptions,
+    /// An offline command's store that was closed cleanly when it opened: closing it
+    /// records a clean close again ([`integrity::record_clean_close`]).
+    clean_at_open: bool,
 }
 
 /// Tunables; the defaults suit a practice PC.
@@ -131,6 +134,8 @@ impl Store {
         check: bool,
     ) -> Result<(Store, Option<integrity::IntegrityReport>), StoreError> {
         failpoint::setup_from_env();
+        // Read before the open touches the files (it may create the WAL).
+        let clean_at_open = !daemon && integrity::still_clean(path);
         let (conn, report) = schema::open_write_connection_checked(path, key, daemon, check)?;
         let (writer, readers) = if daemon {
             let readers = Arc::new(read::ReaderPool::new(path.to_path_buf(), key.clone()));
@@ -150,6 +155,7 @@ impl Store {
                 writer: Some(writer),
                 readers,
                 options,
+                clean_at_open,
             }),
         };
         Ok((store, report))
@@ -191,6 +197,7 @@ impl Store {
                 writer: None,
                 readers,
                 options: StoreOptions::default(),
+                clean_at_open: false,
             }),
         })
     }
@@ -344,6 +351,8 @@ impl Store {
         self.inner.readers.for_each_chart(ids, f)
     }
 
+    /// Audit entries in order. For one chart, an entry for a list keeps only that chart in
+    /// `charts` (`charts_named` says how many it names); the whole log keeps every chart.
     pub fn audit_entries(
         &self,
         chart: Option<&str>,
@@ -358,7 +367,9 @@ impl Store {
         self.inner.readers.audit_counts()
     }
 
-    /// Audit entries matching a filter, newest first (the console's audit search).
+    /// Audit entries matching a filter, newest first (the console's audit search). An entry
+    /// for a list keeps in `charts` only the chart searched for (none without a chart
+    /// filter); `charts_named` says how many it names.
     pub fn audit_search(
         &self,
         filter: &AuditFilter,
@@ -440,6 +451,11 @@ impl Store {
         self.inner.readers.close_idle();
         if let Some(w) = &self.inner.writer {
             w.close();
+        }
+        // An offline command leaves the files as a clean close would (every write committed,
+        // the WAL kept): the daemon's next start need not scan every page because of it.
+        if self.inner.clean_at_open {
+            integrity::record_clean_close(&self.inner.path);
         }
     }
 }

@@ -51,6 +51,9 @@ pub(crate) struct ReaderPool {
 pub(crate) struct Lease<'a> {
     pool: &'a ReaderPool,
     conn: Option<Connection>,
+    /// A read-only connection opened for a writable pool: closed after use, never pooled
+    /// (the pool's connections must all take writes).
+    read_only_extra: bool,
 }
 
 impl std::ops::Deref for Lease<'_> {
@@ -68,6 +71,9 @@ impl std::ops::DerefMut for Lease<'_> {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
+        if self.read_only_extra {
+            return;
+        }
         if let Some(c) = self.conn.take() {
             let mut idle = self.pool.idle.lock().unwrap();
             if idle.len() < 8 {
@@ -102,25 +108,37 @@ impl ReaderPool {
     }
 
     /// A connection the inline writer may write through: one of a writable pool's, or (while
-    /// that one is leased, e.g. by a read in progress) a new write connection.
+    /// that one is leased, e.g. by a read on another thread) a new write connection.
     pub(crate) fn lease_writable(&self) -> Result<Lease<'_>, StoreError> {
         if !self.writable {
             return Err(StoreError::ReadOnly);
         }
-        self.lease()
-    }
-
-    fn lease(&self) -> Result<Lease<'_>, StoreError> {
         let conn = self.idle.lock().unwrap().pop();
         let conn = match conn {
             Some(c) => c,
-            None if self.writable => {
+            None => {
                 let (c, _) = crate::schema::open_write_connection_checked(
                     &self.path, &self.key, false, false,
                 )?;
                 crate::write::leave_wal_at_close(&c)?;
                 c
             }
+        };
+        Ok(Lease {
+            pool: self,
+            conn: Some(conn),
+            read_only_extra: false,
+        })
+    }
+
+    /// A connection to read through: an idle one of the pool, or a new read-only one (for
+    /// a writable pool, one that is closed after this read: reads never wait for the write
+    /// lock a write connection's set-up takes).
+    fn lease(&self) -> Result<Lease<'_>, StoreError> {
+        let conn = self.idle.lock().unwrap().pop();
+        let read_only_extra = conn.is_none() && self.writable;
+        let conn = match conn {
+            Some(c) => c,
             None => {
                 let c = Connection::open_with_flags(
                     &self.path,
@@ -137,6 +155,7 @@ impl ReaderPool {
         Ok(Lease {
             pool: self,
             conn: Some(conn),
+            read_only_extra,
         })
     }
 
@@ -294,7 +313,13 @@ impl ReaderPool {
         ))?;
         let lim = limit.map(|l| l as i64).unwrap_or(-1);
         let rows = stmt.query_map(rusqlite::params![chart, since_ms, lim], row_to_entry)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut entries: Vec<AuditEntry> = rows.collect::<Result<_, _>>()?;
+        if chart.is_some() {
+            for e in &mut entries {
+                e.trim_charts(chart);
+            }
+        }
+        Ok(entries)
     }
 
     /// How many audit entries there are of each action.
@@ -329,7 +354,11 @@ impl ReaderPool {
             ],
             row_to_entry,
         )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut entries: Vec<AuditEntry> = rows.collect::<Result<_, _>>()?;
+        for e in &mut entries {
+            e.trim_charts(f.chart.as_deref());
+        }
+        Ok(entries)
     }
 
     /// Recomputes the chain. The entries and the recorded head are read in one read
@@ -493,19 +522,18 @@ pub(crate) fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry
             chart_id: r.get(4)?,
             peer: r.get(5)?,
             detail: r.get(6)?,
+            // Written by push_audit as a JSON array of strings; anything else was edited in
+            // the file: the entry is still listed, and verification fails at it (the hash
+            // covers the charts it names).
             charts: match r.get::<_, Option<String>>(9)? {
                 None => Vec::new(),
-                Some(json) => serde_json::from_str(&json).map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        9,
-                        rusqlite::types::Type::Text,
-                        e.into(),
-                    )
-                })?,
+                Some(json) => serde_json::from_str(&json)
+                    .unwrap_or_else(|_| vec![format!("(unreadable charts column: {json})")]),
             },
         },
         prev_hash: r.get(7)?,
         hash: r.get(8)?,
+        charts_named: None,
     })
 }
 
@@ -514,6 +542,101 @@ mod tests {
     use chartmesh_core::audit::AuditEvent;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// An offline command's pool: a write while its connection is leased (a read on another
+    /// thread) goes through a second write connection, set up as the first (synchronous=FULL,
+    /// no checkpoint at close); a read while it is leased uses a read-only connection that is
+    /// not kept, so every pooled connection takes writes.
+    #[test]
+    fn an_offline_pool_writes_through_a_second_write_connection_and_keeps_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let key = crate::StoreKey::from_bytes([9; 32]);
+        crate::Store::open(&path, &key, crate::StoreOptions::default())
+            .unwrap()
+            .close();
+        let store = crate::Store::open_existing(&path, &key).unwrap();
+        let pool = &store.inner.readers;
+        let held = pool.lease().unwrap();
+        // A read meanwhile: a read-only connection, closed after use.
+        let extra = pool.lease().unwrap();
+        assert!(extra.read_only_extra);
+        assert!(
+            extra.execute_batch("CREATE TABLE x(y)").is_err(),
+            "read-only"
+        );
+        drop(extra);
+        assert!(pool.idle.lock().unwrap().is_empty());
+        // A write meanwhile: committed at once through a new write connection.
+        let mut rx = store
+            .audit(vec![AuditEvent::new(1, "admin", "read").chart("c1")])
+            .unwrap();
+        rx.try_recv()
+            .expect("committed before audit returned")
+            .unwrap();
+        drop(held);
+        let (a, b) = (
+            pool.lease_writable().unwrap(),
+            pool.lease_writable().unwrap(),
+        );
+        for c in [&a, &b] {
+            let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+            assert_eq!(sync, 2, "synchronous=FULL");
+            assert!(
+                c.db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE)
+                    .unwrap()
+            );
+        }
+        drop((a, b));
+        assert_eq!(
+            store.audit_entries(Some("c1"), None, None).unwrap().len(),
+            1
+        );
+        store.close();
+        drop(store);
+        let next = crate::Store::open(&path, &key, crate::StoreOptions::default()).unwrap();
+        assert_eq!(next.audit_entries(Some("c1"), None, None).unwrap().len(), 1);
+        assert!(next.verify_audit().unwrap().is_ok());
+    }
+
+    /// A `charts` column edited into something that is not a list of chart ids: the entry is
+    /// still listed, and `audit verify` fails at that entry (not with a read error).
+    #[test]
+    fn an_unreadable_charts_column_fails_verification_at_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let key = crate::StoreKey::from_bytes([9; 32]);
+        let store = crate::Store::open(&path, &key, crate::StoreOptions::default()).unwrap();
+        store
+            .audit(vec![
+                AuditEvent::new(1, "nurse", "read").chart("c9"),
+                AuditEvent::new(2, "nurse", "read").charts(["c1", "c2"]),
+            ])
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
+        let seq = store.audit_entries(Some("c1"), None, None).unwrap()[0].seq;
+        store.close();
+        drop(store);
+        for edited in ["'x'", "'null'", "'[1]'"] {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            key.apply(&conn, &path).unwrap();
+            conn.execute(
+                &format!("UPDATE audit SET charts = {edited} WHERE seq = ?1"),
+                [seq],
+            )
+            .unwrap();
+            drop(conn);
+            let store = crate::Store::open_to_check(&path, &key).unwrap();
+            assert_eq!(
+                store.verify_audit().unwrap().unwrap_err().seq,
+                seq,
+                "{edited}"
+            );
+            assert!(store.audit_entries(None, None, None).unwrap().len() >= 2);
+        }
+    }
 
     /// `audit verify` while the log grows: the entries and the recorded head must come from
     /// one snapshot, or a commit landing between the two reads looks like a truncated log.

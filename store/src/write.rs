@@ -195,7 +195,8 @@ impl WriterHandle {
                 tx.send(op).map_err(|_| StoreError::Closed)
             }
             Mode::Inline { writer, pool } => {
-                let mut w = writer.lock().unwrap();
+                // Poisoned: a write panicked (its transaction rolled back); no more writes.
+                let mut w = writer.lock().map_err(|_| StoreError::Closed)?;
                 let w = w.as_mut().ok_or(StoreError::Closed)?;
                 let mut conn = pool.lease_writable()?;
                 w.commit_batch(&mut conn, vec![op]);
@@ -214,7 +215,7 @@ impl WriterHandle {
                 }
             }
             Mode::Inline { writer, .. } => {
-                writer.lock().unwrap().take();
+                writer.lock().unwrap_or_else(|e| e.into_inner()).take();
             }
         }
     }

@@ -721,10 +721,20 @@ fn an_entry_naming_many_charts_is_found_by_each_and_its_index_is_verified() {
         .blocking_recv()
         .unwrap()
         .unwrap();
+    // The whole log has every chart of the entry; a trail of one chart only that one.
+    let all = store.audit_entries(None, None, None).unwrap();
+    let listed = all.iter().find(|e| !e.event.charts.is_empty()).unwrap();
+    assert_eq!(listed.event.charts, ["c1", "c2", "c3"]);
+    assert_eq!(listed.charts_named, None);
     for c in ["c1", "c2", "c3"] {
         let found = store.audit_entries(Some(c), None, None).unwrap();
         assert_eq!(found.len(), 1, "{c}: {found:?}");
-        assert_eq!(found[0].event.charts, ["c1", "c2", "c3"]);
+        assert_eq!(
+            found[0].event.charts,
+            [c],
+            "other patients are not in {c}'s trail"
+        );
+        assert_eq!(found[0].charts_named, Some(3));
         let searched = store
             .audit_search(&chartmesh_store::AuditFilter {
                 chart: Some(c.into()),
@@ -734,6 +744,21 @@ fn an_entry_naming_many_charts_is_found_by_each_and_its_index_is_verified() {
             .unwrap();
         assert_eq!(searched, found, "{c}");
     }
+    let unfiltered = store
+        .audit_search(&chartmesh_store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    let listed = unfiltered
+        .iter()
+        .find(|e| e.charts_named.is_some())
+        .unwrap();
+    assert!(
+        listed.event.charts.is_empty(),
+        "a search of everything gives the count only"
+    );
+    assert_eq!(listed.charts_named, Some(3));
     assert_eq!(
         store.audit_entries(Some("c9"), None, None).unwrap().len(),
         1
