@@ -869,8 +869,10 @@ impl Node {
         }
     }
 
-    /// Streams charts as JSONL lines into `sink` (one chart in memory at a time). Audited.
-    /// With `fhir`, each line is `{"chartId": ..., "bundle": <FHIR R4 Bundle>}`.
+    /// Streams charts as JSONL lines into `sink` (one chart in memory at a time). Audited
+    /// before the first line leaves: one durable entry naming every chart to export (an
+    /// export the audit cannot record does not start; one cut short by the reader is
+    /// recorded whole). With `fhir`, each line is `{"chartId": ..., "bundle": <FHIR R4 Bundle>}`.
     pub fn export_jsonl(
         &self,
         ids: Option<&[String]>,
@@ -878,10 +880,42 @@ impl Node {
         fhir: bool,
         sink: &mut dyn FnMut(String) -> bool,
     ) -> Result<usize, NodeError> {
+        let keys: Vec<String> = match ids {
+            Some(ids) => {
+                for id in ids {
+                    if self.store.chart_origin(id)?.is_none() {
+                        return Err(NodeError::NotFound(id.clone()));
+                    }
+                }
+                ids.to_vec()
+            }
+            None => self.store.chart_ids()?,
+        };
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let detail = if fhir { "format=fhir" } else { "format=jsonl" };
+        let event = match keys.as_slice() {
+            [one] => AuditEvent::new(now_ms(), actor, "export").chart(one),
+            many => {
+                AuditEvent::new(now_ms(), actor, "export").charts(many.iter().map(String::as_str))
+            }
+        };
+        // Runs on a blocking thread: wait until the export is durably audited.
+        self.store
+            .audit(vec![event.detail(detail)])?
+            .blocking_recv()
+            .map_err(|_| StoreError::Closed)??;
         let mut n = 0;
-        let mut events = Vec::new();
-        let t = now_ms();
-        let r = self.store.for_each_chart(ids, &mut |mut rec| {
+        for key in &keys {
+            let Some(mut rec) = self.store.get(key)? else {
+                // Named by the user: an error; listed a moment ago and gone since (an
+                // expired emergency copy): skipped.
+                if ids.is_some() {
+                    return Err(NodeError::NotFound(key.clone()));
+                }
+                continue;
+            };
             let mut line = if fhir {
                 let chart = rec.doc.to_chart().map_err(|e| {
                     StoreError::Corrupt(format!("chart {} does not read as a chart: {e}", rec.id))
@@ -896,33 +930,12 @@ impl Node {
                 canonical::to_canonical(&rec.doc.to_json()?)
             };
             line.push('\n');
-            events.push(
-                AuditEvent::new(t, actor, "export")
-                    .chart(&rec.id)
-                    .detail(if fhir { "format=fhir" } else { "format=jsonl" }),
-            );
             n += 1;
             if !sink(line) {
-                return Err(StoreError::Closed);
-            }
-            Ok(())
-        });
-        if !events.is_empty() {
-            // Runs on a blocking thread: wait until the export is durably audited.
-            match self.store.audit(events) {
-                Ok(rx) => {
-                    if let Ok(Err(e)) = rx.blocking_recv() {
-                        return Err(e.into());
-                    }
-                }
-                Err(e) => return Err(e.into()),
+                break;
             }
         }
-        match r {
-            Ok(()) => Ok(n),
-            Err(StoreError::NotFound(id)) => Err(NodeError::NotFound(id)),
-            Err(e) => Err(e.into()),
-        }
+        Ok(n)
     }
 }
 

@@ -120,6 +120,24 @@ fn a_full_disk_refuses_writes_clearly_loses_nothing_and_recovers_when_space_is_f
         "{s} {v}"
     );
     assert_eq!(a.try_get("/status").unwrap().0, 200);
+    // An export is audited before its first chart leaves: while the entry cannot be
+    // written, not one chart is exported (if the entry still fit, all of them are).
+    let out = a.cli(&["export"]);
+    let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        (out.status.success() && lines >= acked.len()) || (!out.status.success() && lines == 0),
+        "export on a full disk: {:?}, {lines} lines, {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "export on the full disk: {}",
+        if out.status.success() {
+            "audited and sent (the entry fit)"
+        } else {
+            "refused, nothing sent"
+        }
+    );
 
     // Free the space: reads and writes work again, nothing refused was stored, every
     // acknowledged chart is there, and the refused work now completes.
