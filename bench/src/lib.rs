@@ -719,6 +719,8 @@ pub struct Dataset {
     pub charts: PathBuf,
     pub checksum: String,
     pub incremental: PathBuf,
+    /// Where a smoke run's files were made; removed with the dataset.
+    _made_in: Option<tempfile::TempDir>,
 }
 
 /// The dataset for N charts: the bench-data set for 1000 or 10000, or for a smoke run the
@@ -734,6 +736,7 @@ pub fn dataset(data: &Path, n: usize) -> Result<Dataset> {
             charts: full,
             checksum: m["checksum"].as_str().unwrap_or_default().to_string(),
             incremental: data.join(format!("incremental-{n}.json")),
+            _made_in: None,
         });
     }
     let src = std::fs::read(data.join("charts-1000.jsonl"))
@@ -748,8 +751,10 @@ pub fn dataset(data: &Path, n: usize) -> Result<Dataset> {
     }
     let mut body = lines.join(&b'\n');
     body.push(b'\n');
-    let tag = format!("{n}-{}", std::process::id());
-    let path = std::env::temp_dir().join(format!("chartmesh-bench-{tag}.jsonl"));
+    let made_in = tempfile::Builder::new()
+        .prefix("chartmesh-bench-")
+        .tempdir()?;
+    let path = made_in.path().join(format!("charts-{n}.jsonl"));
     std::fs::write(&path, &body)?;
     let charts: Vec<Value> = lines
         .iter()
@@ -787,7 +792,7 @@ pub fn dataset(data: &Path, n: usize) -> Result<Dataset> {
             json!({ "checksumAfter": sum.finish(), "notes": notes }),
         );
     }
-    let incremental = std::env::temp_dir().join(format!("chartmesh-bench-{tag}.incremental.json"));
+    let incremental = made_in.path().join(format!("incremental-{n}.json"));
     std::fs::write(
         &incremental,
         serde_json::to_vec(&json!({ "n": n, "incrementalTargets": targets, "rounds": rounds }))?,
@@ -796,5 +801,6 @@ pub fn dataset(data: &Path, n: usize) -> Result<Dataset> {
         charts: path,
         checksum: checksum_of(&body)?.1,
         incremental,
+        _made_in: Some(made_in),
     })
 }

@@ -789,6 +789,9 @@ pub fn chromium_dom_url(url: &str) -> String {
             "--dump-dom",
             url,
         ])
+        // Its shared-memory files (--disable-dev-shm-usage) go into the profile, removed
+        // with it.
+        .env("TMPDIR", profile.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

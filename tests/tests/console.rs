@@ -207,6 +207,102 @@ fn the_console_session_is_guarded_against_other_sites() {
 
 // ---- the browser ----
 
+/// Headless Chromium with its profile directory. Dropped, it stops the browser, then every
+/// process the browser started (its helpers outlive it by a moment and write into the
+/// profile as they exit: once a profile directory was left in /tmp), waits until they are
+/// gone, and only then removes the profile.
+struct Chromium {
+    browser: Option<Browser>,
+    profile: Option<tempfile::TempDir>,
+}
+
+impl Chromium {
+    fn new(profile: tempfile::TempDir, options: impl FnOnce(&Path) -> LaunchOptions) -> Chromium {
+        let browser = Browser::new(options(profile.path())).expect("headless Chromium starts");
+        Chromium {
+            browser: Some(browser),
+            profile: Some(profile),
+        }
+    }
+}
+
+impl std::ops::Deref for Chromium {
+    type Target = Browser;
+    fn deref(&self) -> &Browser {
+        self.browser.as_ref().expect("browser")
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        let helpers = self
+            .browser
+            .as_ref()
+            .and_then(|b| b.get_process_id())
+            .map(descendants)
+            .unwrap_or_default();
+        // Kills the browser process and waits for it; its helpers then exit on their own
+        // (given 10 s, so they remove their own files), or are killed.
+        drop(self.browser.take());
+        let gone_within = |secs: u64| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+            while helpers.iter().any(|p| running(*p)) {
+                if std::time::Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            true
+        };
+        if !gone_within(10) {
+            for pid in helpers.iter().filter(|p| running(**p)) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+            gone_within(5);
+        }
+        drop(self.profile.take());
+    }
+}
+
+/// The processes below `pid` (children, their children, ...), from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parent_of = |p: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
+        stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(all.iter().filter(|c| parent_of(**c) == Some(p)));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Whether `pid` is still a live process (not gone, not a zombie waiting to be reaped).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s[s.rfind(')')? + 1..].trim_start().starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
 const WAIT: Duration = Duration::from_secs(60);
 
 fn chromium() -> Option<PathBuf> {
@@ -352,20 +448,24 @@ fn two_practices_pair_share_refer_and_consult_in_the_browser() {
     std::fs::create_dir_all(&dir).unwrap();
 
     let profile = tempfile::tempdir().unwrap();
-    let browser = Browser::new(LaunchOptions {
+    let browser = Chromium::new(profile, |profile| LaunchOptions {
         headless: true,
         sandbox: false,
         path: Some(exe),
         window_size: Some((1366, 768)),
-        user_data_dir: Some(profile.path().to_path_buf()),
+        user_data_dir: Some(profile.to_path_buf()),
+        // Its shared-memory files (--disable-dev-shm-usage) go into the profile too.
+        process_envs: Some(std::collections::HashMap::from([(
+            "TMPDIR".to_string(),
+            profile.display().to_string(),
+        )])),
         idle_browser_timeout: Duration::from_secs(300),
         args: vec![
             OsStr::new("--disable-dev-shm-usage"),
             OsStr::new("--hide-scrollbars"),
         ],
         ..LaunchOptions::default()
-    })
-    .expect("headless Chromium starts");
+    });
     let ta = browser.new_tab().unwrap();
     let tb = browser.new_tab().unwrap();
     for t in [&ta, &tb] {
