@@ -139,10 +139,7 @@ impl Store {
         let (conn, report) = schema::open_write_connection_checked(path, key, daemon, check)?;
         let (writer, readers) = if daemon {
             let readers = Arc::new(read::ReaderPool::new(path.to_path_buf(), key.clone()));
-            (
-                write::WriterHandle::spawn(conn, options.clone(), true)?,
-                readers,
-            )
+            (write::WriterHandle::spawn(conn, options.clone())?, readers)
         } else {
             // An offline command reads and writes through this one connection.
             let readers = Arc::new(read::ReaderPool::writable(path.to_path_buf(), key.clone()));

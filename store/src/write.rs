@@ -1,6 +1,8 @@
-//! The writer thread: the only owner of the write connection. It takes every queued
-//! operation, runs each in its own savepoint inside one transaction, commits, and only then
-//! answers each caller. A failed operation rolls back alone; a failed commit fails them all.
+//! The single writer. In the daemon a thread owns the write connection: it takes every
+//! queued operation, runs each in its own savepoint inside one transaction, commits, and
+//! only then answers each caller. A failed operation rolls back alone; a failed commit
+//! fails them all. An offline command's writer runs the same batch code inline, one
+//! operation per commit, on the connection its reads share ([`WriterHandle::inline`]).
 
 use chartmesh_core::audit::{AuditEvent, GENESIS, entry_hash};
 use chartmesh_core::{ChartDoc, CoreError};
@@ -142,22 +144,17 @@ enum Mode {
 }
 
 impl WriterHandle {
-    /// Starts the writer thread. With `checkpoint_at_close` false the WAL is left as it is
-    /// when the writer stops (committed and synced: durable either way) for the next opener
-    /// to fold in; an offline admin command saves the checkpoint's two fsyncs that way.
+    /// Starts the daemon's writer thread; it folds the WAL into the database when it stops
+    /// (an offline command's [`WriterHandle::inline`] leaves the WAL instead).
     pub(crate) fn spawn(
         conn: Connection,
         options: StoreOptions,
-        checkpoint_at_close: bool,
     ) -> Result<WriterHandle, StoreError> {
-        if !checkpoint_at_close {
-            leave_wal_at_close(&conn)?;
-        }
         let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(1024);
         let (writer, changes) = Writer::new(&conn, options)?;
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run(conn, rx, checkpoint_at_close))
+            .spawn(move || writer.run(conn, rx))
             .map_err(|e| StoreError::Corrupt(format!("cannot start the writer thread: {e}")))?;
         Ok(WriterHandle {
             changes,
@@ -322,7 +319,7 @@ impl Writer {
         ))
     }
 
-    fn run(mut self, mut conn: Connection, rx: Receiver<WriteOp>, checkpoint_at_close: bool) {
+    fn run(mut self, mut conn: Connection, rx: Receiver<WriteOp>) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < self.options.max_batch {
@@ -334,10 +331,6 @@ impl Writer {
             self.commit_batch(&mut conn, batch);
         }
         // Fold the WAL into the database so the next open does not have to replay it.
-        if !checkpoint_at_close {
-            tracing::debug!("store writer stopped; the WAL is left for the next opener");
-            return;
-        }
         if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
             tracing::warn!(error = %e, "checkpoint at shutdown failed; the WAL is replayed at the next start");
         }
