@@ -191,17 +191,15 @@ impl ChartDoc {
         if let Value::Object(m) = &mut v {
             for key in RECORD_SECTIONS {
                 if m.contains_key(*key) {
-                    let raw = self.section_raw(key, None)?;
-                    let items = raw
-                        .iter()
-                        .map(|s| {
-                            serde_json::from_str(s).map_err(|e| {
-                                CoreError::CorruptDocument(format!(
-                                    "an entry of `{key}` is not JSON: {e}"
-                                ))
-                            })
-                        })
-                        .collect::<Result<Vec<Value>, CoreError>>()?;
+                    let mut items = Vec::new();
+                    self.each_entry(key, None, |s| {
+                        items.push(serde_json::from_str(s).map_err(|e| {
+                            CoreError::CorruptDocument(format!(
+                                "an entry of `{key}` is not JSON: {e}"
+                            ))
+                        })?);
+                        Ok(())
+                    })?;
                     m.insert(key.to_string(), Value::Array(items));
                 }
             }
@@ -509,14 +507,14 @@ impl ChartDoc {
         key: &str,
         heads: Option<&[ChangeHash]>,
     ) -> Result<Vec<T>, CoreError> {
-        self.section_raw(key, heads)?
-            .iter()
-            .map(|t| {
-                serde_json::from_str(t).map_err(|e| {
-                    CoreError::CorruptDocument(format!("an entry of `{key}` is not valid: {e}"))
-                })
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.each_entry(key, heads, |t| {
+            out.push(serde_json::from_str(t).map_err(|e| {
+                CoreError::CorruptDocument(format!("an entry of `{key}` is not valid: {e}"))
+            })?);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// The lists stored under a section's key: the one automerge shows first, then any
@@ -554,42 +552,29 @@ impl ChartDoc {
         Ok(out)
     }
 
-    /// The stored text of each entry of a section (at `heads`, or now).
-    fn section_raw(
+    /// Calls `f` with the stored text of each entry of a section (at `heads`, or now), in
+    /// order, walking each list once (looking entries up by index costs a search each).
+    fn each_entry(
         &self,
         key: &str,
         heads: Option<&[ChangeHash]>,
-    ) -> Result<Vec<String>, CoreError> {
+        mut f: impl FnMut(&str) -> Result<(), CoreError>,
+    ) -> Result<(), CoreError> {
         let d = &self.doc;
-        let mut out = Vec::new();
+        let not_a_record = || CoreError::Shape(format!("an entry of `{key}` is not a record"));
         for list in self.section_lists(key, heads)? {
-            let len = match heads {
-                None => d.length(&list),
-                Some(h) => d.length_at(&list, h),
+            let items = match heads {
+                None => d.list_range(&list, ..),
+                Some(h) => d.list_range_at(&list, .., h),
             };
-            for i in 0..len {
-                let item = match heads {
-                    None => d.get(&list, i),
-                    Some(h) => d.get_at(&list, i, h),
-                };
-                match item.map_err(shape)? {
-                    Some((automerge::Value::Scalar(sv), _)) => match sv.as_ref() {
-                        ScalarValue::Str(t) => out.push(t.to_string()),
-                        _ => {
-                            return Err(CoreError::Shape(format!(
-                                "an entry of `{key}` is not a record"
-                            )));
-                        }
-                    },
-                    _ => {
-                        return Err(CoreError::Shape(format!(
-                            "an entry of `{key}` is not a record"
-                        )));
-                    }
+            for item in items {
+                match &item.value {
+                    automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(t)) => f(t)?,
+                    _ => return Err(not_a_record()),
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn conflict_view(
