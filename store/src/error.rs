@@ -29,6 +29,12 @@ pub enum StoreError {
         "the store key does not open {0}: the key file belongs to another store or was changed; restore the key file that goes with this store from your key backup"
     )]
     WrongKey(PathBuf),
+    /// The store's files cannot be opened for reading and writing by this process (another
+    /// user's files, a read-only file system): not damage, and nothing was changed.
+    #[error(
+        "{0}: the store is not damaged, but this process may not write it. Run chartmeshd (and offline chartmesh commands) as the user that owns the data directory, or give that user the files back (`chown -R USER DIR`); see docs/OPERATIONS.md, \"Running as a service\""
+    )]
+    NoAccess(String),
     #[error("{0}")]
     Io(String),
     #[error("bad store key: {0}")]

@@ -198,10 +198,63 @@ pub(crate) fn forget_marks(path: &Path) {
     let _ = std::fs::remove_file(clean_path(path));
 }
 
-/// Opens an existing store file to check it; a file that does not open is damaged.
+/// Opens an existing store file to check it. Files this process may not read and write are
+/// said to be that (see [`access_problem`]); a file that does not open otherwise is damaged.
 pub(crate) fn open_to_check(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
-    Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| damaged(format!("it does not open ({e})")))
+    if flags.contains(OpenFlags::SQLITE_OPEN_READ_WRITE)
+        && let Some(e) = access_problem(path)
+    {
+        return Err(e);
+    }
+    Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(|e| {
+        access_problem(path).unwrap_or_else(|| damaged(format!("it does not open ({e})")))
+    })
+}
+
+/// Why this process cannot read and write the store, if it cannot: the store, its WAL or its
+/// shared-memory file belong to another user, the directory the WAL is created in is not
+/// writable, or the file system is read-only. Such a store is not damaged, and telling the
+/// operator to restore a backup would lose what was written since; nothing is changed.
+pub(crate) fn access_problem(path: &Path) -> Option<StoreError> {
+    use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
+    let no_access = |what: &Path, e: std::io::Error| {
+        StoreError::NoAccess(format!(
+            "cannot open {} for reading and writing ({e})",
+            what.display()
+        ))
+    };
+    let beside = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    for f in [path.to_path_buf(), beside("-wal"), beside("-shm")] {
+        // Opening for writing changes nothing in the file.
+        match std::fs::OpenOptions::new().read(true).write(true).open(&f) {
+            Err(e) if matches!(e.kind(), PermissionDenied | ReadOnlyFilesystem) => {
+                return Some(no_access(&f, e));
+            }
+            _ => {}
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        // SQLite creates the WAL and shared-memory files beside the store.
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if matches!(e.kind(), PermissionDenied | ReadOnlyFilesystem) {
+                return Some(no_access(dir, e));
+            }
+        }
+    }
+    None
 }
 
 /// The check on `conn`, a connection just opened to the existing store at `path` and not
@@ -219,7 +272,8 @@ pub(crate) fn check_connection(
             damaged(format!("its first page does not verify ({})", p.display()))
         }
         StoreError::WrongKey(p) => StoreError::WrongKey(p),
-        other => damaged(format!("its first page does not read ({other})")),
+        other => access_problem(path)
+            .unwrap_or_else(|| damaged(format!("its first page does not read ({other})"))),
     })?;
     let _ = conn.execute_batch("PRAGMA query_only = 1;");
     let report = read_check(conn, path, scan, t);
@@ -416,6 +470,88 @@ mod tests {
         // A mark from another file (a restored or re-keyed store) does not apply.
         std::fs::write(mark_path(&path), "1 99\n").unwrap();
         assert!(check_store(&path, &key).is_ok());
+    }
+
+    /// Makes a file unwritable for this process until dropped: read-only for a user,
+    /// immutable for root (whom file modes do not bind). None where that is not possible
+    /// (no `chattr`, or a file system without the attribute).
+    struct Unwritable(PathBuf, bool);
+
+    impl Unwritable {
+        fn make(path: &Path) -> Option<Unwritable> {
+            use std::os::unix::fs::PermissionsExt;
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                let ok = std::process::Command::new("chattr")
+                    .arg("+i")
+                    .arg(path)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                ok.then(|| Unwritable(path.to_path_buf(), true))
+            } else {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400)).ok()?;
+                Some(Unwritable(path.to_path_buf(), false))
+            }
+        }
+    }
+
+    impl Drop for Unwritable {
+        fn drop(&mut self) {
+            use std::os::unix::fs::PermissionsExt;
+            if self.1 {
+                let _ = std::process::Command::new("chattr")
+                    .arg("-i")
+                    .arg(&self.0)
+                    .status();
+            } else {
+                let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o600));
+            }
+        }
+    }
+
+    /// A store this process may not write (another user's files, a read-only mount) is
+    /// reported as that, by the daemon's start-up check and by an offline command alike,
+    /// never as damage: the advice for damage (restore a backup) would lose what was
+    /// written since. Nothing is changed, and it opens as before once it may be written.
+    #[test]
+    fn a_store_that_may_not_be_written_is_not_reported_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let key = StoreKey::from_bytes([5; 32]);
+        let store = Store::open(&path, &key, StoreOptions::default()).unwrap();
+        let rx = store
+            .audit(vec![chartmesh_core::audit::AuditEvent::new(1, "t", "read")])
+            .unwrap();
+        rx.blocking_recv().unwrap().unwrap();
+        store.close();
+        drop(store);
+        let before = std::fs::read(&path).unwrap();
+        {
+            let Some(_guard) = Unwritable::make(&path) else {
+                println!("SKIPPED: cannot make the store unwritable here (chattr +i as root)");
+                return;
+            };
+            let results = [
+                check_store(&path, &key).map(|_| ()),
+                Store::open_checked(&path, &key, StoreOptions::default()).map(|_| ()),
+                Store::open_existing(&path, &key).map(|_| ()),
+            ];
+            for r in results {
+                match r {
+                    Err(e @ StoreError::NoAccess(_)) => {
+                        let m = e.to_string();
+                        assert!(m.contains("store.db") && m.contains("not damaged"), "{m}");
+                        assert!(!m.contains("restore"), "{m}");
+                    }
+                    other => panic!("expected NoAccess, got {other:?}"),
+                }
+            }
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before, "nothing changed");
+        let (store, report) = Store::open_checked(&path, &key, StoreOptions::default()).unwrap();
+        assert_eq!(report.map(|r| r.audit_head), Some(1));
+        store.close();
     }
 
     /// An offline command on a cleanly closed store (it writes its audit entry and leaves

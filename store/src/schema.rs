@@ -251,6 +251,10 @@ pub(crate) fn open_write_connection_checked(
     } else {
         if check {
             crate::integrity::forget_marks(path);
+        } else if path.exists()
+            && let Some(e) = crate::integrity::access_problem(path)
+        {
+            return Err(e);
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy)?;

@@ -313,6 +313,58 @@ fn staff_access_to_a_service_data_directory_works_as_documented() {
     assert!(stderr(&out).contains("not running"), "{}", stderr(&out));
 }
 
+/// A store the daemon's user may not write (here: `store.db` left owned by root, as after a
+/// command run with sudo, while the service user owns the rest) stops chartmeshd with that
+/// said, and without the advice for damage (restore a backup, which would lose what was
+/// written since); an offline command says the same. Nothing is changed, and once the file is
+/// given back the daemon starts with every chart.
+#[test]
+fn a_store_the_daemon_may_not_write_is_reported_as_such_not_as_damage() {
+    if !is_root() || which("setpriv").is_none() {
+        println!("SKIPPED: needs root and setpriv to run chartmeshd as another user");
+        return;
+    }
+    let mut p = Practice::new("Valley Family Practice");
+    let chart = p.new_chart("Access");
+    p.stop();
+    let dir = p.dir.clone();
+    let store = dir.join("store.db");
+    let before = std::fs::read(&store).unwrap();
+    // The temporary parent is 0700: let the other user reach the data directory.
+    chmod(dir.parent().unwrap(), "0755");
+    run("chown", &["-R", "65534:65534", dir.to_str().unwrap()]);
+    run("chown", &["0:0", store.to_str().unwrap()]);
+    let as_service = |prog: &str, args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin(prog))
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(args)
+            .env("USER", "nobody")
+            .env("CHARTMESH_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = as_service("chartmeshd", &[]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("store.db") && e.contains("not damaged") && !e.contains("restore"),
+        "{e}"
+    );
+    let out = as_service("chartmesh", &["chart", "show", "--offline", &chart]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("not damaged") && !e.contains("restore"), "{e}");
+    assert_eq!(std::fs::read(&store).unwrap(), before, "nothing changed");
+    // Given back (all of it to root, the daemon's user here), it starts with the chart.
+    run("chown", &["-R", "0:0", dir.to_str().unwrap()]);
+    p.start();
+    let v = p.get(&format!("/charts/{chart}"));
+    assert_eq!(v["id"].as_str(), Some(chart.as_str()));
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
