@@ -1090,6 +1090,51 @@ mod tests {
         );
     }
 
+    /// A section two practices create at the same time (the first encounter of a chart that
+    /// had none, at each) is kept by automerge as two lists under one key: every reader sees
+    /// both entries, and a read as of the heads before the merge sees the one it had.
+    #[test]
+    fn a_section_created_at_two_practices_at_once_is_read_whole() {
+        use crate::chart::Encounter;
+        let mut a = ChartDoc::create(&sample(), &meta(b"a", "import", 1));
+        let base = a.save();
+        let mut b = ChartDoc::load(&base, []).unwrap();
+        let visit = |status: &str| {
+            Entry::Encounter(Encounter {
+                status: status.into(),
+                start: Some("2025-01-01".into()),
+                ..Default::default()
+            })
+        };
+        a.append(&visit("finished"), &meta(b"a", "Dr A", 10))
+            .unwrap();
+        b.append(&visit("planned"), &meta(b"b", "Dr B", 11))
+            .unwrap();
+        let heads_a = a.automerge().get_heads();
+        let inc_b = b.save_incremental();
+        a.automerge().load_incremental(&inc_b).unwrap();
+        assert_eq!(a.section_lists("encounters", None).unwrap().len(), 2);
+        let statuses = |v: Vec<Encounter>| {
+            let mut s: Vec<String> = v.into_iter().map(|e| e.status).collect();
+            s.sort();
+            s
+        };
+        assert_eq!(
+            statuses(a.section("encounters").unwrap()),
+            ["finished", "planned"]
+        );
+        assert_eq!(
+            statuses(a.to_chart().unwrap().encounters),
+            ["finished", "planned"]
+        );
+        let json = a.to_json().unwrap();
+        assert_eq!(json["encounters"].as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            statuses(a.section_at("encounters", Some(&heads_a)).unwrap()),
+            ["finished"]
+        );
+    }
+
     #[test]
     fn concurrent_appends_at_two_practices_both_survive_with_provenance() {
         let c = sample();
