@@ -215,45 +215,48 @@ pub(crate) fn open_to_check(path: &Path, flags: OpenFlags) -> Result<Connection,
 /// shared-memory file belong to another user, the directory the WAL is created in is not
 /// writable, or the file system is read-only. Such a store is not damaged, and telling the
 /// operator to restore a backup would lose what was written since; nothing is changed.
+///
+/// Asked with `access(2)`, never by opening the files: closing a descriptor of the store
+/// would drop every POSIX lock SQLite holds on it in this process.
 pub(crate) fn access_problem(path: &Path) -> Option<StoreError> {
-    use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
-    let no_access = |what: &Path, e: std::io::Error| {
-        StoreError::NoAccess(format!(
-            "cannot open {} for reading and writing ({e})",
-            what.display()
-        ))
-    };
-    let beside = |suffix: &str| {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        PathBuf::from(p)
-    };
-    for f in [path.to_path_buf(), beside("-wal"), beside("-shm")] {
-        // Opening for writing changes nothing in the file.
-        match std::fs::OpenOptions::new().read(true).write(true).open(&f) {
-            Err(e) if matches!(e.kind(), PermissionDenied | ReadOnlyFilesystem) => {
-                return Some(no_access(&f, e));
-            }
-            _ => {}
-        }
-    }
     #[cfg(unix)]
     {
+        use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
         use std::os::unix::ffi::OsStrExt;
+        let beside = |suffix: &str| {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        };
         // SQLite creates the WAL and shared-memory files beside the store.
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-        if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if matches!(e.kind(), PermissionDenied | ReadOnlyFilesystem) {
-                return Some(no_access(dir, e));
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let checks = [
+            (path.to_path_buf(), libc::R_OK | libc::W_OK),
+            (beside("-wal"), libc::R_OK | libc::W_OK),
+            (beside("-shm"), libc::R_OK | libc::W_OK),
+            (dir, libc::W_OK | libc::X_OK),
+        ];
+        for (what, mode) in checks {
+            let c = std::ffi::CString::new(what.as_os_str().as_bytes()).ok()?;
+            // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+            if unsafe { libc::access(c.as_ptr(), mode) } != 0 {
+                // A missing WAL or shared-memory file is fine: SQLite creates it.
+                let e = std::io::Error::last_os_error();
+                if matches!(e.kind(), PermissionDenied | ReadOnlyFilesystem) {
+                    return Some(StoreError::NoAccess(format!(
+                        "cannot open {} for reading and writing ({e})",
+                        what.display()
+                    )));
+                }
             }
         }
     }
+    #[cfg(not(unix))]
+    let _ = path;
     None
 }
 

@@ -1190,9 +1190,10 @@ impl Mesh {
         }
     }
 
-    /// Invariant: an offer names a chart of the sender's only under a grant in force (or, as
-    /// revoked, one whose grant exists but ended), and a copy only to its custodian while
-    /// held read-write: chart ids are not disclosed either.
+    /// Invariant: an offer names a chart of the sender's own only under a grant in force (or,
+    /// as revoked, one whose grant exists but ended), never a copy received from another
+    /// practice, and a copy only to its custodian while held read-write: chart ids are not
+    /// disclosed either.
     fn check_offer(&mut self, node: usize, peer: usize, msg: &Msg) {
         let Msg::Offer { items } = msg else {
             return;
@@ -1201,13 +1202,21 @@ impl Mesh {
         let peer_key = self.nodes[peer].key.clone();
         let store = self.store(node).clone();
         let grants = store.grants(Some(&self.nodes[peer].id)).unwrap();
+        // The sender's own charts among those offered as its own (one query per offer).
+        let named: Vec<&str> = items
+            .iter()
+            .filter(|i| !matches!(i.kind, chartmesh_core::sync::Offered::Returned { .. }))
+            .map(|i| i.chart.as_str())
+            .collect();
+        let rows = store.sync_charts(&named).unwrap();
+        let own = |chart: &str| rows.get(chart).is_some_and(|c| c.origin.is_none());
         for i in items {
             let ok = match i.kind {
                 chartmesh_core::sync::Offered::Shared { .. } => {
-                    oracle::may_send(&grants, &i.chart, wall)
+                    own(&i.chart) && oracle::may_send(&grants, &i.chart, wall)
                 }
                 chartmesh_core::sync::Offered::Revoked => {
-                    oracle::grant(&grants, &i.chart).is_some()
+                    own(&i.chart) && oracle::grant(&grants, &i.chart).is_some()
                 }
                 chartmesh_core::sync::Offered::Returned { .. } => {
                     let key = copy_key(&i.chart, &peer_key);

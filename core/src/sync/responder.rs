@@ -438,7 +438,9 @@ fn may_leave(
     now: i64,
 ) -> Result<(), consent::Refusal> {
     match (row.held(), returned) {
-        (None, false) => consent::may_send(grants.applicable(&row.chart), None, now),
+        (None, false) => {
+            consent::may_send(grants.applicable(&row.chart), row.origin.as_deref(), now)
+        }
         (Some(held), true) => consent::may_return(&held, peer, now),
         _ => Err(consent::Refusal::NoGrant),
     }
@@ -455,11 +457,8 @@ pub(crate) fn plan_offer(c: &Candidates, peer: &str, now: i64) -> Vec<OfferItem>
     let mut items = Vec::with_capacity(c.own.len() + c.returned.len());
     let grants = consent::GrantIndex::new(&c.grants);
     for row in &c.own {
-        if row.origin.is_some() {
-            continue;
-        }
         let grant = grants.applicable(&row.chart);
-        match consent::may_send(grant, None, now) {
+        match consent::may_send(grant, row.origin.as_deref(), now) {
             Ok(()) => {
                 let g = grant.expect("an active grant");
                 items.push(OfferItem {
@@ -471,6 +470,9 @@ pub(crate) fn plan_offer(c: &Candidates, peer: &str, now: i64) -> Vec<OfferItem>
                     },
                 })
             }
+            // A copy received from another practice is never named to this peer, not
+            // even as revoked (the store does not pre-select one; this is the re-check).
+            Err(consent::Refusal::NotOurs) => {}
             Err(_) if grant.is_some_and(changed) => items.push(OfferItem {
                 chart: row.chart.clone(),
                 kind: Offered::Revoked,
