@@ -450,19 +450,25 @@ mod tests {
         );
     }
 
-    /// A wrong key is still told as a wrong key (no page verifies), not as damage; the
-    /// right key passes, and the commit mark follows the audit head.
-    #[test]
-    fn a_wrong_key_is_not_damage_and_a_good_store_passes() {
+    /// A closed store in a new directory holding one audit entry.
+    fn store_with_one_entry(key_byte: u8) -> (tempfile::TempDir, PathBuf, StoreKey) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
-        let key = StoreKey::from_bytes([7; 32]);
+        let key = StoreKey::from_bytes([key_byte; 32]);
         let store = Store::open(&path, &key, StoreOptions::default()).unwrap();
         let rx = store
             .audit(vec![chartmesh_core::audit::AuditEvent::new(1, "t", "read")])
             .unwrap();
         rx.blocking_recv().unwrap().unwrap();
         store.close();
+        (dir, path, key)
+    }
+
+    /// A wrong key is still told as a wrong key (no page verifies), not as damage; the
+    /// right key passes, and the commit mark follows the audit head.
+    #[test]
+    fn a_wrong_key_is_not_damage_and_a_good_store_passes() {
+        let (_dir, path, key) = store_with_one_entry(7);
         assert_eq!(recorded_head(&path), Some(1));
         let r = check_store(&path, &key).unwrap().unwrap();
         assert_eq!((r.audit_head, r.recorded_head), (1, Some(1)));
@@ -519,16 +525,7 @@ mod tests {
     /// written since. Nothing is changed, and it opens as before once it may be written.
     #[test]
     fn a_store_that_may_not_be_written_is_not_reported_as_damaged() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let key = StoreKey::from_bytes([5; 32]);
-        let store = Store::open(&path, &key, StoreOptions::default()).unwrap();
-        let rx = store
-            .audit(vec![chartmesh_core::audit::AuditEvent::new(1, "t", "read")])
-            .unwrap();
-        rx.blocking_recv().unwrap().unwrap();
-        store.close();
-        drop(store);
+        let (_dir, path, key) = store_with_one_entry(5);
         let before = std::fs::read(&path).unwrap();
         {
             let Some(_guard) = Unwritable::make(&path) else {
