@@ -265,17 +265,7 @@ fn staff_access_to_a_service_data_directory_works_as_documented() {
     let dir = p.dir.clone();
     // The temporary parent is 0700: let others reach the data directory's own mode.
     chmod(dir.parent().unwrap(), "0755");
-    let as_staff = |args: &[&str]| {
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(bin("chartmesh"))
-            .arg("--data-dir")
-            .arg(&dir)
-            .args(args)
-            .env("USER", "nobody")
-            .output()
-            .unwrap()
-    };
+    let as_staff = |args: &[&str]| as_nobody("chartmesh", &dir, args);
     let out = as_staff(&["status"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let e = stderr(&out);
@@ -334,18 +324,7 @@ fn a_store_the_daemon_may_not_write_is_reported_as_such_not_as_damage() {
     chmod(dir.parent().unwrap(), "0755");
     run("chown", &["-R", "65534:65534", dir.to_str().unwrap()]);
     run("chown", &["0:0", store.to_str().unwrap()]);
-    let as_service = |prog: &str, args: &[&str]| {
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(bin(prog))
-            .arg("--data-dir")
-            .arg(&dir)
-            .args(args)
-            .env("USER", "nobody")
-            .env("CHARTMESH_LOG", "warn")
-            .output()
-            .unwrap()
-    };
+    let as_service = |prog: &str, args: &[&str]| as_nobody(prog, &dir, args);
     let out = as_service("chartmeshd", &[]);
     assert!(!out.status.success(), "{}", stderr(&out));
     let e = stderr(&out);
@@ -363,6 +342,21 @@ fn a_store_the_daemon_may_not_write_is_reported_as_such_not_as_damage() {
     p.start();
     let v = p.get(&format!("/charts/{chart}"));
     assert_eq!(v["id"].as_str(), Some(chart.as_str()));
+}
+
+/// Runs `prog` (chartmesh or chartmeshd) on the data directory `dir` as the user nobody
+/// (uid and gid 65534, no supplementary groups), as staff or a service user would.
+fn as_nobody(prog: &str, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin(prog))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env("USER", "nobody")
+        .env("CHARTMESH_LOG", "warn")
+        .output()
+        .unwrap()
 }
 
 fn is_root() -> bool {
