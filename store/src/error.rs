@@ -35,6 +35,12 @@ pub enum StoreError {
         "{0}: the store is not damaged, but this process may not write it. Run chartmeshd (and offline chartmesh commands) as the user that owns the data directory, or give that user the files back (`chown -R USER DIR`); see docs/OPERATIONS.md, \"Running as a service\""
     )]
     NoAccess(String),
+    /// A sync apply found a chart the pull had looked up here gone (removed meanwhile, as
+    /// when an emergency access ends): nothing of the batch was written; pull again.
+    #[error(
+        "{0} was removed here while it was being pulled: nothing of this batch was saved, and the pull is redone from the last checkpoint"
+    )]
+    GoneDuringPull(String),
     #[error("{0}")]
     Io(String),
     #[error("bad store key: {0}")]

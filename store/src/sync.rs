@@ -95,6 +95,8 @@ pub struct SyncItem {
     /// The merge of `data` into the stored chart, computed off the writer
     /// ([`Store::prepare_merge`]); used only if the chart was not written since.
     pub merge: Option<PreparedMerge>,
+    /// The pull looked the chart up as held here (see [`chartmesh_core::sync::Incoming`]).
+    pub held: bool,
 }
 
 /// A merge of a peer's changes into a stored chart, computed from the stored version with
@@ -332,6 +334,7 @@ impl Store {
             data,
             prepared,
             merge,
+            held: item.held,
         }
     }
 }
@@ -1039,6 +1042,11 @@ fn apply_one(
             }
             let nc = match item.prepared {
                 Some(Ok(nc)) => nc,
+                // Changes to (or the grant of) the copy held when the pull looked it up,
+                // and the copy is gone since: refusing would let the checkpoint move past
+                // a chart still shared with us. Fail the batch; the pull is redone and asks
+                // for the whole document.
+                _ if item.held => return Err(StoreError::GoneDuringPull(item.key)),
                 Some(Err(why)) => {
                     return refuse(
                         ctx,

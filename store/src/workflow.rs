@@ -292,12 +292,14 @@ impl Store {
         me: chartmesh_core::PracticeId,
     ) -> Result<Option<EmergencyEnd>, StoreError> {
         // Ended: the time counted by this practice's clock has passed, or the custodian's
-        // expiry (or revocation) has arrived and marked the copy.
+        // expiry (or revocation) has arrived and marked the copy since the access was
+        // granted. A mark older than the grant is that of an earlier share that ended: the
+        // emergency copy is still on its way and clears it when it arrives.
         const ENDED: &str =
             "SELECT chart_id, peer, expires_ms FROM emergency_access e WHERE e.expires_ms <= ?1
              OR EXISTS (SELECT 1 FROM charts c WHERE c.origin = e.peer
                         AND (c.id = e.chart_id OR c.id = e.chart_id || '@' || e.peer)
-                        AND c.revoked_ms IS NOT NULL)";
+                        AND c.revoked_ms >= e.granted_ms)";
         let due: bool = self.with_reader(|c| {
             Ok(c.prepare_cached(&format!("SELECT EXISTS({ENDED})"))?
                 .query_row([now_ms], |r| r.get(0))?)

@@ -491,6 +491,7 @@ fn apply_returned(
                 data: Some(data),
                 prepared: None,
                 merge,
+                held: true,
             }],
             10,
         )
@@ -851,4 +852,63 @@ fn an_entry_naming_many_charts_is_found_by_each_and_its_index_is_verified() {
     set_user_version(&old, v - 1);
     let check = Store::open_to_check(&old, &key()).unwrap();
     assert_eq!(check.verify_audit().unwrap(), Ok(n - 1));
+}
+
+/// Changes to a copy the pull looked up as held here, and the copy is gone by the time they
+/// are applied (an emergency access ended meanwhile): the apply fails whole, so the pull is
+/// redone from its old checkpoint and asks for the whole document, rather than refusing the
+/// item and moving the checkpoint past a chart still shared with this practice. The same
+/// changes for a chart the pull did not look up as held (a peer sending a fragment where a
+/// whole document was asked for) are refused, and audited.
+#[test]
+fn changes_to_a_copy_removed_during_the_pull_fail_the_apply_instead_of_being_skipped() {
+    use chartmesh_core::consent::Access;
+    use chartmesh_core::sync::{Incoming, Offered};
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_one_chart(dir.path());
+    let peer = PracticeId::from_certificate_der(b"custodian").to_string();
+    let mut doc = ChartDoc::create(&chart("c9", "B", "M9"), &meta("import"));
+    doc.save();
+    doc.append(&note("n1"), &meta("Dr Y")).unwrap();
+    let delta = doc.save_incremental();
+    let key = chartmesh_core::ids::copy_key("c9", &peer);
+    let apply = |held: bool| {
+        let item = store.prepare_sync(
+            Incoming {
+                key: key.clone(),
+                chart: "c9".into(),
+                kind: Offered::Shared {
+                    digest: 1,
+                    access: Access::Read,
+                    expires_ms: None,
+                },
+                data: Some(delta.clone()),
+                held,
+            },
+            10,
+        );
+        store
+            .apply_sync(peer.clone(), vec![item], 10)
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+    };
+    let audited = || store.audit_entries(Some(&key), None, None).unwrap().len();
+    match apply(true) {
+        Err(e @ StoreError::GoneDuringPull(_)) => {
+            assert!(e.to_string().contains("the pull is redone"), "{e}")
+        }
+        other => panic!("expected the apply to fail as gone during the pull: {other:?}"),
+    }
+    assert!(store.get(&key).unwrap().is_none(), "nothing was written");
+    assert_eq!(audited(), 0, "nothing was received or refused");
+    match apply(false) {
+        Ok(outcomes) => assert!(
+            matches!(&outcomes[..], [chartmesh_store::SyncOutcome::Refused(_)]),
+            "{outcomes:?}"
+        ),
+        other => panic!("expected a refusal: {other:?}"),
+    }
+    assert!(store.get(&key).unwrap().is_none());
+    assert_eq!(audited(), 1, "the refusal is audited");
 }

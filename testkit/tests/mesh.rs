@@ -74,6 +74,14 @@ fn scenarios_odd_seeds() {
 /// Seeds that once failed (found by long runs), replayed by every run.
 const REGRESSIONS: &[(u64, &str)] = &[
     (
+        27290,
+        "an emergency asked for a chart whose earlier share had ended: its revoked mark ended the emergency at once, and the copy removed mid-pull was refused and checkpointed past",
+    ),
+    (
+        45023,
+        "the same, on another path: the copy removed between the pull's want and its apply",
+    ),
+    (
         3366,
         "an expired emergency grant removed a copy holding notes written here under a later read-write share",
     ),
@@ -172,6 +180,57 @@ fn a_chart_revoked_under_an_all_charts_share_is_not_sent_again() {
     ];
     let stats = run(7, PRACTICES, &ops).unwrap_or_else(|e| panic!("{e}"));
     assert!(stats.charts_sent >= 3, "{stats:?}");
+}
+
+/// Break-glass for a chart whose earlier share has ended. The copy still held marked revoked
+/// must not count as the emergency having ended (it once did: the copy was removed before
+/// the emergency's grant arrived, and the removal also forgot when the emergency ends, so the
+/// copy later outlived it). The copy is brought up to date, readable for the emergency's
+/// 30 s, and removed when they are over.
+#[test]
+fn emergency_access_to_a_chart_whose_share_ended_lasts_its_time_then_ends() {
+    let faults = Faults {
+        control_drop: 0.0,
+        control_dup: 0.0,
+        ..Faults::default()
+    };
+    let mut m = Mesh::new(11, 2, faults);
+    let chart = m.create_chart(0, false).unwrap();
+    m.share(0, Some(&chart), 1, false, Some(500));
+    m.settle(3_000);
+    let copy = |m: &Mesh| {
+        let key = m
+            .keys(1)
+            .into_iter()
+            .find(|k| k.starts_with(&format!("{chart}@")))?;
+        m.store(1)
+            .sync_charts(&[key.as_str()])
+            .unwrap()
+            .remove(&key)
+    };
+    let ended = copy(&m).expect("the copy arrived under the share");
+    assert!(ended.revoked_ms.is_some(), "the share ended: {ended:?}");
+    assert!(
+        m.edit(0, &chart),
+        "the custodian edits after the share ended"
+    );
+    m.emergency(1, 0, "M0");
+    // Housekeeping every millisecond: it runs between the answer and the copy's arrival.
+    for _ in 0..3_000 {
+        m.run_for(1);
+        m.housekeeping();
+    }
+    let held = copy(&m).expect("the emergency copy is held");
+    assert!(held.revoked_ms.is_none(), "{held:?}");
+    let custodian = m.store(0).sync_charts(&[chart.as_str()]).unwrap();
+    assert_eq!(held.heads, custodian[&chart].heads, "and up to date");
+    m.settle(35_000);
+    assert!(
+        copy(&m).is_none(),
+        "the emergency ended: the copy is removed"
+    );
+    m.check_quiescent();
+    assert!(m.stats.violations.is_empty(), "{:?}", m.stats.violations);
 }
 
 /// Every chart of a practice shared with another arrives; each edit on either side of a

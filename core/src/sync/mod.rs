@@ -181,6 +181,11 @@ pub struct Incoming {
     pub kind: Offered,
     /// Changes (or the whole document); None for a change of grant or a revocation only.
     pub data: Option<Vec<u8>>,
+    /// The pull acted on the chart as held here when it was looked up (a want named its
+    /// heads, or only its grant is updated). If it is gone by the time it is applied (an
+    /// emergency access ended meanwhile), the store fails the apply and the pull is redone
+    /// from the old checkpoint, rather than refusing the item and moving past it.
+    pub held: bool,
 }
 
 /// What to write to the store in one transaction: items received from `peer`. The store

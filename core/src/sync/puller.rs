@@ -64,8 +64,9 @@ pub(crate) struct Puller {
     since: u64,
     incarnation: Incarnation,
     upto: Option<(u64, Incarnation)>,
-    /// Offered charts wanted and not yet delivered: (chart, returned) → what the offer said.
-    wanted: HashMap<(String, bool), Offered>,
+    /// Offered charts wanted and not yet delivered: (chart, returned) → what the offer said,
+    /// and whether the want named heads of a copy held here.
+    wanted: HashMap<(String, bool), (Offered, bool)>,
     /// An `Offer` waiting for the store's answer about its charts.
     lookup: Option<(TaskId, Vec<OfferItem>)>,
     /// Applies handed to the store: task → (items, bytes).
@@ -178,7 +179,7 @@ impl Puller {
                 for d in items {
                     let key = (d.chart, d.returned);
                     // Not asked for (or already delivered): a duplicate or replay, ignored.
-                    let Some(kind) = self.wanted.remove(&key) else {
+                    let Some((kind, held)) = self.wanted.remove(&key) else {
                         continue;
                     };
                     match d.data {
@@ -194,6 +195,7 @@ impl Puller {
                                 chart: key.0,
                                 kind,
                                 data: Some(data),
+                                held,
                             });
                         }
                         None => {
@@ -253,6 +255,7 @@ impl Puller {
                             chart: item.chart,
                             kind: item.kind,
                             data: None,
+                            held: true,
                         });
                     } else {
                         settled += 1;
@@ -277,6 +280,7 @@ impl Puller {
                                     chart: item.chart,
                                     kind: item.kind,
                                     data: None,
+                                    held: true,
                                 });
                             }
                             _ => settled += 1,
@@ -305,7 +309,7 @@ impl Puller {
                         });
                     }
                     self.stats.wanted += 1;
-                    self.wanted.insert(key, item.kind);
+                    self.wanted.insert(key, (item.kind, here.is_some()));
                 }
             }
         }
