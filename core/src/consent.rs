@@ -126,10 +126,15 @@ impl Refusal {
 /// The grant that applies to `chart` for a peer: a grant for the chart itself, else an
 /// all-charts grant. `grants` are that peer's grants.
 pub fn applicable<'a>(grants: &'a [Grant], chart_id: &str) -> Option<&'a Grant> {
-    grants
-        .iter()
-        .find(|g| g.chart_id == chart_id)
-        .or_else(|| grants.iter().find(|g| g.chart_id == ALL_CHARTS))
+    let find = |id: &str| grants.iter().find(|g| g.chart_id == id);
+    prefer(find(chart_id), find(ALL_CHARTS))
+}
+
+/// The rule both [`applicable`] and [`GrantIndex::applicable`] follow: the chart's own grant
+/// (active, expired or revoked) wins over an all-charts grant, so revoking one chart under a
+/// share of all charts stops that chart alone.
+fn prefer<'a>(own: Option<&'a Grant>, all: Option<&'a Grant>) -> Option<&'a Grant> {
+    own.or(all)
 }
 
 /// One peer's grants indexed by chart: [`applicable`] in constant time, for a pass over many
@@ -154,7 +159,7 @@ impl<'a> GrantIndex<'a> {
 
     /// The same answer as [`applicable`] over the grants it was made from.
     pub fn applicable(&self, chart_id: &str) -> Option<&'a Grant> {
-        self.by_chart.get(chart_id).copied().or(self.all)
+        prefer(self.by_chart.get(chart_id).copied(), self.all)
     }
 }
 

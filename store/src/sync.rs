@@ -978,6 +978,8 @@ struct Row {
     access: Option<String>,
     expires_ms: Option<i64>,
     revoked_ms: Option<i64>,
+    /// The peer whose version this is, held entirely (None: changed here since, or unknown).
+    from_peer: Option<String>,
 }
 
 fn apply_one(
@@ -991,13 +993,16 @@ fn apply_one(
     crate::failpoint!("sync.apply.item");
     let row: Option<Row> = ctx
         .conn
-        .prepare_cached("SELECT origin, access, expires_ms, revoked_ms FROM charts WHERE id = ?1")?
+        .prepare_cached(
+            "SELECT origin, access, expires_ms, revoked_ms, from_peer FROM charts WHERE id = ?1",
+        )?
         .query_row([&item.key], |r| {
             Ok(Row {
                 origin: r.get(0)?,
                 access: r.get(1)?,
                 expires_ms: r.get(2)?,
                 revoked_ms: r.get(3)?,
+                from_peer: r.get(4)?,
             })
         })
         .optional()?;
@@ -1117,6 +1122,33 @@ fn apply_one(
                     "UPDATE charts SET access = ?2, expires_ms = ?3, revoked_ms = NULL WHERE id = ?1",
                     params![item.key, access_str(access), expires_ms],
                 )?;
+                // Read-write again (after a read grant or a revocation) while the copy holds
+                // entries written here that the custodian may not have (written under the
+                // read-write grant before, and refused or never offered meanwhile): a new
+                // sequence number offers them to the custodian at its next pull, past the
+                // checkpoint that went by while they could not be returned.
+                let before = consent::Held {
+                    custodian: peer,
+                    access: access_of(r.access.clone()),
+                    expires_ms: r.expires_ms,
+                    revoked_ms: r.revoked_ms,
+                };
+                let after = consent::Held {
+                    custodian: peer,
+                    access: Some(access),
+                    expires_ms,
+                    revoked_ms: None,
+                };
+                if r.from_peer.is_none()
+                    && consent::may_return(&after, peer, now).is_ok()
+                    && consent::may_return(&before, peer, now).is_err()
+                {
+                    let seq = crate::schema::take_seq(ctx.conn, 1)?;
+                    ctx.conn.execute(
+                        "UPDATE charts SET seq = ?2 WHERE id = ?1",
+                        params![item.key, seq],
+                    )?;
+                }
                 ctx.audit(
                     &audit("share-received").detail(format!("access={}", access_str(access))),
                 )?;

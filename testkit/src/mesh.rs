@@ -1546,9 +1546,12 @@ impl Mesh {
                 let key = copy_key(&chart, &self.nodes[custodian].key);
                 let held = self.store(holder).get(&key).unwrap();
                 match (g.filter(|g| oracle::in_force(g, wall)), held) {
-                    (Some(_), Some(mut h)) => {
+                    (Some(g), Some(mut h)) => {
                         let h_heads = sorted(h.doc.head_bytes());
-                        if h_heads != c_heads {
+                        let holder_actor = self.nodes[holder].id.actor_bytes();
+                        if h_heads != c_heads
+                            && !refused_own_edits_only(g, &c_heads, &mut h.doc, &holder_actor)
+                        {
                             self.violation(format!(
                                 "{chart} of {custodian} differs at {holder} under an active grant"
                             ));
@@ -1648,6 +1651,30 @@ mod oracle {
 fn sorted(mut v: Vec<[u8; 32]>) -> Vec<[u8; 32]> {
     v.sort_unstable();
     v
+}
+
+/// A copy that differs from its custodian's chart under an active *read* grant only by
+/// edits the holder wrote itself (under the read-write grant it held before): the custodian
+/// refuses them once the grant is narrowed (it cannot tell when a change was written), and
+/// the holder keeps them, read-only, like any entry written there. Everything of the
+/// custodian's must still be in the copy.
+fn refused_own_edits_only(
+    g: &Grant,
+    custodian_heads: &[[u8; 32]],
+    copy: &mut ChartDoc,
+    holder_actor: &[u8],
+) -> bool {
+    if g.access != Access::Read {
+        return false;
+    }
+    let am = copy.automerge();
+    let heads: Vec<automerge::ChangeHash> = custodian_heads.iter().map(automerge_hash).collect();
+    if heads.iter().any(|h| am.get_change_by_hash(h).is_none()) {
+        return false;
+    }
+    am.get_changes(&heads)
+        .iter()
+        .all(|c| c.actor_id().to_bytes() == holder_actor)
 }
 
 fn automerge_hash(h: &[u8; 32]) -> automerge::ChangeHash {

@@ -82,6 +82,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "the same, on another path: the copy removed between the pull's want and its apply",
     ),
     (
+        35412,
+        "a note written under read-write and narrowed to read before it arrived: the custodian refuses it, the holder keeps it (the convergence check knew no such case)",
+    ),
+    (
         3366,
         "an expired emergency grant removed a copy holding notes written here under a later read-write share",
     ),
@@ -228,6 +232,57 @@ fn emergency_access_to_a_chart_whose_share_ended_lasts_its_time_then_ends() {
     assert!(
         copy(&m).is_none(),
         "the emergency ended: the copy is removed"
+    );
+    m.check_quiescent();
+    assert!(m.stats.violations.is_empty(), "{:?}", m.stats.violations);
+}
+
+/// A holder writes a note under a read-write grant, and the custodian narrows the grant to
+/// read before the note reaches it (seed 35412 found it). The custodian does not take the
+/// note: it cannot tell when a change was written, and changes are accepted only under a
+/// read-write grant. The holder keeps it, read-only; the custodian's later edits still reach
+/// the copy; read-write again, and the note is taken.
+#[test]
+fn a_note_written_under_read_write_then_narrowed_stays_at_the_holder_until_read_write_again() {
+    let faults = Faults {
+        control_drop: 0.0,
+        control_dup: 0.0,
+        ..Faults::default()
+    };
+    let mut m = Mesh::new(13, 2, faults);
+    let chart = m.create_chart(0, false).unwrap();
+    m.share(0, Some(&chart), 1, true, None);
+    m.settle(3_000);
+    let copy = m
+        .keys(1)
+        .into_iter()
+        .find(|k| k.starts_with(&format!("{chart}@")))
+        .expect("the copy arrived");
+    let notes = |m: &Mesh, node: usize, key: &str| {
+        let rec = m.store(node).get(key).unwrap().unwrap();
+        rec.doc.to_chart().unwrap().notes.len()
+    };
+    assert!(m.edit(1, &copy), "the holder writes under read-write");
+    m.share(0, Some(&chart), 1, false, None);
+    m.settle(3_000);
+    assert_eq!(notes(&m, 0, &chart), 0, "not taken under a read grant");
+    assert_eq!(notes(&m, 1, &copy), 1, "kept at the holder");
+    assert!(!m.edit(1, &copy), "the copy is read-only now");
+    assert!(m.edit(0, &chart));
+    m.settle(3_000);
+    assert_eq!(
+        notes(&m, 1, &copy),
+        2,
+        "the custodian's note reached the copy"
+    );
+    m.check_quiescent();
+    assert!(m.stats.violations.is_empty(), "{:?}", m.stats.violations);
+    m.share(0, Some(&chart), 1, true, None);
+    m.settle(3_000);
+    assert_eq!(
+        notes(&m, 0, &chart),
+        2,
+        "read-write again: the note is taken"
     );
     m.check_quiescent();
     assert!(m.stats.violations.is_empty(), "{:?}", m.stats.violations);
