@@ -186,6 +186,28 @@ fn a_chart_revoked_under_an_all_charts_share_is_not_sent_again() {
     assert!(stats.charts_sent >= 3, "{stats:?}");
 }
 
+/// Two practices, no control message lost: practice 0 creates a chart and shares it with
+/// practice 1 (`rw`, expiring after `expires_in_ms`), and three seconds pass.
+fn one_chart_shared(seed: u64, rw: bool, expires_in_ms: Option<u64>) -> (Mesh, String) {
+    let faults = Faults {
+        control_drop: 0.0,
+        control_dup: 0.0,
+        ..Faults::default()
+    };
+    let mut m = Mesh::new(seed, 2, faults);
+    let chart = m.create_chart(0, false).unwrap();
+    m.share(0, Some(&chart), 1, rw, expires_in_ms);
+    m.settle(3_000);
+    (m, chart)
+}
+
+/// The key of practice 1's copy of practice 0's `chart`, if it holds one.
+fn copy_key_at_1(m: &Mesh, chart: &str) -> Option<String> {
+    m.keys(1)
+        .into_iter()
+        .find(|k| k.starts_with(&format!("{chart}@")))
+}
+
 /// Break-glass for a chart whose earlier share has ended. The copy still held marked revoked
 /// must not count as the emergency having ended (it once did: the copy was removed before
 /// the emergency's grant arrived, and the removal also forgot when the emergency ends, so the
@@ -193,20 +215,9 @@ fn a_chart_revoked_under_an_all_charts_share_is_not_sent_again() {
 /// 30 s, and removed when they are over.
 #[test]
 fn emergency_access_to_a_chart_whose_share_ended_lasts_its_time_then_ends() {
-    let faults = Faults {
-        control_drop: 0.0,
-        control_dup: 0.0,
-        ..Faults::default()
-    };
-    let mut m = Mesh::new(11, 2, faults);
-    let chart = m.create_chart(0, false).unwrap();
-    m.share(0, Some(&chart), 1, false, Some(500));
-    m.settle(3_000);
+    let (mut m, chart) = one_chart_shared(11, false, Some(500));
     let copy = |m: &Mesh| {
-        let key = m
-            .keys(1)
-            .into_iter()
-            .find(|k| k.starts_with(&format!("{chart}@")))?;
+        let key = copy_key_at_1(m, &chart)?;
         m.store(1)
             .sync_charts(&[key.as_str()])
             .unwrap()
@@ -244,20 +255,8 @@ fn emergency_access_to_a_chart_whose_share_ended_lasts_its_time_then_ends() {
 /// the copy; read-write again, and the note is taken.
 #[test]
 fn a_note_written_under_read_write_then_narrowed_stays_at_the_holder_until_read_write_again() {
-    let faults = Faults {
-        control_drop: 0.0,
-        control_dup: 0.0,
-        ..Faults::default()
-    };
-    let mut m = Mesh::new(13, 2, faults);
-    let chart = m.create_chart(0, false).unwrap();
-    m.share(0, Some(&chart), 1, true, None);
-    m.settle(3_000);
-    let copy = m
-        .keys(1)
-        .into_iter()
-        .find(|k| k.starts_with(&format!("{chart}@")))
-        .expect("the copy arrived");
+    let (mut m, chart) = one_chart_shared(13, true, None);
+    let copy = copy_key_at_1(&m, &chart).expect("the copy arrived");
     let notes = |m: &Mesh, node: usize, key: &str| {
         let rec = m.store(node).get(key).unwrap().unwrap();
         rec.doc.to_chart().unwrap().notes.len()
